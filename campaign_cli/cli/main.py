@@ -1,0 +1,81 @@
+"""The `campaign` command: global options, and the command groups joined with add_typer."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from campaign_cli import __version__
+from campaign_cli.cli.context import AppContext
+from campaign_cli.cli.output import Output
+
+EXIT_CODES_HELP = """
+Exit codes: 0 done, nothing failed; 1 internal error (a bug); 2 usage, configuration or input
+error, nothing sent; 3 stopped at the spend cap (resumable); 4 done, but some messages failed;
+5 the run is locked by another process; 6 a provider refused our credentials or configuration;
+130 interrupted by a signal (resumable).
+"""
+
+app = typer.Typer(
+    name="campaign",
+    help="Send one campaign (SMS, email, push, webhook) to a recipient list: safely, resumably, "
+    "within budget.\n\n" + EXIT_CODES_HELP,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"campaign-cli {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def main_callback(
+    ctx: typer.Context,
+    store: Optional[Path] = typer.Option(
+        None, "--store", help="The store (SQLite file). Default: $CAMPAIGN_STORE, else the "
+        "platform's user data directory.", show_default=False,
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors and results."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Tracebacks on errors."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    existing = ctx.obj if isinstance(ctx.obj, AppContext) else None
+    if existing is not None:  # a test built the context itself
+        existing.store_option = store or existing.store_option
+        existing.output.quiet = quiet or existing.output.quiet
+        existing.output.verbose = verbose or existing.output.verbose
+        return
+    ctx.obj = AppContext(
+        output=Output(quiet=quiet, verbose=verbose), store_option=store, env=dict(os.environ)
+    )
+
+
+def _register() -> None:
+    from campaign_cli.cli import consent, send, status, suppress
+
+    app.add_typer(suppress.app, name="suppress")
+    app.add_typer(consent.app, name="consent")
+    send.register(app)
+    status.register(app)
+
+
+def main() -> None:
+    _register()
+    app()
+
+
+def get_app() -> typer.Typer:
+    """The fully assembled app, for tests (CliRunner) and docs."""
+    if not app.registered_groups:
+        _register()
+    return app

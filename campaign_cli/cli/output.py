@@ -1,0 +1,93 @@
+"""Everything the CLI shows a person or a script: the one place that imports rich.
+
+Human output and progress go to stderr; `--json` output goes to stdout. Every message passes through
+`redact`, so a secret taken from the environment can never be printed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from rich.console import Console
+from rich.table import Table
+
+from campaign_cli.errors import CampaignError, ExitCode
+
+
+@dataclass
+class Output:
+    stdout: IO[str] = field(default_factory=lambda: sys.stdout)
+    stderr: IO[str] = field(default_factory=lambda: sys.stderr)
+    quiet: bool = False
+    verbose: bool = False
+    secrets: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.err = Console(file=self.stderr, highlight=False, soft_wrap=True)
+        self.out = Console(file=self.stdout, highlight=False, soft_wrap=True)
+
+    @property
+    def stderr_is_tty(self) -> bool:
+        return bool(getattr(self.stderr, "isatty", lambda: False)())
+
+    def redact(self, text: str) -> str:
+        for secret in sorted(self.secrets, key=len, reverse=True):
+            if len(secret) >= 3:
+                text = text.replace(secret, "***")
+        return text
+
+    def error(self, message: str) -> None:
+        self.err.print(f"error: {self.redact(message)}", markup=False)
+
+    def warn(self, message: str) -> None:
+        self.err.print(f"warning: {self.redact(message)}", markup=False)
+
+    def info(self, message: str) -> None:
+        if not self.quiet:
+            self.err.print(self.redact(message), markup=False)
+
+    def result(self, message: str) -> None:
+        """A command's result, for a person: stdout."""
+        self.out.print(self.redact(message), markup=False)
+
+    def json(self, payload: Any) -> None:
+        self.stdout.write(self.redact(json.dumps(payload, default=str, ensure_ascii=False)) + "\n")
+        self.stdout.flush()
+
+    def table(
+        self, columns: Sequence[str], rows: Iterable[Sequence[Any]], *, title: str | None = None
+    ) -> None:
+        table = Table(*columns, title=title, show_edge=False, pad_edge=False)
+        for row in rows:
+            table.add_row(*(self.redact("" if v is None else str(v)) for v in row))
+        self.out.print(table)
+
+    def fail(self, exc: BaseException) -> int:
+        """Report an exception on one line and return the exit code for it."""
+        if isinstance(exc, CampaignError):
+            self.error(str(exc))
+            if self.verbose:
+                self.err.print(self.redact(traceback.format_exc()), markup=False)
+            return int(exc.exit_code)
+        self.error(f"internal error: {type(exc).__name__}: {exc} (a bug: please report it; "
+                   "--verbose shows the traceback)")
+        if self.verbose:
+            self.err.print(self.redact(traceback.format_exc()), markup=False)
+        return int(ExitCode.INTERNAL)
+
+
+def guarded(fn: Callable[..., Any], output: Output, *args: Any, **kwargs: Any) -> Any:
+    """Call ``fn``; a CampaignError becomes one line on stderr and its exit code."""
+    import typer
+
+    try:
+        return fn(*args, **kwargs)
+    except (typer.Exit, typer.Abort, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # noqa: BLE001 - the one place errors become exit codes
+        raise typer.Exit(output.fail(exc)) from None

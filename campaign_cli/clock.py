@@ -1,0 +1,36 @@
+"""The one source of time. Everything that waits or stamps asks a `Clock`; tests pass `FakeClock`
+(see `campaign_cli.testing`) so that backoff, pacing windows and timestamps need no real time."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import datetime, timezone
+from typing import Protocol
+
+
+class Clock(Protocol):
+    def now(self) -> datetime:
+        """The current wall-clock time, timezone-aware UTC."""
+
+    def monotonic(self) -> float:
+        """Seconds on a clock that never goes backwards."""
+
+    async def sleep(self, seconds: float) -> None:
+        """Wait this long (on a fake clock: advance time without waiting)."""
+
+
+class SystemClock:
+    def now(self) -> datetime:
+        return datetime.now(timezone.utc)
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(max(0.0, seconds))
+
+
+def iso(dt: datetime) -> str:
+    """A timestamp as stored: ISO 8601, UTC, millisecond precision."""
+    return dt.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -1,0 +1,481 @@
+"""The campaign file: pydantic models, loading, ``${ENV}`` secrets and line-numbered errors.
+
+A campaign is a YAML file. Paths in it are relative to the file. Every mistake is reported as one
+``FILE:LINE: key.path: message`` line (`ConfigError`, exit code 2). Values written as ``${NAME}``
+come from the environment; an unset variable is an error naming it, and every value taken from the
+environment is remembered in `LoadedCampaign.secrets` so that output can redact it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
+
+from campaign_cli.errors import ConfigError
+from campaign_cli.models import Channel, Purpose
+
+# --------------------------------------------------------------------------------------------
+# Field types
+
+
+def _parse_rate(value: Any) -> Any:
+    """``30/s``, ``100/min``, ``3600/h`` or a bare number (per second) -> messages per second."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*", value)
+        if not m:
+            raise ValueError("a rate looks like 30/s, 100/min or 3600/h")
+        per = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60}.get(m[2], 3600)
+        return float(m[1]) / per
+    raise ValueError("a rate looks like 30/s, 100/min or 3600/h")
+
+
+def _positive(v: float) -> float:
+    if v <= 0:
+        raise ValueError("must be greater than 0")
+    return v
+
+
+Rate = Annotated[float, BeforeValidator(_parse_rate), AfterValidator(_positive)]
+
+
+def _relative_to_campaign(v: Path, info: ValidationInfo) -> Path:
+    base = (info.context or {}).get("base_dir")
+    if base is not None and not v.is_absolute():
+        v = Path(base) / v
+    return Path(os.path.normpath(v))
+
+
+def _must_be_file(v: Path) -> Path:
+    if not v.is_file():
+        raise ValueError(f"file not found: {v}")
+    return v
+
+
+RelPath = Annotated[Path, AfterValidator(_relative_to_campaign)]
+ExistingFile = Annotated[Path, AfterValidator(_relative_to_campaign), AfterValidator(_must_be_file)]
+Money = Annotated[Decimal, Field(ge=0, max_digits=18, decimal_places=6)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Recipients
+
+
+class Columns(_Model):
+    """Which CSV column holds each channel's address."""
+
+    phone: str | None = None
+    email: str | None = None
+    push_token: str | None = None
+    webhook_url: str | None = None
+
+    def for_channel(self, channel: Channel) -> str | None:
+        return {
+            Channel.SMS: self.phone,
+            Channel.EMAIL: self.email,
+            Channel.PUSH: self.push_token,
+            Channel.WEBHOOK: self.webhook_url,
+        }[channel]
+
+
+class RecipientsConfig(_Model):
+    file: RelPath | None = None
+    key: str = Field(min_length=1)
+    columns: Columns = Columns()
+    default_region: str = Field(default="US", pattern=r"^[A-Z]{2}$")
+    delimiter: str = Field(default=",", min_length=1, max_length=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Channels
+
+
+class _Inline(_Model):
+    """A channel whose body is a template: inline (``body``) or in a file (``template``)."""
+
+    provider: str
+    body: str | None = None
+    template: ExistingFile | None = None
+
+    @model_validator(mode="after")
+    def _one_body(self) -> _Inline:
+        if (self.body is None) == (self.template is None):
+            raise ValueError("give exactly one of body (inline) or template (a file)")
+        return self
+
+
+class SmsChannel(_Inline):
+    pass
+
+
+class WebhookChannel(_Inline):
+    pass
+
+
+class PushChannel(_Inline):
+    title: str
+    data: dict[str, str] = {}
+
+
+class ListUnsubscribe(_Model):
+    """RFC 2369 / RFC 8058 unsubscribe targets; both are templates (``{{ unsubscribe_token }}``)."""
+
+    url: str | None = None
+    mailto: str | None = None
+    one_click: bool = True
+
+    @model_validator(mode="after")
+    def _some_target(self) -> ListUnsubscribe:
+        if not self.url and not self.mailto:
+            raise ValueError("give url (https) and/or mailto")
+        if self.url and not self.url.startswith("https://"):
+            raise ValueError("url must be https:// (RFC 8058 one-click needs HTTPS)")
+        return self
+
+
+class EmailChannel(_Model):
+    provider: str
+    sender: str = Field(alias="from", min_length=3)
+    reply_to: str | None = None
+    subject: str = Field(min_length=1)
+    text: ExistingFile | None = None
+    html: ExistingFile | None = None
+    headers: dict[str, str] = {}
+    list_unsubscribe: ListUnsubscribe | None = None
+
+    @model_validator(mode="after")
+    def _some_body(self) -> EmailChannel:
+        if self.text is None and self.html is None:
+            raise ValueError("give text and/or html (template files)")
+        for name, value in self.headers.items():
+            if not re.fullmatch(r"[!-9;-~]+", name):
+                raise ValueError(f"header name {name!r} is not a valid header field name")
+            if any(c in value for c in "\r\n\0"):
+                raise ValueError(f"header {name} contains a line break")
+        return self
+
+
+class Channels(_Model):
+    """The channels to send on, in order of preference (the order written in the file)."""
+
+    sms: SmsChannel | None = None
+    email: EmailChannel | None = None
+    push: PushChannel | None = None
+    webhook: WebhookChannel | None = None
+    _order: tuple[Channel, ...] = PrivateAttr(default=())
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _keep_order(cls, data: Any, handler: Any) -> Channels:
+        model: Channels = handler(data)
+        keys = data.keys() if isinstance(data, Mapping) else ()
+        model._order = tuple(Channel(k) for k in keys if getattr(model, str(k), None) is not None)
+        return model
+
+    @model_validator(mode="after")
+    def _at_least_one(self) -> Channels:
+        if not any((self.sms, self.email, self.push, self.webhook)):
+            raise ValueError("name at least one channel (sms, email, push, webhook)")
+        return self
+
+    def enabled(self) -> tuple[Channel, ...]:
+        if self._order:
+            return self._order
+        return tuple(c for c in Channel if getattr(self, c.value) is not None)
+
+    def get(self, channel: Channel) -> SmsChannel | EmailChannel | PushChannel | WebhookChannel:
+        config = getattr(self, channel.value)
+        assert config is not None
+        return config  # type: ignore[no-any-return]
+
+
+# --------------------------------------------------------------------------------------------
+# Providers
+
+
+class RetryConfig(_Model):
+    attempts: int = Field(default=4, ge=1, le=20)
+    backoff: float = Field(default=0.5, gt=0, le=60)
+    max_backoff: float = Field(default=30.0, gt=0, le=3600)
+
+
+class _ProviderBase(_Model):
+    rate: Rate | None = None
+    burst: int | None = Field(default=None, ge=1)
+    concurrency: int | None = Field(default=None, ge=1, le=1024)
+    price_per_message: Money = Decimal(0)
+    price_per_segment: Money = Decimal(0)
+    retry: RetryConfig = RetryConfig()
+
+
+class OutboxProviderConfig(_ProviderBase):
+    """Writes each message to a file in ``dir``: ``.eml`` for email, ``.json`` for the others."""
+
+    type: Literal["outbox"]
+    dir: RelPath
+
+
+class ConsoleProviderConfig(_ProviderBase):
+    """Writes each message as one JSON line to standard output."""
+
+    type: Literal["console"]
+
+
+ProviderConfig = Annotated[
+    Union[OutboxProviderConfig, ConsoleProviderConfig], Field(discriminator="type")
+]
+
+
+# --------------------------------------------------------------------------------------------
+# The campaign
+
+
+class Limits(_Model):
+    concurrency: int = Field(default=16, ge=1, le=1024)
+    max_spend: Money | None = None
+    currency: str = Field(default="USD", pattern=r"^[A-Z]{3}$")
+
+
+class Compliance(_Model):
+    consent: Literal["required", "not_required"] | None = None
+    in_doubt: Literal["resend", "skip"] | None = None
+    suppression_lists: list[ExistingFile] = []
+    consent_records: list[ExistingFile] = []
+
+
+class Campaign(_Model):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+    purpose: Purpose
+    recipients: RecipientsConfig
+    channels: Channels
+    strategy: Literal["all", "first_available"] = "all"
+    providers: dict[str, ProviderConfig]
+    limits: Limits = Limits()
+    compliance: Compliance = Compliance()
+    vars: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Campaign:
+        for channel in self.channels.enabled():
+            config = self.channels.get(channel)
+            if config.provider not in self.providers:
+                known = ", ".join(sorted(self.providers)) or "none"
+                raise _Located(
+                    ("channels", channel.value, "provider"),
+                    f"no provider named {config.provider!r} (providers: {known})",
+                )
+            column = self.recipients.columns.for_channel(channel)
+            if column is None and channel is not Channel.WEBHOOK:
+                field = {Channel.SMS: "phone", Channel.EMAIL: "email", Channel.PUSH: "push_token"}
+                raise _Located(
+                    ("recipients", "columns"),
+                    f"channel {channel.value} needs recipients.columns.{field[channel]}",
+                )
+        email = self.channels.email
+        if email and self.purpose is Purpose.MARKETING and email.list_unsubscribe is None:
+            raise _Located(
+                ("channels", "email"),
+                "marketing email needs list_unsubscribe (RFC 8058 one-click unsubscribe)",
+            )
+        return self
+
+    @property
+    def consent_required(self) -> bool:
+        if self.compliance.consent is None:
+            return self.purpose is Purpose.MARKETING
+        return self.compliance.consent == "required"
+
+    @property
+    def in_doubt_policy(self) -> Literal["resend", "skip"]:
+        if self.compliance.in_doubt is None:
+            return "skip" if self.purpose is Purpose.MARKETING else "resend"
+        return self.compliance.in_doubt
+
+
+class _Located(ValueError):
+    """A cross-field error that knows which key it is about."""
+
+    def __init__(self, loc: tuple[str, ...], message: str) -> None:
+        super().__init__(message)
+        self.loc = loc
+        self.message = message
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+@dataclass(frozen=True)
+class LoadedCampaign:
+    campaign: Campaign
+    path: Path
+    secrets: frozenset[str]
+    lines: Mapping[tuple[str, ...], int]
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+    def line_of(self, *loc: str) -> int | None:
+        return _line_for(self.lines, loc)
+
+
+_ENV_REF = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def load_campaign(path: Path | str, env: Mapping[str, str] | None = None) -> LoadedCampaign:
+    """Read, substitute, validate. Raises `ConfigError` with file, line and key path."""
+    path = Path(path)
+    shown = str(path)
+    env = os.environ if env is None else env
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(shown, None, None, "campaign file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(shown, None, None, f"cannot read campaign file: {exc}") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        line = exc.problem_mark.line + 1 if exc.problem_mark else None
+        raise ConfigError(shown, line, None, f"not valid YAML: {exc.problem}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(shown, None, None, f"not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(shown, 1, None, "a campaign file is a mapping of keys (name, purpose, ...)")
+    lines: dict[tuple[str, ...], int] = {}
+    if node is not None:
+        _collect_lines(node, (), lines)
+
+    secrets: set[str] = set()
+
+    def substitute(value: Any, loc: tuple[str, ...]) -> Any:
+        if isinstance(value, str):
+
+            def repl(m: re.Match[str]) -> str:
+                if m[0] == "$$":
+                    return "$"
+                name = m[1]
+                if name not in env:
+                    raise ConfigError(
+                        shown, _line_for(lines, loc), ".".join(loc),
+                        f"environment variable {name} is not set",
+                    )
+                secret = env[name]
+                if secret:
+                    secrets.add(secret)
+                return secret
+
+            return _ENV_REF.sub(repl, value)
+        if isinstance(value, dict):
+            return {k: substitute(v, (*loc, str(k))) for k, v in value.items()}
+        if isinstance(value, list):
+            return [substitute(v, (*loc, str(i))) for i, v in enumerate(value)]
+        return value
+
+    data = substitute(data, ())
+    try:
+        campaign = Campaign.model_validate(data, context={"base_dir": path.parent})
+    except ValidationError as exc:
+        raise _config_error(shown, exc, data, lines, secrets) from None
+    return LoadedCampaign(campaign, path, frozenset(secrets), lines)
+
+
+def _collect_lines(node: yaml.Node, loc: tuple[str, ...], out: dict[tuple[str, ...], int]) -> None:
+    out.setdefault(loc, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = (*loc, str(key_node.value))
+            out[key] = key_node.start_mark.line + 1
+            _collect_lines(value_node, key, out)
+            out[key] = key_node.start_mark.line + 1
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _collect_lines(item, (*loc, str(i)), out)
+
+
+def _line_for(lines: Mapping[tuple[str, ...], int], loc: tuple[str, ...]) -> int | None:
+    for n in range(len(loc), -1, -1):
+        if loc[:n] in lines:
+            return lines[loc[:n]]
+    return None
+
+
+def _walk_loc(data: Any, loc: tuple[Any, ...]) -> tuple[str, ...]:
+    """Pydantic's error location, less the parts that are not keys of the data (union tags,
+    validator names), as a path of keys."""
+    path: list[str] = []
+    current = data
+    for part in loc:
+        key = str(part)
+        if isinstance(current, dict) and key in current:
+            path.append(key)
+            current = current[key]
+        elif isinstance(current, list) and isinstance(part, int) and part < len(current):
+            path.append(key)
+            current = current[part]
+        elif isinstance(current, dict) and part == loc[-1]:
+            path.append(key)  # a missing key: name it
+            break
+    return tuple(path)
+
+
+def _config_error(
+    shown: str,
+    exc: ValidationError,
+    data: Any,
+    lines: Mapping[tuple[str, ...], int],
+    secrets: set[str],
+) -> ConfigError:
+    errors = exc.errors(include_url=False)
+    first = errors[0]
+    loc = _walk_loc(data, first["loc"])
+    ctx_error = (first.get("ctx") or {}).get("error")
+    if isinstance(ctx_error, _Located):
+        loc = ctx_error.loc
+        message = ctx_error.message
+    elif first["type"] == "extra_forbidden":
+        message = "unknown key"
+    elif first["type"] == "missing":
+        message = "required key is missing"
+    else:
+        message = first["msg"].removeprefix("Value error, ")
+    for secret in secrets:
+        message = message.replace(secret, "***")
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    return ConfigError(shown, _line_for(lines, loc), ".".join(loc) or None, message)
+
+
+def iter_template_files(campaign: Campaign) -> Iterator[tuple[tuple[str, ...], Path]]:
+    """Every template file the campaign names, with the key path that names it."""
+    for channel in campaign.channels.enabled():
+        config = campaign.channels.get(channel)
+        for attr in ("template", "text", "html"):
+            value = getattr(config, attr, None)
+            if isinstance(value, Path):
+                yield ("channels", channel.value, attr), value

@@ -1,0 +1,128 @@
+"""The exception tree of campaign-cli, and the exit codes it maps to.
+
+    CampaignError                      exit 1 unless a subclass says otherwise
+    ├── UsageError                     exit 2  a bad command line
+    ├── InputError                     exit 2  a bad file: names file, line and field
+    │   └── ConfigError                exit 2  the campaign YAML (or a template it names)
+    ├── StoreError                     exit 2  the store cannot be opened or is too new
+    ├── RunLockedError                 exit 5  another process drives this run
+    └── ProviderError                  raised by provider adapters; the pipeline decides by class
+        ├── TransientError             retry with backoff (5xx, 408, resets before sending)
+        │   └── RateLimitedError       retry after `retry_after` seconds; slows the provider
+        ├── PermanentError             dead letter (`failed`), or `invalid` / suppress per action
+        ├── InDoubtError               the request may have been delivered: the outcome is unknown
+        └── ProviderAuthError          exit 6  credentials or configuration refused: abort the run
+
+Exit codes are a contract (DESIGN.md section 5) and live in one enum, `ExitCode`. Run outcomes that
+are not exceptions (spend cap, dead letters, interruption) are mapped in `pipeline.RunReport`.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    INTERNAL = 1
+    USAGE = 2
+    SPEND_CAP = 3
+    FAILURES = 4
+    LOCKED = 5
+    PROVIDER_AUTH = 6
+    INTERRUPTED = 130
+
+
+class CampaignError(Exception):
+    exit_code: ExitCode = ExitCode.INTERNAL
+
+
+class UsageError(CampaignError):
+    exit_code = ExitCode.USAGE
+
+
+class InputError(CampaignError):
+    """Bad input, reported as ``FILE:LINE: field: message`` on one line."""
+
+    exit_code = ExitCode.USAGE
+
+    def __init__(self, file: str, line: int | None, field: str | None, message: str) -> None:
+        self.file = file
+        self.line = line
+        self.field = field
+        self.message = message
+        super().__init__(self.one_line())
+
+    def one_line(self) -> str:
+        where = self.file if self.line is None else f"{self.file}:{self.line}"
+        return f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
+
+
+class ConfigError(InputError):
+    pass
+
+
+class StoreError(CampaignError):
+    exit_code = ExitCode.USAGE
+
+
+class RunLockedError(CampaignError):
+    exit_code = ExitCode.LOCKED
+
+    def __init__(self, run: str, holder: str) -> None:
+        self.run = run
+        self.holder = holder
+        super().__init__(f"run {run} is being sent by another process ({holder})")
+
+
+class ProviderError(CampaignError):
+    """A provider's answer, translated. ``code`` and ``text`` are the provider's own."""
+
+    def __init__(
+        self, text: str, *, code: str | None = None, status: int | None = None
+    ) -> None:
+        self.text = text
+        self.code = code
+        self.status = status
+        super().__init__(f"{code}: {text}" if code else text)
+
+
+class TransientError(ProviderError):
+    def __init__(
+        self,
+        text: str,
+        *,
+        code: str | None = None,
+        status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(text, code=code, status=status)
+        self.retry_after = retry_after
+
+
+class RateLimitedError(TransientError):
+    pass
+
+
+class PermanentError(ProviderError):
+    """A definite refusal. ``action`` asks for a side effect: ``"invalid"`` ends the row
+    `invalid` rather than `failed`; ``"suppress"`` also adds the address to the suppression list."""
+
+    def __init__(
+        self,
+        text: str,
+        *,
+        code: str | None = None,
+        status: int | None = None,
+        action: str | None = None,
+    ) -> None:
+        super().__init__(text, code=code, status=status)
+        self.action = action
+
+
+class InDoubtError(ProviderError):
+    pass
+
+
+class ProviderAuthError(ProviderError):
+    exit_code = ExitCode.PROVIDER_AUTH

@@ -1,0 +1,148 @@
+"""Plain data shared by every layer: states, channels, recipients, messages and send results.
+
+Everything here is a frozen dataclass or an enum: no I/O, no behaviour beyond small derived values.
+Money is always an integer count of micro-units (1/1,000,000 of the currency unit), never a float.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import ROUND_HALF_UP, Decimal
+from enum import Enum
+
+MICRO = 1_000_000
+
+
+def to_micros(amount: Decimal) -> int:
+    """An amount of money as integer micro-units (exact for up to six decimal places)."""
+    return int((amount * MICRO).to_integral_value(rounding=ROUND_HALF_UP))
+
+
+def from_micros(micros: int) -> Decimal:
+    return (Decimal(micros) / MICRO).quantize(Decimal("0.000001")).normalize()
+
+
+class Channel(str, Enum):
+    SMS = "sms"
+    EMAIL = "email"
+    PUSH = "push"
+    WEBHOOK = "webhook"
+
+
+class State(str, Enum):
+    """A journal row's state. DESIGN.md section 4; a contract: scripts read these names."""
+
+    PENDING = "pending"
+    SENDING = "sending"
+    SENT = "sent"
+    DELIVERED = "delivered"
+    UNDELIVERED = "undelivered"
+    BOUNCED = "bounced"
+    INVALID = "invalid"
+    DUPLICATE = "duplicate"
+    SUPPRESSED = "suppressed"
+    NO_CONSENT = "no_consent"
+    CAPPED = "capped"
+    QUIET_HOURS = "quiet_hours"
+    RENDER_FAILED = "render_failed"
+    FAILED = "failed"
+    IN_DOUBT = "in_doubt"
+
+
+#: States a row never leaves during a run (receipts may later move `sent` on).
+FINAL_STATES = frozenset(State) - {State.PENDING, State.SENDING}
+
+
+class Purpose(str, Enum):
+    MARKETING = "marketing"
+    TRANSACTIONAL = "transactional"
+
+
+@dataclass(frozen=True, slots=True)
+class Recipient:
+    """One data row of the recipient file, with its addresses normalised.
+
+    ``row`` counts data records from 1 (the header is not a record); ``line`` is the physical line
+    on which the record starts, for messages a person reads. ``addresses`` holds the normalised
+    address for each channel whose column was present and valid; ``problems`` the reason code and
+    detail for each channel whose address was missing or bad.
+    """
+
+    row: int
+    line: int
+    key: str
+    fields: Mapping[str, str]
+    addresses: Mapping[Channel, str]
+    problems: Mapping[Channel, tuple[str, str]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class InvalidRow:
+    """A data row that cannot become a recipient at all (for example its key is empty)."""
+
+    row: int
+    line: int
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class SmsContent:
+    body: str
+    encoding: str  # "GSM-7" or "UCS-2"
+    segments: int
+
+
+@dataclass(frozen=True, slots=True)
+class EmailContent:
+    subject: str
+    text: str | None
+    html: str | None
+    sender: str
+    reply_to: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class PushContent:
+    title: str
+    body: str
+    data: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookContent:
+    text: str
+
+
+Content = SmsContent | EmailContent | PushContent | WebhookContent
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundMessage:
+    """One rendered message for one recipient on one channel, ready for a provider.
+
+    ``idempotency_key`` is derived from (run, recipient key, channel) and is the same on every
+    attempt and every resume, so a provider that deduplicates by key never delivers it twice.
+    """
+
+    run_id: int
+    row: int
+    channel: Channel
+    recipient_key: str
+    address: str
+    idempotency_key: str
+    content: Content
+    content_hash: str
+    cost_micros: int = 0
+    attempt: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class SendResult:
+    """A provider accepted the message."""
+
+    provider_message_id: str | None = None
+    status_code: int | None = None
+    detail: str | None = None

@@ -1,0 +1,42 @@
+"""The console provider: each message as one JSON line on a stream (standard output by default).
+It cannot deduplicate: a resend prints again."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import IO, Any
+
+from campaign_cli.config import ConsoleProviderConfig
+from campaign_cli.models import Channel, EmailContent, OutboundMessage, SendResult
+from campaign_cli.providers.base import ProviderContext
+from campaign_cli.providers.outbox import _payload
+
+
+class ConsoleProvider:
+    channels = frozenset(Channel)
+    deduplicates = False
+
+    def __init__(self, name: str, stream: IO[str]) -> None:
+        self.name = name
+        self._stream = stream
+        self._count = 0
+
+    @classmethod
+    def from_config(
+        cls, name: str, config: ConsoleProviderConfig, context: ProviderContext
+    ) -> ConsoleProvider:
+        return cls(name, context.stdout or sys.stdout)
+
+    async def send(self, message: OutboundMessage) -> SendResult:
+        payload: dict[str, Any] = _payload(message)
+        content = message.content
+        if isinstance(content, EmailContent):
+            payload.update(subject=content.subject, text=content.text, html=content.html,
+                           sender=content.sender, headers=dict(content.headers))
+        self._stream.write(json.dumps(payload, ensure_ascii=False) + "\n")
+        self._count += 1
+        return SendResult(provider_message_id=f"console-{self._count}")
+
+    async def aclose(self) -> None:
+        self._stream.flush()

@@ -1,0 +1,96 @@
+"""The outbox provider: each message becomes one file, ``.eml`` for email and ``.json`` otherwise.
+
+Files are named by the message's idempotency key and written atomically (temporary file, then
+rename), so a resend of an in-doubt message replaces the same file: the outbox deduplicates, and a
+crash never leaves half a message behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from campaign_cli.config import OutboxProviderConfig
+from campaign_cli.models import (
+    Channel,
+    EmailContent,
+    OutboundMessage,
+    PushContent,
+    SendResult,
+    SmsContent,
+    WebhookContent,
+)
+from campaign_cli.providers.base import ProviderContext
+from campaign_cli.render.email import build_email, make_message_id
+
+
+class OutboxProvider:
+    channels = frozenset(Channel)
+    deduplicates = True
+
+    def __init__(self, name: str, directory: Path, context: ProviderContext) -> None:
+        self.name = name
+        self._clock = context.clock
+        safe = re.sub(r"[^A-Za-z0-9._-]+", "_", context.run_name)
+        self.directory = directory / safe
+        self._made = False
+
+    @classmethod
+    def from_config(
+        cls, name: str, config: OutboxProviderConfig, context: ProviderContext
+    ) -> OutboxProvider:
+        return cls(name, config.dir, context)
+
+    async def send(self, message: OutboundMessage) -> SendResult:
+        if not self._made:
+            await asyncio.to_thread(self.directory.mkdir, parents=True, exist_ok=True, mode=0o700)
+            self._made = True
+        content = message.content
+        if isinstance(content, EmailContent):
+            data = build_email(
+                content,
+                to=message.address,
+                message_id=make_message_id(message.idempotency_key, "outbox.invalid"),
+                date=self._clock.now(),
+            )
+            suffix = ".eml"
+        else:
+            data = json.dumps(_payload(message), ensure_ascii=False, indent=1).encode() + b"\n"
+            suffix = ".json"
+        path = self.directory / f"{message.idempotency_key}{suffix}"
+        await asyncio.to_thread(_write_atomically, path, data)
+        return SendResult(provider_message_id=path.name)
+
+    async def aclose(self) -> None:
+        return None
+
+
+def _payload(message: OutboundMessage) -> dict[str, Any]:
+    content = message.content
+    base: dict[str, Any] = {
+        "channel": message.channel.value,
+        "to": message.address,
+        "recipient_key": message.recipient_key,
+        "idempotency_key": message.idempotency_key,
+    }
+    if isinstance(content, SmsContent):
+        base.update(body=content.body, encoding=content.encoding, segments=content.segments)
+    elif isinstance(content, PushContent):
+        base.update(title=content.title, body=content.body, data=dict(content.data))
+    elif isinstance(content, WebhookContent):
+        base.update(text=content.text)
+    return base
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)

@@ -1,0 +1,252 @@
+"""The store: one SQLite file in WAL mode, created 0600, with append-only migrations.
+
+Where it lives: ``--store PATH``, else ``$CAMPAIGN_STORE``, else ``store.db`` in the platform's user
+data directory (``~/.local/share/campaign-cli`` on Linux).
+
+Migrations are named functions applied in order; ``PRAGMA user_version`` counts how many ran. Never
+edit a released migration: append a new one. A store written by a newer campaign-cli (more
+migrations than this one knows) is refused rather than misread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import sqlite3
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import sqlite_utils
+
+from campaign_cli.errors import StoreError
+
+APP_NAME = "campaign-cli"
+
+
+def default_store_path(explicit: str | Path | None, env: Mapping[str, str]) -> Path:
+    if explicit:
+        return Path(explicit).expanduser()
+    if env.get("CAMPAIGN_STORE"):
+        return Path(env["CAMPAIGN_STORE"]).expanduser()
+    import platformdirs  # deferred: nothing happens at import time
+
+    return Path(platformdirs.user_data_dir(APP_NAME, appauthor=False)) / "store.db"
+
+
+def address_hash(address: str) -> str:
+    """The key under which an (already normalised) address is suppressed or consented.
+
+    Kept so that an opt-out survives the erasure of the address itself (DESIGN.md section 5)."""
+    return hashlib.sha256(address.encode("utf-8")).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Migrations: append only.
+
+
+def _script(conn: sqlite3.Connection, sql: str) -> None:
+    """Run several statements inside the caller's transaction (executescript would commit it)."""
+    statement = ""
+    for line in sql.splitlines(keepends=True):
+        statement += line
+        if sqlite3.complete_statement(statement):
+            conn.execute(statement)
+            statement = ""
+    if statement.strip():
+        raise ValueError(f"incomplete SQL statement: {statement!r}")
+
+
+def _m001_initial(conn: sqlite3.Connection) -> None:
+    _script(
+        conn,
+        """
+        CREATE TABLE settings (
+            key   TEXT PRIMARY KEY,
+            value TEXT NOT NULL
+        );
+
+        -- The opt-out list. id is a watermark: a running send polls for ids above the last one it
+        -- saw, so a suppression added mid-run is honoured by every message not yet sent.
+        CREATE TABLE suppressions (
+            id           INTEGER PRIMARY KEY AUTOINCREMENT,
+            address_hash TEXT NOT NULL,
+            address      TEXT,              -- normalised; NULL once erased (the hash stays)
+            channel      TEXT NOT NULL,     -- sms | email | push | webhook | all
+            reason       TEXT NOT NULL,
+            source       TEXT NOT NULL,     -- cli | import:FILE | list:FILE | provider | ...
+            created_at   TEXT NOT NULL,
+            UNIQUE (address_hash, channel)
+        );
+
+        -- Consent evidence, append only. The effective state for (address, channel, purpose) is
+        -- the record with the latest recorded_at; on a tie, revoked wins.
+        CREATE TABLE consents (
+            id           INTEGER PRIMARY KEY AUTOINCREMENT,
+            address_hash TEXT NOT NULL,
+            address      TEXT,
+            channel      TEXT NOT NULL,     -- sms | email | push | webhook | all
+            purpose      TEXT NOT NULL,     -- marketing | transactional
+            status       TEXT NOT NULL CHECK (status IN ('granted', 'revoked')),
+            source       TEXT NOT NULL,
+            recorded_at  TEXT NOT NULL,     -- when the person gave or withdrew it
+            created_at   TEXT NOT NULL,     -- when we learned of it
+            UNIQUE (address_hash, channel, purpose, status, recorded_at, source)
+        );
+        CREATE INDEX consents_lookup ON consents (address_hash, channel, purpose);
+
+        CREATE TABLE runs (
+            id                INTEGER PRIMARY KEY,
+            campaign          TEXT NOT NULL,
+            run_key           TEXT NOT NULL,
+            campaign_file     TEXT NOT NULL,
+            recipients_file   TEXT NOT NULL,
+            recipients_sha256 TEXT NOT NULL,
+            purpose           TEXT NOT NULL,
+            channels          TEXT NOT NULL,   -- JSON list, in order of preference
+            currency          TEXT NOT NULL,
+            max_spend_micros  INTEGER,
+            status            TEXT NOT NULL,   -- running | done | failed | spend_cap |
+                                               -- interrupted | aborted | error
+            exit_code         INTEGER,
+            total_rows        INTEGER,         -- data rows in the file, once read to the end
+            template_hashes   TEXT,            -- JSON {template: sha256}
+            created_at        TEXT NOT NULL,
+            started_at        TEXT,
+            finished_at       TEXT,
+            sessions          INTEGER NOT NULL DEFAULT 0,  -- how often it was started or resumed
+            last_error        TEXT,
+            UNIQUE (campaign, run_key)
+        );
+
+        -- The journal: one row per (run, input row, channel), each in exactly one state.
+        CREATE TABLE messages (
+            run_id              INTEGER NOT NULL,
+            row                 INTEGER NOT NULL,   -- data record number, from 1
+            channel             TEXT NOT NULL,
+            line                INTEGER NOT NULL,   -- physical line the record starts on
+            rkey                TEXT,               -- the recipient key column
+            address             TEXT,               -- normalised address
+            dedupe_address      INTEGER NOT NULL DEFAULT 0,
+            state               TEXT NOT NULL,
+            reason              TEXT,
+            detail              TEXT,
+            attempts            INTEGER NOT NULL DEFAULT 0,
+            provider            TEXT,
+            provider_message_id TEXT,
+            status_code         INTEGER,
+            error_code          TEXT,
+            cost_micros         INTEGER NOT NULL DEFAULT 0,
+            content_hash        TEXT,
+            resent_in_doubt     INTEGER NOT NULL DEFAULT 0,
+            updated_at          TEXT NOT NULL,
+            PRIMARY KEY (run_id, row, channel)
+        );
+        -- Admission is INSERT OR IGNORE: these make the database, not a Python set, refuse a
+        -- second row for the same recipient key (or address, where the run dedupes by address).
+        CREATE UNIQUE INDEX messages_once_per_key ON messages (run_id, channel, rkey)
+            WHERE state NOT IN ('invalid', 'duplicate');
+        CREATE UNIQUE INDEX messages_once_per_address ON messages (run_id, channel, address)
+            WHERE dedupe_address = 1 AND state NOT IN ('invalid', 'duplicate');
+        """
+    )
+    conn.execute(
+        "INSERT INTO settings (key, value) VALUES ('unsubscribe_secret', ?)",
+        (secrets.token_hex(32),),
+    )
+
+
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_m001_initial,)
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Apply the migrations this store lacks; returns the schema version."""
+    version: int = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > len(MIGRATIONS):
+        raise StoreError(
+            f"the store has schema version {version}, newer than this campaign-cli knows "
+            f"({len(MIGRATIONS)}): upgrade campaign-cli"
+        )
+    for number, migration in enumerate(MIGRATIONS[version:], start=version + 1):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            # Another process may have migrated while we waited for the lock.
+            current = conn.execute("PRAGMA user_version").fetchone()[0]
+            if current >= number:
+                conn.execute("COMMIT")
+                continue
+            migration(conn)
+            conn.execute(f"PRAGMA user_version = {number:d}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    return len(MIGRATIONS)
+
+
+def connect(path: Path, *, create: bool = True, readonly: bool = False) -> sqlite3.Connection:
+    """Open (and if need be create, 0600, and migrate) the store. Autocommit mode: callers say
+    BEGIN themselves, so that a batch is one transaction."""
+    path = Path(path)
+    if not path.exists():
+        if not create or readonly:
+            raise StoreError(f"{path}: no store here (it is created by the first command that writes)")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+            os.close(fd)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise StoreError(f"{path}: cannot create the store: {exc.strerror}") from None
+    try:
+        if readonly:
+            conn = sqlite3.connect(
+                f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None,
+                check_same_thread=False,
+            )
+        else:
+            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout = 10000")
+        if not readonly:
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            migrate(conn)
+        else:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > len(MIGRATIONS):
+                raise StoreError(f"{path}: store schema {version} is newer than this campaign-cli")
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(f"{path}: not a usable campaign store: {exc}") from None
+    return conn
+
+
+class Store:
+    """An open store: the connection for short reads and writes from commands, and the path so
+    that a run can open the extra connections it needs (journal writer thread, policy reader)."""
+
+    def __init__(self, path: Path, conn: sqlite3.Connection) -> None:
+        self.path = path
+        self.conn = conn
+        self.db = sqlite_utils.Database(conn)
+
+    @classmethod
+    def open(cls, path: Path | str, *, create: bool = True) -> Store:
+        path = Path(path)
+        return cls(path, connect(path, create=create))
+
+    def connect(self, *, readonly: bool = False) -> sqlite3.Connection:
+        return connect(self.path, readonly=readonly)
+
+    def setting(self, key: str) -> str | None:
+        row = self.conn.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,366 @@
+"""Runs and their journal rows: creating and resuming a run, admission, counts, the run lock.
+
+A run is (campaign name, run key). Its journal has one row per (input row, channel), each in
+exactly one state (DESIGN.md section 4), so counts always add up to the input.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import socket
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from campaign_cli.errors import RunLockedError, UsageError
+from campaign_cli.models import State
+
+RUN_COLUMNS = (
+    "id", "campaign", "run_key", "campaign_file", "recipients_file", "recipients_sha256",
+    "purpose", "channels", "currency", "max_spend_micros", "status", "exit_code", "total_rows",
+    "template_hashes", "created_at", "started_at", "finished_at", "sessions", "last_error",
+)
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    id: int
+    campaign: str
+    run_key: str
+    campaign_file: str
+    recipients_file: str
+    recipients_sha256: str
+    purpose: str
+    channels: tuple[str, ...]
+    currency: str
+    max_spend_micros: int | None
+    status: str
+    exit_code: int | None
+    total_rows: int | None
+    template_hashes: dict[str, str]
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    sessions: int
+    last_error: str | None
+
+    @property
+    def name(self) -> str:
+        return f"{self.campaign}/{self.run_key}"
+
+
+def _record(row: Sequence[Any]) -> RunRecord:
+    data = dict(zip(RUN_COLUMNS, row))
+    data["channels"] = tuple(json.loads(data["channels"]))
+    data["template_hashes"] = json.loads(data["template_hashes"] or "{}")
+    return RunRecord(**data)
+
+
+def find_run(conn: sqlite3.Connection, campaign: str, run_key: str) -> RunRecord | None:
+    row = conn.execute(
+        f"SELECT {', '.join(RUN_COLUMNS)} FROM runs WHERE campaign = ? AND run_key = ?",
+        (campaign, run_key),
+    ).fetchone()
+    return None if row is None else _record(row)
+
+
+def get_run(conn: sqlite3.Connection, ref: str) -> RunRecord:
+    """A run by id, by ``campaign/key``, or by campaign name (its latest run)."""
+    cols = ", ".join(RUN_COLUMNS)
+    row = None
+    if ref.isdigit():
+        row = conn.execute(f"SELECT {cols} FROM runs WHERE id = ?", (int(ref),)).fetchone()
+    if row is None and "/" in ref:
+        campaign, _, key = ref.partition("/")
+        row = conn.execute(
+            f"SELECT {cols} FROM runs WHERE campaign = ? AND run_key = ?", (campaign, key)
+        ).fetchone()
+    if row is None:
+        row = conn.execute(
+            f"SELECT {cols} FROM runs WHERE campaign = ? ORDER BY id DESC LIMIT 1", (ref,)
+        ).fetchone()
+    if row is None:
+        raise UsageError(f"no run {ref!r} in this store (see `campaign status`)")
+    return _record(row)
+
+
+def list_runs(conn: sqlite3.Connection, limit: int = 50) -> list[RunRecord]:
+    rows = conn.execute(
+        f"SELECT {', '.join(RUN_COLUMNS)} FROM runs ORDER BY id DESC LIMIT ?", (limit,)
+    ).fetchall()
+    return [_record(r) for r in rows]
+
+
+def start_run(
+    conn: sqlite3.Connection,
+    *,
+    campaign: str,
+    run_key: str,
+    campaign_file: str,
+    recipients_file: str,
+    recipients_sha256: str,
+    purpose: str,
+    channels: Sequence[str],
+    currency: str,
+    max_spend_micros: int | None,
+    template_hashes: dict[str, str],
+    now: str,
+) -> tuple[RunRecord, bool]:
+    """Create the run, or resume it. Returns (run, resumed).
+
+    Resuming requires the same recipient file contents: journal rows are keyed by record number,
+    so a changed file would silently skip or repeat people."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        existing = find_run(conn, campaign, run_key)
+        if existing is None:
+            conn.execute(
+                "INSERT INTO runs (campaign, run_key, campaign_file, recipients_file, "
+                "recipients_sha256, purpose, channels, currency, max_spend_micros, status, "
+                "template_hashes, created_at, started_at, sessions) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'running', ?, ?, ?, 1)",
+                (campaign, run_key, campaign_file, recipients_file, recipients_sha256, purpose,
+                 json.dumps(list(channels)), currency, max_spend_micros,
+                 json.dumps(template_hashes, sort_keys=True), now, now),
+            )
+            resumed = False
+        else:
+            if existing.recipients_sha256 != recipients_sha256:
+                raise UsageError(
+                    f"run {existing.name} was started with a different recipient file "
+                    f"(sha256 {existing.recipients_sha256[:12]}, now {recipients_sha256[:12]}): "
+                    "resuming would skip or repeat recipients; restore that file, or start a new "
+                    "run with another --run-key"
+                )
+            if tuple(existing.channels) != tuple(channels):
+                raise UsageError(
+                    f"run {existing.name} was started with channels "
+                    f"{', '.join(existing.channels)}; the campaign now has {', '.join(channels)}: "
+                    "start a new run with another --run-key"
+                )
+            conn.execute(
+                "UPDATE runs SET status = 'running', exit_code = NULL, finished_at = NULL, "
+                "started_at = ?, sessions = sessions + 1, max_spend_micros = ?, "
+                "template_hashes = ? WHERE id = ?",
+                (now, max_spend_micros, json.dumps(template_hashes, sort_keys=True), existing.id),
+            )
+            resumed = True
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    run = find_run(conn, campaign, run_key)
+    assert run is not None
+    return run, resumed
+
+
+def finish_run(
+    conn: sqlite3.Connection, run_id: int, *, status: str, exit_code: int, now: str,
+    total_rows: int | None, last_error: str | None,
+) -> None:
+    conn.execute(
+        "UPDATE runs SET status = ?, exit_code = ?, finished_at = ?, "
+        "total_rows = COALESCE(?, total_rows), last_error = ? WHERE id = ?",
+        (status, exit_code, now, total_rows, last_error, run_id),
+    )
+
+
+def mark_in_doubt(conn: sqlite3.Connection, run_id: int, now: str) -> int:
+    """Rows left in `sending` by a session that died: their outcome is unknown."""
+    cur = conn.execute(
+        "UPDATE messages SET state = 'in_doubt', reason = 'interrupted_while_sending', "
+        "updated_at = ? WHERE run_id = ? AND state = 'sending'",
+        (now, run_id),
+    )
+    return cur.rowcount
+
+
+def counts(conn: sqlite3.Connection, run_id: int) -> dict[str, dict[str, int]]:
+    """{channel: {state: n}} for a run."""
+    out: dict[str, dict[str, int]] = {}
+    for channel, state, n in conn.execute(
+        "SELECT channel, state, count(*) FROM messages WHERE run_id = ? GROUP BY channel, state",
+        (run_id,),
+    ):
+        out.setdefault(channel, {})[state] = n
+    return out
+
+
+def committed_spend(conn: sqlite3.Connection, run_id: int) -> int:
+    """Micro-units that may have been charged: sent, still sending, or in doubt."""
+    row = conn.execute(
+        "SELECT COALESCE(SUM(cost_micros), 0) FROM messages WHERE run_id = ? "
+        "AND state IN ('sent', 'delivered', 'undelivered', 'bounced', 'sending', 'in_doubt')",
+        (run_id,),
+    ).fetchone()
+    return int(row[0])
+
+
+def last_errors(conn: sqlite3.Connection, run_id: int, limit: int = 5) -> list[dict[str, Any]]:
+    rows = conn.execute(
+        "SELECT row, channel, state, reason, error_code, detail, updated_at FROM messages "
+        "WHERE run_id = ? AND state IN ('failed', 'in_doubt', 'render_failed') "
+        "ORDER BY updated_at DESC LIMIT ?",
+        (run_id, limit),
+    ).fetchall()
+    keys = ("row", "channel", "state", "reason", "error_code", "detail", "at")
+    return [dict(zip(keys, r)) for r in rows]
+
+
+def failure_summary(conn: sqlite3.Connection, run_id: int) -> list[tuple[str, str, str, int]]:
+    """(provider, state, reason, n) for every row that did not go out, most frequent first."""
+    return [
+        (p or "-", s, r or "-", n)
+        for p, s, r, n in conn.execute(
+            "SELECT provider, state, COALESCE(error_code, reason), count(*) FROM messages "
+            "WHERE run_id = ? AND state IN ('failed', 'in_doubt', 'render_failed', 'invalid') "
+            "GROUP BY 1, 2, 3 ORDER BY 4 DESC LIMIT 20",
+            (run_id,),
+        )
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# Admission
+
+
+@dataclass(frozen=True, slots=True)
+class Admit:
+    """One (input row, channel) the source wants in the journal."""
+
+    row: int
+    line: int
+    channel: str
+    rkey: str | None
+    address: str | None
+    state: str  # 'pending', or a final state decided while reading (invalid)
+    reason: str | None = None
+    detail: str | None = None
+
+
+def admit(
+    conn: sqlite3.Connection, run_id: int, items: Sequence[Admit], dedupe_address: bool, now: str
+) -> dict[tuple[int, str], str]:
+    """Insert a chunk's rows (INSERT OR IGNORE) and return every row's state afterwards.
+
+    The database decides: a row already journaled by an earlier session keeps its state; a row whose
+    recipient key (or address, when ``dedupe_address``) is already taken in this run becomes a
+    `duplicate`. Runs inside the writer's transaction."""
+    if not items:
+        return {}
+    flag = 1 if dedupe_address else 0
+    conn.executemany(
+        "INSERT OR IGNORE INTO messages (run_id, row, channel, line, rkey, address, "
+        "dedupe_address, state, reason, detail, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            (run_id, a.row, a.channel, a.line, a.rkey, a.address,
+             flag if a.state == "pending" else 0, a.state, a.reason, a.detail, now)
+            for a in items
+        ],
+    )
+    conn.executemany(
+        "INSERT OR IGNORE INTO messages (run_id, row, channel, line, rkey, address, "
+        "dedupe_address, state, reason, detail, updated_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, 0, 'duplicate', 'duplicate', ?, ?)",
+        [
+            (run_id, a.row, a.channel, a.line, a.rkey, a.address,
+             "same recipient key or address as an earlier row", now)
+            for a in items
+            if a.state == "pending"
+        ],
+    )
+    lo = min(a.row for a in items)
+    hi = max(a.row for a in items)
+    return {
+        (row, channel): state
+        for row, channel, state in conn.execute(
+            "SELECT row, channel, state FROM messages WHERE run_id = ? AND row BETWEEN ? AND ?",
+            (run_id, lo, hi),
+        )
+    }
+
+
+# Statements the pipeline submits to the writer. Keyed by primary key (run_id, row, channel).
+SQL_INTENT = (
+    "UPDATE messages SET state = 'sending', attempts = ?, provider = ?, cost_micros = ?, "
+    "content_hash = ?, resent_in_doubt = MAX(resent_in_doubt, ?), updated_at = ? "
+    "WHERE run_id = ? AND row = ? AND channel = ?"
+)
+SQL_SENT = (
+    "UPDATE messages SET state = 'sent', provider_message_id = ?, status_code = ?, "
+    "reason = NULL, detail = NULL, error_code = NULL, updated_at = ? "
+    "WHERE run_id = ? AND row = ? AND channel = ?"
+)
+SQL_FINAL = (
+    "UPDATE messages SET state = ?, reason = ?, detail = ?, error_code = ?, status_code = ?, "
+    "cost_micros = ?, updated_at = ? WHERE run_id = ? AND row = ? AND channel = ?"
+)
+SQL_REFUSED = (
+    "UPDATE messages SET state = ?, reason = ?, detail = ?, content_hash = COALESCE(?, "
+    "content_hash), updated_at = ? WHERE run_id = ? AND row = ? AND channel = ?"
+)
+
+
+def iter_rows(
+    conn: sqlite3.Connection, run_id: int, states: Iterable[str] | None = None
+) -> Iterator[dict[str, Any]]:
+    cols = ("row", "line", "channel", "rkey", "address", "state", "reason", "detail", "attempts",
+            "provider", "provider_message_id", "error_code", "cost_micros", "resent_in_doubt")
+    sql = f"SELECT {', '.join(cols)} FROM messages WHERE run_id = ?"
+    params: list[Any] = [run_id]
+    if states is not None:
+        wanted = list(states)
+        sql += f" AND state IN ({', '.join('?' * len(wanted))})"
+        params += wanted
+    for r in conn.execute(sql + " ORDER BY row, channel", params):
+        yield dict(zip(cols, r))
+
+
+# --------------------------------------------------------------------------------------------
+# The run lock
+
+
+class RunLock:
+    """An exclusive lock on one run, held by this process (``flock`` on a file beside the store).
+
+    The kernel drops it when the process dies, even by SIGKILL, so a crashed run never stays
+    locked; the file names the holder for the error message of the process that is refused."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self._fd = fd
+
+    @classmethod
+    def acquire(cls, store_path: Path, campaign: str, run_key: str, started: str) -> RunLock:
+        lock_dir = Path(f"{store_path}.locks")
+        lock_dir.mkdir(mode=0o700, exist_ok=True)
+        digest = hashlib.sha256(f"{campaign}\0{run_key}".encode()).hexdigest()[:16]
+        path = lock_dir / f"{digest}.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "unknown process"
+            os.close(fd)
+            raise RunLockedError(f"{campaign}/{run_key}", holder) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {started}".encode(), 0)
+        return cls(path, fd)
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            try:
+                os.ftruncate(self._fd, 0)
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+                os.close(self._fd)
+                self._fd = -1
+
+
+def state_names() -> list[str]:
+    return [s.value for s in State]
