@@ -91,3 +91,56 @@ def guarded(fn: Callable[..., Any], output: Output, *args: Any, **kwargs: Any) -
         raise
     except Exception as exc:  # noqa: BLE001 - the one place errors become exit codes
         raise typer.Exit(output.fail(exc)) from None
+
+
+class ProgressDisplay:
+    """Run progress on stderr: a rich live display on a terminal, else a plain line every few
+    seconds (fit for cron logs). Fed `pipeline.Progress` snapshots; never touches stdout."""
+
+    def __init__(self, output: Output, title: str, *, plain_every: float = 5.0) -> None:
+        self._output = output
+        self._title = title
+        self._plain_every = plain_every
+        self._last_plain = 0.0
+        self._live: Any = None
+        self._progress: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> ProgressDisplay:
+        if self._output.quiet:
+            return self
+        if self._output.stderr_is_tty:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+            )
+
+            self._progress = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[detail]}"), TimeRemainingColumn(),
+                console=self._output.err, transient=False,
+            )
+            self._task = self._progress.add_task(self._title, total=None, detail="")
+            self._progress.start()
+        return self
+
+    def update(self, p: Any) -> None:
+        """``p`` is a `campaign_cli.pipeline.Progress`."""
+        if self._output.quiet:
+            return
+        detail = (f"sent {p.sent:,}  skipped {p.skipped:,}  failed {p.failed:,}  "
+                  f"{p.rate_per_s:,.0f}/s  spend {p.spend_micros / 1_000_000:,.4f} {p.currency}")
+        if self._progress is not None:
+            self._progress.update(self._task, total=p.total, completed=p.done, detail=detail)
+            return
+        if p.elapsed_s - self._last_plain >= self._plain_every:
+            self._last_plain = p.elapsed_s
+            eta = "" if p.eta_s is None else f"  eta {p.eta_s:,.0f}s"
+            self._output.info(f"{self._title}: {p.done:,}/{p.total:,} done  {detail}{eta}")
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()

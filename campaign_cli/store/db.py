@@ -19,6 +19,7 @@ from pathlib import Path
 
 import sqlite_utils
 
+from campaign_cli.addresses import address_hash as address_hash
 from campaign_cli.errors import StoreError
 
 APP_NAME = "campaign-cli"
@@ -34,11 +35,6 @@ def default_store_path(explicit: str | Path | None, env: Mapping[str, str]) -> P
     return Path(platformdirs.user_data_dir(APP_NAME, appauthor=False)) / "store.db"
 
 
-def address_hash(address: str) -> str:
-    """The key under which an (already normalised) address is suppressed or consented.
-
-    Kept so that an opt-out survives the erasure of the address itself (DESIGN.md section 5)."""
-    return hashlib.sha256(address.encode("utf-8")).hexdigest()
 
 
 # --------------------------------------------------------------------------------------------

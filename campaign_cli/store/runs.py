@@ -287,7 +287,7 @@ def admit(
 
 # Statements the pipeline submits to the writer. Keyed by primary key (run_id, row, channel).
 SQL_INTENT = (
-    "UPDATE messages SET state = 'sending', attempts = ?, provider = ?, cost_micros = ?, "
+    "UPDATE messages SET state = 'sending', attempts = attempts + 1, provider = ?, cost_micros = ?, "
     "content_hash = ?, resent_in_doubt = MAX(resent_in_doubt, ?), updated_at = ? "
     "WHERE run_id = ? AND row = ? AND channel = ?"
 )

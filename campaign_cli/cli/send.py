@@ -1,0 +1,186 @@
+"""`campaign send`: parse options, call `pipeline.Runner`, show progress, print the outcome."""
+
+from __future__ import annotations
+
+import asyncio
+import shlex
+import signal
+import sys
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from campaign_cli.cli.context import AppContext, app_context, command
+from campaign_cli.cli.output import ProgressDisplay
+from campaign_cli.config import load_campaign
+from campaign_cli.errors import ExitCode, UsageError
+from campaign_cli.models import from_micros
+from campaign_cli.pipeline import Progress, Runner, RunReport, SendOptions, StopController
+
+LOCAL_PROVIDER_TYPES = frozenset({"outbox", "console"})
+
+
+def register(app: typer.Typer) -> None:
+    app.command(
+        "send",
+        help="Send a campaign to its recipient list, or resume the run with the same key.\n\n"
+        "Re-running with the same campaign and run key resumes: finished rows are skipped, "
+        "pending rows go on, nobody gets a message twice. Exit codes: 0 done; 2 bad input; "
+        "3 stopped at the spend cap; 4 done with failures; 5 run locked; 6 provider refused "
+        "credentials; 130 interrupted.",
+    )(send)
+
+
+@command
+def send(
+    ctx: typer.Context,
+    campaign_file: Path = typer.Argument(..., help="The campaign YAML file.", show_default=False),
+    recipients: Optional[Path] = typer.Option(
+        None, "--recipients", "-r", help="Recipient CSV (overrides recipients.file).",
+        show_default=False,
+    ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Read, check, render and cost everything; send nothing and "
+        "leave the store untouched."
+    ),
+    limit: Optional[int] = typer.Option(
+        None, "--limit", min=1, help="Only the first N recipients.", show_default=False
+    ),
+    run_key: Optional[str] = typer.Option(
+        None, "--run-key", help="Names the run (default: derived from the recipient file's "
+        "contents). Same campaign and key = resume.", show_default=False,
+    ),
+    rate: Optional[float] = typer.Option(
+        None, "--rate", min=0.001, help="Messages per second per provider (overrides the "
+        "campaign).", show_default=False,
+    ),
+    max_spend: Optional[str] = typer.Option(
+        None, "--max-spend", help="Spend cap for the whole run, e.g. 20 or 20.50 (overrides "
+        "limits.max_spend).", show_default=False,
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout."),
+    yes: bool = typer.Option(
+        False, "--yes", "-y", help="Do not ask for confirmation before sending through real "
+        "providers."
+    ),
+    grace: float = typer.Option(
+        10.0, "--grace", min=0, help="Seconds in-flight sends get to finish after Ctrl-C."
+    ),
+) -> None:
+    app = app_context(ctx)
+    out = app.output
+    loaded = load_campaign(campaign_file, app.env)
+    out.secrets.update(loaded.secrets)
+    cap = _parse_money(max_spend)
+    options = SendOptions(
+        recipients=recipients, dry_run=dry_run, limit=limit, run_key=run_key, rate=rate,
+        max_spend=cap, grace_seconds=grace,
+    )
+    real = {p.type for p in loaded.campaign.providers.values()} - LOCAL_PROVIDER_TYPES
+    if real and not dry_run and not yes and sys.stdin.isatty():
+        names = ", ".join(sorted(real))
+        if not typer.confirm(f"Send {loaded.campaign.name} through {names} (real messages, "
+                             "real money)?", err=True):
+            raise typer.Exit(int(ExitCode.USAGE))
+
+    stop = StopController()
+    runner = Runner(loaded, app.store_path, options, clock=app.clock, registry=None, stop=stop,
+                    stdout=out.stdout)
+    title = f"{loaded.campaign.name}{' (dry run)' if dry_run else ''}"
+
+    with ProgressDisplay(out, title) as display:
+        runner.on_progress = display.update
+
+        async def main() -> RunReport:
+            loop = asyncio.get_running_loop()
+
+            def on_signal(signum: int) -> None:
+                stop.request()
+                if stop.requests == 1:
+                    out.warn(f"{signal.Signals(signum).name}: stopping intake, letting in-flight "
+                             f"messages finish (up to {grace:g}s); again to stop at once")
+                else:
+                    out.warn("stopping now; the journal stays consistent")
+
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, on_signal, sig)
+            try:
+                return await runner.execute()
+            finally:
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    loop.remove_signal_handler(sig)
+
+        report = asyncio.run(main())
+
+    for warning in report.warnings:
+        out.warn(warning)
+    if as_json:
+        out.json(report.to_json())
+    elif not out.quiet:
+        _print_summary(app, report)
+    hint = _resume_hint(app, report, campaign_file, recipients, max_spend)
+    if hint:
+        out.info(hint)
+    raise typer.Exit(int(report.exit_code or 0))
+
+
+def _parse_money(text: str | None) -> Decimal | None:
+    if text is None:
+        return None
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
+        raise UsageError(f"--max-spend: {text!r} is not an amount (e.g. 20 or 20.50)") from None
+    if not value.is_finite() or value < 0:
+        raise UsageError(f"--max-spend: {text!r} must be zero or more")
+    return value
+
+
+def _print_summary(app: AppContext, report: RunReport) -> None:
+    out = app.output
+    channels = list(report.by_channel)
+    states = sorted({s for c in report.by_channel.values() for s in c})
+    rows = [[state, *[report.by_channel[c].get(state, 0) for c in channels],
+             report.counts.get(state, 0)] for state in states]
+    verb = "would be" if report.dry_run else "were"
+    out.table(["state", *channels, "total"], rows,
+              title=f"{report.run_name}{' (dry run: nothing sent)' if report.dry_run else ''}")
+    spend = from_micros(report.spend_micros)
+    cap = "" if report.max_spend_micros is None else \
+        f" of {from_micros(report.max_spend_micros)} cap"
+    out.result(f"spend {spend} {report.currency}{cap} ({'estimated' if report.dry_run else verb} "
+               f"committed); {report.total_rows} recipient rows; {report.duration_s:.1f}s; "
+               f"status {report.status}; exit {report.exit_code}")
+    if report.in_doubt_found or report.in_doubt_resent:
+        out.warn(f"{report.in_doubt_found} message(s) were in flight when an earlier session "
+                 f"stopped (in doubt); {report.in_doubt_resent} re-sent with the same "
+                 "idempotency key; see `campaign status`")
+    if report.error:
+        out.error(report.error)
+
+
+def _resume_hint(app: AppContext, report: RunReport, campaign_file: Path,
+                 recipients: Path | None, max_spend: str | None) -> str | None:
+    if report.dry_run or report.exit_code not in (ExitCode.SPEND_CAP, ExitCode.INTERRUPTED,
+                                                   ExitCode.PROVIDER_AUTH):
+        return None
+    parts = ["campaign"]
+    if app.store_option is not None:
+        parts += ["--store", str(app.store_option)]
+    parts += ["send", str(campaign_file), "--run-key", report.run_key]
+    if recipients is not None:
+        parts += ["--recipients", str(recipients)]
+    if report.exit_code == ExitCode.SPEND_CAP:
+        cap = from_micros(report.max_spend_micros or 0)
+        parts += ["--max-spend", "<more than " + str(cap) + ">"]
+        return ("stopped at the spend cap; the rest is pending. To resume with a larger budget: "
+                + " ".join(shlex.quote(p) if not p.startswith("<") else p for p in parts))
+    if max_spend is not None:
+        parts += ["--max-spend", max_spend]
+    return "to resume: " + shlex.join(parts)
+
+
+def progress_line(p: Progress) -> str:
+    return f"{p.done}/{p.total}"

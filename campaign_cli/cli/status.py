@@ -1,0 +1,95 @@
+"""`campaign status`: the runs in the store, or one run in detail (same JSON as `send --json`)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from campaign_cli.cli.context import app_context, command
+from campaign_cli.models import from_micros
+from campaign_cli.pipeline import run_status
+from campaign_cli.store import runs
+
+
+def register(app: typer.Typer) -> None:
+    app.command(
+        "status",
+        help="Show the runs in the store, or one run (RUN = id, campaign/key, or campaign "
+        "name for its latest run): state, counts per state and channel, spend, rate, last errors.",
+    )(status)
+
+
+@command
+def status(
+    ctx: typer.Context,
+    run: Optional[str] = typer.Argument(None, help="A run: id, campaign/key or campaign name.",
+                                        show_default=False),
+    as_json: bool = typer.Option(False, "--json", help="JSON on stdout."),
+    limit: int = typer.Option(50, "--limit", min=1, help="How many runs to list."),
+) -> None:
+    app = app_context(ctx)
+    out = app.output
+    if not app.store_path.exists():
+        if as_json:
+            out.json([] if run is None else None)
+        else:
+            out.result(f"no store at {app.store_path} yet: nothing has been sent")
+        if run is not None:
+            raise typer.Exit(2)
+        return
+    with app.open_store(create=False) as store:
+        conn = store.conn
+        if run is None:
+            records = runs.list_runs(conn, limit)
+            reports = [run_status(conn, r) for r in records]
+            if as_json:
+                out.json([r.to_json() for r in reports])
+                return
+            if not reports:
+                out.result("no runs yet")
+                return
+            out.table(
+                ["id", "run", "status", "rows", "sent", "skipped", "failed", "in doubt",
+                 "pending", "spend", "started", "finished"],
+                [[r.run_id, r.run_name, r.status, r.total_rows, r.sent, r.skipped, r.failed,
+                  r.counts.get("in_doubt", 0), r.counts.get("pending", 0),
+                  f"{from_micros(r.spend_micros)} {r.currency}", r.started_at or "",
+                  r.finished_at or ""] for r in reports],
+            )
+            return
+        record = runs.get_run(conn, run)
+        report = run_status(conn, record)
+        if as_json:
+            payload = report.to_json()
+            payload["failures"] = [
+                {"provider": p, "state": s, "reason": reason, "count": n}
+                for p, s, reason, n in runs.failure_summary(conn, record.id)
+            ]
+            payload["last_errors"] = runs.last_errors(conn, record.id)
+            out.json(payload)
+            return
+        out.result(f"run {report.run_name} (id {report.run_id}): {report.status}"
+                   + (f", exit {report.exit_code}" if report.exit_code is not None else ""))
+        out.result(f"started {record.started_at}  finished {record.finished_at or '-'}  "
+                   f"sessions {record.sessions}  rows {report.total_rows}")
+        channels = list(report.by_channel)
+        states = sorted({s for c in report.by_channel.values() for s in c})
+        out.table(["state", *channels, "total"],
+                  [[s, *[report.by_channel[c].get(s, 0) for c in channels],
+                    report.counts.get(s, 0)] for s in states])
+        cap = "" if report.max_spend_micros is None else \
+            f" (cap {from_micros(report.max_spend_micros)})"
+        out.result(f"spend {from_micros(report.spend_micros)} {report.currency}{cap}; "
+                   f"{report.rate_per_s}/s over {report.duration_s:.1f}s")
+        failures = runs.failure_summary(conn, record.id)
+        if failures:
+            out.table(["provider", "state", "reason", "count"], failures,
+                      title="not sent, by provider and reason")
+        errors = runs.last_errors(conn, record.id)
+        if errors:
+            out.table(["row", "channel", "state", "reason", "code", "detail", "at"],
+                      [[e["row"], e["channel"], e["state"], e["reason"], e["error_code"],
+                        e["detail"], e["at"]] for e in errors], title="last errors")
+        if record.last_error:
+            out.result(f"last error: {record.last_error}")

@@ -1,0 +1,1075 @@
+"""One campaign run, end to end: source -> admission -> policy -> render -> budget -> pace -> send
+-> journal (DESIGN.md section 3).
+
+`run_campaign` is the library entry point: it prepares the run (reads the recipient file once to
+hash and check it, opens the store, takes the run lock, creates or resumes the run), then drives
+the asyncio pipeline and returns a `RunReport`. It never prints; progress goes to a callback.
+
+The shape of the asyncio part:
+
+    source task ──(bounded queue)──> N worker coroutines ──> provider.send
+        │                                   │
+        └── admission, policy, render ──────┴── every state change -> JournalWriter (one thread)
+
+* The source reads the CSV a chunk at a time in a thread, admits the chunk with INSERT OR IGNORE
+  (so rows journaled by an earlier session keep their state, and duplicates are refused by the
+  database), checks suppressions and consents for the whole chunk in one query per channel,
+  renders, reserves each message's cost, and puts it on a queue that holds at most a few hundred
+  messages: backpressure keeps memory flat and the policy check close to the send.
+* A worker takes a message, waits for its provider's token bucket, checks the live opt-out set
+  (suppressions recorded after the run began), commits the `sending` intent, sends, and submits
+  the outcome. Retries back off with full jitter on the injected clock.
+* Stopping: the first `StopController.request()` (SIGINT/SIGTERM from the CLI) stops intake and
+  lets in-flight sends finish within `grace_seconds`; the second cancels them. Either way the
+  journal is flushed, and a row whose send was cut off is `in_doubt`, never silently `pending`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import sqlite3
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import IO, Any
+
+from campaign_cli.addresses import address_hash
+from campaign_cli.clock import Clock, SystemClock, iso
+from campaign_cli.config import LoadedCampaign
+from campaign_cli.errors import (
+    ExitCode,
+    InDoubtError,
+    InputError,
+    PermanentError,
+    ProviderAuthError,
+    ProviderError,
+    RateLimitedError,
+    TransientError,
+    UsageError,
+)
+from campaign_cli.models import (
+    Channel,
+    InvalidRow,
+    OutboundMessage,
+    Recipient,
+    SendResult,
+    State,
+    from_micros,
+    to_micros,
+)
+from campaign_cli.pacing import Budget, Pacer
+from campaign_cli.policy import Policy
+from campaign_cli.providers.base import Provider, ProviderContext, ProviderRegistry
+from campaign_cli.recipients import RecipientSpec, iter_recipient_chunks, scan_recipients
+from campaign_cli.render.engine import Renderer, RenderError, content_hash, cost_of
+from campaign_cli.store import consents as consent_store
+from campaign_cli.store import runs
+from campaign_cli.store import suppressions as suppression_store
+from campaign_cli.store.db import Store
+from campaign_cli.store.journal import JournalWriter
+
+#: States counted as "sent" in progress displays (the provider accepted the message).
+SENT_STATES = frozenset({State.SENT, State.DELIVERED, State.UNDELIVERED, State.BOUNCED})
+#: States counted as "skipped": the row was decided without sending.
+SKIPPED_STATES = frozenset(
+    {State.INVALID, State.DUPLICATE, State.SUPPRESSED, State.NO_CONSENT, State.CAPPED,
+     State.QUIET_HOURS}
+)
+FAILED_STATES = frozenset({State.FAILED, State.RENDER_FAILED, State.IN_DOUBT})
+
+
+@dataclass
+class SendOptions:
+    recipients: Path | None = None
+    dry_run: bool = False
+    limit: int | None = None
+    run_key: str | None = None
+    rate: float | None = None
+    max_spend: Decimal | None = None
+    grace_seconds: float = 10.0
+    chunk_size: int = 500
+    queue_size: int | None = None
+    poll_interval: float = 1.0
+
+
+class StopController:
+    """Asks a running pipeline to stop: the first request is graceful, the second immediate.
+
+    Safe to call from a signal handler installed with ``loop.add_signal_handler``."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.reason: str | None = None
+        self._graceful: asyncio.Event | None = None
+        self._immediate: asyncio.Event | None = None
+
+    def bind(self) -> None:
+        self._graceful = asyncio.Event()
+        self._immediate = asyncio.Event()
+        if self.requests >= 1:
+            self._graceful.set()
+        if self.requests >= 2:
+            self._immediate.set()
+
+    def request(self, reason: str = "interrupted") -> None:
+        self.requests += 1
+        if self.reason is None:
+            self.reason = reason
+        if self._graceful is not None:
+            self._graceful.set()
+            if self.requests >= 2 and self._immediate is not None:
+                self._immediate.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self.requests > 0
+
+    async def wait_graceful(self) -> None:
+        assert self._graceful is not None
+        await self._graceful.wait()
+
+    async def wait_immediate(self) -> None:
+        assert self._immediate is not None
+        await self._immediate.wait()
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A snapshot for progress displays."""
+
+    total: int
+    done: int
+    sent: int
+    skipped: int
+    failed: int
+    pending: int
+    spend_micros: int
+    elapsed_s: float
+    rate_per_s: float
+    currency: str
+
+    @property
+    def eta_s(self) -> float | None:
+        left = self.total - self.done
+        if left <= 0:
+            return 0.0
+        return left / self.rate_per_s if self.rate_per_s > 0 else None
+
+
+@dataclass
+class RunReport:
+    run_id: int
+    run_name: str
+    campaign: str
+    run_key: str
+    dry_run: bool
+    resumed: bool
+    by_channel: dict[str, dict[str, int]]
+    total_rows: int
+    spend_micros: int
+    max_spend_micros: int | None
+    currency: str
+    duration_s: float
+    sent_this_session: int
+    exit_code: int | None  # None while a run is still going (status of a live run)
+    status: str
+    stopped: str | None = None  # "interrupted" | "spend_cap" | "provider_auth" | "internal_error"
+    error: str | None = None
+    in_doubt_found: int = 0
+    in_doubt_resent: int = 0
+    warnings: list[str] = field(default_factory=list)
+    started_at: str | None = None
+    finished_at: str | None = None
+
+    @property
+    def sent(self) -> int:
+        return sum(self.counts.get(s.value, 0) for s in SENT_STATES)
+
+    @property
+    def skipped(self) -> int:
+        return sum(self.counts.get(s.value, 0) for s in SKIPPED_STATES)
+
+    @property
+    def failed(self) -> int:
+        return sum(self.counts.get(s.value, 0) for s in FAILED_STATES)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        total: Counter[str] = Counter()
+        for states in self.by_channel.values():
+            total.update(states)
+        return dict(sorted(total.items()))
+
+    @property
+    def rate_per_s(self) -> float:
+        return round(self.sent_this_session / self.duration_s, 1) if self.duration_s > 0 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        """The `--json` summary: a contract (DESIGN.md section 5). Add keys; never rename."""
+        return {
+            "run": self.run_name,
+            "run_id": self.run_id,
+            "campaign": self.campaign,
+            "run_key": self.run_key,
+            "dry_run": self.dry_run,
+            "resumed": self.resumed,
+            "status": self.status,
+            "counts": self.counts,
+            "by_channel": {ch: dict(sorted(s.items())) for ch, s in self.by_channel.items()},
+            "total_rows": self.total_rows,
+            "spend": str(from_micros(self.spend_micros)),
+            "spend_micros": self.spend_micros,
+            "max_spend": None if self.max_spend_micros is None
+            else str(from_micros(self.max_spend_micros)),
+            "currency": self.currency,
+            "duration_s": round(self.duration_s, 3),
+            "rate_per_s": self.rate_per_s,
+            "in_doubt_found": self.in_doubt_found,
+            "in_doubt_resent": self.in_doubt_resent,
+            "stopped": self.stopped,
+            "error": self.error,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "exit_code": None if self.exit_code is None else int(self.exit_code),
+        }
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+def idempotency_key(campaign: str, run_key: str, rkey: str, channel: str) -> str:
+    raw = f"{campaign}\0{run_key}\0{rkey}\0{channel}".encode()
+    return hashlib.sha256(raw).hexdigest()[:32]
+
+
+def default_run_key(recipients_sha256: str) -> str:
+    """Same recipient file, same run: re-running (a cron job firing twice) resumes, never resends."""
+    return recipients_sha256[:12]
+
+
+def redact(text: str, secrets: frozenset[str]) -> str:
+    for secret in sorted(secrets, key=len, reverse=True):
+        if len(secret) >= 3:
+            text = text.replace(secret, "***")
+    return text
+
+
+# --------------------------------------------------------------------------------------------
+# Dry-run provider: accepts everything, touches nothing.
+
+
+class DryRunProvider:
+    deduplicates = True
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.channels = frozenset(Channel)
+
+    async def send(self, message: OutboundMessage) -> SendResult:
+        return SendResult(provider_message_id="dry-run")
+
+    async def aclose(self) -> None:
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Job:
+    message: OutboundMessage
+    address_hash: str
+    provider: str
+    resend: bool
+
+
+@dataclass
+class _Route:
+    provider: Provider
+    pacer: Pacer
+    semaphore: asyncio.Semaphore | None
+    price_per_message: int
+    price_per_segment: int
+    attempts: int
+    backoff: float
+    max_backoff: float
+
+
+class _Abort(Exception):
+    def __init__(self, code: ExitCode, reason: str, message: str) -> None:
+        self.code = code
+        self.reason = reason
+        super().__init__(message)
+
+
+def run_campaign(
+    loaded: LoadedCampaign,
+    store_path: Path,
+    options: SendOptions | None = None,
+    *,
+    clock: Clock | None = None,
+    registry: ProviderRegistry | None = None,
+    stop: StopController | None = None,
+    on_progress: ProgressCallback | None = None,
+    stdout: IO[str] | None = None,
+    rng: random.Random | None = None,
+) -> RunReport:
+    """Run (or resume) a campaign to completion, a stop, or the spend cap. Blocking.
+
+    Raises `CampaignError` subclasses for problems found before anything is sent (bad input exit 2,
+    locked run exit 5); outcomes of the run itself are in the report's ``exit_code``."""
+    run = Runner(loaded, store_path, options or SendOptions(), clock=clock or SystemClock(),
+                 registry=registry, stop=stop or StopController(), on_progress=on_progress,
+                 stdout=stdout, rng=rng)
+    return asyncio.run(run.execute())
+
+
+class Runner:
+    def __init__(
+        self,
+        loaded: LoadedCampaign,
+        store_path: Path,
+        options: SendOptions,
+        *,
+        clock: Clock,
+        registry: ProviderRegistry | None,
+        stop: StopController,
+        on_progress: ProgressCallback | None = None,
+        stdout: IO[str] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        from campaign_cli.providers.base import default_registry
+
+        self.loaded = loaded
+        self.campaign = loaded.campaign
+        self.store_path = store_path
+        self.options = options
+        self.clock = clock
+        self.registry = registry or default_registry()
+        self.stop = stop
+        self.on_progress = on_progress
+        self.stdout = stdout
+        self.rng = rng or random.Random()  # noqa: S311 - jitter, not secrets
+        self.secrets = loaded.secrets
+        self.warnings: list[str] = []
+        # Set during execution
+        self._abort: _Abort | None = None
+        self._cap_hit = False
+        self._session_counts: Counter[str] = Counter()
+        self._baseline: Counter[str] = Counter()
+        self._sent_this_session = 0
+        self._in_doubt_resent = 0
+        self._max_row_start = 0
+
+    # -- preparation (blocking, before the event loop does anything) ---------------------
+
+    def _recipients_path(self) -> Path:
+        path = self.options.recipients or self.campaign.recipients.file
+        if path is None:
+            raise UsageError(
+                f"{self.loaded.path}: recipients.file is not set: give --recipients FILE"
+            )
+        return Path(path)
+
+    async def execute(self) -> RunReport:
+        self.stop.bind()
+        started_mono = self.clock.monotonic()
+        spec = RecipientSpec.from_config(self.campaign, self._recipients_path())
+        scan = await asyncio.to_thread(scan_recipients, spec)
+        if self.options.limit is not None and self.options.limit < 1:
+            raise UsageError("--limit must be at least 1")
+        total_rows = scan.rows if self.options.limit is None else min(scan.rows, self.options.limit)
+        run_key = self.options.run_key or default_run_key(scan.sha256)
+        if not _valid_run_key(run_key):
+            raise UsageError(
+                f"--run-key {run_key!r}: use letters, digits, '.', '_', '-' (at most 100)"
+            )
+
+        tmp: tempfile.TemporaryDirectory[str] | None = None
+        store_path = self.store_path
+        if self.options.dry_run:
+            tmp = tempfile.TemporaryDirectory(prefix="campaign-dry-run-")
+            store_path = _snapshot_store(self.store_path, Path(tmp.name) / "dry-run.db")
+        lock: runs.RunLock | None = None
+        try:
+            store = Store.open(store_path)
+            try:
+                now = iso(self.clock.now())
+                self._import_compliance_lists(store.conn, now)
+                secret = store.setting("unsubscribe_secret") or ""
+                renderer = Renderer.compile(self.campaign, secret)
+                if not self.options.dry_run:
+                    lock = runs.RunLock.acquire(self.store_path, self.campaign.name, run_key, now)
+                run, resumed = runs.start_run(
+                    store.conn,
+                    campaign=self.campaign.name,
+                    run_key=run_key,
+                    campaign_file=str(self.loaded.path),
+                    recipients_file=str(spec.path),
+                    recipients_sha256=scan.sha256,
+                    purpose=self.campaign.purpose.value,
+                    channels=[c.value for c in self.campaign.channels.enabled()],
+                    currency=self.campaign.limits.currency,
+                    max_spend_micros=self._max_spend_micros(),
+                    template_hashes=renderer.template_hashes,
+                    now=now,
+                )
+                in_doubt_found = runs.mark_in_doubt(store.conn, run.id, now)
+                store.conn.execute(
+                    "UPDATE runs SET total_rows = ? WHERE id = ?", (total_rows, run.id)
+                )
+                for states in runs.counts(store.conn, run.id).values():
+                    self._baseline.update(states)
+                committed = runs.committed_spend(store.conn, run.id)
+                self._max_row_start = _max_row(store.conn, run.id)
+                start_row = _first_open_row(store.conn, run.id, self._resend_in_doubt_any())
+                policy = Policy(
+                    store.connect(),
+                    consent_required=self.campaign.consent_required,
+                    purpose=self.campaign.purpose.value,
+                )
+                report = await self._drive(
+                    store, run, resumed, spec, renderer, policy, committed, start_row,
+                    total_rows, in_doubt_found, started_mono,
+                )
+                return report
+            finally:
+                store.close()
+        finally:
+            if lock is not None:
+                lock.release()
+            if tmp is not None:
+                tmp.cleanup()
+
+    def _max_spend_micros(self) -> int | None:
+        cap = self.options.max_spend
+        if cap is None:
+            cap = self.campaign.limits.max_spend
+        return None if cap is None else to_micros(cap)
+
+    def _resend_in_doubt_any(self) -> bool:
+        return self.campaign.in_doubt_policy == "resend" or self.options.dry_run
+
+    def _import_compliance_lists(self, conn: sqlite3.Connection, now: str) -> None:
+        """The campaign's own opt-out lists and consent records go into the store before anyone
+        is checked, so a list kept beside the campaign can never be forgotten."""
+        region = self.campaign.recipients.default_region
+        for path in self.campaign.compliance.suppression_lists:
+            result = suppression_store.import_csv(
+                conn, path, channel_default=None, reason="list", source=f"list:{path.name}",
+                default_region=region, now=now,
+            )
+            for line, value, reason in result.invalid:
+                self.warnings.append(f"{path}:{line}: address: {reason} ({value!r}); not imported")
+        for path in self.campaign.compliance.consent_records:
+            result = consent_store.import_csv(
+                conn, path, source=f"list:{path.name}", default_region=region, now=now,
+            )
+            for line, value, reason in result.invalid:
+                self.warnings.append(f"{path}:{line}: address: {reason} ({value!r}); not imported")
+
+    # -- the asyncio part ------------------------------------------------------------------
+
+    async def _drive(
+        self,
+        store: Store,
+        run: runs.RunRecord,
+        resumed: bool,
+        spec: RecipientSpec,
+        renderer: Renderer,
+        policy: Policy,
+        committed: int,
+        start_row: int,
+        total_rows: int,
+        in_doubt_found: int,
+        started_mono: float,
+    ) -> RunReport:
+        writer = JournalWriter(store.path).start()
+        budget = Budget(self._max_spend_micros(), committed)
+        context = ProviderContext(clock=self.clock, run_name=run.name, stdout=self.stdout)
+        routes = self._routes(context)
+        concurrency = self.campaign.limits.concurrency
+        queue: asyncio.Queue[_Job | None] = asyncio.Queue(
+            self.options.queue_size or max(2 * concurrency, 64)
+        )
+        self._run = run
+        self._writer = writer
+        self._budget = budget
+        self._routes_by_channel = routes
+        self._policy = policy
+        self._spent = committed
+        error: str | None = None
+        try:
+            workers = [asyncio.create_task(self._worker(queue)) for _ in range(concurrency)]
+            source = asyncio.create_task(
+                self._source(queue, spec, renderer, policy, start_row, concurrency)
+            )
+            ticker = asyncio.create_task(self._ticker(policy, total_rows, started_mono))
+            await self._supervise(source, workers)
+            ticker.cancel()
+            await asyncio.gather(ticker, return_exceptions=True)
+            await writer.flush()
+        finally:
+            for route in {id(r.provider): r for r in routes.values()}.values():
+                try:
+                    await route.provider.aclose()
+                except Exception as exc:  # noqa: BLE001 - closing must not hide the outcome
+                    self.warnings.append(f"closing provider {route.provider.name}: {exc}")
+            await asyncio.to_thread(writer.close)
+            policy_conn = getattr(policy, "_conn", None)
+            if policy_conn is not None:
+                policy_conn.close()
+
+        # Rows still `sending` had their send cut off: the outcome is unknown.
+        now = iso(self.clock.now())
+        runs.mark_in_doubt(store.conn, run.id, now)
+        by_channel = runs.counts(store.conn, run.id)
+        spend = runs.committed_spend(store.conn, run.id)
+        failed = sum(s.get(State.FAILED.value, 0) for s in by_channel.values())
+        exit_code, status, stopped = self._outcome(failed)
+        if self._abort is not None:
+            error = redact(str(self._abort), self.secrets)
+        runs.finish_run(store.conn, run.id, status=status, exit_code=int(exit_code), now=now,
+                        total_rows=total_rows, last_error=error)
+        return RunReport(
+            run_id=run.id, run_name=run.name, campaign=run.campaign, run_key=run.run_key,
+            dry_run=self.options.dry_run, resumed=resumed, by_channel=by_channel,
+            total_rows=total_rows, spend_micros=spend, max_spend_micros=budget.cap,
+            currency=self.campaign.limits.currency,
+            duration_s=self.clock.monotonic() - started_mono,
+            sent_this_session=self._sent_this_session, exit_code=exit_code, status=status,
+            stopped=stopped, error=error, in_doubt_found=in_doubt_found,
+            in_doubt_resent=self._in_doubt_resent, warnings=self.warnings,
+        )
+
+    def _outcome(self, failed: int) -> tuple[ExitCode, str, str | None]:
+        if self.stop.stopping and self._abort is None:
+            return ExitCode.INTERRUPTED, "interrupted", "interrupted"
+        if self._abort is not None:
+            return self._abort.code, "aborted", self._abort.reason
+        if self._cap_hit:
+            return ExitCode.SPEND_CAP, "spend_cap", "spend_cap"
+        if failed:
+            return ExitCode.FAILURES, "done_with_failures", None
+        return ExitCode.OK, "done", None
+
+    def _routes(self, context: ProviderContext) -> dict[Channel, _Route]:
+        routes: dict[Channel, _Route] = {}
+        by_name: dict[str, _Route] = {}
+        for channel in self.campaign.channels.enabled():
+            name = self.campaign.channels.get(channel).provider
+            if name not in by_name:
+                config = self.campaign.providers[name]
+                if self.options.dry_run:
+                    provider: Provider = DryRunProvider(name)
+                    rate = None
+                else:
+                    try:
+                        provider = self.registry.create(name, config, context)
+                    except KeyError as exc:
+                        raise InputError(str(self.loaded.path),
+                                         self.loaded.line_of("providers", name, "type"),
+                                         f"providers.{name}.type", str(exc.args[0])) from None
+                    rate = self.options.rate if self.options.rate is not None else config.rate
+                by_name[name] = _Route(
+                    provider=provider,
+                    pacer=Pacer(rate, config.burst if self.options.rate is None else None),
+                    semaphore=asyncio.Semaphore(config.concurrency) if config.concurrency else None,
+                    price_per_message=to_micros(config.price_per_message),
+                    price_per_segment=to_micros(config.price_per_segment),
+                    attempts=config.retry.attempts,
+                    backoff=config.retry.backoff,
+                    max_backoff=config.retry.max_backoff,
+                )
+            routes[channel] = by_name[name]
+        return routes
+
+    async def _supervise(self, source: asyncio.Task[None], workers: list[asyncio.Task[None]]) -> None:
+        """Wait for the run to end; on a stop request give in-flight sends a bounded grace.
+
+        A task that dies of an unexpected exception (a bug) aborts the run with exit 1; the other
+        tasks are cancelled and the journal is still flushed and made consistent."""
+        tasks: set[asyncio.Task[None]] = {source, *workers}
+        graceful = asyncio.create_task(self.stop.wait_graceful())
+        immediate: asyncio.Task[None] | None = None
+        deadline: asyncio.Task[None] | None = None
+        try:
+            while tasks:
+                waits: set[asyncio.Future[Any]] = set(tasks)
+                if not self.stop.stopping:
+                    waits.add(graceful)
+                else:
+                    if immediate is None:
+                        immediate = asyncio.create_task(self.stop.wait_immediate())
+                        deadline = asyncio.create_task(asyncio.sleep(self.options.grace_seconds))
+                    assert deadline is not None
+                    waits |= {immediate, deadline}
+                done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                for task in done & tasks:
+                    tasks.discard(task)  # type: ignore[arg-type]
+                    exc = None if task.cancelled() else task.exception()
+                    if exc is not None:
+                        self._crashed(exc)
+                        for other in tasks:
+                            other.cancel()
+                if immediate is not None and (immediate in done or (deadline in done)):
+                    for task in tasks:
+                        task.cancel()
+                    await asyncio.gather(*tasks, return_exceptions=True)
+                    tasks.clear()
+        finally:
+            for helper in (graceful, immediate, deadline):
+                if helper is not None:
+                    helper.cancel()
+
+    def _crashed(self, exc: BaseException) -> None:
+        from campaign_cli.errors import CampaignError
+
+        if isinstance(exc, CampaignError):
+            self._fail_run(_Abort(exc.exit_code, "error", redact(str(exc), self.secrets)))
+        else:
+            self._fail_run(_Abort(
+                ExitCode.INTERNAL, "internal_error",
+                f"internal error: {type(exc).__name__}: {redact(str(exc), self.secrets)}",
+            ))
+
+    async def _ticker(self, policy: Policy, total: int, started: float) -> None:
+        """Once per interval: pick up opt-outs recorded since the run began; report progress."""
+        while True:
+            # Loop time, not the injected clock: this is a background poll, not a wait in a test.
+            await asyncio.sleep(self.options.poll_interval)
+            updates = await asyncio.to_thread(policy.fetch_updates)
+            policy.apply(updates)
+            if self.on_progress is not None:
+                self.on_progress(self._progress(total, started))
+
+    def _progress(self, total: int, started: float) -> Progress:
+        counts = self._baseline + self._session_counts
+        sent = sum(counts[s.value] for s in SENT_STATES)
+        skipped = sum(counts[s.value] for s in SKIPPED_STATES)
+        failed = sum(counts[s.value] for s in FAILED_STATES)
+        channels = max(1, len(self.campaign.channels.enabled()))
+        elapsed = max(self.clock.monotonic() - started, 1e-9)
+        return Progress(
+            total=total * channels if self.campaign.strategy == "all" else total,
+            done=sent + skipped + failed, sent=sent, skipped=skipped, failed=failed,
+            pending=counts[State.PENDING.value], spend_micros=self._spent,
+            elapsed_s=elapsed, rate_per_s=self._sent_this_session / elapsed,
+            currency=self.campaign.limits.currency,
+        )
+
+    def progress(self, total: int, started: float) -> Progress:
+        return self._progress(total, started)
+
+    # -- source ----------------------------------------------------------------------------
+
+    async def _source(
+        self,
+        queue: asyncio.Queue[_Job | None],
+        spec: RecipientSpec,
+        renderer: Renderer,
+        policy: Policy,
+        start_row: int,
+        concurrency: int,
+    ) -> None:
+        chunks = iter_recipient_chunks(
+            spec, chunk_size=self.options.chunk_size, start_row=start_row,
+            limit=self.options.limit,
+        )
+        while not self.stop.stopping and self._abort is None:
+            chunk = await asyncio.to_thread(next, chunks, None)
+            if chunk is None:
+                break
+            if self._cap_hit:
+                await self._admit_only(chunk, start_row)
+            else:
+                await self._process_chunk(queue, chunk, renderer, policy, start_row)
+        for _ in range(concurrency):
+            # Workers stop at the sentinel; when stopping they drop what is left before it.
+            await queue.put(None)
+
+    def _admissions(
+        self, chunk: list[Recipient | InvalidRow], start_row: int
+    ) -> tuple[list[runs.Admit], dict[int, Recipient]]:
+        channels = self.campaign.channels.enabled()
+        first_only = self.campaign.strategy == "first_available"
+        admits: list[runs.Admit] = []
+        recipients: dict[int, Recipient] = {}
+        for item in chunk:
+            if item.row < start_row:
+                continue
+            if isinstance(item, InvalidRow):
+                for channel in channels[:1] if first_only else channels:
+                    admits.append(runs.Admit(item.row, item.line, channel.value, None, None,
+                                             State.INVALID.value, item.reason, item.detail))
+                continue
+            recipients[item.row] = item
+            chosen = channels
+            if first_only:
+                usable = [c for c in channels if c in item.addresses]
+                chosen = tuple(usable[:1]) or channels[:1]
+            for channel in chosen:
+                address = item.addresses.get(channel)
+                if address is not None:
+                    admits.append(runs.Admit(item.row, item.line, channel.value, item.key,
+                                             address, State.PENDING.value))
+                else:
+                    reason, detail = item.problems.get(channel, ("no_address", "no address"))
+                    admits.append(runs.Admit(item.row, item.line, channel.value, item.key, None,
+                                             State.INVALID.value, reason, detail))
+        return admits, recipients
+
+    async def _admit(self, admits: list[runs.Admit]) -> dict[tuple[int, str], str]:
+        run_id = self._run.id
+        now = iso(self.clock.now())
+        states: dict[tuple[int, str], str] = await self._writer.call(
+            lambda conn: runs.admit(conn, run_id, admits, True, now)
+        )
+        # Count what this session added, for progress (rows journaled earlier are baseline).
+        mark = self._max_row_start
+        self._session_counts.update(
+            states[(a.row, a.channel)] for a in admits if a.row > mark
+        )
+        return states
+
+    async def _admit_only(self, chunk: list[Recipient | InvalidRow], start_row: int) -> None:
+        admits, _ = self._admissions(chunk, start_row)
+        if admits:
+            await self._admit(admits)
+
+    async def _process_chunk(
+        self,
+        queue: asyncio.Queue[_Job | None],
+        chunk: list[Recipient | InvalidRow],
+        renderer: Renderer,
+        policy: Policy,
+        start_row: int,
+    ) -> None:
+        admits, recipients = self._admissions(chunk, start_row)
+        if not admits:
+            return
+        states = await self._admit(admits)
+        resend_policy = self.campaign.in_doubt_policy == "resend" or self.options.dry_run
+
+        # Which admitted rows are still open: pending, or in doubt and allowed a resend.
+        open_rows: list[tuple[Recipient, Channel, str, bool]] = []
+        for a in admits:
+            state = states.get((a.row, a.channel))
+            if a.address is None:
+                continue
+            channel = Channel(a.channel)
+            if state == State.PENDING.value:
+                open_rows.append((recipients[a.row], channel, a.address, False))
+            elif state == State.IN_DOUBT.value:
+                route = self._routes_by_channel[channel]
+                if route.provider.deduplicates or resend_policy:
+                    open_rows.append((recipients[a.row], channel, a.address, True))
+        if not open_rows:
+            return
+
+        # Policy: one query per channel for the whole chunk, just before rendering and queueing.
+        hashes: dict[str, list[str]] = {}
+        for _, channel, address, _ in open_rows:
+            hashes.setdefault(channel.value, []).append(address_hash(address))
+        refusals: dict[str, dict[str, tuple[State, str]]] = {}
+        for channel_name, chunk_hashes in hashes.items():
+            refusals[channel_name] = await asyncio.to_thread(
+                policy.check_chunk, channel_name, chunk_hashes
+            )
+
+        now = iso(self.clock.now())
+        run = self._run
+        for recipient, channel, address, resend in open_rows:
+            if self.stop.stopping or self._abort is not None:
+                return  # the rest stays pending (or in doubt), to be resumed
+            ahash = address_hash(address)
+            refused = refusals[channel.value].get(ahash) or policy.refused_now(channel.value, ahash)
+            if refused is not None:
+                self._final(recipient.row, channel, refused[0], refused[1], None, now)
+                continue
+            route = self._routes_by_channel[channel]
+            try:
+                content = renderer.render(channel, recipient, address)
+            except RenderError as exc:
+                self._final(recipient.row, channel, State.RENDER_FAILED, "render_failed",
+                            redact(str(exc), self.secrets), now)
+                continue
+            cost = cost_of(content, route.price_per_message, route.price_per_segment)
+            if not self._budget.try_reserve(cost):
+                self._cap_hit = True
+                return  # intake stops; the source admits the rest of the file as pending
+            message = OutboundMessage(
+                run_id=run.id, row=recipient.row, channel=channel, recipient_key=recipient.key,
+                address=address,
+                idempotency_key=idempotency_key(run.campaign, run.run_key, recipient.key,
+                                                channel.value),
+                content=content, content_hash=content_hash(content), cost_micros=cost,
+            )
+            await queue.put(_Job(message, ahash, route.provider.name, resend))
+
+    def _final(self, row: int, channel: Channel, state: State, reason: str | None,
+               detail: str | None, now: str, content_hash: str | None = None,
+               was: State = State.PENDING) -> None:
+        self._writer.submit(
+            runs.SQL_REFUSED,
+            (state.value, reason, detail, content_hash, now, self._run.id, row, channel.value),
+        )
+        self._count(state, was)
+
+    # -- workers ---------------------------------------------------------------------------
+
+    async def _worker(self, queue: asyncio.Queue[_Job | None]) -> None:
+        while True:
+            job = await queue.get()
+            if job is None:
+                return
+            if self.stop.stopping or self._abort is not None:
+                self._budget.release(job.message.cost_micros)
+                continue  # not started: stays pending (or in doubt) for the resume
+            route = self._routes_by_channel[job.message.channel]
+            if route.semaphore is not None:
+                async with route.semaphore:
+                    await self._deliver(job, route)
+            else:
+                await self._deliver(job, route)
+
+    async def _deliver(self, job: _Job, route: _Route) -> None:
+        message = job.message
+        channel = message.channel
+        run_id = self._run.id
+        key = (run_id, message.row, channel.value)
+        attempt = 0
+        while True:
+            await route.pacer.acquire()
+            if self.stop.stopping or self._abort is not None:
+                self._budget.release(message.cost_micros)
+                return
+            refused = self._policy.refused_now(channel.value, job.address_hash)
+            if refused is not None:
+                self._budget.release(message.cost_micros)
+                self._final(message.row, channel, refused[0], refused[1], None,
+                            iso(self.clock.now()), message.content_hash)
+                return
+            attempt += 1
+            now = iso(self.clock.now())
+            intent = (route.provider.name, message.cost_micros, message.content_hash,
+                      1 if job.resend else 0, now, *key)
+            # Intent before action: the `sending` row is committed before the request leaves.
+            await self._writer.call(lambda conn, p=intent: conn.execute(runs.SQL_INTENT, p))
+            try:
+                result = await route.provider.send(message)
+            except RateLimitedError as exc:
+                if await self._retry(route, attempt, exc, key, exc.retry_after):
+                    continue
+                self._dead_letter(key, message, exc, "retries_exhausted")
+                return
+            except TransientError as exc:
+                if await self._retry(route, attempt, exc, key, exc.retry_after):
+                    continue
+                self._dead_letter(key, message, exc, "retries_exhausted")
+                return
+            except InDoubtError as exc:
+                if route.provider.deduplicates and attempt < route.attempts:
+                    await self._backoff(route, attempt, None)
+                    continue  # same idempotency key: the provider drops a second copy
+                self._budget.commit(message.cost_micros)  # it may have been charged
+                self._spent += message.cost_micros
+                self._record(key, State.IN_DOUBT, "in_doubt", exc)
+                return
+            except PermanentError as exc:
+                self._budget.release(message.cost_micros)
+                if exc.action == "invalid":
+                    self._record(key, State.INVALID, exc.code or "rejected", exc)
+                else:
+                    if exc.action == "suppress":
+                        self._suppress(message, job.address_hash, exc)
+                    self._record(key, State.FAILED, exc.code or "rejected", exc)
+                return
+            except ProviderAuthError as exc:
+                self._budget.release(message.cost_micros)
+                self._writer.submit(
+                    "UPDATE messages SET state = 'pending', attempts = attempts - 1, "
+                    "updated_at = ? WHERE run_id = ? AND row = ? AND channel = ?",
+                    (iso(self.clock.now()), *key),
+                )
+                self._fail_run(_Abort(
+                    ExitCode.PROVIDER_AUTH, "provider_auth",
+                    f"provider {route.provider.name} refused our credentials or configuration: "
+                    f"{redact(str(exc), self.secrets)}",
+                ))
+                return
+            except asyncio.CancelledError:
+                raise  # the row stays `sending`; it becomes `in_doubt` when the run ends
+            except Exception as exc:  # noqa: BLE001 - a bug in an adapter: stop, keep the journal
+                self._record(key, State.IN_DOUBT, "internal_error", exc)
+                self._fail_run(_Abort(
+                    ExitCode.INTERNAL, "internal_error",
+                    f"provider {route.provider.name} raised {type(exc).__name__}: "
+                    f"{redact(str(exc), self.secrets)}",
+                ))
+                return
+            self._budget.commit(message.cost_micros)
+            self._spent += message.cost_micros
+            self._writer.submit(
+                runs.SQL_SENT,
+                (result.provider_message_id, result.status_code, iso(self.clock.now()), *key),
+            )
+            self._count(State.SENT)
+            self._sent_this_session += 1
+            if job.resend:
+                self._in_doubt_resent += 1
+            return
+
+    async def _retry(
+        self, route: _Route, attempt: int, exc: ProviderError, key: tuple[int, int, str],
+        retry_after: float | None,
+    ) -> bool:
+        if attempt >= route.attempts or self.stop.stopping or self._abort is not None:
+            return False
+        # Definitely not accepted: the row is `pending` again while we wait, so a crash during
+        # the backoff resumes it instead of doubting it.
+        self._writer.submit(
+            "UPDATE messages SET state = 'pending', error_code = ?, detail = ?, status_code = ?, "
+            "updated_at = ? WHERE run_id = ? AND row = ? AND channel = ?",
+            (exc.code, redact(exc.text, self.secrets)[:500], exc.status,
+             iso(self.clock.now()), *key),
+        )
+        await self._backoff(route, attempt, retry_after)
+        return not (self.stop.stopping or self._abort is not None)
+
+    async def _backoff(self, route: _Route, attempt: int, retry_after: float | None) -> None:
+        ceiling = min(route.max_backoff, route.backoff * (2 ** (attempt - 1)))
+        delay = self.rng.uniform(0, ceiling)  # full jitter
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, route.max_backoff))
+        await self.clock.sleep(delay)
+
+    def _dead_letter(self, key: tuple[int, int, str], message: OutboundMessage,
+                     exc: ProviderError, reason: str) -> None:
+        self._budget.release(message.cost_micros)
+        self._record(key, State.FAILED, reason, exc)
+
+    def _record(self, key: tuple[int, int, str], state: State, reason: str,
+                exc: BaseException) -> None:
+        code = getattr(exc, "code", None)
+        status = getattr(exc, "status", None)
+        text = getattr(exc, "text", None) or str(exc) or type(exc).__name__
+        self._writer.submit(
+            "UPDATE messages SET state = ?, reason = ?, detail = ?, error_code = ?, "
+            "status_code = ?, updated_at = ? WHERE run_id = ? AND row = ? AND channel = ?",
+            (state.value, reason, redact(text, self.secrets)[:500],
+             None if code is None else str(code), status, iso(self.clock.now()), *key),
+        )
+        self._count(state)
+
+    def _count(self, state: State, was: State = State.PENDING) -> None:
+        self._session_counts[state.value] += 1
+        self._session_counts[was.value] -= 1
+
+    def _suppress(self, message: OutboundMessage, ahash: str, exc: PermanentError) -> None:
+        """The provider says this address opted out (e.g. Twilio 21610): record it for good."""
+        self._policy.suppress_now(ahash, message.channel.value)
+        self._writer.submit(
+            "INSERT OR IGNORE INTO suppressions (address_hash, address, channel, reason, source, "
+            "created_at) VALUES (?, ?, ?, ?, 'provider', ?)",
+            (ahash, message.address, message.channel.value,
+             f"provider {exc.code or 'opt-out'}", iso(self.clock.now())),
+        )
+
+    def _fail_run(self, abort: _Abort) -> None:
+        if self._abort is None:
+            self._abort = abort
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _valid_run_key(key: str) -> bool:
+    import re
+
+    return bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", key))
+
+
+def _first_open_row(conn: sqlite3.Connection, run_id: int, resend_in_doubt: bool) -> int:
+    """Records before this one are all journaled and final: a resume need not normalise them."""
+    states = ["pending", "sending"] + (["in_doubt"] if resend_in_doubt else [])
+    row = conn.execute(
+        f"SELECT MIN(row) FROM messages WHERE run_id = ? AND state IN ({','.join('?' * len(states))})",
+        (run_id, *states),
+    ).fetchone()
+    if row[0] is not None:
+        return int(row[0])
+    row = conn.execute("SELECT MAX(row) FROM messages WHERE run_id = ?", (run_id,)).fetchone()
+    return 1 if row[0] is None else int(row[0]) + 1
+
+
+def _max_row(conn: sqlite3.Connection, run_id: int) -> int:
+    row = conn.execute("SELECT MAX(row) FROM messages WHERE run_id = ?", (run_id,)).fetchone()
+    return 0 if row[0] is None else int(row[0])
+
+
+def _snapshot_store(source: Path, target: Path) -> Path:
+    """A private copy of the store for a dry run: the real one is only read."""
+    if source.exists():
+        src = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
+        try:
+            dst = sqlite3.connect(target)
+            try:
+                src.backup(dst)
+            finally:
+                dst.close()
+        finally:
+            src.close()
+    return target
+
+
+def run_status(conn: sqlite3.Connection, run: runs.RunRecord) -> RunReport:
+    """A run's report from the store alone (for `campaign status`), same shape as a send's."""
+    from datetime import datetime
+
+    by_channel = runs.counts(conn, run.id)
+    duration = 0.0
+    if run.started_at:
+        end = run.finished_at or iso(SystemClock().now())
+        duration = max(0.0, (datetime.fromisoformat(end.replace("Z", "+00:00"))
+                             - datetime.fromisoformat(run.started_at.replace("Z", "+00:00"))
+                             ).total_seconds())
+    sent = conn.execute(
+        "SELECT count(*) FROM messages WHERE run_id = ? AND state IN "
+        "('sent', 'delivered', 'undelivered', 'bounced') AND updated_at >= ?",
+        (run.id, run.started_at or ""),
+    ).fetchone()[0]
+    return RunReport(
+        run_id=run.id, run_name=run.name, campaign=run.campaign, run_key=run.run_key,
+        dry_run=False, resumed=run.sessions > 1, by_channel=by_channel,
+        total_rows=run.total_rows or 0, spend_micros=runs.committed_spend(conn, run.id),
+        max_spend_micros=run.max_spend_micros, currency=run.currency, duration_s=duration,
+        sent_this_session=int(sent), exit_code=run.exit_code, status=run.status,
+        error=run.last_error, in_doubt_found=sum(c.get("in_doubt", 0) for c in by_channel.values()),
+        started_at=run.started_at, finished_at=run.finished_at,
+    )
+
+
+def summarize_counts(by_channel: Mapping[str, Mapping[str, int]]) -> dict[str, int]:
+    total: Counter[str] = Counter()
+    for states in by_channel.values():
+        total.update(states)
+    return dict(total)
+
+
+__all__ = [
+    "DryRunProvider",
+    "Progress",
+    "RunReport",
+    "Runner",
+    "SendOptions",
+    "StopController",
+    "idempotency_key",
+    "run_campaign",
+]

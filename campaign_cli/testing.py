@@ -1,0 +1,94 @@
+"""Test doubles for campaign-cli's own tests and for users testing their campaigns.
+
+* `FakeClock`: time that moves only when something sleeps on it (or `advance` is called), so
+  backoff and timestamps need no real time.
+* `FakeProvider`: a scripted provider (llm's MockModel, ours). `enqueue` outcomes (a `SendResult`,
+  or an exception instance to raise) for the next sends, or give a ``handler`` that decides per
+  message; every call is kept in ``history``. Unscripted sends succeed.
+* `fake_registry`: a provider registry where every provider ``type`` is served by one FakeProvider.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from campaign_cli.models import Channel, OutboundMessage, SendResult
+from campaign_cli.providers.base import ProviderContext, ProviderRegistry
+
+Outcome = SendResult | BaseException
+Handler = Callable[[OutboundMessage], Outcome | None]
+
+
+class FakeClock:
+    def __init__(self, start: datetime | None = None) -> None:
+        self._start = start or datetime(2026, 1, 1, tzinfo=timezone.utc)
+        self._elapsed = 0.0
+        self.sleeps: list[float] = []
+
+    def now(self) -> datetime:
+        return self._start + timedelta(seconds=self._elapsed)
+
+    def monotonic(self) -> float:
+        return self._elapsed
+
+    def advance(self, seconds: float) -> None:
+        self._elapsed += max(0.0, seconds)
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.advance(seconds)
+        await asyncio.sleep(0)
+
+
+class FakeProvider:
+    def __init__(
+        self,
+        name: str = "fake",
+        *,
+        deduplicates: bool = False,
+        handler: Handler | None = None,
+        delay: float = 0.0,
+    ) -> None:
+        self.name = name
+        self.channels = frozenset(Channel)
+        self.deduplicates = deduplicates
+        self.handler = handler
+        self.delay = delay
+        self.history: list[OutboundMessage] = []
+        self.accepted: list[OutboundMessage] = []
+        self._queue: deque[Outcome] = deque()
+        self.closed = False
+
+    def enqueue(self, *outcomes: Outcome) -> None:
+        self._queue.extend(outcomes)
+
+    async def send(self, message: OutboundMessage) -> SendResult:
+        self.history.append(message)
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        outcome: Outcome | None = self._queue.popleft() if self._queue else None
+        if outcome is None and self.handler is not None:
+            outcome = self.handler(message)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        self.accepted.append(message)
+        return outcome or SendResult(provider_message_id=f"fake-{len(self.accepted)}")
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+def fake_registry(provider: FakeProvider, *types: str) -> ProviderRegistry:
+    """A registry whose given provider types (default: outbox and console) are all ``provider``."""
+    registry = ProviderRegistry()
+
+    def factory(name: str, config: Any, context: ProviderContext) -> FakeProvider:
+        return provider
+
+    for type_name in types or ("outbox", "console"):
+        registry.register(type_name, factory)
+    return registry
