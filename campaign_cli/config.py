@@ -172,9 +172,9 @@ class EmailChannel(_Model):
             raise ValueError("give text and/or html (template files)")
         for name, value in self.headers.items():
             if not re.fullmatch(r"[!-9;-~]+", name):
-                raise ValueError(f"header name {name!r} is not a valid header field name")
+                raise _Located(("headers", name), "not a valid header field name")
             if any(c in value for c in "\r\n\0"):
-                raise ValueError(f"header {name} contains a line break")
+                raise _Located(("headers", name), f"header {name} contains a line break")
         return self
 
 
@@ -316,7 +316,7 @@ class Campaign(_Model):
 
 
 class _Located(ValueError):
-    """A cross-field error that knows which key it is about."""
+    """A cross-field error that knows which key it is about (relative to the model raising it)."""
 
     def __init__(self, loc: tuple[str, ...], message: str) -> None:
         super().__init__(message)
@@ -366,7 +366,9 @@ def load_campaign(path: Path | str, env: Mapping[str, str] | None = None) -> Loa
     except yaml.YAMLError as exc:
         raise ConfigError(shown, None, None, f"not valid YAML: {exc}") from None
     if not isinstance(data, dict):
-        raise ConfigError(shown, 1, None, "a campaign file is a mapping of keys (name, purpose, ...)")
+        raise ConfigError(
+            shown, 1, None, "a campaign file is a mapping of keys (name, purpose, ...)"
+        )
     lines: dict[tuple[str, ...], int] = {}
     if node is not None:
         _collect_lines(node, (), lines)
@@ -399,7 +401,7 @@ def load_campaign(path: Path | str, env: Mapping[str, str] | None = None) -> Loa
 
     data = substitute(data, ())
     try:
-        campaign = Campaign.model_validate(data, context={"base_dir": path.parent})
+        campaign = Campaign.model_validate(data, context={"base_dir": path.resolve().parent})
     except ValidationError as exc:
         raise _config_error(shown, exc, data, lines, secrets) from None
     return LoadedCampaign(campaign, path, frozenset(secrets), lines)
@@ -452,18 +454,22 @@ def _config_error(
     secrets: set[str],
 ) -> ConfigError:
     errors = exc.errors(include_url=False)
-    first = errors[0]
+    # A misspelt key also leaves the key it was meant to be missing: name the misspelling.
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     loc = _walk_loc(data, first["loc"])
-    ctx_error = (first.get("ctx") or {}).get("error")
+    ctx = first.get("ctx") or {}
+    ctx_error = ctx.get("error")
     if isinstance(ctx_error, _Located):
-        loc = ctx_error.loc
+        loc = (*loc, *ctx_error.loc)
         message = ctx_error.message
     elif first["type"] == "extra_forbidden":
         message = "unknown key"
-    elif first["type"] == "missing":
+    elif first["type"] in ("missing", "union_tag_not_found"):
         message = "required key is missing"
     else:
         message = first["msg"].removeprefix("Value error, ")
+    if first["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        loc = (*loc, str(ctx.get("discriminator", "type")).strip("'"))
     for secret in secrets:
         message = message.replace(secret, "***")
     if len(errors) > 1:

@@ -1,0 +1,526 @@
+"""The campaign file: every shipped campaign loads, and every kind of mistake is one line
+``FILE:LINE: key.path: message`` with the right line and key."""
+
+from __future__ import annotations
+
+import csv
+from collections import Counter
+from collections.abc import Mapping
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from campaign_cli.addresses import AddressError, normalize_email, normalize_phone
+from campaign_cli.config import LoadedCampaign, load_campaign
+from campaign_cli.errors import ConfigError, ExitCode
+from campaign_cli.models import Channel, Purpose
+
+ROOT = Path(__file__).resolve().parent.parent
+CAMPAIGNS = sorted((ROOT / "campaigns").glob("*.yaml"))
+
+# A valid campaign. The line numbers asserted below are this text's (1-based).
+BASE = """\
+name: t
+purpose: marketing
+recipients:
+  file: data/r.csv
+  key: customer_id
+  columns: {phone: phone, email: email}
+channels:
+  sms:
+    provider: p
+    template: ../templates/sms.txt.j2
+  email:
+    provider: p
+    from: shop@example.com
+    subject: "Hi {{ first_name }}"
+    text: ../templates/email.txt.j2
+    list_unsubscribe: {mailto: unsubscribe@example.com}
+providers:
+  p:
+    type: outbox
+    dir: ../outbox
+    rate: 5/s
+"""
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """tmp/campaigns/data/r.csv and tmp/templates/*: what BASE refers to."""
+    (tmp_path / "campaigns" / "data").mkdir(parents=True)
+    (tmp_path / "campaigns" / "data" / "r.csv").write_text("customer_id,phone,email\n")
+    (tmp_path / "templates").mkdir()
+    (tmp_path / "templates" / "sms.txt.j2").write_text("Hi. Reply STOP to opt out.\n")
+    (tmp_path / "templates" / "email.txt.j2").write_text("Hi {{ first_name }}\n")
+    return tmp_path
+
+
+def write(project: Path, text: str) -> Path:
+    path = project / "campaigns" / "c.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def edit(old: str, new: str, text: str = BASE) -> str:
+    assert text.count(old) == 1, f"{old!r} is not unique in the campaign text"
+    return text.replace(old, new)
+
+
+def error_of(path: Path, env: Mapping[str, str] | None = None) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        load_campaign(path, {} if env is None else env)
+    return info.value
+
+
+def assert_error(err: ConfigError, path: Path, line: int | None, field: str | None) -> None:
+    assert (err.file, err.line, err.field) == (str(path), line, field)
+    assert "\n" not in str(err)
+    assert str(err) == err.one_line()
+    where = str(path) if line is None else f"{path}:{line}"
+    assert str(err) == (f"{where}: {field}: {err.message}" if field else f"{where}: {err.message}")
+
+
+# --------------------------------------------------------------------------------------------
+# The campaigns we ship
+
+
+def test_there_are_campaigns_to_check() -> None:
+    names = {p.name for p in CAMPAIGNS}
+    assert {"demo.yaml", "transactional-example.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CAMPAIGNS, ids=[p.name for p in CAMPAIGNS])
+def test_every_shipped_campaign_loads_without_credentials(path: Path) -> None:
+    loaded = load_campaign(path, {})
+    campaign = loaded.campaign
+    assert loaded.secrets == frozenset()
+    assert campaign.recipients.file is not None
+    assert campaign.recipients.file.is_file()
+    for channel in campaign.channels.enabled():
+        assert campaign.channels.get(channel).provider in campaign.providers
+
+
+def test_demo_campaign_is_what_the_readme_promises() -> None:
+    loaded = load_campaign(ROOT / "campaigns" / "demo.yaml", {})
+    c = loaded.campaign
+    assert c.name == "demo-spring"
+    assert c.purpose is Purpose.MARKETING
+    assert c.consent_required
+    assert c.channels.enabled() == (Channel.SMS, Channel.EMAIL)
+    assert c.strategy == "all"
+    assert {p.type for p in c.providers.values()} == {"outbox"}
+    sms = c.channels.sms
+    email = c.channels.email
+    assert sms is not None and email is not None
+    assert c.providers[sms.provider].price_per_segment == Decimal("0.0079")
+    assert c.providers[email.provider].price_per_message == Decimal("0.0004")
+    assert c.limits.max_spend == Decimal("5.00")
+    assert c.limits.concurrency == 8
+    assert sms.template is not None
+    assert "Reply STOP to opt out" in sms.template.read_text(encoding="utf-8")
+    assert email.list_unsubscribe is not None
+    assert email.list_unsubscribe.url == "https://example.com/unsubscribe?t={{ unsubscribe_token }}"
+    assert email.list_unsubscribe.mailto == "unsubscribe@example.com"
+    assert "{{ first_name }}" in email.subject
+    assert email.html is not None and email.text is not None
+    assert "unsubscribe" in email.html.read_text(encoding="utf-8").lower()
+    assert c.vars == {"brand": "Acme", "offer": "20% off"}
+    assert len(c.compliance.suppression_lists) == 1
+    assert len(c.compliance.consent_records) == 1
+
+
+def test_demo_data_has_one_of_each_hard_case() -> None:
+    data = ROOT / "campaigns" / "data"
+    with open(data / "demo.csv", encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert 45 <= len(rows) <= 60
+    assert set(rows[0]) == {"customer_id", "first_name", "phone", "email", "city"}
+
+    bad: Counter[str] = Counter()
+    phones: dict[str, str] = {}
+    emails: dict[str, str] = {}
+    for row in rows:
+        if not row["customer_id"]:
+            bad["missing_key"] += 1
+        try:
+            phones[row["customer_id"]] = normalize_phone(row["phone"], "US")
+        except AddressError as exc:
+            bad[exc.reason] += 1
+        try:
+            emails[row["customer_id"]] = normalize_email(row["email"])
+        except AddressError as exc:
+            bad[exc.reason] += 1
+        assert row["email"].endswith(("@example.com", "@example.org", "@example"))
+    assert bad == {"missing_key": 1, "bad_phone": 1, "bad_email": 1}
+    keys = Counter(r["customer_id"] for r in rows if r["customer_id"])
+    assert [k for k, n in keys.items() if n > 1] == [keys.most_common(1)[0][0]]
+    assert keys.most_common(1)[0][1] == 2
+
+    names = [r["first_name"] for r in rows]
+    assert any(not n.isascii() and n.isalpha() and ord(max(n)) < 0x500 for n in names)  # Zoë
+    assert any(any(ord(ch) > 0x2FFF for ch in n) for n in names)  # UCS-2 SMS
+
+    with open(data / "demo-suppressions.csv", encoding="utf-8", newline="") as f:
+        suppressed = list(csv.DictReader(f))
+    assert [set(s) for s in suppressed] == [{"address", "channel", "reason"}]
+    listed = set(phones.values()) | set(emails.values())
+    assert normalize_email(suppressed[0]["address"]) in listed
+
+    with open(data / "demo-consents.csv", encoding="utf-8", newline="") as f:
+        consents = list(csv.DictReader(f))
+    assert set(consents[0]) == {"address", "channel", "purpose", "status", "recorded_at", "source"}
+    assert {c["status"] for c in consents} == {"granted"}
+    assert {c["purpose"] for c in consents} == {"marketing"}
+    assert {c["channel"] for c in consents} == {"sms", "email", "all"}
+    consented = {c["address"] for c in consents}
+    assert consented <= listed  # stored normalised
+    without = {k for k in keys if phones.get(k) not in consented and emails.get(k) not in consented}
+    assert len(without) == 1
+
+
+# --------------------------------------------------------------------------------------------
+# What loads
+
+
+def test_base_campaign_loads(project: Path) -> None:
+    loaded = load_campaign(write(project, BASE), {})
+    assert isinstance(loaded, LoadedCampaign)
+    assert loaded.campaign.providers["p"].rate == 5.0
+    assert loaded.line_of("providers", "p", "rate") == 21
+    assert loaded.line_of("channels", "email", "no-such-key") == 11
+
+
+def test_channels_keep_the_order_written(project: Path) -> None:
+    sms = "  sms:\n    provider: p\n    template: ../templates/sms.txt.j2\n"
+    unsubscribe = "    list_unsubscribe: {mailto: unsubscribe@example.com}\n"
+    text = edit(unsubscribe, unsubscribe + sms, edit(sms, ""))
+    loaded = load_campaign(write(project, text), {})
+    assert loaded.campaign.channels.enabled() == (Channel.EMAIL, Channel.SMS)
+
+
+@pytest.mark.parametrize(
+    ("rate", "per_second"),
+    [("30/s", 30.0), ("120/min", 2.0), ("3600/h", 1.0), ("2.5", 2.5), ("0.5/s", 0.5)],
+)
+def test_rates(project: Path, rate: str, per_second: float) -> None:
+    loaded = load_campaign(write(project, edit("rate: 5/s", f"rate: {rate}")), {})
+    assert loaded.campaign.providers["p"].rate == pytest.approx(per_second)
+
+
+def test_relative_paths_are_resolved_against_the_campaign_file(
+    project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    text = BASE + "compliance:\n  suppression_lists: [data/r.csv]\n"
+    path = write(project, text)
+    c = load_campaign(path, {}).campaign
+    assert c.recipients.file == project / "campaigns" / "data" / "r.csv"
+    assert c.channels.sms is not None and c.channels.email is not None
+    assert c.channels.sms.template == project / "templates" / "sms.txt.j2"
+    assert c.channels.email.text == project / "templates" / "email.txt.j2"
+    outbox = c.providers["p"]
+    assert outbox.type == "outbox"
+    assert outbox.dir == project / "outbox"  # normalised: no ".." left
+    assert c.compliance.suppression_lists == [project / "campaigns" / "data" / "r.csv"]
+
+    # A relative campaign path gives paths relative to the same working directory.
+    monkeypatch.chdir(project)
+    c = load_campaign(Path("campaigns") / "c.yaml", {}).campaign
+    assert c.recipients.file == Path("campaigns") / "data" / "r.csv"
+    assert c.channels.sms is not None
+    assert c.channels.sms.template == Path("templates") / "sms.txt.j2"
+
+
+def test_absolute_paths_are_kept(project: Path) -> None:
+    absolute = project / "templates" / "sms.txt.j2"
+    path = write(project, edit("../templates/sms.txt.j2", str(absolute)))
+    sms = load_campaign(path, {}).campaign.channels.sms
+    assert sms is not None and sms.template == absolute
+
+
+def test_env_values_are_substituted_and_remembered_as_secrets(project: Path) -> None:
+    text = BASE + 'vars:\n  token: "Bearer ${API_TOKEN}"\n  brand: ${BRAND}\n'
+    loaded = load_campaign(write(project, text), {"API_TOKEN": "tok-123", "BRAND": "Acme"})
+    assert loaded.campaign.vars == {"token": "Bearer tok-123", "brand": "Acme"}
+    assert loaded.secrets == {"tok-123", "Acme"}
+
+
+def test_double_dollar_is_a_literal_dollar(project: Path) -> None:
+    text = BASE + 'vars:\n  price: "$$5 off"\n  literal: "$${HOME} and $$$$"\n'
+    loaded = load_campaign(write(project, text), {})  # HOME unset: not a reference
+    assert loaded.campaign.vars == {"price": "$5 off", "literal": "${HOME} and $$"}
+    assert loaded.secrets == frozenset()
+
+
+# --------------------------------------------------------------------------------------------
+# Each kind of mistake: one line, with the file, the line and the key path
+
+
+def test_unknown_key_names_the_misspelling_not_the_missing_key(project: Path) -> None:
+    path = write(project, edit("recipients:", "recipents:"))
+    err = error_of(path)
+    assert_error(err, path, 3, "recipents")
+    assert err.message == "unknown key (and 1 more problem)"
+    assert str(err) == f"{path}:3: recipents: unknown key (and 1 more problem)"
+    assert err.exit_code is ExitCode.USAGE
+
+
+def test_unknown_nested_key(project: Path) -> None:
+    path = write(project, edit("    rate: 5/s", "    rate: 5/s\n    api_key: k"))
+    err = error_of(path)
+    assert str(err) == f"{path}:22: providers.p.api_key: unknown key"
+
+
+def test_unknown_channel(project: Path) -> None:
+    path = write(project, edit("  email:", "  emial:"))
+    assert str(error_of(path)) == f"{path}:11: channels.emial: unknown key"
+
+
+def test_missing_required_key(project: Path) -> None:
+    path = write(project, edit("  key: customer_id\n", ""))
+    err = error_of(path)
+    assert str(err) == f"{path}:3: recipients.key: required key is missing"
+
+
+def test_missing_top_level_key_points_at_the_top(project: Path) -> None:
+    path = write(project, edit("purpose: marketing\n", ""))
+    assert str(error_of(path)) == f"{path}:1: purpose: required key is missing"
+
+
+def test_wrong_type(project: Path) -> None:
+    path = write(project, BASE + "limits: {concurrency: lots}\n")
+    err = error_of(path)
+    assert_error(err, path, 22, "limits.concurrency")
+    assert "valid integer" in err.message
+
+
+def test_wrong_type_of_section(project: Path) -> None:
+    path = write(project, edit("  columns: {phone: phone, email: email}", "  columns: phone"))
+    err = error_of(path)
+    assert_error(err, path, 6, "recipients.columns")
+
+
+def test_bad_rate(project: Path) -> None:
+    path = write(project, edit("rate: 5/s", "rate: fast"))
+    err = error_of(path)
+    assert str(err) == f"{path}:21: providers.p.rate: a rate looks like 30/s, 100/min or 3600/h"
+
+
+def test_zero_rate(project: Path) -> None:
+    path = write(project, edit("rate: 5/s", "rate: 0/s"))
+    assert str(error_of(path)) == f"{path}:21: providers.p.rate: must be greater than 0"
+
+
+def test_unknown_provider_type(project: Path) -> None:
+    path = write(project, edit("type: outbox", "type: twilio"))
+    err = error_of(path)
+    assert_error(err, path, 19, "providers.p.type")
+    assert "'twilio'" in err.message and "'outbox'" in err.message
+
+
+def test_provider_without_type(project: Path) -> None:
+    path = write(project, edit("    type: outbox\n", ""))
+    assert str(error_of(path)) == f"{path}:18: providers.p.type: required key is missing"
+
+
+def test_channel_naming_a_missing_provider(project: Path) -> None:
+    path = write(project, edit("  sms:\n    provider: p", "  sms:\n    provider: twilio"))
+    err = error_of(path)
+    assert str(err) == (
+        f"{path}:9: channels.sms.provider: no provider named 'twilio' (providers: p)"
+    )
+
+
+def test_missing_template_file(project: Path) -> None:
+    path = write(project, edit("sms.txt.j2", "nope.txt.j2"))
+    err = error_of(path)
+    missing = project / "templates" / "nope.txt.j2"
+    assert str(err) == f"{path}:10: channels.sms.template: file not found: {missing}"
+
+
+def test_missing_file_in_a_list_names_the_item(project: Path) -> None:
+    text = BASE + "compliance:\n  suppression_lists:\n    - data/r.csv\n    - data/gone.csv\n"
+    path = write(project, text)
+    err = error_of(path)
+    assert_error(err, path, 25, "compliance.suppression_lists.1")
+    assert err.message == f"file not found: {project / 'campaigns' / 'data' / 'gone.csv'}"
+
+
+def test_unset_env_variable_is_named_at_the_line_of_its_reference(project: Path) -> None:
+    text = BASE + 'vars:\n  brand: Acme\n  token: "Bearer ${API_TOKEN}"\n'
+    path = write(project, text)
+    err = error_of(path, {"OTHER": "x"})
+    assert str(err) == f"{path}:24: vars.token: environment variable API_TOKEN is not set"
+
+
+def test_unset_env_variable_in_a_list_item(project: Path) -> None:
+    text = BASE + "compliance:\n  suppression_lists:\n    - data/r.csv\n    - ${LISTS}/x.csv\n"
+    path = write(project, text)
+    err = error_of(path)
+    assert str(err) == (
+        f"{path}:25: compliance.suppression_lists.1: environment variable LISTS is not set"
+    )
+
+
+def test_empty_env_variable_is_set(project: Path) -> None:
+    path = write(project, BASE + 'vars:\n  suffix: "${SUFFIX}"\n')
+    loaded = load_campaign(path, {"SUFFIX": ""})
+    assert loaded.campaign.vars == {"suffix": ""}
+    assert loaded.secrets == frozenset()
+
+
+SECRET = "hunter2-xyz"
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "line", "field"),
+    [
+        ("type: outbox", 'type: "${SECRET}"', 19, "providers.p.type"),
+        ("../templates/sms.txt.j2", "${SECRET}", 10, "channels.sms.template"),
+        ("../templates/sms.txt.j2", "../templates/${SECRET}.j2", 10, "channels.sms.template"),
+        (
+            "  sms:\n    provider: p",
+            '  sms:\n    provider: "${SECRET}"',
+            9,
+            "channels.sms.provider",
+        ),
+        ("rate: 5/s", "rate: ${SECRET}", 21, "providers.p.rate"),
+    ],
+)
+def test_secret_never_appears_in_an_error(
+    project: Path, monkeypatch: pytest.MonkeyPatch, old: str, new: str, line: int, field: str
+) -> None:
+    monkeypatch.setenv("SECRET", SECRET)
+    path = write(project, edit(old, new))
+    with pytest.raises(ConfigError) as info:
+        load_campaign(path)  # from os.environ
+    err = info.value
+    assert_error(err, path, line, field)
+    assert SECRET not in str(err)
+    assert SECRET not in repr(err.args)
+    assert SECRET not in err.message
+
+
+def test_secret_is_redacted_where_the_message_would_echo_it(project: Path) -> None:
+    path = write(project, edit("type: outbox", 'type: "${SECRET}"'))
+    err = error_of(path, {"SECRET": SECRET})
+    assert "'***'" in err.message
+
+
+def test_yaml_syntax_error_gives_the_line(project: Path) -> None:
+    path = write(project, edit("  key: customer_id", "  key: customer_id: oops"))
+    err = error_of(path)
+    assert_error(err, path, 5, None)
+    assert err.message.startswith("not valid YAML: ")
+
+
+def test_yaml_unclosed_bracket(project: Path) -> None:
+    path = write(
+        project, edit("  columns: {phone: phone, email: email}", "  columns: {phone: phone")
+    )
+    err = error_of(path)
+    assert err.line is not None and err.line >= 6
+    assert err.field is None
+    assert err.message.startswith("not valid YAML: ")
+
+
+@pytest.mark.parametrize("text", ["- name: t\n- purpose: marketing\n", "just words\n", "42\n"])
+def test_not_a_mapping_at_the_top(project: Path, text: str) -> None:
+    path = write(project, text)
+    err = error_of(path)
+    assert str(err) == f"{path}:1: a campaign file is a mapping of keys (name, purpose, ...)"
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# only a comment\n"])
+def test_empty_file(project: Path, text: str) -> None:
+    path = write(project, text)
+    err = error_of(path)
+    assert_error(err, path, 1, None)
+    assert "mapping" in err.message
+
+
+def test_missing_campaign_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.yaml"
+    assert str(error_of(path)) == f"{path}: campaign file not found"
+
+
+def test_marketing_email_needs_list_unsubscribe(project: Path) -> None:
+    path = write(project, edit("    list_unsubscribe: {mailto: unsubscribe@example.com}\n", ""))
+    err = error_of(path)
+    assert_error(err, path, 11, "channels.email")
+    assert "list_unsubscribe" in err.message
+
+
+def test_transactional_email_does_not_need_list_unsubscribe(project: Path) -> None:
+    text = edit("    list_unsubscribe: {mailto: unsubscribe@example.com}\n", "")
+    text = edit("purpose: marketing", "purpose: transactional", text)
+    c = load_campaign(write(project, text), {}).campaign
+    assert c.purpose is Purpose.TRANSACTIONAL
+    assert not c.consent_required
+
+
+def test_list_unsubscribe_url_must_be_https(project: Path) -> None:
+    path = write(
+        project,
+        edit("{mailto: unsubscribe@example.com}", "{url: 'http://example.com/u?t=x'}"),
+    )
+    err = error_of(path)
+    assert_error(err, path, 16, "channels.email.list_unsubscribe")
+    assert "https" in err.message
+
+
+def test_header_with_a_line_break(project: Path) -> None:
+    headers = '    headers:\n      X-Tag: "spring\\r\\nBcc: everyone@example.com"\n'
+    path = write(project, edit("    subject:", headers + "    subject:"))
+    err = error_of(path)
+    assert (
+        str(err) == f"{path}:15: channels.email.headers.X-Tag: header X-Tag contains a line break"
+    )
+
+
+def test_header_with_a_bad_name(project: Path) -> None:
+    headers = '    headers:\n      "X Tag": spring\n'
+    path = write(project, edit("    subject:", headers + "    subject:"))
+    err = error_of(path)
+    assert str(err) == f"{path}:15: channels.email.headers.X Tag: not a valid header field name"
+
+
+def test_both_body_and_template(project: Path) -> None:
+    text = edit(
+        "    template: ../templates/sms.txt.j2\n",
+        "    template: ../templates/sms.txt.j2\n    body: Hi\n",
+    )
+    path = write(project, text)
+    err = error_of(path)
+    assert str(err) == (
+        f"{path}:8: channels.sms: give exactly one of body (inline) or template (a file)"
+    )
+
+
+def test_neither_body_nor_template(project: Path) -> None:
+    path = write(project, edit("    template: ../templates/sms.txt.j2\n", ""))
+    err = error_of(path)
+    assert_error(err, path, 8, "channels.sms")
+
+
+def test_channel_needs_its_address_column(project: Path) -> None:
+    path = write(project, edit("{phone: phone, email: email}", "{email: email}"))
+    err = error_of(path)
+    assert str(err) == f"{path}:6: recipients.columns: channel sms needs recipients.columns.phone"
+
+
+def test_bad_campaign_name(project: Path) -> None:
+    path = write(project, edit("name: t", "name: 'spring sale'"))
+    err = error_of(path)
+    assert_error(err, path, 1, "name")
+
+
+def test_several_problems_report_the_first_and_count_the_rest(project: Path) -> None:
+    text = edit("rate: 5/s", "rate: fast", edit("  key: customer_id\n", "  key: ''\n"))
+    path = write(project, text)
+    err = error_of(path)
+    assert err.line == 5 and err.field == "recipients.key"
+    assert err.message.endswith("(and 1 more problem)")
