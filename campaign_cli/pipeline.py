@@ -27,6 +27,7 @@ The shape of the asyncio part:
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import random
 import sqlite3
@@ -248,7 +249,7 @@ def idempotency_key(campaign: str, run_key: str, rkey: str, channel: str) -> str
 
 
 def default_run_key(recipients_sha256: str) -> str:
-    """Same recipient file, same run: re-running (a cron job firing twice) resumes, never resends."""
+    """Same recipient file, same run: a re-run (a cron job firing twice) resumes, never resends."""
     return recipients_sha256[:12]
 
 
@@ -402,7 +403,7 @@ class Runner:
                 now = iso(self.clock.now())
                 self._import_compliance_lists(store.conn, now)
                 secret = store.setting("unsubscribe_secret") or ""
-                renderer = Renderer.compile(self.campaign, secret)
+                renderer = Renderer.compile(self.campaign, secret, source=self.loaded)
                 if not self.options.dry_run:
                     lock = runs.RunLock.acquire(self.store_path, self.campaign.name, run_key, now)
                 run, resumed = runs.start_run(
@@ -427,7 +428,7 @@ class Runner:
                     self._baseline.update(states)
                 committed = runs.committed_spend(store.conn, run.id)
                 self._max_row_start = _max_row(store.conn, run.id)
-                start_row = _first_open_row(store.conn, run.id, self._resend_in_doubt_any())
+                start_row = _first_open_row(store.conn, run.id)
                 policy = Policy(
                     store.connect(),
                     consent_required=self.campaign.consent_required,
@@ -452,9 +453,6 @@ class Runner:
             cap = self.campaign.limits.max_spend
         return None if cap is None else to_micros(cap)
 
-    def _resend_in_doubt_any(self) -> bool:
-        return self.campaign.in_doubt_policy == "resend" or self.options.dry_run
-
     def _import_compliance_lists(self, conn: sqlite3.Connection, now: str) -> None:
         """The campaign's own opt-out lists and consent records go into the store before anyone
         is checked, so a list kept beside the campaign can never be forgotten."""
@@ -468,7 +466,8 @@ class Runner:
                 self.warnings.append(f"{path}:{line}: address: {reason} ({value!r}); not imported")
         for path in self.campaign.compliance.consent_records:
             result = consent_store.import_csv(
-                conn, path, source=f"list:{path.name}", default_region=region, now=now,
+                conn, path, channel_default=None, purpose_default=self.campaign.purpose.value,
+                source=f"list:{path.name}", default_region=region, now=now,
             )
             for line, value, reason in result.invalid:
                 self.warnings.append(f"{path}:{line}: address: {reason} ({value!r}); not imported")
@@ -589,7 +588,9 @@ class Runner:
             routes[channel] = by_name[name]
         return routes
 
-    async def _supervise(self, source: asyncio.Task[None], workers: list[asyncio.Task[None]]) -> None:
+    async def _supervise(
+        self, source: asyncio.Task[None], workers: list[asyncio.Task[None]]
+    ) -> None:
         """Wait for the run to end; on a stop request give in-flight sends a bounded grace.
 
         A task that dies of an unexpected exception (a bug) aborts the run with exit 1; the other
@@ -611,7 +612,7 @@ class Runner:
                     waits |= {immediate, deadline}
                 done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
                 for task in done & tasks:
-                    tasks.discard(task)  # type: ignore[arg-type]
+                    tasks.discard(task)
                     exc = None if task.cancelled() else task.exception()
                     if exc is not None:
                         self._crashed(exc)
@@ -698,6 +699,7 @@ class Runner:
     ) -> tuple[list[runs.Admit], dict[int, Recipient]]:
         channels = self.campaign.channels.enabled()
         first_only = self.campaign.strategy == "first_available"
+        keyed = {Channel.WEBHOOK} if self.campaign.recipients.columns.webhook_url is None else set()
         admits: list[runs.Admit] = []
         recipients: dict[int, Recipient] = {}
         for item in chunk:
@@ -711,10 +713,12 @@ class Runner:
             recipients[item.row] = item
             chosen = channels
             if first_only:
-                usable = [c for c in channels if c in item.addresses]
+                usable = [c for c in channels if c in item.addresses or c in keyed]
                 chosen = tuple(usable[:1]) or channels[:1]
             for channel in chosen:
                 address = item.addresses.get(channel)
+                if address is None and channel in keyed:
+                    address = item.key  # one POST per recipient to the provider's own URL
                 if address is not None:
                     admits.append(runs.Admit(item.row, item.line, channel.value, item.key,
                                              address, State.PENDING.value))
@@ -860,7 +864,7 @@ class Runner:
             intent = (route.provider.name, message.cost_micros, message.content_hash,
                       1 if job.resend else 0, now, *key)
             # Intent before action: the `sending` row is committed before the request leaves.
-            await self._writer.call(lambda conn, p=intent: conn.execute(runs.SQL_INTENT, p))
+            await self._writer.call(functools.partial(_execute, runs.SQL_INTENT, intent))
             try:
                 result = await route.provider.send(message)
             except RateLimitedError as exc:
@@ -990,18 +994,23 @@ class Runner:
 # Helpers
 
 
+def _execute(sql: str, params: tuple[Any, ...], conn: sqlite3.Connection) -> None:
+    conn.execute(sql, params)
+
+
 def _valid_run_key(key: str) -> bool:
     import re
 
     return bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", key))
 
 
-def _first_open_row(conn: sqlite3.Connection, run_id: int, resend_in_doubt: bool) -> int:
-    """Records before this one are all journaled and final: a resume need not normalise them."""
-    states = ["pending", "sending"] + (["in_doubt"] if resend_in_doubt else [])
+def _first_open_row(conn: sqlite3.Connection, run_id: int) -> int:
+    """Records before this one are all journaled and final (in doubt rows may be re-sent): a
+    resume need not normalise them."""
     row = conn.execute(
-        f"SELECT MIN(row) FROM messages WHERE run_id = ? AND state IN ({','.join('?' * len(states))})",
-        (run_id, *states),
+        "SELECT MIN(row) FROM messages WHERE run_id = ? "
+        "AND state IN ('pending', 'sending', 'in_doubt')",
+        (run_id,),
     ).fetchone()
     if row[0] is not None:
         return int(row[0])

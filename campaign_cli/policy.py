@@ -54,7 +54,7 @@ class Policy:
         self._late_revoked: set[tuple[str, str]] = set()
 
     def check_chunk(self, channel: str, hashes: Sequence[str]) -> dict[str, Refusal]:
-        """Refusals for the address hashes of one chunk on one channel (blocking: run in a thread)."""
+        """Refusals for one chunk's address hashes on one channel (blocking: use a thread)."""
         if not hashes:
             return {}
         with self._lock:
@@ -62,7 +62,9 @@ class Policy:
             refused: dict[str, Refusal] = {h: (State.SUPPRESSED, "suppressed") for h in suppressed}
             if self.consent_required:
                 rest = [h for h in hashes if h not in suppressed]
-                granted = consented_among(self._conn, rest, channel, self.purpose) if rest else set()
+                granted = (
+                    consented_among(self._conn, rest, channel, self.purpose) if rest else set()
+                )
                 for h in rest:
                     if h not in granted:
                         refused[h] = (State.NO_CONSENT, f"no {self.purpose} consent for {channel}")

@@ -35,6 +35,8 @@ class ConsoleProvider:
             payload.update(subject=content.subject, text=content.text, html=content.html,
                            sender=content.sender, headers=dict(content.headers))
         self._stream.write(json.dumps(payload, ensure_ascii=False) + "\n")
+        # A line printed is a message sent: never leave it in a buffer a crash would throw away.
+        self._stream.flush()
         self._count += 1
         return SendResult(provider_message_id=f"console-{self._count}")
 

@@ -10,7 +10,6 @@ migrations than this one knows) is refused rather than misread.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import secrets
 import sqlite3
@@ -186,7 +185,9 @@ def connect(path: Path, *, create: bool = True, readonly: bool = False) -> sqlit
     path = Path(path)
     if not path.exists():
         if not create or readonly:
-            raise StoreError(f"{path}: no store here (it is created by the first command that writes)")
+            raise StoreError(
+                f"{path}: no store here (it is created by the first command that writes)"
+            )
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)

@@ -1,10 +1,11 @@
 """The journal writer: one thread, one connection, group commit.
 
-Every write a run makes goes through `JournalWriter` (datasette's write thread, ours). Callers on the
-event loop either *submit* a statement (fire and forget: it is committed with the next batch, in
-order) or *call* a function and await its result, which is ready once the batch holding it has
-committed. Whatever queued up while the previous batch was committing forms the next batch, so under
-load one transaction carries hundreds of changes and the event loop never waits on the disk for each.
+Every write a run makes goes through `JournalWriter` (datasette's write thread, ours). Callers on
+the event loop either *submit* a statement (fire and forget: it is committed with the next batch,
+in order) or *call* a function and await its result, which is ready once the batch holding it has
+committed. Whatever queued up while the previous batch was committing forms the next batch, so
+under load one transaction carries hundreds of changes and the event loop never waits on the disk
+for each.
 """
 
 from __future__ import annotations

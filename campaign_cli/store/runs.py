@@ -55,7 +55,7 @@ class RunRecord:
 
 
 def _record(row: Sequence[Any]) -> RunRecord:
-    data = dict(zip(RUN_COLUMNS, row))
+    data = dict(zip(RUN_COLUMNS, row, strict=False))
     data["channels"] = tuple(json.loads(data["channels"]))
     data["template_hashes"] = json.loads(data["template_hashes"] or "{}")
     return RunRecord(**data)
@@ -209,7 +209,7 @@ def last_errors(conn: sqlite3.Connection, run_id: int, limit: int = 5) -> list[d
         (run_id, limit),
     ).fetchall()
     keys = ("row", "channel", "state", "reason", "error_code", "detail", "at")
-    return [dict(zip(keys, r)) for r in rows]
+    return [dict(zip(keys, r, strict=False)) for r in rows]
 
 
 def failure_summary(conn: sqlite3.Connection, run_id: int) -> list[tuple[str, str, str, int]]:
@@ -256,7 +256,8 @@ def admit(
     flag = 1 if dedupe_address else 0
     conn.executemany(
         "INSERT OR IGNORE INTO messages (run_id, row, channel, line, rkey, address, "
-        "dedupe_address, state, reason, detail, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "dedupe_address, state, reason, detail, updated_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [
             (run_id, a.row, a.channel, a.line, a.rkey, a.address,
              flag if a.state == "pending" else 0, a.state, a.reason, a.detail, now)
@@ -287,7 +288,8 @@ def admit(
 
 # Statements the pipeline submits to the writer. Keyed by primary key (run_id, row, channel).
 SQL_INTENT = (
-    "UPDATE messages SET state = 'sending', attempts = attempts + 1, provider = ?, cost_micros = ?, "
+    "UPDATE messages SET state = 'sending', attempts = attempts + 1, provider = ?, "
+    "cost_micros = ?, "
     "content_hash = ?, resent_in_doubt = MAX(resent_in_doubt, ?), updated_at = ? "
     "WHERE run_id = ? AND row = ? AND channel = ?"
 )
@@ -318,7 +320,7 @@ def iter_rows(
         sql += f" AND state IN ({', '.join('?' * len(wanted))})"
         params += wanted
     for r in conn.execute(sql + " ORDER BY row, channel", params):
-        yield dict(zip(cols, r))
+        yield dict(zip(cols, r, strict=False))
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,47 @@
+"""Shared helpers for the bench scripts: generated recipient files and campaign files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+
+OUT = Path(__file__).resolve().parent / "out"
+
+
+def recipients(n: int) -> Path:
+    """A CSV of n distinct valid recipients (generated once, reused)."""
+    OUT.mkdir(exist_ok=True)
+    path = OUT / f"recipients-{n}.csv"
+    if path.exists():
+        return path
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.write("id,first_name,phone,email\n")
+        for i in range(n):
+            # NANP numbers 201-2XX-XXXX are valid; 10 exchanges x 10,000 lines per million.
+            exchange = 200 + i // 10_000 % 800
+            area = 201 + (i // 8_000_000) * 2
+            f.write(f"c{i},Name{i % 997},+1{area}{exchange:03d}{i % 10_000:04d},"
+                    f"p{i}@example.com\n")
+    os.replace(tmp, path)
+    return path
+
+
+def campaign(name: str, csv_path: Path, provider: dict[str, object], *,
+             concurrency: int = 64) -> Path:
+    OUT.mkdir(exist_ok=True)
+    data = {
+        "name": name,
+        "purpose": "transactional",
+        "recipients": {"file": str(csv_path), "key": "id", "columns": {"phone": "phone"}},
+        "channels": {"sms": {"provider": "p",
+                             "body": "Hi {{ first_name }}, your order {{ row }} has shipped."}},
+        "providers": {"p": {**provider, "price_per_segment": "0.0079"}},
+        "limits": {"concurrency": concurrency},
+        "compliance": {"consent": "not_required"},
+    }
+    path = OUT / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path

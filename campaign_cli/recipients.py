@@ -1,0 +1,389 @@
+"""The recipient file: a streaming CSV reader that never holds the file.
+
+Two passes, both memory-flat:
+
+* `scan_recipients` reads the file once before anything is sent: it hashes the raw bytes (the
+  hash names the run), checks that the file is UTF-8, that the header names every column the
+  campaign needs exactly once, and counts the data records. Every problem is an `InputError`
+  naming the file, the physical line and, where there is one, the column.
+* `iter_recipient_chunks` reads it again, in chunks, turning each record into a `Recipient` with
+  normalised addresses or into an `InvalidRow` with a journal reason.
+
+What counts as what:
+
+* The file is UTF-8, with or without a byte-order mark; lines end in LF, CRLF or CR; a quoted
+  field may span several lines. ``line`` is always the physical line (from 1) on which a record
+  starts; ``row`` counts data records from 1, the header not included.
+* A record with no content at all (a blank line, or nothing but delimiters and whitespace, as
+  spreadsheets leave at the end of a sheet) is skipped: it is not a row and gets no number. Every
+  other record is a row, valid or not, so the journal's counts add up to `ScanResult.rows`.
+* The header is the first record with content. Column names lose surrounding whitespace; an empty
+  or repeated name is an error. Field values are kept exactly as written (addresses are stripped
+  by normalisation, the key is stripped).
+* A record with more or fewer fields than the header is ``malformed_row``; an empty key is
+  ``missing_key``; an address that is empty or wrong does not make the row invalid, it is recorded
+  in `Recipient.problems` for that channel (``no_address``, ``bad_phone``, ``bad_email``, ...).
+
+`iter_recipient_chunks` checks the header again (it needs the column positions) and reports
+undecodable bytes and CSV errors, but relies on `scan_recipients` for whole-file checks such as
+NUL bytes: run the scan first.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import hashlib
+import io
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
+
+from campaign_cli.addresses import AddressError, normalize_address
+from campaign_cli.errors import InputError
+from campaign_cli.models import Channel, InvalidRow, Recipient
+
+if TYPE_CHECKING:
+    from _csv import Reader
+
+    from _typeshed import WriteableBuffer
+
+    from campaign_cli.config import Campaign
+
+_BLOCK = 1 << 16
+
+
+@dataclass(frozen=True)
+class RecipientSpec:
+    """Where the recipients are and which columns matter.
+
+    ``columns`` maps each channel the campaign sends on to the column holding its address; a
+    webhook channel may have none (it then goes to the provider's one URL).
+    """
+
+    path: Path
+    key: str
+    columns: dict[Channel, str]
+    default_region: str = "US"
+    delimiter: str = ","
+
+    @classmethod
+    def from_config(cls, campaign: Campaign, path: Path) -> RecipientSpec:
+        config = campaign.recipients
+        columns: dict[Channel, str] = {}
+        for channel in campaign.channels.enabled():
+            column = config.columns.for_channel(channel)
+            if column is not None:
+                columns[channel] = column
+        return cls(
+            path=path,
+            key=config.key,
+            columns=columns,
+            default_region=config.default_region,
+            delimiter=config.delimiter,
+        )
+
+    @property
+    def required_columns(self) -> list[str]:
+        """The key column, then each channel's address column, without repeats."""
+        return list(dict.fromkeys([self.key, *self.columns.values()]))
+
+
+@dataclass
+class ScanResult:
+    sha256: str
+    rows: int
+    header: list[str]
+
+
+# --------------------------------------------------------------------------------------------
+# Scanning
+
+
+class _HashingReader(io.RawIOBase):
+    """A raw binary stream over ``source`` that hashes every byte read and notes the first NUL."""
+
+    def __init__(self, source: BinaryIO) -> None:
+        super().__init__()
+        self._source = source
+        self.digest = hashlib.sha256()
+        self.size = 0
+        self.nul_at: int | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        view = memoryview(buffer).cast("B")
+        data = self._source.read(len(view))
+        n = len(data)
+        view[:n] = data
+        self.digest.update(data)
+        if self.nul_at is None:
+            at = data.find(b"\x00")
+            if at >= 0:
+                self.nul_at = self.size + at
+        self.size += n
+        return n
+
+
+def scan_recipients(spec: RecipientSpec) -> ScanResult:
+    """Hash, validate and count the recipient file in one pass. Blocking; raises `InputError`.
+
+    ``rows`` is the number of items `iter_recipient_chunks` will yield (valid or not).
+    """
+    path = spec.path
+    shown = str(path)
+    try:
+        source = open(path, "rb")
+    except OSError as exc:
+        raise _unreadable(shown, exc) from None
+    with source:
+        raw = _HashingReader(source)
+        text = io.TextIOWrapper(io.BufferedReader(raw, _BLOCK), encoding="utf-8-sig", newline="")
+        reader = csv.reader(text, delimiter=spec.delimiter)
+        rows = 0
+        try:
+            header, key_index, header_at = _read_header(reader, spec)
+            width = len(header)
+            for record in reader:
+                if raw.nul_at is not None:
+                    break
+                if (len(record) != width or not record[key_index].strip()) and _blank(record):
+                    continue
+                rows += 1
+        except InputError:
+            if raw.nul_at is None:  # a binary file: say so rather than blame its "header"
+                raise
+        except UnicodeDecodeError:
+            raise _decode_error(path) from None
+        except csv.Error as exc:
+            if raw.nul_at is None:
+                raise InputError(shown, reader.line_num, None, f"cannot parse CSV: {exc}") from None
+        except OSError as exc:
+            raise _unreadable(shown, exc) from None
+    if raw.nul_at is not None:
+        raise _nul_error(path, raw.nul_at)
+    if rows == 0:
+        raise InputError(
+            shown, header_at, None, "no recipients: the file has a header but no data rows"
+        )
+    return ScanResult(sha256=raw.digest.hexdigest(), rows=rows, header=header)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+
+
+def iter_recipient_chunks(
+    spec: RecipientSpec,
+    chunk_size: int = 500,
+    start_row: int = 1,
+    limit: int | None = None,
+) -> Iterator[list[Recipient | InvalidRow]]:
+    """Yield the data rows in order, ``chunk_size`` at a time (the last chunk may be shorter).
+
+    Rows before ``start_row`` are parsed (they must be, to find the later ones) but neither
+    normalised nor yielded: a resumed run skips them cheaply. ``limit`` keeps the first ``limit``
+    rows of the file, counted from row 1 rather than from ``start_row``, so a resumed run with
+    the same limit covers the same rows. Raises `InputError` for a bad header, undecodable bytes
+    or a record the CSV parser refuses.
+    """
+    if chunk_size < 1:
+        raise ValueError("chunk_size must be at least 1")
+    if limit is not None and limit < 0:
+        raise ValueError("limit must not be negative")
+    path = spec.path
+    shown = str(path)
+    region = spec.default_region
+    stop = -1 if limit is None else limit + 1  # the first row not to read; rows start at 1
+    try:
+        handle = open(path, encoding="utf-8-sig", newline="")
+    except OSError as exc:
+        raise _unreadable(shown, exc) from None
+    reader = csv.reader(handle, delimiter=spec.delimiter)
+    try:
+        with handle:
+            header, key_index, _ = _read_header(reader, spec)
+            width = len(header)
+            index = {name: i for i, name in enumerate(header)}
+            wanted = [(channel, index[column]) for channel, column in spec.columns.items()]
+            chunk: list[Recipient | InvalidRow] = []
+            row = 0
+            before = reader.line_num
+            for record in reader:
+                line = before + 1
+                before = reader.line_num
+                if len(record) != width:
+                    if _blank(record):
+                        continue
+                    row += 1
+                    if row == stop:
+                        break
+                    if row < start_row:
+                        continue
+                    chunk.append(
+                        InvalidRow(
+                            row,
+                            line,
+                            "malformed_row",
+                            f"expected {width} fields as in the header, found {len(record)}",
+                        )
+                    )
+                else:
+                    key = record[key_index].strip()
+                    if not key and _blank(record):
+                        continue
+                    row += 1
+                    if row == stop:
+                        break
+                    if row < start_row:
+                        continue
+                    if key:
+                        addresses: dict[Channel, str] = {}
+                        problems: dict[Channel, tuple[str, str]] = {}
+                        for channel, i in wanted:
+                            try:
+                                addresses[channel] = normalize_address(channel, record[i], region)
+                            except AddressError as err:
+                                problems[channel] = (err.reason, err.detail)
+                        fields = dict(zip(header, record, strict=False))  # same length: checked
+                        chunk.append(Recipient(row, line, key, fields, addresses, problems))
+                    else:
+                        chunk.append(InvalidRow(row, line, "missing_key", f"{spec.key} is empty"))
+                if len(chunk) >= chunk_size:
+                    yield chunk
+                    chunk = []
+            if chunk:
+                yield chunk
+    except UnicodeDecodeError:
+        raise _decode_error(path) from None
+    except csv.Error as exc:
+        raise InputError(shown, reader.line_num, None, f"cannot parse CSV: {exc}") from None
+    except OSError as exc:
+        raise _unreadable(shown, exc) from None
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _blank(record: list[str]) -> bool:
+    """A record with no content: ``[]`` for an empty line, or only empty or blank fields."""
+    for value in record:
+        if value and not value.isspace():
+            return False
+    return True
+
+
+def _read_header(reader: Reader, spec: RecipientSpec) -> tuple[list[str], int, int]:
+    """Read and check the header: the column names, the key column's index, the header's line."""
+    shown = str(spec.path)
+    before = reader.line_num
+    for record in reader:
+        if not _blank(record):
+            break
+        before = reader.line_num
+    else:
+        raise InputError(
+            shown, 1, None, "the file is empty: expected a header row naming the columns"
+        )
+    line = before + 1
+    header = [name.strip() for name in record]
+    seen: dict[str, int] = {}
+    for number, name in enumerate(header, 1):
+        if not name:
+            raise InputError(
+                shown,
+                line,
+                f"column {number}",
+                "empty column name in the header (every column needs a name)",
+            )
+        if name in seen:
+            raise InputError(
+                shown,
+                line,
+                _printable(name),
+                f"duplicate column name (columns {seen[name]} and {number})",
+            )
+        seen[name] = number
+    for column in spec.required_columns:
+        if column not in seen:
+            present = ", ".join(_printable(name) for name in header)
+            raise InputError(
+                shown,
+                line,
+                _printable(column),
+                f"no such column in the header (the columns are: {present})",
+            )
+    return header, seen[spec.key] - 1, line
+
+
+def _printable(name: str) -> str:
+    """A column name fit for a one-line message: quoted if it holds line breaks or the like."""
+    return name if name.isprintable() else repr(name)
+
+
+def _unreadable(shown: str, exc: OSError) -> InputError:
+    if isinstance(exc, FileNotFoundError):
+        return InputError(shown, None, None, "recipient file not found")
+    reason = exc.strerror or str(exc)
+    return InputError(shown, None, None, f"cannot read the recipient file: {reason}")
+
+
+def _nul_error(path: Path, offset: int) -> InputError:
+    return InputError(
+        str(path),
+        _line_at(path, offset),
+        None,
+        f"NUL byte at byte offset {offset}: this looks like a binary file, not CSV text",
+    )
+
+
+def _decode_error(path: Path) -> InputError:
+    """Re-read the file to find the first byte that is not UTF-8, and name its line."""
+    shown = str(path)
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    fed = 0
+    try:
+        with open(path, "rb") as handle:
+            while True:
+                block = handle.read(_BLOCK)
+                pending = len(decoder.getstate()[0])
+                try:
+                    decoder.decode(block, final=not block)
+                except UnicodeDecodeError as exc:
+                    offset = fed - pending + exc.start
+                    bad = exc.object[exc.start : exc.start + 1].hex()
+                    return InputError(
+                        shown,
+                        _line_at(path, offset),
+                        None,
+                        f"not valid UTF-8: byte 0x{bad} at byte offset {offset}"
+                        " (save the file as UTF-8)",
+                    )
+                if not block:
+                    break
+                fed += len(block)
+    except OSError as exc:
+        return _unreadable(shown, exc)
+    return InputError(shown, None, None, "not valid UTF-8 (save the file as UTF-8)")
+
+
+def _line_at(path: Path, offset: int) -> int:
+    """The physical line (from 1) holding byte ``offset``; a line ends at LF, CRLF or CR."""
+    breaks = 0
+    after_cr = False
+    remaining = offset
+    with open(path, "rb") as handle:
+        while remaining > 0:
+            block = handle.read(min(_BLOCK, remaining))
+            if not block:
+                break
+            remaining -= len(block)
+            breaks += block.count(b"\n") + block.count(b"\r") - block.count(b"\r\n")
+            if after_cr and block.startswith(b"\n"):
+                breaks -= 1  # a CRLF split across two blocks is one line break
+            after_cr = block.endswith(b"\r")
+    return breaks + 1

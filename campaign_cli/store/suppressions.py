@@ -1,0 +1,443 @@
+"""The suppression (opt-out) list: who must not be sent to, on which channel.
+
+One row per (address, channel); ``channel = 'all'`` suppresses every channel. Addresses are stored
+normalised (`campaign_cli.addresses`) next to their `address_hash`, and every lookup goes by hash,
+so ``+1 (415) 555-0100`` and ``+14155550100`` are one entry and an erased address (``address``
+set to NULL) stays suppressed.
+
+A run reads this table twice (see `campaign_cli.policy`): once per chunk with `suppressed_among`,
+and by watermark with `suppressions_since`, so that an opt-out added while a run is going is
+honoured by every message not yet sent. The watermark is the ``id`` column: AUTOINCREMENT never
+reuses an id, and SQLite commits writers one at a time, so ids become visible in order.
+
+CSV export and spreadsheets: a cell that begins with ``= + - @``, TAB or CR is exported with a
+leading apostrophe, so that a spreadsheet opening the file shows text instead of evaluating a
+formula (OWASP "CSV injection"). A phone number therefore exports as ``'+14155550100``; that is
+deliberate, and `import_csv` strips the apostrophe again, so an export re-imports unchanged.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import csv
+import os
+import re
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from campaign_cli.addresses import (
+    AddressError,
+    address_hash,
+    normalize_address,
+    normalize_email,
+    normalize_phone,
+    normalize_webhook_url,
+)
+from campaign_cli.errors import InputError
+from campaign_cli.models import Channel
+
+#: Channels a suppression or a consent record may name: every channel, or all of them at once.
+CHANNELS: tuple[str, ...] = tuple(c.value for c in Channel) + ("all",)
+
+#: SQLite's historical limit on bound parameters was 999; stay well below it.
+MAX_PARAMS = 500
+
+EXPORT_COLUMNS = ("address", "channel", "reason", "source", "created_at", "address_hash")
+ADDRESS_COLUMNS = ("address", "phone", "email")
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class AddResult:
+    added: int
+    already: int
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    """What an import did. ``invalid`` holds (line, address as written, reason) for each line
+    left out; the reason starts with the field at fault (``address: not a valid ...``)."""
+
+    added: int
+    already: int
+    invalid: list[tuple[int, str, str]] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers shared with store/consents.py.
+
+
+def batched(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+@contextlib.contextmanager
+def write_transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """One ``BEGIN IMMEDIATE`` ... ``COMMIT`` (store connections are in autocommit mode). Inside a
+    transaction the caller already opened, it adds nothing: the caller commits."""
+    if conn.in_transaction:
+        yield
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+@contextlib.contextmanager
+def read_snapshot(conn: sqlite3.Connection) -> Iterator[None]:
+    """Several reads that must see one state of the database."""
+    if conn.in_transaction:
+        yield
+        return
+    conn.execute("BEGIN")
+    try:
+        yield
+    finally:
+        conn.execute("COMMIT")
+
+
+def check_channel(channel: str) -> str:
+    if channel not in CHANNELS:
+        raise ValueError(f"unknown channel {channel!r}: expected one of {', '.join(CHANNELS)}")
+    return channel
+
+
+def infer_channel(raw: str) -> str:
+    """The channel an address's shape suggests: email with an ``@``, webhook for an http(s) URL,
+    else SMS. Push tokens cannot be told from the rest: they need an explicit channel."""
+    text = raw.strip()
+    if "@" in text:
+        return Channel.EMAIL.value
+    if text.lower().startswith(("http://", "https://")):
+        return Channel.WEBHOOK.value
+    return Channel.SMS.value
+
+
+def normalize_for(raw: str, channel: str | None, default_region: str = "US") -> tuple[str, str]:
+    """``(normalised address, channel)`` for a raw address and a channel that may be ``None``
+    (inferred from the address) or ``'all'``. Raises `AddressError`.
+
+    For ``'all'`` the address is normalised as a phone, else as an email (else as a webhook URL),
+    so that its hash matches the one a run computes on any channel."""
+    if channel is None:
+        channel = infer_channel(raw)
+    check_channel(channel)
+    if channel != "all":
+        return normalize_address(Channel(channel), raw, default_region), channel
+    text = raw.strip()
+    if not text:
+        raise AddressError("no_address", "address is empty")
+    if "@" in text:
+        return normalize_email(text), channel
+    if text.lower().startswith(("http://", "https://")):
+        return normalize_webhook_url(text), channel
+    try:
+        return normalize_phone(text, default_region), channel
+    except AddressError:
+        pass
+    try:
+        return normalize_email(text), channel
+    except AddressError:
+        raise AddressError(
+            "bad_address", f"neither a phone number nor an email address: {text!r}"
+        ) from None
+
+
+def protect_cell(value: str) -> str:
+    """Defuse spreadsheet formula injection: text that a spreadsheet would evaluate gets a
+    leading apostrophe (so ``+14155550100`` exports as ``'+14155550100``)."""
+    return "'" + value if value.startswith(_FORMULA_START) else value
+
+
+def unprotect_cell(value: str) -> str:
+    """Undo `protect_cell` and trim: ``'+14155550100`` -> ``+14155550100``. An apostrophe before
+    anything else is left alone (it may belong to the value)."""
+    text = value.strip()
+    if len(text) > 1 and text[0] == "'" and text[1] in "=+-@\t\r":
+        text = text[1:].strip()
+    return text
+
+
+@dataclass(frozen=True)
+class CsvRecord:
+    line: int  # the physical line on which the record starts
+    fields: dict[str, str]  # lower-cased header -> cell, unprotected and trimmed
+
+
+def _decoded_lines(handle: IO[bytes], name: str) -> Iterator[str]:
+    """The file's lines as text, decoded one at a time so that bad UTF-8 is reported on the
+    line where it is (a text-mode file decodes whole buffers ahead of the CSV reader)."""
+    for number, raw in enumerate(handle, start=1):
+        if number == 1 and raw.startswith(codecs.BOM_UTF8):
+            raw = raw[len(codecs.BOM_UTF8) :]
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InputError(
+                name, number, None, f"not UTF-8 text ({exc.reason} at byte {exc.start + 1})"
+            ) from None
+
+
+@contextlib.contextmanager
+def open_csv(path: str | Path) -> Iterator[tuple[list[str], Iterator[CsvRecord]]]:
+    """Open a CSV file with a header row: the lower-cased column names, and the records (blank
+    lines skipped). Raises `InputError` naming the file (and line) when it cannot be read."""
+    name = str(path)
+    try:
+        handle = open(path, "rb")
+    except OSError as exc:
+        raise InputError(name, None, None, f"cannot read: {exc.strerror}") from None
+    with handle:
+        reader = csv.reader(_decoded_lines(handle, name))
+        try:
+            header = next(reader, None)
+        except csv.Error as exc:
+            raise InputError(name, 1, None, f"not readable as CSV: {exc}") from None
+        if header is None:
+            raise InputError(name, None, None, "the file is empty: a header row is expected")
+        columns = [c.strip().lower() for c in header]
+
+        def records() -> Iterator[CsvRecord]:
+            start = reader.line_num + 1
+            while True:
+                try:
+                    row = next(reader)
+                except StopIteration:
+                    return
+                except csv.Error as exc:
+                    raise InputError(name, start, None, f"not readable as CSV: {exc}") from None
+                line, start = start, reader.line_num + 1
+                if not any(cell.strip() for cell in row):
+                    continue
+                # A short row lacks its last cells; cells past the header are dropped.
+                pairs = zip(columns, row, strict=False)
+                cells = {col: unprotect_cell(cell) for col, cell in pairs if col}
+                yield CsvRecord(line, cells)
+
+        yield columns, records()
+
+
+def address_column(columns: Sequence[str], file: str) -> str:
+    for name in ADDRESS_COLUMNS:
+        if name in columns:
+            return name
+    raise InputError(file, 1, None, "no address column: expected one named address, phone or email")
+
+
+# --------------------------------------------------------------------------------------------
+# What a run asks.
+
+
+def suppressed_among(conn: sqlite3.Connection, hashes: Sequence[str], channel: str) -> set[str]:
+    """Those of ``hashes`` suppressed for ``channel`` (directly or through ``'all'``)."""
+    unique = list(dict.fromkeys(hashes))
+    found: set[str] = set()
+    for batch in batched(unique, MAX_PARAMS - 1):
+        marks = ",".join("?" * len(batch))
+        rows = conn.execute(
+            f"SELECT DISTINCT address_hash FROM suppressions "
+            f"WHERE channel IN (?, 'all') AND address_hash IN ({marks})",
+            (channel, *batch),
+        )
+        found.update(row[0] for row in rows)
+    return found
+
+
+def max_suppression_id(conn: sqlite3.Connection) -> int:
+    """The watermark before a run starts: suppressions with a higher id came later."""
+    return int(conn.execute("SELECT COALESCE(MAX(id), 0) FROM suppressions").fetchone()[0])
+
+
+def suppressions_since(conn: sqlite3.Connection, mark: int) -> tuple[int, list[tuple[str, str]]]:
+    """``(new mark, [(address_hash, channel)])`` for the suppressions with ``id > mark``."""
+    rows = conn.execute(
+        "SELECT id, address_hash, channel FROM suppressions WHERE id > ? ORDER BY id", (mark,)
+    ).fetchall()
+    if not rows:
+        return mark, []
+    return int(rows[-1][0]), [(str(h), str(c)) for _, h, c in rows]
+
+
+# --------------------------------------------------------------------------------------------
+# Managing the list.
+
+
+def add_suppressions(
+    conn: sqlite3.Connection,
+    items: Iterable[tuple[str, str]],
+    reason: str,
+    source: str,
+    now: str,
+) -> AddResult:
+    """Add ``(normalised address, channel)`` pairs in one transaction. An entry already on the
+    list is left as it is (its reason and date are kept) and counted in ``already``."""
+    added = already = 0
+    with write_transaction(conn):
+        for address, channel in items:
+            check_channel(channel)
+            cursor = conn.execute(
+                "INSERT OR IGNORE INTO suppressions "
+                "(address_hash, address, channel, reason, source, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (address_hash(address), address, channel, reason, source, now),
+            )
+            if cursor.rowcount == 1:
+                added += 1
+            else:
+                already += 1
+    return AddResult(added, already)
+
+
+def _hash_filter(address: str, channel: str | None, *, with_all: bool) -> tuple[str, list[str]]:
+    where = "address_hash = ?"
+    params = [address_hash(address)]
+    if channel is not None:
+        check_channel(channel)
+        if with_all and channel != "all":
+            where += " AND channel IN (?, 'all')"
+        else:
+            where += " AND channel = ?"
+        params.append(channel)
+    return where, params
+
+
+def remove_suppression(conn: sqlite3.Connection, address: str, channel: str | None) -> int:
+    """Remove the entries for a normalised address: for that exact channel, or every channel
+    when ``channel`` is None. An ``'all'`` entry is only removed by channel ``'all'`` or None.
+    Returns how many entries went."""
+    where, params = _hash_filter(address, channel, with_all=False)
+    with write_transaction(conn):
+        return conn.execute(f"DELETE FROM suppressions WHERE {where}", params).rowcount
+
+
+_FIELDS = ("id", "address_hash", "address", "channel", "reason", "source", "created_at")
+_COLUMNS = ", ".join(_FIELDS)
+
+
+def _as_dict(row: Sequence[Any]) -> dict[str, Any]:
+    return dict(zip(_FIELDS, row, strict=True))
+
+
+def is_suppressed(
+    conn: sqlite3.Connection, address: str, channel: str | None
+) -> list[dict[str, Any]]:
+    """The entries that suppress a normalised address on ``channel`` (its own and ``'all'``),
+    or on any channel when ``channel`` is None. Empty: not suppressed."""
+    where, params = _hash_filter(address, channel, with_all=True)
+    rows = conn.execute(f"SELECT {_COLUMNS} FROM suppressions WHERE {where} ORDER BY id", params)
+    return [_as_dict(row) for row in rows]
+
+
+def list_suppressions(
+    conn: sqlite3.Connection, channel: str | None = None, limit: int | None = None
+) -> Iterator[dict[str, Any]]:
+    """The list, oldest first. With a channel: the entries that apply to it, which includes the
+    ``'all'`` entries."""
+    sql = f"SELECT {_COLUMNS} FROM suppressions"
+    params: list[Any] = []
+    if channel is not None:
+        check_channel(channel)
+        sql += " WHERE channel IN (?, 'all')" if channel != "all" else " WHERE channel = ?"
+        params.append(channel)
+    sql += " ORDER BY id"
+    if limit is not None:
+        sql += " LIMIT ?"
+        params.append(max(0, limit))
+    for row in conn.execute(sql, params):
+        yield _as_dict(row)
+
+
+# --------------------------------------------------------------------------------------------
+# CSV.
+
+
+def import_csv(
+    conn: sqlite3.Connection,
+    path: str | Path,
+    channel_default: str | None,
+    reason: str,
+    source: str | None,
+    default_region: str,
+    now: str,
+) -> ImportResult:
+    """Add the addresses of a CSV file, in one transaction.
+
+    Columns (header required, any order, case-insensitive): ``address`` (or ``phone`` or
+    ``email``); optional ``channel`` (else ``channel_default``, else inferred from the address's
+    shape) and ``reason`` (else ``reason``). A row with an empty address and an ``address_hash``
+    (an erased entry, as `export_csv` writes it) is added by hash. A leading apostrophe that
+    `export_csv` added is stripped. Bad lines are reported in ``invalid`` and skipped; a file
+    that cannot be read at all raises `InputError`."""
+    name = str(path)
+    if channel_default is not None:
+        check_channel(channel_default)
+    with open_csv(path) as (columns, records):
+        addr_col = address_column(columns, name)
+        source = source or f"import:{name}"
+        invalid: list[tuple[int, str, str]] = []
+        added = already = 0
+        with write_transaction(conn):
+            for record in records:
+                raw = record.fields.get(addr_col, "")
+                channel = record.fields.get("channel", "").lower() or channel_default
+                if channel is not None and channel not in CHANNELS:
+                    invalid.append((record.line, raw, f"channel: unknown channel {channel!r}"))
+                    continue
+                row_reason = record.fields.get("reason", "") or reason
+                erased_hash = record.fields.get("address_hash", "").lower()
+                address: str | None
+                if not raw and _HEX64.fullmatch(erased_hash) and channel is not None:
+                    address, hashed = None, erased_hash
+                else:
+                    try:
+                        address, channel = normalize_for(raw, channel, default_region)
+                    except AddressError as exc:
+                        invalid.append((record.line, raw, f"address: {exc.detail}"))
+                        continue
+                    hashed = address_hash(address)
+                cursor = conn.execute(
+                    "INSERT OR IGNORE INTO suppressions "
+                    "(address_hash, address, channel, reason, source, created_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (hashed, address, channel, row_reason, source, now),
+                )
+                if cursor.rowcount == 1:
+                    added += 1
+                else:
+                    already += 1
+    return ImportResult(added, already, invalid)
+
+
+def export_csv(conn: sqlite3.Connection, path_or_stream: str | Path | IO[str]) -> int:
+    """Write the list as CSV (columns `EXPORT_COLUMNS`); returns the number of entries.
+
+    Cells are protected against formula injection (`protect_cell`): phones come out as
+    ``'+14155550100``, which `import_csv` reads back as ``+14155550100``. A file is created 0600:
+    it holds personal data. Erased entries have an empty address and keep their hash."""
+    if isinstance(path_or_stream, (str, Path)):
+        fd = os.open(path_or_stream, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(fd, "w", encoding="utf-8", newline="") as handle:
+            return _write_csv(conn, handle)
+    return _write_csv(conn, path_or_stream)
+
+
+def _write_csv(conn: sqlite3.Connection, stream: IO[str]) -> int:
+    writer = csv.writer(stream, lineterminator="\r\n")
+    writer.writerow(EXPORT_COLUMNS)
+    count = 0
+    for entry in list_suppressions(conn):
+        writer.writerow(protect_cell(str(entry[col] or "")) for col in EXPORT_COLUMNS)
+        count += 1
+    stream.flush()
+    return count

@@ -1,0 +1,107 @@
+"""Shared fixtures: a campaign in a temporary folder, built from a few parameters."""
+
+from __future__ import annotations
+
+import csv
+import sqlite3
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+Row = Sequence[str]
+HEADER = ("id", "first_name", "phone", "email")
+
+
+def phone(i: int) -> str:
+    """A distinct valid US number for recipient i (NANP 201 area code, 2xx exchange)."""
+    return f"+1201{200 + i // 10000:03d}{i % 10000:04d}"
+
+
+def write_csv(path: Path, rows: Iterable[Row], header: Row = HEADER) -> Path:
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def people(n: int, start: int = 1) -> list[list[str]]:
+    return [[f"c{i}", f"Name{i}", phone(i), f"person{i}@example.com"]
+            for i in range(start, start + n)]
+
+
+class CampaignFactory:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.outbox = root / "outbox"
+
+    def __call__(
+        self,
+        rows: Iterable[Row] | None = None,
+        *,
+        name: str = "test-campaign",
+        purpose: str = "transactional",
+        channels: dict[str, Any] | None = None,
+        providers: dict[str, Any] | None = None,
+        limits: dict[str, Any] | None = None,
+        compliance: dict[str, Any] | None = None,
+        extra: dict[str, Any] | None = None,
+        header: Row = HEADER,
+        file_name: str = "campaign.yaml",
+    ) -> Path:
+        csv_path = write_csv(self.root / "recipients.csv",
+                             people(10) if rows is None else rows, header)
+        data: dict[str, Any] = {
+            "name": name,
+            "purpose": purpose,
+            "recipients": {"file": csv_path.name, "key": "id",
+                           "columns": {"phone": "phone", "email": "email"}},
+            "channels": channels or {"sms": {"provider": "box",
+                                             "body": "Hi {{ first_name }}, your code is 1234."}},
+            "providers": providers or {"box": {"type": "outbox", "dir": "outbox",
+                                               "price_per_segment": "0.01"}},
+            "limits": limits or {"concurrency": 4},
+            "compliance": compliance or {"consent": "not_required"},
+        }
+        data.update(extra or {})
+        path = self.root / file_name
+        path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+        return path
+
+
+@pytest.fixture
+def make_campaign(tmp_path: Path) -> CampaignFactory:
+    return CampaignFactory(tmp_path)
+
+
+@pytest.fixture
+def store_path(tmp_path: Path) -> Path:
+    return tmp_path / "store.db"
+
+
+def journal(store: Path, run_id: int | None = None) -> list[dict[str, Any]]:
+    conn = sqlite3.connect(store)
+    conn.row_factory = sqlite3.Row
+    try:
+        sql = "SELECT * FROM messages"
+        params: tuple[Any, ...] = ()
+        if run_id is not None:
+            sql += " WHERE run_id = ?"
+            params = (run_id,)
+        return [dict(r) for r in conn.execute(sql + " ORDER BY row, channel", params)]
+    finally:
+        conn.close()
+
+
+def query(store: Path, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    conn = sqlite3.connect(store)
+    try:
+        return list(conn.execute(sql, params))
+    finally:
+        conn.close()
+
+
+Factory = Callable[..., Path]

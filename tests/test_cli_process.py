@@ -1,0 +1,190 @@
+"""`campaign send` as a real process: SIGKILL and resume, Ctrl-C, the run lock, and an opt-out
+added from another terminal while a paced run is going.
+
+These runs are paced (a few dozen messages a second) so that the event lands mid-run; the tests wait
+on conditions in the journal (rows sent so far), never on fixed sleeps.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CampaignFactory, journal, people, phone
+
+CAMPAIGN = [sys.executable, "-m", "campaign_cli"]
+DEADLINE = 60.0
+
+
+def campaign_cmd(store: Path, *args: str) -> list[str]:
+    return [*CAMPAIGN, "--store", str(store), *args]
+
+
+def start(store: Path, *args: str, stdout: int | object = subprocess.PIPE) -> subprocess.Popen[str]:
+    return subprocess.Popen(campaign_cmd(store, *args), stdout=stdout,  # type: ignore[arg-type]
+                            stderr=subprocess.PIPE, text=True)
+
+
+def sent_rows(store: Path) -> int:
+    if not store.exists():
+        return 0
+    try:
+        conn = sqlite3.connect(f"file:{store}?mode=ro", uri=True, timeout=5)
+        try:
+            return int(conn.execute("SELECT count(*) FROM messages WHERE state = 'sent'")
+                       .fetchone()[0])
+        finally:
+            conn.close()
+    except sqlite3.OperationalError:
+        return 0  # schema not created yet
+
+
+def wait_for(condition: Callable[[], bool], proc: subprocess.Popen[str], what: str) -> None:
+    deadline = time.monotonic() + DEADLINE
+    while not condition():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"process ended (exit {proc.returncode}) before {what}: {err}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def run(store: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(campaign_cmd(store, *args), capture_output=True, text=True,
+                          timeout=DEADLINE)
+
+
+@pytest.fixture
+def paced(make_campaign: CampaignFactory) -> Path:
+    return make_campaign(
+        people(120),
+        providers={"box": {"type": "outbox", "dir": "outbox", "rate": "40/s", "burst": 2,
+                           "price_per_segment": "0.01"}},
+        limits={"concurrency": 4},
+    )
+
+
+def test_sigkill_mid_run_then_resume_sends_everyone_exactly_once(
+    paced: Path, store_path: Path, tmp_path: Path
+) -> None:
+    proc = start(store_path, "send", str(paced), "--run-key", "crash")
+    wait_for(lambda: sent_rows(store_path) >= 30, proc, "30 messages sent")
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    before = Counter(r["state"] for r in journal(store_path))
+    assert before["sent"] >= 30 and sum(before.values()) < 120 + 1
+
+    result = run(store_path, "send", str(paced), "--run-key", "crash", "--rate", "1000",
+                 "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    rows = journal(store_path)
+    assert len(rows) == 120 and {r["row"] for r in rows} == set(range(1, 121))
+    assert summary["counts"] == {"sent": 120}
+    assert sum(summary["counts"].values()) == summary["total_rows"] == 120
+    # The outbox names each file by idempotency key: exactly one file per recipient.
+    files = sorted((tmp_path / "outbox" / "test-campaign_crash").glob("*.json"))
+    assert len(files) == 120
+    assert sorted(json.loads(f.read_text())["recipient_key"] for f in files) == sorted(
+        f"c{i}" for i in range(1, 121)
+    )
+    resent = sum(r["resent_in_doubt"] for r in rows)
+    assert summary["in_doubt_resent"] == resent == summary["in_doubt_found"]
+
+
+def test_sigkill_with_a_provider_that_cannot_deduplicate_reports_doubts_instead_of_resending(
+    make_campaign: CampaignFactory, store_path: Path, tmp_path: Path
+) -> None:
+    campaign = make_campaign(
+        people(120), purpose="marketing",
+        channels={"sms": {"provider": "con", "body": "Hi {{ first_name }}. Reply STOP to opt out"}},
+        providers={"con": {"type": "console", "rate": "40/s", "burst": 2}},
+        compliance={"consent": "not_required"},
+    )
+    printed = tmp_path / "printed.jsonl"
+    with printed.open("a") as out:
+        proc = start(store_path, "send", str(campaign), "--run-key", "k", stdout=out)
+        wait_for(lambda: sent_rows(store_path) >= 20, proc, "20 messages sent")
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+        done = subprocess.run(campaign_cmd(store_path, "send", str(campaign), "--run-key", "k",
+                                           "--rate", "1000"),
+                              stdout=out, stderr=subprocess.PIPE, text=True, timeout=DEADLINE)
+    assert done.returncode == 0, done.stderr
+    keys = Counter(json.loads(line)["recipient_key"] for line in printed.read_text().splitlines())
+    assert max(keys.values()) == 1  # nobody got the message twice
+    states = Counter(r["state"] for r in journal(store_path))
+    assert sum(states.values()) == 120
+    assert set(states) <= {"sent", "in_doubt"}
+    assert states["sent"] + states["in_doubt"] == 120
+    # Every in-doubt row is reported, not silently dropped.
+    status = json.loads(run(store_path, "status", "test-campaign/k", "--json").stdout)
+    assert status["counts"].get("in_doubt", 0) == states["in_doubt"]
+
+
+def test_ctrl_c_exits_130_prints_the_resume_command_and_resume_completes(
+    paced: Path, store_path: Path
+) -> None:
+    proc = start(store_path, "send", str(paced), "--run-key", "int")
+    wait_for(lambda: sent_rows(store_path) >= 10, proc, "10 messages sent")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=DEADLINE)
+    assert proc.returncode == 130, err
+    assert "to resume:" in err and "--run-key int" in err
+    assert "Traceback" not in err
+    assert sum(1 for r in journal(store_path) if r["state"] == "sending") == 0
+
+    result = run(store_path, "send", str(paced), "--run-key", "int", "--rate", "1000", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["counts"] == {"sent": 120}
+
+
+def test_a_second_process_on_the_same_run_exits_5_naming_the_holder(
+    paced: Path, store_path: Path
+) -> None:
+    proc = start(store_path, "send", str(paced), "--run-key", "lock")
+    try:
+        wait_for(lambda: sent_rows(store_path) >= 1, proc, "the first message")
+        second = run(store_path, "send", str(paced), "--run-key", "lock")
+        assert second.returncode == 5, second.stderr
+        assert f"pid {proc.pid}" in second.stderr
+        assert len(second.stderr.strip().splitlines()) == 1
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+
+
+def test_an_opt_out_added_mid_run_is_honoured(paced: Path, store_path: Path, tmp_path: Path) -> None:
+    proc = start(store_path, "send", str(paced), "--run-key", "optout")
+    wait_for(lambda: sent_rows(store_path) >= 5, proc, "5 messages sent")
+    late = phone(110)  # row 110, far from being sent at 40/s
+    added = run(store_path, "suppress", "add", late.replace("+1", ""), "--channel", "sms")
+    assert added.returncode == 0, added.stderr
+    _, err = proc.communicate(timeout=DEADLINE)
+    assert proc.returncode == 0, err
+    row = next(r for r in journal(store_path) if r["row"] == 110)
+    assert row["state"] == "suppressed"
+    printed = [json.loads(f.read_text())["to"]
+               for f in (tmp_path / "outbox" / "test-campaign_optout").glob("*.json")]
+    assert late not in printed and len(printed) == 119
+
+
+def test_sigterm_is_handled_like_ctrl_c(paced: Path, store_path: Path) -> None:
+    proc = start(store_path, "send", str(paced), "--run-key", "term")
+    wait_for(lambda: sent_rows(store_path) >= 5, proc, "5 messages sent")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=DEADLINE)
+    assert proc.returncode == 130, err
+    assert "SIGTERM" in err
+

@@ -1,0 +1,206 @@
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+import typer  # noqa: TID251 - a CLI test
+from typer.testing import CliRunner  # noqa: TID251
+
+from campaign_cli.cli import consent, suppress
+from campaign_cli.cli.context import AppContext
+from campaign_cli.cli.output import Output
+from campaign_cli.store.db import Store
+from campaign_cli.testing import FakeClock
+
+
+@dataclass
+class Result:
+    exit_code: int
+    out: str
+    err: str
+
+
+class Cli:
+    """The suppress and consent groups under a bare root, with a context built by hand."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.store_path = tmp_path / "store.db"
+        self.clock = FakeClock(datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc))
+        self.root = typer.Typer()
+        self.root.callback()(lambda: None)
+        self.root.add_typer(suppress.app, name="suppress")
+        self.root.add_typer(consent.app, name="consent")
+
+    def __call__(self, *args: str) -> Result:
+        stdout, stderr = io.StringIO(), io.StringIO()
+        ctx = AppContext(
+            output=Output(stdout=stdout, stderr=stderr),
+            store_option=self.store_path,
+            env={},
+            clock=self.clock,
+        )
+        result = CliRunner().invoke(self.root, list(args), obj=ctx)
+        if result.exception is not None and not isinstance(result.exception, SystemExit):
+            raise result.exception
+        return Result(result.exit_code, stdout.getvalue() + result.stdout, stderr.getvalue())
+
+    def addresses(self) -> set[tuple[str, str]]:
+        with Store.open(self.store_path) as store:
+            rows = store.conn.execute("SELECT address, channel FROM suppressions").fetchall()
+        return {(str(a), str(c)) for a, c in rows}
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Cli:
+    return Cli(tmp_path)
+
+
+def test_add_counts_added_and_already_present(cli: Cli) -> None:
+    r = cli("suppress", "add", "+1 (415) 555-0100", "Ann@Example.com")
+    assert (r.exit_code, r.out.strip()) == (0, "added 2, already present 0")
+    r = cli("suppress", "add", "+14155550100", "bob@example.com", "--reason", "complaint")
+    assert (r.exit_code, r.out.strip()) == (0, "added 1, already present 1")
+    assert cli.addresses() == {
+        ("+14155550100", "sms"),
+        ("ann@example.com", "email"),
+        ("bob@example.com", "email"),
+    }
+
+
+def test_add_bad_address_is_one_line_exit_2_and_adds_nothing(cli: Cli) -> None:
+    r = cli("suppress", "add", "+14155550100", "not-a-phone")
+    assert r.exit_code == 2
+    assert r.err.startswith("error: address 'not-a-phone': ")
+    assert len(r.err.strip().splitlines()) == 1
+    assert "Traceback" not in r.err + r.out
+    assert cli.addresses() == set()
+
+
+def test_unknown_channel_is_a_usage_error(cli: Cli) -> None:
+    r = cli("suppress", "add", "+14155550100", "--channel", "fax")
+    assert r.exit_code == 2
+    assert cli.addresses() == set()
+
+
+def test_channel_all_suppresses_every_channel(cli: Cli) -> None:
+    assert cli("suppress", "add", "ann@example.com", "--channel", "all").exit_code == 0
+    for channel in ("email", "sms", "push", "webhook"):
+        r = cli("suppress", "check", "Ann@Example.com", "--channel", channel, "--json")
+        assert r.exit_code == 0
+        assert json.loads(r.out)["suppressed"] is True
+
+
+def test_check_says_either_way_and_exits_0(cli: Cli) -> None:
+    r = cli("suppress", "check", "+1 415 555 0100")
+    assert (r.exit_code, r.out.strip()) == (0, "not suppressed: +14155550100")
+    cli("suppress", "add", "+14155550100", "--reason", "STOP")
+    r = cli("suppress", "check", "(415) 555-0100")
+    assert r.exit_code == 0
+    assert r.out.startswith("suppressed: +14155550100 (sms: STOP (cli, 2024-05-01T12:00:00.000Z))")
+    r = cli("suppress", "check", "+14155550100", "--channel", "email", "--json")
+    payload = json.loads(r.out)
+    assert (payload["address"], payload["suppressed"], payload["entries"]) == (
+        "+14155550100", False, []
+    )
+
+
+def test_remove(cli: Cli) -> None:
+    cli("suppress", "add", "+14155550100")
+    cli("suppress", "add", "+14155550100", "--channel", "all")
+    r = cli("suppress", "remove", "+14155550100", "--channel", "sms")
+    assert (r.exit_code, r.out.strip()) == (0, "removed 1")
+    assert "still suppressed on every channel" in r.err
+    r = cli("suppress", "remove", "+1 415 555 0100")
+    assert (r.exit_code, r.out.strip()) == (0, "removed 1")
+    assert cli.addresses() == set()
+
+
+def test_list_table_and_json(cli: Cli) -> None:
+    cli("suppress", "add", "+14155550100", "ann@example.com")
+    r = cli("suppress", "list")
+    assert r.exit_code == 0
+    assert "+14155550100" in r.out and "ann@example.com" in r.out
+    r = cli("suppress", "list", "--json", "--channel", "email")
+    entries = json.loads(r.out)
+    assert [(e["address"], e["channel"], e["reason"]) for e in entries] == [
+        ("ann@example.com", "email", "manual")
+    ]
+
+
+def test_import_reports_invalid_lines(cli: Cli, tmp_path: Path) -> None:
+    path = tmp_path / "optouts.csv"
+    path.write_text("address,reason\n'+14155550100,STOP\nbogus,\nann@example.com,\n")
+    r = cli("suppress", "import", str(path))
+    assert r.exit_code == 0
+    assert r.out.strip() == "added 2, already present 0, invalid 1"
+    assert f"warning: {path}:3: address: " in r.err
+    assert cli.addresses() == {("+14155550100", "sms"), ("ann@example.com", "email")}
+
+
+def test_import_missing_file_is_exit_2(cli: Cli, tmp_path: Path) -> None:
+    r = cli("suppress", "import", str(tmp_path / "missing.csv"))
+    assert r.exit_code == 2
+    assert r.err.startswith(f"error: {tmp_path / 'missing.csv'}: cannot read")
+    assert "Traceback" not in r.err
+
+
+def test_export_to_stdout_and_round_trip(cli: Cli, tmp_path: Path) -> None:
+    cli("suppress", "add", "+14155550100", "--reason", "=cmd|' /C calc'!A0")
+    r = cli("suppress", "export", "-")
+    assert r.exit_code == 0
+    rows = list(csv.reader(io.StringIO(r.out)))
+    assert rows[1][:3] == ["'+14155550100", "sms", "'=cmd|' /C calc'!A0"]
+
+    path = tmp_path / "export.csv"
+    r = cli("suppress", "export", str(path))
+    assert r.exit_code == 0 and "exported 1 entries" in r.err
+    r = cli("suppress", "import", str(path))
+    assert r.out.strip() == "added 0, already present 1, invalid 0"
+
+
+def test_consent_grant_revoke_list(cli: Cli) -> None:
+    r = cli("consent", "grant", "+1 415 555 0100", "--at", "2024-01-01T00:00:00Z")
+    assert (r.exit_code, r.out.strip()) == (
+        0, "granted marketing consent: recorded 1, already present 0"
+    )
+    r = cli("consent", "revoke", "+14155550100", "--channel", "all", "--source", "call")
+    assert r.exit_code == 0
+    r = cli("consent", "list", "(415) 555-0100", "--json")
+    entries = {e["channel"]: e for e in json.loads(r.out)}
+    assert entries["sms"]["status"] == "revoked"
+    assert entries["sms"]["via"] == "all"
+    assert entries["all"]["recorded_at"] == "2024-05-01T12:00:00.000Z"
+
+
+def test_consent_bad_at_is_exit_2(cli: Cli) -> None:
+    r = cli("consent", "grant", "ann@example.com", "--at", "last tuesday")
+    assert r.exit_code == 2
+    assert r.err.startswith("error: --at: not an ISO 8601")
+    r = cli("consent", "grant", "ann@example.com", "--at", "2031-01-01")
+    assert r.exit_code == 2 and "future" in r.err
+
+
+def test_consent_import(cli: Cli, tmp_path: Path) -> None:
+    path = tmp_path / "c.csv"
+    path.write_text(
+        "email,status,recorded_at\nann@example.com,granted,2024-01-01\nbob@example.com,x,2024-01-01\n"
+    )
+    r = cli("consent", "import", str(path))
+    assert r.exit_code == 0
+    assert r.out.strip() == "recorded 1, already present 0, invalid 1"
+    assert f"{path}:3: status: " in r.err
+
+
+def test_the_real_app_registers_the_groups(tmp_path: Path) -> None:
+    from campaign_cli.cli.main import get_app
+
+    result = CliRunner().invoke(
+        get_app(), ["--store", str(tmp_path / "s.db"), "suppress", "add", "+14155550100"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "added 1, already present 0" in result.stdout

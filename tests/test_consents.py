@@ -1,0 +1,243 @@
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from campaign_cli.addresses import address_hash
+from campaign_cli.errors import InputError
+from campaign_cli.store.consents import (
+    consented_among,
+    import_csv,
+    list_consents,
+    max_consent_id,
+    parse_timestamp,
+    record_consent,
+    record_consents,
+    revocations_since,
+)
+from campaign_cli.store.db import Store
+
+NOW = "2024-05-01T12:00:00.000Z"
+PHONE = "+14155550100"
+H = address_hash(PHONE)
+ANN = "ann@example.com"
+HA = address_hash(ANN)
+
+
+@pytest.fixture
+def conn(tmp_path: Path) -> Iterator[sqlite3.Connection]:
+    store = Store.open(tmp_path / "store.db")
+    yield store.conn
+    store.close()
+
+
+def rec(
+    conn: sqlite3.Connection,
+    status: str,
+    at: str,
+    *,
+    address: str = PHONE,
+    channel: str = "sms",
+    purpose: str = "marketing",
+    source: str = "test",
+) -> bool:
+    return record_consent(conn, address, channel, purpose, status, source, at, NOW)
+
+
+def granted(conn: sqlite3.Connection, channel: str = "sms", purpose: str = "marketing") -> bool:
+    return H in consented_among(conn, [H], channel, purpose)
+
+
+def test_no_record_means_no_consent(conn: sqlite3.Connection) -> None:
+    assert consented_among(conn, [H, HA], "sms", "marketing") == set()
+
+
+def test_latest_recorded_at_wins_not_insertion_order(conn: sqlite3.Connection) -> None:
+    rec(conn, "granted", "2024-01-02T00:00:00Z")
+    assert granted(conn)
+    rec(conn, "revoked", "2024-01-03T00:00:00Z")
+    assert not granted(conn)
+    # A grant learned later but given earlier does not outrank the revocation.
+    rec(conn, "granted", "2024-01-01T00:00:00Z")
+    assert not granted(conn)
+    rec(conn, "granted", "2024-02-01T00:00:00Z")
+    assert granted(conn)
+
+
+def test_a_tie_goes_to_revoked(conn: sqlite3.Connection) -> None:
+    rec(conn, "revoked", "2024-01-01T10:00:00Z", source="a")
+    rec(conn, "granted", "2024-01-01T10:00:00Z", source="b")
+    assert not granted(conn)
+
+
+def test_offsets_are_compared_as_instants(conn: sqlite3.Connection) -> None:
+    # 10:00+02:00 is 08:00Z: before the 09:00Z revocation.
+    rec(conn, "revoked", "2024-01-01T09:00:00Z")
+    rec(conn, "granted", "2024-01-01T10:00:00+02:00")
+    assert not granted(conn)
+
+
+def test_purpose_and_channel_are_separate(conn: sqlite3.Connection) -> None:
+    rec(conn, "granted", "2024-01-01T00:00:00Z")
+    assert granted(conn, "sms", "marketing")
+    assert not granted(conn, "email", "marketing")
+    assert not granted(conn, "sms", "transactional")
+
+
+def test_channel_all_applies_to_every_channel(conn: sqlite3.Connection) -> None:
+    rec(conn, "granted", "2024-01-01T00:00:00Z", channel="all")
+    assert granted(conn, "sms") and granted(conn, "email") and granted(conn, "push")
+    # A later specific revocation beats the earlier 'all' grant on that channel only.
+    rec(conn, "revoked", "2024-01-02T00:00:00Z", channel="email")
+    assert granted(conn, "sms") and not granted(conn, "email")
+    # A later 'all' revocation beats an earlier specific grant.
+    rec(conn, "granted", "2024-01-03T00:00:00Z", channel="sms")
+    rec(conn, "revoked", "2024-01-04T00:00:00Z", channel="all")
+    assert not granted(conn, "sms")
+    # ... and ties between a channel's record and an 'all' record go to revoked too.
+    rec(conn, "granted", "2024-01-04T00:00:00Z", channel="sms")
+    assert not granted(conn, "sms")
+
+
+def test_consented_among_batches(conn: sqlite3.Connection) -> None:
+    addresses = [f"user{i}@example.com" for i in range(1100)]
+    record_consents(
+        conn, [(a, "email") for a in addresses[1::2]], "marketing", "granted", "t",
+        "2024-01-01T00:00:00Z", NOW,
+    )
+    hashes = [address_hash(a) for a in addresses]
+    assert consented_among(conn, hashes, "email", "marketing") == set(hashes[1::2])
+
+
+def test_same_record_twice_is_kept_once(conn: sqlite3.Connection) -> None:
+    assert rec(conn, "granted", "2024-01-01T00:00:00Z") is True
+    assert rec(conn, "granted", "2024-01-01T00:00:00.000Z") is False
+    assert conn.execute("SELECT COUNT(*) FROM consents").fetchone()[0] == 1
+
+
+def test_record_rejects_bad_values(conn: sqlite3.Connection) -> None:
+    with pytest.raises(ValueError, match="status"):
+        rec(conn, "maybe", "2024-01-01T00:00:00Z")
+    with pytest.raises(ValueError, match="purpose"):
+        rec(conn, "granted", "2024-01-01T00:00:00Z", purpose="spam")
+    with pytest.raises(ValueError, match="future"):
+        rec(conn, "granted", "2030-01-01T00:00:00Z")
+    with pytest.raises(ValueError, match="ISO 8601"):
+        rec(conn, "granted", "yesterday")
+    assert conn.execute("SELECT COUNT(*) FROM consents").fetchone()[0] == 0
+    assert not conn.in_transaction
+
+
+@pytest.mark.parametrize(
+    ("text", "stored"),
+    [
+        ("2024-01-01T10:00:00Z", "2024-01-01T10:00:00.000Z"),
+        ("2024-01-01T10:00:00+02:00", "2024-01-01T08:00:00.000Z"),
+        ("2024-01-01 10:00:00", "2024-01-01T10:00:00.000Z"),
+        ("2024-01-01", "2024-01-01T00:00:00.000Z"),
+        ("2024-01-01T10:00:00.123456z", "2024-01-01T10:00:00.123Z"),
+    ],
+)
+def test_parse_timestamp(text: str, stored: str) -> None:
+    assert parse_timestamp(text) == stored
+
+
+def test_revocations_since_reports_new_effective_revocations(conn: sqlite3.Connection) -> None:
+    rec(conn, "granted", "2024-01-01T00:00:00Z")
+    rec(conn, "granted", "2024-01-01T00:00:00Z", address=ANN, channel="email")
+    mark = max_consent_id(conn)
+    assert revocations_since(conn, mark) == (mark, [])
+
+    rec(conn, "revoked", "2024-02-01T00:00:00Z")
+    rec(conn, "granted", "2024-02-01T00:00:00Z", address="bob@example.com", channel="email")
+    new_mark, found = revocations_since(conn, mark)
+    assert found == [(H, "sms", "marketing")]
+    assert new_mark == max_consent_id(conn) > mark
+    assert revocations_since(conn, new_mark) == (new_mark, [])
+
+
+def test_revocations_since_ignores_a_revocation_a_later_grant_outranks(
+    conn: sqlite3.Connection,
+) -> None:
+    rec(conn, "granted", "2024-03-01T00:00:00Z")
+    mark = max_consent_id(conn)
+    rec(conn, "revoked", "2024-01-01T00:00:00Z")  # back-dated evidence: still granted
+    new_mark, found = revocations_since(conn, mark)
+    assert (new_mark > mark, found) == (True, [])
+    assert granted(conn)
+
+
+def test_revocations_since_expands_all_to_the_channels_it_decides(
+    conn: sqlite3.Connection,
+) -> None:
+    rec(conn, "granted", "2024-03-01T00:00:00Z", channel="email")
+    mark = max_consent_id(conn)
+    rec(conn, "revoked", "2024-02-01T00:00:00Z", channel="all")
+    _, found = revocations_since(conn, mark)
+    # email was granted later than the 'all' revocation: still granted there.
+    assert sorted(found) == [
+        (H, "push", "marketing"),
+        (H, "sms", "marketing"),
+        (H, "webhook", "marketing"),
+    ]
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_import_csv(conn: sqlite3.Connection, tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "consents.csv",
+        "address,channel,purpose,status,recorded_at,source\n"
+        "'+1 (415) 555-0100,sms,marketing,granted,2024-01-01T00:00:00Z,web form\n"
+        "Ann@Example.com,,,GRANTED,2024-01-01,\n"
+        "bob@example.com,email,marketing,maybe,2024-01-01,\n"
+        "carol@example.com,email,marketing,granted,,\n"
+        "nobody,sms,marketing,granted,2024-01-01,\n"
+        "dan@example.com,email,spam,granted,2024-01-01,\n"
+        "+14155550100,sms,marketing,revoked,2024-01-02T00:00:00Z,STOP reply\n",
+    )
+    result = import_csv(conn, path, None, "marketing", None, "US", NOW)
+    assert (result.added, result.already) == (3, 0)
+    assert [(line, reason.split(":")[0]) for line, _, reason in result.invalid] == [
+        (4, "status"),
+        (5, "recorded_at"),
+        (6, "address"),
+        (7, "purpose"),
+    ]
+    assert not granted(conn)
+    assert consented_among(conn, [HA], "email", "marketing") == {HA}
+    sources = {r[0] for r in conn.execute("SELECT source FROM consents")}
+    assert sources == {"web form", f"import:{path}", "STOP reply"}
+
+    again = import_csv(conn, path, None, "marketing", None, "US", NOW)
+    assert (again.added, again.already) == (0, 3)
+
+
+def test_import_requires_status_and_recorded_at_columns(
+    conn: sqlite3.Connection, tmp_path: Path
+) -> None:
+    path = write(tmp_path / "c.csv", "email,status\nann@example.com,granted\n")
+    with pytest.raises(InputError, match="c.csv:1: no recorded_at column"):
+        import_csv(conn, path, None, "marketing", None, "US", NOW)
+
+
+def test_list_consents_shows_effective_state(conn: sqlite3.Connection) -> None:
+    rec(conn, "granted", "2024-01-01T00:00:00Z", channel="sms", source="form")
+    rec(conn, "revoked", "2024-01-05T00:00:00Z", channel="all", source="call")
+    rec(conn, "granted", "2024-01-01T00:00:00Z", address=ANN, channel="email")
+    entries = list(list_consents(conn, PHONE))
+    by_channel = {e["channel"]: e for e in entries}
+    assert set(by_channel) == {"sms", "all"}
+    assert by_channel["sms"]["status"] == "revoked"
+    assert by_channel["sms"]["via"] == "all"
+    assert by_channel["sms"]["source"] == "call"
+    assert by_channel["sms"]["records"] == 1
+    assert by_channel["all"]["status"] == "revoked"
+    assert all(e["address"] == PHONE for e in entries)
+    assert len(list(list_consents(conn))) == 3

@@ -1,0 +1,326 @@
+"""The pipeline, in process: fake provider, fake clock, real SQLite store."""
+
+from __future__ import annotations
+
+import sqlite3
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from campaign_cli.config import load_campaign
+from campaign_cli.errors import (
+    ExitCode,
+    InDoubtError,
+    PermanentError,
+    ProviderAuthError,
+    RateLimitedError,
+    RunLockedError,
+    TransientError,
+    UsageError,
+)
+from campaign_cli.models import OutboundMessage, SendResult
+from campaign_cli.pipeline import RunReport, SendOptions, StopController, run_campaign
+from campaign_cli.store import runs
+from campaign_cli.testing import FakeClock, FakeProvider, fake_registry
+from tests.conftest import CampaignFactory, journal, people, query
+
+MARKETING_SMS = {"sms": {"provider": "box", "body": "Hi {{ first_name }}. Reply STOP to opt out"}}
+
+
+def send(
+    campaign: Path,
+    store: Path,
+    provider: FakeProvider | None = None,
+    *,
+    env: dict[str, str] | None = None,
+    clock: FakeClock | None = None,
+    stop: StopController | None = None,
+    **options: Any,
+) -> RunReport:
+    loaded = load_campaign(campaign, env or {})
+    registry = fake_registry(provider) if provider is not None else None
+    return run_campaign(loaded, store, SendOptions(**options), clock=clock or FakeClock(),
+                        registry=registry, stop=stop)
+
+
+def states(store: Path) -> dict[int, str]:
+    return {r["row"]: r["state"] for r in journal(store)}
+
+
+def test_every_row_ends_in_exactly_one_state(make_campaign: CampaignFactory, store_path: Path) -> None:
+    rows = people(20)
+    rows.insert(5, ["c3", "Dup", "+12012000099", "dup@example.com"])  # key already used
+    rows.append(["", "NoKey", "+12012000098", "x@example.com"])
+    rows.append(["c99", "BadPhone", "12", "y@example.com"])
+    provider = FakeProvider()
+    report = send(make_campaign(rows), store_path, provider)
+
+    assert report.exit_code == ExitCode.OK
+    assert report.total_rows == 23
+    assert sum(report.counts.values()) == 23
+    assert report.counts == {"duplicate": 1, "invalid": 2, "sent": 20}
+    reasons = {r["row"]: r["reason"] for r in journal(store_path) if r["state"] == "invalid"}
+    assert reasons == {22: "missing_key", 23: "bad_phone"}
+    assert sorted(m.recipient_key for m in provider.accepted) == sorted(f"c{i}" for i in range(1, 21))
+    assert len({m.idempotency_key for m in provider.accepted}) == 20
+
+
+def test_rerun_with_the_same_key_sends_nothing_twice(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    campaign = make_campaign(people(15))
+    first = FakeProvider()
+    send(campaign, store_path, first)
+    second = FakeProvider()
+    report = send(campaign, store_path, second)
+    assert report.resumed
+    assert second.history == []
+    assert report.counts == {"sent": 15}
+    assert report.exit_code == ExitCode.OK
+
+
+def test_a_changed_recipient_file_cannot_resume_the_same_run(
+    make_campaign: CampaignFactory, store_path: Path, tmp_path: Path
+) -> None:
+    campaign = make_campaign(people(5))
+    send(campaign, store_path, FakeProvider(), run_key="fixed")
+    make_campaign(people(6))
+    with pytest.raises(UsageError, match="different recipient file"):
+        send(campaign, store_path, FakeProvider(), run_key="fixed")
+
+
+def test_resume_continues_pending_and_reports_in_doubt(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    """A session that died mid-send leaves `sending` rows: on resume they are in doubt. A provider
+    that cannot deduplicate gets no blind resend of a marketing message (policy skip)."""
+    campaign = make_campaign(people(10), purpose="marketing", channels=MARKETING_SMS,
+                             compliance={"consent": "not_required"})
+    send(campaign, store_path, FakeProvider(), limit=4, run_key="k")
+    # Simulate a crash: row 3 was in flight, rows 5..10 never reached.
+    conn = sqlite3.connect(store_path)
+    conn.execute("UPDATE messages SET state = 'sending' WHERE row = 3")
+    conn.commit()
+    conn.close()
+
+    provider = FakeProvider(deduplicates=False)
+    report = send(campaign, store_path, provider, run_key="k")
+    assert report.in_doubt_found == 1
+    assert report.counts == {"in_doubt": 1, "sent": 9}
+    assert sorted(m.row for m in provider.accepted) == [5, 6, 7, 8, 9, 10]
+
+
+def test_in_doubt_rows_are_resent_with_the_same_key_where_the_provider_deduplicates(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    campaign = make_campaign(people(4), purpose="marketing", channels=MARKETING_SMS,
+                             compliance={"consent": "not_required"})
+    first = FakeProvider()
+    send(campaign, store_path, first, run_key="k")
+    key_of_row_2 = next(m.idempotency_key for m in first.accepted if m.row == 2)
+    conn = sqlite3.connect(store_path)
+    conn.execute("UPDATE messages SET state = 'sending' WHERE row = 2")
+    conn.commit()
+    conn.close()
+
+    provider = FakeProvider(deduplicates=True)
+    report = send(campaign, store_path, provider, run_key="k")
+    assert [m.row for m in provider.accepted] == [2]
+    assert provider.accepted[0].idempotency_key == key_of_row_2
+    assert report.in_doubt_found == 1 and report.in_doubt_resent == 1
+    assert report.counts == {"sent": 4}
+    assert query(store_path, "SELECT resent_in_doubt FROM messages WHERE row = 2") == [(1,)]
+
+
+def test_transient_errors_retry_with_backoff_on_the_injected_clock(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    provider = FakeProvider()
+    provider.enqueue(TransientError("503", status=503), RateLimitedError("slow", retry_after=7))
+    clock = FakeClock()
+    report = send(make_campaign(people(1)), store_path, provider, clock=clock)
+    assert report.counts == {"sent": 1}
+    assert len(provider.history) == 3
+    assert clock.sleeps[-1] >= 7  # Retry-After honoured
+    assert query(store_path, "SELECT attempts FROM messages") == [(3,)]
+
+
+def test_retries_run_out_into_a_dead_letter_and_exit_4(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    provider = FakeProvider(handler=lambda m: TransientError("down", code="503", status=503)
+                            if m.row == 2 else None)
+    report = send(make_campaign(people(3)), store_path, provider)
+    assert report.exit_code == ExitCode.FAILURES
+    assert report.counts == {"failed": 1, "sent": 2}
+    row = next(r for r in journal(store_path) if r["row"] == 2)
+    assert (row["reason"], row["error_code"], row["attempts"]) == ("retries_exhausted", "503", 4)
+
+
+def test_permanent_errors_and_their_actions(make_campaign: CampaignFactory, store_path: Path) -> None:
+    def handler(m: OutboundMessage) -> SendResult | BaseException | None:
+        return {
+            1: PermanentError("unreachable", code="30003", status=400),
+            2: PermanentError("not a mobile", code="21614", status=400, action="invalid"),
+            3: PermanentError("recipient sent STOP", code="21610", status=400, action="suppress"),
+        }.get(m.row)
+
+    report = send(make_campaign(people(4)), store_path, FakeProvider(handler=handler))
+    by_row = {r["row"]: (r["state"], r["error_code"]) for r in journal(store_path)}
+    assert by_row == {1: ("failed", "30003"), 2: ("invalid", "21614"), 3: ("failed", "21610"),
+                      4: ("sent", None)}
+    assert query(store_path, "SELECT address, channel, source FROM suppressions") == [
+        ("+12012000003", "sms", "provider")
+    ]
+    assert report.exit_code == ExitCode.FAILURES
+
+
+def test_an_ambiguous_outcome_is_in_doubt_and_never_retried_blindly(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    provider = FakeProvider(deduplicates=False)
+    provider.enqueue(InDoubtError("read timeout after the request was written"))
+    report = send(make_campaign(people(1)), store_path, provider)
+    assert len(provider.history) == 1
+    assert report.counts == {"in_doubt": 1}
+    assert report.spend_micros == 10_000  # it may have been charged
+
+
+def test_auth_failure_aborts_the_run_with_exit_6_after_few_requests(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    provider = FakeProvider(handler=lambda m: ProviderAuthError("401 bad key", status=401))
+    report = send(make_campaign(people(200), limits={"concurrency": 4}), store_path, provider)
+    assert report.exit_code == ExitCode.PROVIDER_AUTH
+    assert len(provider.history) <= 8
+    assert report.counts.get("sent", 0) == 0
+    assert report.counts.get("failed", 0) == 0
+    # Nothing lost: the rows it touched went back to pending and the rest wait to be admitted.
+    assert set(report.counts) <= {"pending"}
+
+
+def test_spend_cap_is_never_exceeded_and_resume_with_a_larger_cap_finishes(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    # 0.01 per segment, one segment per message: a cap of 0.055 allows five messages.
+    campaign = make_campaign(people(12), limits={"concurrency": 3, "max_spend": "0.055"})
+    provider = FakeProvider()
+    report = send(campaign, store_path, provider, run_key="cap")
+    assert report.exit_code == ExitCode.SPEND_CAP
+    assert report.spend_micros == 50_000 <= 55_000
+    assert len(provider.accepted) == 5
+    assert report.counts == {"pending": 7, "sent": 5}  # every row journaled, the rest pending
+
+    more = FakeProvider()
+    report = send(campaign, store_path, more, run_key="cap", max_spend=Decimal("1"))
+    assert report.exit_code == ExitCode.OK
+    assert report.counts == {"sent": 12}
+    assert len(more.accepted) == 7
+    assert not {m.row for m in more.accepted} & {m.row for m in provider.accepted}
+
+
+def test_suppressed_and_unconsented_recipients_are_refused(
+    make_campaign: CampaignFactory, store_path: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "optout.csv").write_text("address,channel\n(201) 200-0002,sms\n")
+    (tmp_path / "consent.csv").write_text(
+        "address,channel,purpose,status,recorded_at\n"
+        + "".join(f"+1201200000{i},sms,marketing,granted,2025-01-01T00:00:00Z\n"
+                  for i in (1, 2, 3))
+        + "+12012000003,sms,marketing,revoked,2025-02-01T00:00:00Z\n"
+    )
+    campaign = make_campaign(
+        people(4), purpose="marketing",
+        channels={"sms": {"provider": "box", "body": "Hi {{ first_name }}. Reply STOP to opt out"}},
+        compliance={"consent": "required", "suppression_lists": ["optout.csv"],
+                    "consent_records": ["consent.csv"]},
+    )
+    provider = FakeProvider()
+    report = send(campaign, store_path, provider)
+    assert states(store_path) == {1: "sent", 2: "suppressed", 3: "no_consent", 4: "no_consent"}
+    assert [m.row for m in provider.accepted] == [1]
+    assert report.exit_code == ExitCode.OK
+
+
+def test_render_failure_ends_the_row_not_the_run(make_campaign: CampaignFactory, store_path: Path) -> None:
+    campaign = make_campaign(
+        people(3), channels={"sms": {"provider": "box",
+                                     "body": "{{ 10 // (first_name | length - 5) }}"}},
+    )  # Name1..Name3 have length 5: division by zero
+    report = send(campaign, store_path, FakeProvider())
+    assert report.counts == {"render_failed": 3}
+    assert "division" in journal(store_path)[0]["detail"]
+
+
+def test_dry_run_sends_nothing_and_leaves_the_store_untouched(
+    make_campaign: CampaignFactory, store_path: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "optout.csv").write_text("address,channel\n+12012000002,sms\n")
+    campaign = make_campaign(people(5), compliance={"consent": "not_required",
+                                                    "suppression_lists": ["optout.csv"]})
+    provider = FakeProvider()
+    report = send(campaign, store_path, provider, dry_run=True)
+    assert report.dry_run
+    assert provider.history == []
+    assert report.counts == {"sent": 4, "suppressed": 1}
+    assert report.spend_micros == 40_000
+    assert not (tmp_path / "outbox").exists()
+    if store_path.exists():
+        assert query(store_path, "SELECT count(*) FROM runs") == [(0,)]
+        assert query(store_path, "SELECT count(*) FROM suppressions") == [(0,)]
+
+
+def test_limit_takes_only_the_first_rows(make_campaign: CampaignFactory, store_path: Path) -> None:
+    report = send(make_campaign(people(10)), store_path, FakeProvider(), limit=3)
+    assert report.counts == {"sent": 3}
+    assert report.total_rows == 3
+
+
+def test_a_second_process_on_the_same_run_is_refused(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    campaign = make_campaign(people(2))
+    lock = runs.RunLock.acquire(store_path, "test-campaign", "held", "now")
+    try:
+        with pytest.raises(RunLockedError, match=r"pid \d+"):
+            send(campaign, store_path, FakeProvider(), run_key="held")
+    finally:
+        lock.release()
+
+
+def test_a_stop_request_leaves_unsent_rows_pending(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    stop = StopController()
+
+    def handler(m: OutboundMessage) -> None:
+        if m.row == 3:
+            stop.request()
+
+    provider = FakeProvider(handler=handler)
+    campaign = make_campaign(people(50), limits={"concurrency": 1})
+    report = send(campaign, store_path, provider, stop=stop, run_key="s")
+    assert report.exit_code == ExitCode.INTERRUPTED
+    sent = report.counts["sent"]
+    assert sent == len(provider.accepted) >= 3
+    assert report.counts.get("pending", 0) + sent == 50 or sum(report.counts.values()) <= 50
+    again = FakeProvider()
+    report = send(campaign, store_path, again, run_key="s")
+    assert report.counts == {"sent": 50}
+    assert len(again.accepted) + len(provider.accepted) == 50
+
+
+def test_secrets_never_reach_the_journal_or_the_report(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    secret = "s3cr3t-token-value"
+    campaign = make_campaign(people(2), extra={"vars": {"token": "${API_TOKEN}"}})
+    provider = FakeProvider(handler=lambda m: PermanentError(f"bad token {secret}", code="401x"))
+    report = send(campaign, store_path, provider, env={"API_TOKEN": secret})
+    assert report.counts == {"failed": 2}
+    assert secret not in str(report.to_json())
+    for path in store_path.parent.glob("store.db*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes()

@@ -1,0 +1,298 @@
+from __future__ import annotations
+
+import csv
+import io
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from campaign_cli.addresses import AddressError, address_hash
+from campaign_cli.errors import InputError
+from campaign_cli.store.db import Store
+from campaign_cli.store.suppressions import (
+    add_suppressions,
+    export_csv,
+    import_csv,
+    is_suppressed,
+    list_suppressions,
+    max_suppression_id,
+    normalize_for,
+    protect_cell,
+    remove_suppression,
+    suppressed_among,
+    suppressions_since,
+    unprotect_cell,
+)
+
+NOW = "2024-05-01T12:00:00.000Z"
+PHONE = "+14155550100"
+PHONE_HASH = address_hash(PHONE)
+
+
+@pytest.fixture
+def conn(tmp_path: Path) -> Iterator[sqlite3.Connection]:
+    store = Store.open(tmp_path / "store.db")
+    yield store.conn
+    store.close()
+
+
+def add(conn: sqlite3.Connection, raw: str, channel: str | None = None) -> tuple[int, int]:
+    result = add_suppressions(conn, [normalize_for(raw, channel)], "manual", "cli", NOW)
+    return result.added, result.already
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_normalised_spellings_are_one_entry(conn: sqlite3.Connection) -> None:
+    assert add(conn, "+1 (415) 555-0100") == (1, 0)
+    assert add(conn, "+14155550100") == (0, 1)
+    assert add(conn, "(415) 555-0100") == (0, 1)  # national, default region US
+    assert add(conn, "Ann@Example.com") == (1, 0)
+    assert add(conn, "ann@example.com") == (0, 1)
+    entries = list(list_suppressions(conn))
+    assert [(e["address"], e["channel"]) for e in entries] == [
+        (PHONE, "sms"),
+        ("ann@example.com", "email"),
+    ]
+
+
+def test_suppressed_among_by_channel_and_all(conn: sqlite3.Connection) -> None:
+    add(conn, PHONE, "sms")
+    email = "ann@example.com"
+    add(conn, email, "all")
+    email_hash = address_hash(email)
+    other = address_hash("+14155550199")
+    hashes = [PHONE_HASH, email_hash, other]
+    assert suppressed_among(conn, hashes, "sms") == {PHONE_HASH, email_hash}
+    assert suppressed_among(conn, hashes, "email") == {email_hash}
+    assert suppressed_among(conn, hashes, "push") == {email_hash}
+    assert suppressed_among(conn, [], "sms") == set()
+
+
+def test_suppressed_among_batches_past_the_parameter_limit(conn: sqlite3.Connection) -> None:
+    addresses = [f"user{i}@example.com" for i in range(1200)]
+    add_suppressions(conn, [(a, "email") for a in addresses[::2]], "r", "cli", NOW)
+    hashes = [address_hash(a) for a in addresses]
+    found = suppressed_among(conn, hashes, "email")
+    assert found == set(hashes[::2])
+
+
+def test_watermark_picks_up_only_later_suppressions(conn: sqlite3.Connection) -> None:
+    add(conn, PHONE)
+    mark = max_suppression_id(conn)
+    assert suppressions_since(conn, mark) == (mark, [])
+    add(conn, "ann@example.com", "all")
+    add(conn, PHONE)  # already there: no new id
+    new_mark, found = suppressions_since(conn, mark)
+    assert found == [(address_hash("ann@example.com"), "all")]
+    assert new_mark > mark
+    assert suppressions_since(conn, new_mark) == (new_mark, [])
+
+
+def test_watermark_survives_removing_the_newest_entry(conn: sqlite3.Connection) -> None:
+    add(conn, PHONE)
+    add(conn, "ann@example.com")
+    mark = max_suppression_id(conn)
+    assert remove_suppression(conn, "ann@example.com", None) == 1
+    add(conn, "bob@example.com")
+    _, found = suppressions_since(conn, mark)
+    assert found == [(address_hash("bob@example.com"), "email")]
+
+
+def test_add_is_one_transaction(conn: sqlite3.Connection) -> None:
+    def items() -> Iterator[tuple[str, str]]:
+        yield PHONE, "sms"
+        yield "x@example.com", "fax"  # not a channel: the whole batch is rolled back
+
+    with pytest.raises(ValueError, match="fax"):
+        add_suppressions(conn, items(), "r", "cli", NOW)
+    assert list(list_suppressions(conn)) == []
+    assert not conn.in_transaction
+
+
+def test_remove_and_is_suppressed(conn: sqlite3.Connection) -> None:
+    add(conn, PHONE, "sms")
+    add(conn, PHONE, "all")
+    assert [e["channel"] for e in is_suppressed(conn, PHONE, "sms")] == ["sms", "all"]
+    assert [e["channel"] for e in is_suppressed(conn, PHONE, "email")] == ["all"]
+    assert remove_suppression(conn, PHONE, "sms") == 1
+    assert [e["channel"] for e in is_suppressed(conn, PHONE, "sms")] == ["all"]
+    assert remove_suppression(conn, PHONE, None) == 1
+    assert is_suppressed(conn, PHONE, None) == []
+
+
+def test_list_filters_by_channel_including_all(conn: sqlite3.Connection) -> None:
+    add(conn, PHONE, "sms")
+    add(conn, "ann@example.com", "email")
+    add(conn, "bob@example.com", "all")
+    assert [e["channel"] for e in list_suppressions(conn, "email")] == ["email", "all"]
+    assert [e["channel"] for e in list_suppressions(conn, "all")] == ["all"]
+    assert len(list(list_suppressions(conn, limit=2))) == 2
+
+
+@pytest.mark.parametrize(
+    ("raw", "channel", "expected"),
+    [
+        ("+1 (415) 555-0100", None, (PHONE, "sms")),
+        ("Ann@Example.com", None, ("ann@example.com", "email")),
+        ("https://hooks.example.com/x", None, ("https://hooks.example.com/x", "webhook")),
+        ("415-555-0100", "all", (PHONE, "all")),
+        ("Ann@Example.com", "all", ("ann@example.com", "all")),
+    ],
+)
+def test_normalize_for(raw: str, channel: str | None, expected: tuple[str, str]) -> None:
+    assert normalize_for(raw, channel) == expected
+
+
+def test_normalize_for_all_rejects_what_is_neither() -> None:
+    with pytest.raises(AddressError, match="neither a phone number nor an email"):
+        normalize_for("not-an-address", "all")
+
+
+@pytest.mark.parametrize(
+    ("cell", "protected"),
+    [
+        ("=cmd|' /C calc'!A0", "'=cmd|' /C calc'!A0"),
+        ("+14155550100", "'+14155550100"),
+        ("-1", "'-1"),
+        ("@SUM(A1)", "'@SUM(A1)"),
+        ("\tx", "'\tx"),
+        ("\rx", "'\rx"),
+        ("ann@example.com", "ann@example.com"),
+        ("'quoted", "'quoted"),
+    ],
+)
+def test_protect_cell(cell: str, protected: str) -> None:
+    assert protect_cell(cell) == protected
+
+
+def test_unprotect_cell_strips_only_an_export_apostrophe() -> None:
+    assert unprotect_cell("'+14155550100") == "+14155550100"
+    assert unprotect_cell(" '=x ") == "=x"
+    assert unprotect_cell("'o'brien@example.com") == "'o'brien@example.com"
+
+
+def test_import_with_invalid_lines_and_apostrophes(conn: sqlite3.Connection, tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "optouts.csv",
+        "Address,Channel,Reason\n"
+        "'+14155550100,sms,STOP\n"
+        "not a phone,sms,\n"
+        "\n"
+        "Ann@Example.com,,\n"
+        "bob@example.com,fax,\n"
+        '"+1 415 555 0199",all,"multi\nline reason"\n'
+        "carol@example.com,email,\n",
+    )
+    result = import_csv(conn, path, None, "import", None, "US", NOW)
+    assert (result.added, result.already) == (4, 0)
+    assert [(line, reason.split(":")[0]) for line, _, reason in result.invalid] == [
+        (3, "address"),
+        (6, "channel"),
+    ]
+    assert result.invalid[0][1] == "not a phone"
+    entries = {(e["address"], e["channel"]): e for e in list_suppressions(conn)}
+    assert set(entries) == {
+        (PHONE, "sms"),
+        ("ann@example.com", "email"),
+        ("+14155550199", "all"),
+        ("carol@example.com", "email"),
+    }
+    assert entries[(PHONE, "sms")]["reason"] == "STOP"
+    assert entries[("ann@example.com", "email")]["reason"] == "import"
+    assert entries[("+14155550199", "all")]["reason"] == "multi\nline reason"
+    assert entries[(PHONE, "sms")]["source"] == f"import:{path}"
+
+
+def test_import_phone_column_and_channel_default(conn: sqlite3.Connection, tmp_path: Path) -> None:
+    path = write(tmp_path / "p.csv", "phone\n4155550100\n")
+    result = import_csv(conn, path, "all", "import", "list:p.csv", "US", NOW)
+    assert (result.added, result.invalid) == (1, [])
+    [entry] = list_suppressions(conn)
+    assert (entry["address"], entry["channel"], entry["source"]) == (PHONE, "all", "list:p.csv")
+
+
+def test_import_without_address_column_is_an_input_error(
+    conn: sqlite3.Connection, tmp_path: Path
+) -> None:
+    path = write(tmp_path / "bad.csv", "name,mobile\nann,+14155550100\n")
+    with pytest.raises(InputError, match=r"bad.csv:1: no address column"):
+        import_csv(conn, path, None, "import", None, "US", NOW)
+
+
+def test_import_missing_file_is_an_input_error(conn: sqlite3.Connection, tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="cannot read"):
+        import_csv(conn, tmp_path / "nope.csv", None, "import", None, "US", NOW)
+
+
+def test_export_protects_against_formula_injection(
+    conn: sqlite3.Connection, tmp_path: Path
+) -> None:
+    add_suppressions(conn, [("ann@example.com", "email")], "=cmd|' /C calc'!A0", "cli", NOW)
+    add(conn, PHONE)
+    stream = io.StringIO()
+    assert export_csv(conn, stream) == 2
+    rows = list(csv.reader(io.StringIO(stream.getvalue())))
+    assert rows[0] == ["address", "channel", "reason", "source", "created_at", "address_hash"]
+    assert rows[1][:3] == ["ann@example.com", "email", "'=cmd|' /C calc'!A0"]
+    assert rows[2][:2] == ["'+14155550100", "sms"]
+    assert not any(cell.startswith(("=", "+", "-", "@")) for row in rows for cell in row)
+
+
+def test_export_import_round_trip(conn: sqlite3.Connection, tmp_path: Path) -> None:
+    add(conn, PHONE)
+    add(conn, "ann@example.com", "all")
+    add_suppressions(conn, [("bob@example.com", "email")], "=HYPERLINK(1)", "cli", NOW)
+    path = tmp_path / "export.csv"
+    assert export_csv(conn, path) == 3
+    assert path.stat().st_mode & 0o777 == 0o600
+    result = import_csv(conn, path, None, "import", None, "US", NOW)
+    assert (result.added, result.already, result.invalid) == (0, 3, [])
+
+    other = Store.open(tmp_path / "other.db")
+    try:
+        result = import_csv(other.conn, path, None, "import", None, "US", NOW)
+        assert (result.added, result.invalid) == (3, [])
+        got = {(e["address"], e["channel"], e["reason"]) for e in list_suppressions(other.conn)}
+        assert got == {
+            (PHONE, "sms", "manual"),
+            ("ann@example.com", "all", "manual"),
+            ("bob@example.com", "email", "=HYPERLINK(1)"),
+        }
+    finally:
+        other.close()
+
+
+def test_erased_entry_round_trips_by_hash(conn: sqlite3.Connection, tmp_path: Path) -> None:
+    add(conn, PHONE)
+    conn.execute("UPDATE suppressions SET address = NULL")
+    path = tmp_path / "export.csv"
+    export_csv(conn, path)
+    other = Store.open(tmp_path / "other.db")
+    try:
+        result = import_csv(other.conn, path, None, "import", None, "US", NOW)
+        assert (result.added, result.invalid) == (1, [])
+        assert suppressed_among(other.conn, [PHONE_HASH], "sms") == {PHONE_HASH}
+    finally:
+        other.close()
+
+
+def test_unreadable_file_adds_nothing(conn: sqlite3.Connection, tmp_path: Path) -> None:
+    path = tmp_path / "latin1.csv"
+    path.write_bytes(b"address\n+14155550100\nren\xe9@example.com\n")
+    with pytest.raises(InputError, match="latin1.csv:3: not UTF-8 text"):
+        import_csv(conn, path, None, "import", None, "US", NOW)
+    assert list(list_suppressions(conn)) == []
+    assert not conn.in_transaction
+
+
+def test_bom_and_crlf_are_read(conn: sqlite3.Connection, tmp_path: Path) -> None:
+    path = tmp_path / "excel.csv"
+    path.write_bytes(b"\xef\xbb\xbfEmail\r\nAnn@Example.com\r\n")
+    result = import_csv(conn, path, None, "import", None, "US", NOW)
+    assert (result.added, result.invalid) == (1, [])
