@@ -226,12 +226,13 @@ def test_relative_paths_are_resolved_against_the_campaign_file(
     assert outbox.dir == project / "outbox"  # normalised: no ".." left
     assert c.compliance.suppression_lists == [project / "campaigns" / "data" / "r.csv"]
 
-    # A relative campaign path gives paths relative to the same working directory.
+    # A relative campaign path still gives absolute paths, so a run resumed from another working
+    # directory reads the same files.
     monkeypatch.chdir(project)
     c = load_campaign(Path("campaigns") / "c.yaml", {}).campaign
-    assert c.recipients.file == Path("campaigns") / "data" / "r.csv"
+    assert c.recipients.file == project.resolve() / "campaigns" / "data" / "r.csv"
     assert c.channels.sms is not None
-    assert c.channels.sms.template == Path("templates") / "sms.txt.j2"
+    assert c.channels.sms.template == project.resolve() / "templates" / "sms.txt.j2"
 
 
 def test_absolute_paths_are_kept(project: Path) -> None:

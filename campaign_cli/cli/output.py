@@ -28,8 +28,14 @@ class Output:
     secrets: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
-        self.err = Console(file=self.stderr, highlight=False, soft_wrap=True)
-        self.out = Console(file=self.stdout, highlight=False, soft_wrap=True)
+        # Off a terminal (cron logs, pipes) rich would assume 80 columns and squeeze tables.
+        def width(stream: IO[str]) -> int | None:
+            return None if getattr(stream, "isatty", lambda: False)() else 200
+
+        self.err = Console(file=self.stderr, highlight=False, soft_wrap=True,
+                           width=width(self.stderr))
+        self.out = Console(file=self.stdout, highlight=False, soft_wrap=True,
+                           width=width(self.stdout))
 
     @property
     def stderr_is_tty(self) -> bool:
@@ -51,21 +57,23 @@ class Output:
         if not self.quiet:
             self.err.print(self.redact(message), markup=False)
 
-    def result(self, message: str) -> None:
-        """A command's result, for a person: stdout."""
-        self.out.print(self.redact(message), markup=False)
+    def result(self, message: str, *, err: bool = False) -> None:
+        """A command's result, for a person: stdout (stderr with ``err``, when stdout carries
+        data, such as the console provider's messages)."""
+        (self.err if err else self.out).print(self.redact(message), markup=False)
 
     def json(self, payload: Any) -> None:
         self.stdout.write(self.redact(json.dumps(payload, default=str, ensure_ascii=False)) + "\n")
         self.stdout.flush()
 
     def table(
-        self, columns: Sequence[str], rows: Iterable[Sequence[Any]], *, title: str | None = None
+        self, columns: Sequence[str], rows: Iterable[Sequence[Any]], *, title: str | None = None,
+        err: bool = False,
     ) -> None:
         table = Table(*columns, title=title, show_edge=False, pad_edge=False)
         for row in rows:
             table.add_row(*(self.redact("" if v is None else str(v)) for v in row))
-        self.out.print(table)
+        (self.err if err else self.out).print(table)
 
     def fail(self, exc: BaseException) -> int:
         """Report an exception on one line and return the exit code for it."""

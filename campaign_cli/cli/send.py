@@ -17,7 +17,7 @@ from campaign_cli.cli.output import ProgressDisplay
 from campaign_cli.config import load_campaign
 from campaign_cli.errors import ExitCode, UsageError
 from campaign_cli.models import from_micros
-from campaign_cli.pipeline import Progress, Runner, RunReport, SendOptions, StopController
+from campaign_cli.pipeline import Runner, RunReport, SendOptions, StopController
 
 LOCAL_PROVIDER_TYPES = frozenset({"outbox", "console"})
 
@@ -144,15 +144,16 @@ def _print_summary(app: AppContext, report: RunReport) -> None:
     states = sorted({s for c in report.by_channel.values() for s in c})
     rows = [[state, *[report.by_channel[c].get(state, 0) for c in channels],
              report.counts.get(state, 0)] for state in states]
-    verb = "would be" if report.dry_run else "were"
     out.table(["state", *channels, "total"], rows,
-              title=f"{report.run_name}{' (dry run: nothing sent)' if report.dry_run else ''}")
+              title=f"{report.run_name}{' (dry run: nothing sent)' if report.dry_run else ''}",
+              err=True)
     spend = from_micros(report.spend_micros)
     cap = "" if report.max_spend_micros is None else \
-        f" of {from_micros(report.max_spend_micros)} cap"
-    out.result(f"spend {spend} {report.currency}{cap} ({'estimated' if report.dry_run else verb} "
-               f"committed); {report.total_rows} recipient rows; {report.duration_s:.1f}s; "
-               f"status {report.status}; exit {report.exit_code}")
+        f" (cap {from_micros(report.max_spend_micros)})"
+    what = "estimated spend" if report.dry_run else "spend"
+    out.result(f"{what} {spend} {report.currency}{cap}; {report.total_rows} recipient rows; "
+               f"{report.duration_s:.1f}s; status {report.status}; exit {report.exit_code}",
+               err=True)
     if report.in_doubt_found or report.in_doubt_resent:
         out.warn(f"{report.in_doubt_found} message(s) were in flight when an earlier session "
                  f"stopped (in doubt); {report.in_doubt_resent} re-sent with the same "
@@ -182,5 +183,3 @@ def _resume_hint(app: AppContext, report: RunReport, campaign_file: Path,
     return "to resume: " + shlex.join(parts)
 
 
-def progress_line(p: Progress) -> str:
-    return f"{p.done}/{p.total}"

@@ -45,8 +45,19 @@ _LINE = 78  # RFC 5322: lines SHOULD be at most 78 characters
 _WORD_BYTES = 30  # UTF-8 bytes per encoded word: "=?utf-8?b?" + 40 base64 + "?=" is 52 characters
 _RESERVED = frozenset(
     {
-        "from", "to", "cc", "bcc", "subject", "date", "message-id", "mime-version", "reply-to",
-        "content-type", "content-transfer-encoding", "sender", "return-path",
+        "from",
+        "to",
+        "cc",
+        "bcc",
+        "subject",
+        "date",
+        "message-id",
+        "mime-version",
+        "reply-to",
+        "content-type",
+        "content-transfer-encoding",
+        "sender",
+        "return-path",
     }
 )
 
@@ -102,13 +113,22 @@ def build_email(content: EmailContent, to: str, message_id: str, date: datetime)
         return b"".join(
             (
                 head,
-                marker, b"\r\nContent-Type: text/plain; charset=\"utf-8\"\r\n",
-                b"Content-Transfer-Encoding: ", text_cte.encode(), b"\r\n\r\n",
+                marker,
+                b'\r\nContent-Type: text/plain; charset="utf-8"\r\n',
+                b"Content-Transfer-Encoding: ",
+                text_cte.encode(),
+                b"\r\n\r\n",
                 text_body,
-                b"\r\n", marker, b"\r\nContent-Type: text/html; charset=\"utf-8\"\r\n",
-                b"Content-Transfer-Encoding: ", html_cte.encode(), b"\r\n\r\n",
+                b"\r\n",
+                marker,
+                b'\r\nContent-Type: text/html; charset="utf-8"\r\n',
+                b"Content-Transfer-Encoding: ",
+                html_cte.encode(),
+                b"\r\n\r\n",
                 html_body,
-                b"\r\n", marker, b"--\r\n",
+                b"\r\n",
+                marker,
+                b"--\r\n",
             )
         )
     if text is not None:
@@ -149,8 +169,8 @@ def _fold(line: str) -> str | None:
     out: list[str] = []
     current = ""
     for i, word in enumerate(line.split(" ")):
-        if i == 0:
-            current = word
+        if i <= 1:  # never fold between the name and the first word of the value
+            current = f"{current} {word}" if i else word
         elif len(current) + 1 + len(word) > _LINE and current.strip():
             out.append(current)
             current = " " + word

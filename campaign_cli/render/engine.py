@@ -76,9 +76,21 @@ _BREAKS = re.compile(r"[\r\n\0]")
 _URI = re.compile(r"[!-+\--;=?-~]+")  # printable ASCII but space, "<", ">" and ","
 _EMAIL_HEADERS_SET = frozenset(
     {
-        "from", "to", "cc", "bcc", "subject", "date", "message-id", "mime-version", "reply-to",
-        "content-type", "content-transfer-encoding", "sender", "return-path",
-        "list-unsubscribe", "list-unsubscribe-post",
+        "from",
+        "to",
+        "cc",
+        "bcc",
+        "subject",
+        "date",
+        "message-id",
+        "mime-version",
+        "reply-to",
+        "content-type",
+        "content-transfer-encoding",
+        "sender",
+        "return-path",
+        "list-unsubscribe",
+        "list-unsubscribe-post",
     }
 )
 _TEMPLATE_FILENAME = "<template>"  # what Jinja calls code compiled from a string
@@ -112,8 +124,15 @@ def content_hash(content: Content) -> str:
         parts = ("sms", content.body)
     elif isinstance(content, EmailContent):
         flat = [x for pair in content.headers for x in pair]
-        parts = ("email", content.subject, content.text, content.html, content.sender,
-                 content.reply_to, *flat)
+        parts = (
+            "email",
+            content.subject,
+            content.text,
+            content.html,
+            content.sender,
+            content.reply_to,
+            *flat,
+        )
     elif isinstance(content, PushContent):
         flat = [x for pair in sorted(content.data.items()) for x in pair]
         parts = ("push", content.title, content.body, *flat)
@@ -166,7 +185,7 @@ class Renderer:
         self._parts = parts
         self._hashes = hashes
         self._vars = campaign.vars
-        self._campaign_info = {"name": campaign.name, "purpose": campaign.purpose.value}
+        self._campaign_info = base["campaign"]
         self._marketing = campaign.purpose is Purpose.MARKETING
         self._token_prefix = {
             channel: f"{campaign.name}\0{channel.value}\0"
@@ -210,13 +229,15 @@ class Renderer:
             found: dict[str, _Part] = {}
             if isinstance(config, EmailChannel):
                 compiler.check_email(config)
-                found["subject"] = compiler.inline("email subject", (*loc, "subject"),
-                                                   config.subject)
+                found["subject"] = compiler.inline(
+                    "email subject", (*loc, "subject"), config.subject
+                )
                 if config.text is not None:
                     found["text"] = compiler.file("email text", (*loc, "text"), config.text)
                 if config.html is not None:
-                    found["html"] = compiler.file("email html", (*loc, "html"), config.html,
-                                                  html=True)
+                    found["html"] = compiler.file(
+                        "email html", (*loc, "html"), config.html, html=True
+                    )
                 unsub = config.list_unsubscribe
                 if unsub is not None and unsub.url:
                     found["unsub_url"] = compiler.inline(
@@ -224,7 +245,8 @@ class Renderer:
                     )
                 if unsub is not None and unsub.mailto:
                     found["unsub_mailto"] = compiler.inline(
-                        "email list_unsubscribe.mailto", (*loc, "list_unsubscribe", "mailto"),
+                        "email list_unsubscribe.mailto",
+                        (*loc, "list_unsubscribe", "mailto"),
                         unsub.mailto,
                     )
             else:
@@ -242,8 +264,12 @@ class Renderer:
         if "unsubscribe_token" in names and not unsubscribe_secret:
             raise ValueError("templates use unsubscribe_token but the unsubscribe secret is empty")
         globals_: dict[str, Any] = dict(compiler.text_env.globals)
-        base = {**globals_, **campaign.vars, "vars": campaign.vars,
-                "campaign": {"name": campaign.name, "purpose": campaign.purpose.value}}
+        base = {
+            **globals_,
+            **campaign.vars,
+            "vars": campaign.vars,
+            "campaign": {"name": campaign.name, "purpose": campaign.purpose.value},
+        }
         return cls(campaign, unsubscribe_secret, base, parts, compiler.hashes)
 
     @property
@@ -358,7 +384,8 @@ class Renderer:
         if not title and not body:
             raise RenderError("push: title and body both rendered empty", "push body")
         data = {
-            name[5:]: self._run(part, local) for name, part in parts.items()
+            name[5:]: self._run(part, local)
+            for name, part in parts.items()
             if name.startswith("data.")
         }
         # Cheap bound first: JSON takes at most 6 bytes per character (\u00XX) plus the frame.
@@ -399,8 +426,9 @@ class _Compiler:
             return "<campaign>", None
         return str(self.source.path), self.source.line_of(*loc)
 
-    def error(self, loc: tuple[str, ...], message: str, file: str | None = None,
-              line: int | None = None) -> ConfigError:
+    def error(
+        self, loc: tuple[str, ...], message: str, file: str | None = None, line: int | None = None
+    ) -> ConfigError:
         if file is None:
             file, line = self.where(loc)
         if self.source is not None:
@@ -417,8 +445,9 @@ class _Compiler:
         except UnicodeDecodeError as exc:
             raise self.error(loc, f"template is not UTF-8: {exc.reason}", str(path)) from None
         except OSError as exc:
-            raise self.error(loc, f"cannot read template: {exc.strerror or exc}",
-                             str(path)) from None
+            raise self.error(
+                loc, f"cannot read template: {exc.strerror or exc}", str(path)
+            ) from None
         return self._compile(label, loc, text, path, html)
 
     def body(
