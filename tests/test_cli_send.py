@@ -1,0 +1,153 @@
+"""`campaign send` and `campaign status` through Typer's CliRunner: options, output, exit codes."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from campaign_cli.cli.main import get_app
+from tests.conftest import CampaignFactory, people
+
+ROOT = Path(__file__).resolve().parent.parent
+SUMMARY_KEYS = {"run", "campaign", "counts", "by_channel", "spend", "currency", "duration_s",
+                "rate_per_s", "exit_code"}
+
+
+def invoke(store: Path, *args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    result = CliRunner().invoke(get_app(), ["--store", str(store), *args], env=env)
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_demo_campaign_runs_and_resumes_without_resending(store_path: Path, tmp_path: Path) -> None:
+    code, out, err = invoke(store_path, "send", str(ROOT / "campaigns" / "demo.yaml"),
+                            "--dry-run", "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert SUMMARY_KEYS <= set(summary)
+    assert summary["dry_run"] is True
+    for channel, states in summary["by_channel"].items():
+        assert sum(states.values()) == summary["total_rows"], channel
+    assert {"invalid", "duplicate", "suppressed", "no_consent", "sent"} <= set(summary["counts"])
+
+
+def test_send_json_summary_and_status_share_one_shape(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    campaign = make_campaign(people(5))
+    code, out, err = invoke(store_path, "send", str(campaign), "--json", "--run-key", "r1")
+    assert code == 0, err
+    sent = json.loads(out)
+    assert sent["counts"] == {"sent": 5} and sent["spend"] == "0.05"
+    assert sent["run"] == "test-campaign/r1"
+
+    code, out, _ = invoke(store_path, "status", "test-campaign/r1", "--json")
+    assert code == 0
+    status = json.loads(out)
+    assert SUMMARY_KEYS <= set(status)
+    assert {k: status[k] for k in ("run", "counts", "by_channel", "spend", "exit_code")} == {
+        k: sent[k] for k in ("run", "counts", "by_channel", "spend", "exit_code")
+    }
+    code, out, _ = invoke(store_path, "status", "--json")
+    assert [r["run"] for r in json.loads(out)] == ["test-campaign/r1"]
+    code, out, _ = invoke(store_path, "status")
+    assert "test-campaign/r1" in out and "done" in out
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "expected"),
+    [
+        ("name: x\npurpose: sometimes\n", r"campaign\.yaml:2: purpose: "),
+        ("name: x\npurpose: marketing\nrecipents: {}\n", r"campaign\.yaml:3: recipents: unknown key"),
+        ("name: x\n  bad: [\n", r"campaign\.yaml:\d+: "),
+    ],
+)
+def test_a_bad_campaign_file_is_one_line_exit_2(
+    tmp_path: Path, store_path: Path, yaml_text: str, expected: str
+) -> None:
+    path = tmp_path / "campaign.yaml"
+    path.write_text(yaml_text)
+    code, out, err = invoke(store_path, "send", str(path))
+    assert code == 2
+    assert re.search(expected, err), err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_a_bad_recipient_file_is_one_line_exit_2_naming_file_and_line(
+    make_campaign: CampaignFactory, store_path: Path, tmp_path: Path
+) -> None:
+    campaign = make_campaign(people(3))
+    (tmp_path / "recipients.csv").write_bytes(b"id,first_name,phone,email\nc1,Ann,+12012000001,"
+                                              b"a@example.com\nc2,\xff\xfe,+12012000002,b@x.com\n")
+    code, _, err = invoke(store_path, "send", str(campaign))
+    assert code == 2
+    assert re.search(r"recipients\.csv:3: .*(UTF-8|utf-8|decode)", err), err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_missing_secret_names_the_variable(make_campaign: CampaignFactory, store_path: Path) -> None:
+    campaign = make_campaign(people(1), extra={"vars": {"token": "${NOT_SET_ANYWHERE}"}})
+    code, _, err = invoke(store_path, "send", str(campaign), env={})
+    assert code == 2
+    assert "NOT_SET_ANYWHERE" in err
+
+
+def test_secret_values_are_redacted_from_output(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    secret = "hunter2-very-secret"
+    campaign = make_campaign(
+        people(2),
+        providers={"box": {"type": "outbox", "dir": "outbox", "rate": "${API_TOKEN}"}},
+    )
+    code, out, err = invoke(store_path, "send", str(campaign), env={"API_TOKEN": secret})
+    assert code == 2
+    assert "providers.box.rate" in err
+    assert secret not in out + err
+
+
+def test_spend_cap_exit_3_prints_how_to_resume(make_campaign: CampaignFactory, store_path: Path) -> None:
+    campaign = make_campaign(people(10), limits={"concurrency": 2, "max_spend": "0.03"})
+    code, out, err = invoke(store_path, "send", str(campaign), "--run-key", "cap")
+    assert code == 3, err
+    assert "--max-spend" in err and "--run-key cap" in err
+    code, out, err = invoke(store_path, "send", str(campaign), "--run-key", "cap",
+                            "--max-spend", "1", "--json")
+    assert code == 0, err
+    assert json.loads(out)["counts"] == {"sent": 10}
+
+
+def test_bad_max_spend_is_a_usage_error(make_campaign: CampaignFactory, store_path: Path) -> None:
+    code, _, err = invoke(store_path, "send", str(make_campaign(people(1))), "--max-spend", "lots")
+    assert code == 2 and "--max-spend" in err
+
+
+def test_status_of_an_unknown_run_is_exit_2(store_path: Path, make_campaign: CampaignFactory) -> None:
+    invoke(store_path, "send", str(make_campaign(people(1))))
+    code, _, err = invoke(store_path, "status", "nope")
+    assert code == 2 and "no run 'nope'" in err
+
+
+def test_every_command_has_help_and_the_readme_shows_it() -> None:
+    readme = (ROOT / "README.md").read_text()
+    app = get_app()
+    runner = CliRunner()
+    commands = [["send"], ["status"]] + [
+        [group, sub] for group in ("suppress", "consent")
+        for sub in {"suppress": ["add", "remove", "list", "check", "import", "export"],
+                    "consent": ["grant", "revoke", "import", "list"]}[group]
+    ]
+    for command in commands:
+        result = runner.invoke(app, [*command, "--help"])
+        assert result.exit_code == 0, command
+        assert "Usage:" in result.stdout
+        assert f"campaign {' '.join(command)}" in readme, command
+    for code in (0, 1, 2, 3, 4, 5, 6, 130):
+        assert f"| {code} |" in readme
+    top = readme.split("## ")[0]
+    assert top.count("python3 -m venv .venv") == 2  # exactly two set-up commands
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "pytest" in ci and "pip install" in ci
