@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import sqlite_utils
+
 from campaign_cli.errors import RunLockedError, UsageError
 from campaign_cli.models import State
 
@@ -54,46 +56,40 @@ class RunRecord:
         return f"{self.campaign}/{self.run_key}"
 
 
-def _record(row: Sequence[Any]) -> RunRecord:
-    data = dict(zip(RUN_COLUMNS, row, strict=False))
+def _record(data: dict[str, Any]) -> RunRecord:
     data["channels"] = tuple(json.loads(data["channels"]))
     data["template_hashes"] = json.loads(data["template_hashes"] or "{}")
     return RunRecord(**data)
 
 
+def _runs(conn: sqlite3.Connection, where: str, params: Sequence[Any]) -> list[RunRecord]:
+    # sqlite-utils' query() gives rows as dicts keyed by column: no positional bookkeeping.
+    sql = f"SELECT {', '.join(RUN_COLUMNS)} FROM runs {where}"
+    return [_record(row) for row in sqlite_utils.Database(conn).query(sql, params)]
+
+
 def find_run(conn: sqlite3.Connection, campaign: str, run_key: str) -> RunRecord | None:
-    row = conn.execute(
-        f"SELECT {', '.join(RUN_COLUMNS)} FROM runs WHERE campaign = ? AND run_key = ?",
-        (campaign, run_key),
-    ).fetchone()
-    return None if row is None else _record(row)
+    found = _runs(conn, "WHERE campaign = ? AND run_key = ?", (campaign, run_key))
+    return found[0] if found else None
 
 
 def get_run(conn: sqlite3.Connection, ref: str) -> RunRecord:
     """A run by id, by ``campaign/key``, or by campaign name (its latest run)."""
-    cols = ", ".join(RUN_COLUMNS)
-    row = None
+    found: list[RunRecord] = []
     if ref.isdigit():
-        row = conn.execute(f"SELECT {cols} FROM runs WHERE id = ?", (int(ref),)).fetchone()
-    if row is None and "/" in ref:
+        found = _runs(conn, "WHERE id = ?", (int(ref),))
+    if not found and "/" in ref:
         campaign, _, key = ref.partition("/")
-        row = conn.execute(
-            f"SELECT {cols} FROM runs WHERE campaign = ? AND run_key = ?", (campaign, key)
-        ).fetchone()
-    if row is None:
-        row = conn.execute(
-            f"SELECT {cols} FROM runs WHERE campaign = ? ORDER BY id DESC LIMIT 1", (ref,)
-        ).fetchone()
-    if row is None:
+        found = _runs(conn, "WHERE campaign = ? AND run_key = ?", (campaign, key))
+    if not found:
+        found = _runs(conn, "WHERE campaign = ? ORDER BY id DESC LIMIT 1", (ref,))
+    if not found:
         raise UsageError(f"no run {ref!r} in this store (see `campaign status`)")
-    return _record(row)
+    return found[0]
 
 
 def list_runs(conn: sqlite3.Connection, limit: int = 50) -> list[RunRecord]:
-    rows = conn.execute(
-        f"SELECT {', '.join(RUN_COLUMNS)} FROM runs ORDER BY id DESC LIMIT ?", (limit,)
-    ).fetchall()
-    return [_record(r) for r in rows]
+    return _runs(conn, "ORDER BY id DESC LIMIT ?", (limit,))
 
 
 def start_run(
@@ -202,14 +198,12 @@ def committed_spend(conn: sqlite3.Connection, run_id: int) -> int:
 
 
 def last_errors(conn: sqlite3.Connection, run_id: int, limit: int = 5) -> list[dict[str, Any]]:
-    rows = conn.execute(
-        "SELECT row, channel, state, reason, error_code, detail, updated_at FROM messages "
+    return list(sqlite_utils.Database(conn).query(
+        "SELECT row, channel, state, reason, error_code, detail, updated_at AS at FROM messages "
         "WHERE run_id = ? AND state IN ('failed', 'in_doubt', 'render_failed') "
         "ORDER BY updated_at DESC LIMIT ?",
         (run_id, limit),
-    ).fetchall()
-    keys = ("row", "channel", "state", "reason", "error_code", "detail", "at")
-    return [dict(zip(keys, r, strict=False)) for r in rows]
+    ))
 
 
 def failure_summary(conn: sqlite3.Connection, run_id: int) -> list[tuple[str, str, str, int]]:
