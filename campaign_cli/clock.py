@@ -34,3 +34,26 @@ class SystemClock:
 def iso(dt: datetime) -> str:
     """A timestamp as stored: ISO 8601, UTC, millisecond precision."""
     return dt.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class Stamper:
+    """`iso(clock.now())`, cheaper when asked many times a millisecond: the formatted text is kept
+    for the current second and only the milliseconds are formatted anew. Same text as `iso`."""
+
+    __slots__ = ("_clock", "_second", "_prefix")
+
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+        self._second: datetime | None = None
+        self._prefix = ""
+
+    def now(self) -> str:
+        dt = self._clock.now()
+        if dt.tzinfo is not timezone.utc:
+            return iso(dt)
+        micro = dt.microsecond
+        second = dt.replace(microsecond=0)
+        if second != self._second:
+            self._second = second
+            self._prefix = iso(second)[:-4]  # "YYYY-MM-DDTHH:MM:SS."
+        return f"{self._prefix}{micro // 1000:03d}Z"

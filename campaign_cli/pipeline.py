@@ -27,7 +27,6 @@ The shape of the asyncio part:
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import random
 import sqlite3
@@ -37,10 +36,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 from campaign_cli.addresses import address_hash
-from campaign_cli.clock import Clock, SystemClock, iso
+from campaign_cli.clock import Clock, Stamper, SystemClock, iso
 from campaign_cli.config import LoadedCampaign
 from campaign_cli.errors import (
     ExitCode,
@@ -66,7 +65,14 @@ from campaign_cli.models import (
 from campaign_cli.pacing import Budget, Pacer
 from campaign_cli.policy import Policy
 from campaign_cli.providers.base import Provider, ProviderContext, ProviderRegistry
-from campaign_cli.recipients import RecipientSpec, iter_recipient_chunks, scan_recipients
+from campaign_cli.recipients import (
+    Chunk,
+    ChunkReader,
+    InlineChunkReader,
+    ProcessChunkReader,
+    RecipientSpec,
+    scan_recipients,
+)
 from campaign_cli.render.engine import Renderer, RenderError, content_hash, cost_of
 from campaign_cli.store import consents as consent_store
 from campaign_cli.store import runs
@@ -96,6 +102,11 @@ class SendOptions:
     chunk_size: int = 500
     queue_size: int | None = None
     poll_interval: float = 1.0
+    #: Where the recipient file is read and normalised: "process" (a child process, on another
+    #: core), "inline" (a thread of this process), or "auto": a process from
+    #: ``process_reader_min_rows`` rows to read, below that starting one costs more than it saves.
+    reader: Literal["auto", "inline", "process"] = "auto"
+    process_reader_min_rows: int = 20_000
 
 
 class StopController:
@@ -290,6 +301,18 @@ class _Job:
 
 
 @dataclass
+class _Ready:
+    """A chunk admitted and checked, waiting to be rendered and queued."""
+
+    open_rows: list[tuple[Recipient, Channel, str, bool]]
+    refusals: dict[str, dict[str, tuple[State, str]]]
+
+
+_PENDING = State.PENDING.value
+_IN_DOUBT = State.IN_DOUBT.value
+
+
+@dataclass
 class _Route:
     provider: Provider
     pacer: Pacer
@@ -366,6 +389,7 @@ class Runner:
         self._sent_this_session = 0
         self._in_doubt_resent = 0
         self._max_row_start = 0
+        self._stamp = Stamper(clock).now
 
     # -- preparation (blocking, before the event loop does anything) ---------------------
 
@@ -506,7 +530,7 @@ class Runner:
         try:
             workers = [asyncio.create_task(self._worker(queue)) for _ in range(concurrency)]
             source = asyncio.create_task(
-                self._source(queue, spec, renderer, policy, start_row, concurrency)
+                self._source(queue, spec, renderer, policy, start_row, total_rows, concurrency)
             )
             ticker = asyncio.create_task(self._ticker(policy, total_rows, started_mono))
             await self._supervise(source, workers)
@@ -669,6 +693,58 @@ class Runner:
 
     # -- source ----------------------------------------------------------------------------
 
+    def _open_reader(self, spec: RecipientSpec, start_row: int, total_rows: int) -> ChunkReader:
+        mode = self.options.reader
+        if mode == "auto":
+            to_read = total_rows - start_row + 1
+            mode = "process" if to_read >= self.options.process_reader_min_rows else "inline"
+        if mode == "process":
+            return ProcessChunkReader(spec, self.options.chunk_size, start_row, self.options.limit)
+        return InlineChunkReader(spec, self.options.chunk_size, start_row, self.options.limit)
+
+    async def _read_ahead(
+        self, reader: ChunkReader, chunks: asyncio.Queue[Chunk | BaseException | None]
+    ) -> None:
+        """Read the next chunks while earlier ones are admitted, rendered and queued. The queue
+        bounds how far ahead (a chunk or two); an error is handed on to be raised."""
+        try:
+            while not self.stop.stopping and self._abort is None:
+                chunk = await asyncio.to_thread(reader.next_chunk)
+                if chunk is None:
+                    break
+                await chunks.put(chunk)
+        except Exception as exc:  # noqa: BLE001 - raised by the source, which owns the outcome
+            await chunks.put(exc)
+            return
+        await chunks.put(None)
+
+    async def _admit_ahead(
+        self,
+        chunks: asyncio.Queue[Chunk | BaseException | None],
+        ready: asyncio.Queue[_Ready | BaseException | None],
+        policy: Policy,
+        start_row: int,
+    ) -> None:
+        """Admit each chunk and check its policy while the one before is rendered and queued.
+        Once the spend cap is hit, chunks are only admitted (they stay pending)."""
+        try:
+            while not self.stop.stopping and self._abort is None:
+                chunk = await chunks.get()
+                if chunk is None:
+                    break
+                if isinstance(chunk, BaseException):
+                    raise chunk
+                if self._cap_hit:
+                    await self._admit_only(chunk, start_row)
+                    continue
+                prepared = await self._prepare_chunk(chunk, policy, start_row)
+                if prepared is not None:
+                    await ready.put(prepared)
+        except Exception as exc:  # noqa: BLE001 - raised by the source, which owns the outcome
+            await ready.put(exc)
+            return
+        await ready.put(None)
+
     async def _source(
         self,
         queue: asyncio.Queue[_Job | None],
@@ -676,20 +752,32 @@ class Runner:
         renderer: Renderer,
         policy: Policy,
         start_row: int,
+        total_rows: int,
         concurrency: int,
     ) -> None:
-        chunks = iter_recipient_chunks(
-            spec, chunk_size=self.options.chunk_size, start_row=start_row,
-            limit=self.options.limit,
-        )
-        while not self.stop.stopping and self._abort is None:
-            chunk = await asyncio.to_thread(next, chunks, None)
-            if chunk is None:
-                break
-            if self._cap_hit:
-                await self._admit_only(chunk, start_row)
-            else:
-                await self._process_chunk(queue, chunk, renderer, policy, start_row)
+        """Three stages, each a chunk or two ahead of the next: read (in a thread or a child
+        process), admit + policy (the writer thread and a policy thread), render + queue (here)."""
+        reader = await asyncio.to_thread(self._open_reader, spec, start_row, total_rows)
+        chunks: asyncio.Queue[Chunk | BaseException | None] = asyncio.Queue(2)
+        ready: asyncio.Queue[_Ready | BaseException | None] = asyncio.Queue(1)
+        helpers = [
+            asyncio.create_task(self._read_ahead(reader, chunks)),
+            asyncio.create_task(self._admit_ahead(chunks, ready, policy, start_row)),
+        ]
+        try:
+            while not self.stop.stopping and self._abort is None:
+                prepared = await ready.get()
+                if prepared is None:
+                    break
+                if isinstance(prepared, BaseException):
+                    raise prepared
+                if not self._cap_hit:  # past the cap the rest is only admitted: pending
+                    await self._render_chunk(queue, prepared, renderer, policy)
+        finally:
+            for helper in helpers:
+                helper.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
+            await asyncio.to_thread(reader.close)
         for _ in range(concurrency):
             # Workers stop at the sentinel; when stopping they drop what is left before it.
             await queue.put(None)
@@ -746,37 +834,35 @@ class Runner:
         if admits:
             await self._admit(admits)
 
-    async def _process_chunk(
-        self,
-        queue: asyncio.Queue[_Job | None],
-        chunk: list[Recipient | InvalidRow],
-        renderer: Renderer,
-        policy: Policy,
-        start_row: int,
-    ) -> None:
+    async def _prepare_chunk(
+        self, chunk: Chunk, policy: Policy, start_row: int
+    ) -> _Ready | None:
+        """Admit a chunk and check its open rows against the policy (one query per channel)."""
         admits, recipients = self._admissions(chunk, start_row)
         if not admits:
-            return
+            return None
         states = await self._admit(admits)
         resend_policy = self.campaign.in_doubt_policy == "resend" or self.options.dry_run
 
         # Which admitted rows are still open: pending, or in doubt and allowed a resend.
         open_rows: list[tuple[Recipient, Channel, str, bool]] = []
+        pending = _PENDING
+        in_doubt = _IN_DOUBT
         for a in admits:
-            state = states.get((a.row, a.channel))
             if a.address is None:
                 continue
-            channel = Channel(a.channel)
-            if state == State.PENDING.value:
-                open_rows.append((recipients[a.row], channel, a.address, False))
-            elif state == State.IN_DOUBT.value:
+            state = states.get((a.row, a.channel))
+            if state == pending:
+                open_rows.append((recipients[a.row], Channel(a.channel), a.address, False))
+            elif state == in_doubt:
+                channel = Channel(a.channel)
                 route = self._routes_by_channel[channel]
                 if route.provider.deduplicates or resend_policy:
                     open_rows.append((recipients[a.row], channel, a.address, True))
         if not open_rows:
-            return
+            return None
 
-        # Policy: one query per channel for the whole chunk, just before rendering and queueing.
+        # Policy: one query per channel for the whole chunk, a chunk or two before rendering.
         hashes: dict[str, list[str]] = {}
         for _, channel, address, _ in open_rows:
             hashes.setdefault(channel.value, []).append(address_hash(address))
@@ -785,7 +871,18 @@ class Runner:
             refusals[channel_name] = await asyncio.to_thread(
                 policy.check_chunk, channel_name, chunk_hashes
             )
+        return _Ready(open_rows, refusals)
 
+    async def _render_chunk(
+        self,
+        queue: asyncio.Queue[_Job | None],
+        prepared: _Ready,
+        renderer: Renderer,
+        policy: Policy,
+    ) -> None:
+        """Render, cost and queue a prepared chunk's rows; refusals become final states."""
+        open_rows = prepared.open_rows
+        refusals = prepared.refusals
         now = iso(self.clock.now())
         run = self._run
         for recipient, channel, address, resend in open_rows:
@@ -857,14 +954,15 @@ class Runner:
             if refused is not None:
                 self._budget.release(message.cost_micros)
                 self._final(message.row, channel, refused[0], refused[1], None,
-                            iso(self.clock.now()), message.content_hash)
+                            self._stamp(), message.content_hash)
                 return
             attempt += 1
-            now = iso(self.clock.now())
+            now = self._stamp()
             intent = (route.provider.name, message.cost_micros, message.content_hash,
                       1 if job.resend else 0, now, *key)
             # Intent before action: the `sending` row is committed before the request leaves.
-            await self._writer.call(functools.partial(_execute, runs.SQL_INTENT, intent))
+            self._writer.submit(runs.SQL_INTENT, intent)
+            await self._writer.barrier()
             try:
                 result = await route.provider.send(message)
             except RateLimitedError as exc:
@@ -921,7 +1019,7 @@ class Runner:
             self._spent += message.cost_micros
             self._writer.submit(
                 runs.SQL_SENT,
-                (result.provider_message_id, result.status_code, iso(self.clock.now()), *key),
+                (result.provider_message_id, result.status_code, self._stamp(), *key),
             )
             self._count(State.SENT)
             self._sent_this_session += 1
@@ -972,8 +1070,9 @@ class Runner:
         self._count(state)
 
     def _count(self, state: State, was: State = State.PENDING) -> None:
-        self._session_counts[state.value] += 1
-        self._session_counts[was.value] -= 1
+        counts = self._session_counts
+        counts[state._value_] += 1
+        counts[was._value_] -= 1
 
     def _suppress(self, message: OutboundMessage, ahash: str, exc: PermanentError) -> None:
         """The provider says this address opted out (e.g. Twilio 21610): record it for good."""

@@ -24,6 +24,12 @@ What counts as what:
   ``missing_key``; an address that is empty or wrong does not make the row invalid, it is recorded
   in `Recipient.problems` for that channel (``no_address``, ``bad_phone``, ``bad_email``, ...).
 
+`ProcessChunkReader` runs `iter_recipient_chunks` in a separate process (normalising addresses is
+most of the reading cost, and it then runs on another core) and hands the chunks over through a
+pipe, whose small buffer keeps the reader at most a chunk or two ahead; `InlineChunkReader` is the
+same interface over the generator in this process, for small files where starting a process
+would cost more than it saves. Both yield exactly what `iter_recipient_chunks` yields.
+
 `iter_recipient_chunks` checks the header again (it needs the column positions) and reports
 undecodable bytes and CSV errors, but relies on `scan_recipients` for whole-file checks such as
 NUL bytes: run the scan first.
@@ -35,10 +41,14 @@ import codecs
 import csv
 import hashlib
 import io
-from collections.abc import Iterator
+import pickle
+import signal
+import subprocess
+import sys
+from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 from campaign_cli.addresses import AddressError, normalize_address
 from campaign_cli.errors import InputError
@@ -181,7 +191,7 @@ def iter_recipient_chunks(
     chunk_size: int = 500,
     start_row: int = 1,
     limit: int | None = None,
-) -> Iterator[list[Recipient | InvalidRow]]:
+) -> Generator[list[Recipient | InvalidRow], None, None]:
     """Yield the data rows in order, ``chunk_size`` at a time (the last chunk may be shorter).
 
     Rows before ``start_row`` are parsed (they must be, to find the later ones) but neither
@@ -263,6 +273,155 @@ def iter_recipient_chunks(
         raise InputError(shown, reader.line_num, None, f"cannot parse CSV: {exc}") from None
     except OSError as exc:
         raise _unreadable(shown, exc) from None
+
+
+# --------------------------------------------------------------------------------------------
+# Chunk readers: the same chunks, read here or in another process
+
+Chunk = list[Recipient | InvalidRow]
+
+
+class ChunkReader(Protocol):
+    def next_chunk(self) -> Chunk | None:
+        """The next chunk, or None at the end of the file. Blocking; raises `InputError`."""
+
+    def close(self) -> None:
+        """Stop reading (at any time; idempotent)."""
+
+
+def _check_chunk_args(chunk_size: int, limit: int | None) -> None:
+    if chunk_size < 1:
+        raise ValueError("chunk_size must be at least 1")
+    if limit is not None and limit < 0:
+        raise ValueError("limit must not be negative")
+
+
+class InlineChunkReader:
+    """`iter_recipient_chunks` in this process (call `next_chunk` from one thread at a time)."""
+
+    def __init__(
+        self, spec: RecipientSpec, chunk_size: int = 500, start_row: int = 1,
+        limit: int | None = None,
+    ) -> None:
+        _check_chunk_args(chunk_size, limit)
+        self._chunks = iter_recipient_chunks(spec, chunk_size, start_row, limit)
+
+    def next_chunk(self) -> Chunk | None:
+        return next(self._chunks, None)
+
+    def close(self) -> None:
+        try:
+            self._chunks.close()
+        except ValueError:  # still running in another thread: it finishes and is collected
+            pass
+
+
+class ProcessChunkReader:
+    """`iter_recipient_chunks` in a child process: a fresh interpreter (like multiprocessing's
+    'spawn', never a fork of this threaded process), started with ``python -c`` rather than through
+    multiprocessing so that it never re-imports the caller's ``__main__`` (a script that calls
+    `run_campaign` at top level would otherwise run again in the child). Chunks come back pickled
+    on the child's standard output; a full pipe blocks the child, so it runs at most a chunk or two
+    ahead and memory stays flat. `InputError` and other failures in the child are raised here by
+    `next_chunk`."""
+
+    def __init__(
+        self, spec: RecipientSpec, chunk_size: int = 500, start_row: int = 1,
+        limit: int | None = None,
+    ) -> None:
+        _check_chunk_args(chunk_size, limit)
+        self._done = False
+        self._process = subprocess.Popen(  # noqa: S603 - our own interpreter, fixed code
+            [sys.executable, "-c", _CHILD_CODE],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        )
+        args = {
+            "sys_path": list(sys.path),
+            "path": str(spec.path),
+            "key": spec.key,
+            "columns": [(channel.value, column) for channel, column in spec.columns.items()],
+            "default_region": spec.default_region,
+            "delimiter": spec.delimiter,
+            "chunk_size": chunk_size,
+            "start_row": start_row,
+            "limit": limit,
+        }
+        assert self._process.stdin is not None and self._process.stdout is not None
+        self._stdout = self._process.stdout
+        try:
+            pickle.dump(args, self._process.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+            self._process.stdin.close()
+        except OSError:
+            pass  # the child died at once: next_chunk reports it
+
+    def next_chunk(self) -> Chunk | None:
+        if self._done:
+            return None
+        try:
+            kind, payload = pickle.load(self._stdout)  # noqa: S301 - our own child
+        except (EOFError, OSError, pickle.UnpicklingError, ValueError):
+            if self._done:
+                return None  # closed while waiting
+            self._done = True
+            code = self._process.wait()
+            raise RuntimeError(
+                f"the recipient reader process ended unexpectedly (exit code {code})"
+            ) from None
+        if kind == "chunk":
+            chunk: Chunk = payload
+            return chunk
+        self._done = True
+        if kind == "error":
+            file, line, column, message = payload
+            raise InputError(file, line, column, message)
+        if kind == "failed":
+            raise RuntimeError(f"reading the recipient file failed: {payload}")
+        return None  # "done"
+
+    def close(self) -> None:
+        self._done = True
+        process = self._process
+        if process.poll() is None:
+            process.terminate()
+        process.wait()
+        self._stdout.close()
+
+
+_CHILD_CODE = (
+    "import pickle, sys\n"
+    "args = pickle.load(sys.stdin.buffer)\n"
+    "sys.path[:] = args['sys_path']\n"
+    "from campaign_cli.recipients import _child_main\n"
+    "_child_main(args)\n"
+)
+
+
+def _child_main(args: dict[str, Any]) -> None:
+    """The child process: read, normalise and send each chunk, then a final message."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop (Ctrl-C)
+    out = sys.stdout.buffer
+    spec = RecipientSpec(
+        path=Path(args["path"]), key=args["key"],
+        columns={Channel(channel): column for channel, column in args["columns"]},
+        default_region=args["default_region"], delimiter=args["delimiter"],
+    )
+    message: tuple[str, Any]
+    try:
+        try:
+            for chunk in iter_recipient_chunks(
+                spec, args["chunk_size"], args["start_row"], args["limit"]
+            ):
+                pickle.dump(("chunk", chunk), out, protocol=pickle.HIGHEST_PROTOCOL)
+                out.flush()
+            message = ("done", None)
+        except InputError as exc:
+            message = ("error", (exc.file, exc.line, exc.field, exc.message))
+        except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it
+            message = ("failed", f"{type(exc).__name__}: {exc}")
+        pickle.dump(message, out, protocol=pickle.HIGHEST_PROTOCOL)
+        out.flush()
+    except OSError:
+        pass  # the parent stopped listening
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,11 +6,18 @@ in order) or *call* a function and await its result, which is ready once the bat
 committed. Whatever queued up while the previous batch was committing forms the next batch, so
 under load one transaction carries hundreds of changes and the event loop never waits on the disk
 for each.
+
+`barrier` is the cheap way to wait: it resolves once everything submitted before it has committed.
+Callers that ask between two commits share one future, so a hundred workers recording their
+`sending` intents cost one wake-up per batch, not a future and a function call each. All three
+(`submit`, `call`, `barrier`) must be used from the event loop's thread: the writer counts what it
+committed, the loop counts what it queued, and the queue keeps them in the same order.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import queue
 import sqlite3
 import threading
@@ -24,6 +31,7 @@ from campaign_cli.store.db import connect
 T = TypeVar("T")
 
 _STOP = object()
+_NOOP = object()  # wakes the writer so that it reports a commit
 
 
 class _Call:
@@ -49,10 +57,22 @@ class JournalWriter:
         self._conn: sqlite3.Connection | None = None
         self.commits = 0
         self.statements = 0
+        # Barrier bookkeeping. `_queued` is touched by the loop thread only, `_taken` by the writer
+        # thread only; `_committed` and `_waiters` live on the loop (updated by `_on_commit`).
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queued = 0
+        self._taken = 0
+        self._committed = 0
+        self._waiters: collections.deque[list[Any]] = collections.deque()  # [target, future]
+        self._group_open = False
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> JournalWriter:
+        try:
+            self._loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = None
         self._thread.start()
         self._ready.wait()
         if self._failure is not None:
@@ -76,6 +96,7 @@ class JournalWriter:
         """Queue one statement; it commits with the next batch, after everything queued before."""
         if self._failure is not None:
             self.check()
+        self._queued += 1
         self._queue.put((sql, params))
 
     def call(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
@@ -84,8 +105,54 @@ class JournalWriter:
         self.check()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
+        self._queued += 1
         self._queue.put(_Call(fn, future, loop))
         return future
+
+    def barrier(self) -> asyncio.Future[None]:
+        """A future that resolves once everything submitted (or called) so far has committed.
+
+        Callers between two commits share one future; it fails with the writer's error if the
+        journal breaks."""
+        self.check()
+        loop = self._loop
+        if loop is None:
+            # Commits so far were not reported to any loop: queue a no-op so one will be.
+            loop = self._loop = asyncio.get_running_loop()
+            self._queued += 1
+            self._queue.put(_NOOP)
+        target = self._queued
+        if target <= self._committed:
+            done: asyncio.Future[None] = loop.create_future()
+            done.set_result(None)
+            return done
+        waiters = self._waiters
+        if self._group_open and waiters:
+            last = waiters[-1]
+            last[0] = target  # the group now waits for this caller's statements too
+            future: asyncio.Future[None] = last[1]
+            return future
+        future = loop.create_future()
+        waiters.append([target, future])
+        self._group_open = True
+        return future
+
+    def _on_commit(self, taken: int, failure: BaseException | None) -> None:
+        """On the loop: the writer has committed (or failed) everything up to item ``taken``."""
+        self._group_open = False  # later callers start a new group: this one's target is fixed
+        if taken > self._committed:
+            self._committed = taken
+        waiters = self._waiters
+        while waiters and (failure is not None or waiters[0][0] <= self._committed):
+            _, future = waiters.popleft()
+            if future.done():
+                continue
+            if failure is not None:
+                future.set_exception(
+                    StoreError(f"writing the journal failed: {failure}")
+                )
+            else:
+                future.set_result(None)
 
     async def flush(self) -> None:
         """Wait until everything submitted so far is committed."""
@@ -114,6 +181,7 @@ class JournalWriter:
                 if batch[-1] is _STOP or _STOP in batch:
                     stopping = True
                     batch = [item for item in batch if item is not _STOP]
+                self._taken += len(batch)
                 self._write(conn, batch)
         finally:
             conn.close()
@@ -127,6 +195,8 @@ class JournalWriter:
             run_sql: str | None = None
             run_params: list[Sequence[Any]] = []
             for item in batch:
+                if item is _NOOP:
+                    continue
                 if isinstance(item, _Call):
                     if run_sql is not None:
                         conn.executemany(run_sql, run_params)
@@ -157,11 +227,29 @@ class JournalWriter:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Call, Any, BaseException | None]]] = {}
         for entry in done:
             by_loop.setdefault(entry[0].loop, []).append(entry)
+        barrier_loop = self._loop
         for loop, entries in by_loop.items():
             try:
-                loop.call_soon_threadsafe(_resolve, entries)
+                if loop is barrier_loop:
+                    loop.call_soon_threadsafe(self._resolve_and_release, entries, self._taken,
+                                              self._failure)
+                    barrier_loop = None
+                else:
+                    loop.call_soon_threadsafe(_resolve, entries)
             except RuntimeError:  # the loop is closed: nobody is waiting any more
                 pass
+        if barrier_loop is not None:
+            try:
+                barrier_loop.call_soon_threadsafe(self._on_commit, self._taken, self._failure)
+            except RuntimeError:
+                pass
+
+    def _resolve_and_release(
+        self, entries: list[tuple[_Call, Any, BaseException | None]], taken: int,
+        failure: BaseException | None,
+    ) -> None:
+        _resolve(entries)
+        self._on_commit(taken, failure)
 
 
 def _resolve(entries: list[tuple[_Call, Any, BaseException | None]]) -> None:

@@ -1,0 +1,178 @@
+"""The fast paths of the pipeline give the same answers as the plain ones: the recipient reader in
+a child process against the one in this process, and the journal writer's shared commit barrier."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from campaign_cli.clock import Stamper, iso
+from campaign_cli.config import load_campaign
+from campaign_cli.errors import InputError
+from campaign_cli.models import Channel
+from campaign_cli.pipeline import SendOptions, run_campaign
+from campaign_cli.recipients import (
+    Chunk,
+    ChunkReader,
+    InlineChunkReader,
+    ProcessChunkReader,
+    RecipientSpec,
+)
+from campaign_cli.store.db import Store
+from campaign_cli.store.journal import JournalWriter
+from campaign_cli.testing import FakeClock, FakeProvider, fake_registry
+from tests.conftest import CampaignFactory, journal, people
+
+MIXED = (
+    "id,name,phone,email\n"
+    "c1,Ann,+1 (201) 200-0001,Ann@Example.COM\n"
+    "\n"
+    "c2,Bob,12,not-an-email\n"
+    ",NoKey,+12012000003,x@example.com\n"
+    "c4,Too,many,fields,here\n"
+    '"c5","Multi\nline",+12012000005,\n'
+    "c6,Dee,+442071838750,dee@example.org\n"
+    " , , , \n"
+    "c7,Eve,2012000007,eve@example.com\n"
+)
+
+
+def spec_for(path: Path) -> RecipientSpec:
+    return RecipientSpec(path=path, key="id",
+                         columns={Channel.SMS: "phone", Channel.EMAIL: "email"})
+
+
+def drain(reader: ChunkReader) -> list[Chunk]:
+    try:
+        chunks = []
+        while (chunk := reader.next_chunk()) is not None:
+            chunks.append(chunk)
+        assert reader.next_chunk() is None
+        return chunks
+    finally:
+        reader.close()
+
+
+@pytest.mark.parametrize(("chunk_size", "start_row", "limit"),
+                         [(500, 1, None), (2, 1, None), (3, 3, None), (2, 2, 5)])
+def test_process_reader_yields_exactly_what_the_inline_reader_yields(
+    tmp_path: Path, chunk_size: int, start_row: int, limit: int | None
+) -> None:
+    path = tmp_path / "r.csv"
+    path.write_text(MIXED, encoding="utf-8")
+    spec = spec_for(path)
+    inline = drain(InlineChunkReader(spec, chunk_size, start_row, limit))
+    process = drain(ProcessChunkReader(spec, chunk_size, start_row, limit))
+    assert inline  # the comparison means something
+    assert process == inline
+
+
+def test_process_reader_raises_the_same_input_error(tmp_path: Path) -> None:
+    path = tmp_path / "r.csv"
+    path.write_bytes(b"id,name,phone,email\nc1,A\xff,+12012000001,a@example.com\n")
+    with pytest.raises(InputError) as inline:
+        drain(InlineChunkReader(spec_for(path)))
+    with pytest.raises(InputError) as process:
+        drain(ProcessChunkReader(spec_for(path)))
+    assert str(process.value) == str(inline.value)
+    assert process.value.line == inline.value.line == 2
+
+
+def test_process_reader_can_be_closed_early(tmp_path: Path) -> None:
+    path = tmp_path / "r.csv"
+    path.write_text("id,name,phone,email\n" + "".join(
+        f"c{i},N,+1201200{i:04d},p{i}@example.com\n" for i in range(3000)), encoding="utf-8")
+    reader = ProcessChunkReader(spec_for(path), chunk_size=10)
+    first = reader.next_chunk()
+    assert first is not None and len(first) == 10
+    reader.close()
+    assert reader.next_chunk() is None
+
+
+def _journal_without_times(store: Path) -> list[dict[str, Any]]:
+    rows = journal(store)
+    for row in rows:
+        row.pop("updated_at")
+    return sorted(rows, key=lambda r: (r["row"], r["channel"]))
+
+
+def test_a_run_journals_the_same_whichever_reader(
+    make_campaign: CampaignFactory, tmp_path: Path
+) -> None:
+    rows = people(30)
+    rows.insert(4, ["c3", "Dup", "+12012000099", "dup@example.com"])
+    rows.append(["", "NoKey", "+12012000098", "x@example.com"])
+    rows.append(["c99", "BadPhone", "12", "y@example.com"])
+    campaign = make_campaign(rows)
+    results = []
+    for mode in ("inline", "process"):
+        store = tmp_path / f"{mode}.db"
+        provider = FakeProvider()
+        report = run_campaign(
+            load_campaign(campaign, {}), store,
+            SendOptions(reader=mode, chunk_size=7),  # type: ignore[arg-type]
+            clock=FakeClock(), registry=fake_registry(provider),
+        )
+        results.append((report.counts, _journal_without_times(store), len(provider.accepted)))
+    assert results[0][0]["sent"] == 30
+    assert results[1] == results[0]
+
+
+def test_barrier_resolves_only_after_the_submitted_statements_commit(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    Store.open(path).close()
+
+    async def scenario() -> list[int]:
+        writer = JournalWriter(path).start()
+        seen: list[int] = []
+        try:
+            barriers = []
+            for i in range(50):
+                writer.submit("INSERT INTO settings (key, value) VALUES (?, ?)", (f"k{i}", "v"))
+                barriers.append(writer.barrier())
+            assert len({id(b) for b in barriers}) < len(barriers)  # shared between callers
+            for i, barrier in enumerate(barriers):
+                await barrier
+                check = sqlite3.connect(path)
+                try:
+                    seen.append(check.execute(
+                        "SELECT count(*) FROM settings WHERE key = ?", (f"k{i}",)).fetchone()[0])
+                finally:
+                    check.close()
+            await writer.barrier()  # nothing new: already committed
+        finally:
+            await asyncio.to_thread(writer.close)
+        return seen
+
+    assert asyncio.run(scenario()) == [1] * 50
+
+
+def test_barrier_fails_when_the_journal_breaks(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    Store.open(path).close()
+
+    async def scenario() -> None:
+        writer = JournalWriter(path).start()
+        try:
+            writer.submit("INSERT INTO no_such_table VALUES (?)", (1,))
+            await writer.barrier()
+        finally:
+            try:
+                await asyncio.to_thread(writer.close)
+            except Exception:  # noqa: BLE001, S110 - the failure is what we test above
+                pass
+
+    with pytest.raises(Exception, match="writing the journal failed"):
+        asyncio.run(scenario())
+
+
+def test_stamper_formats_exactly_as_iso() -> None:
+    clock = FakeClock()
+    stamper = Stamper(clock)
+    for step in (0.0, 0.0004, 0.0007, 0.3, 0.9996, 1.0, 59.9995, 3600.0001, 0.0):
+        clock.advance(step)
+        assert stamper.now() == iso(clock.now())
