@@ -48,7 +48,6 @@ from campaign_cli.errors import (
     PermanentError,
     ProviderAuthError,
     ProviderError,
-    RateLimitedError,
     TransientError,
     UsageError,
 )
@@ -885,6 +884,7 @@ class Runner:
         refusals = prepared.refusals
         now = iso(self.clock.now())
         run = self._run
+        dry_run = self.options.dry_run
         for recipient, channel, address, resend in open_rows:
             if self.stop.stopping or self._abort is not None:
                 return  # the rest stays pending (or in doubt), to be resumed
@@ -904,6 +904,16 @@ class Runner:
             if not self._budget.try_reserve(cost):
                 self._cap_hit = True
                 return  # intake stops; the source admits the rest of the file as pending
+            if dry_run:
+                # Nothing leaves, so there is no intent to journal and nothing to pace: the row
+                # records what would have been sent, and at what cost.
+                self._budget.commit(cost)
+                self._spent += cost
+                self._writer.submit(SQL_DRY_RUN, (cost, content_hash(content), now, run.id,
+                                                  recipient.row, channel.value))
+                self._count(State.SENT, State.IN_DOUBT if resend else State.PENDING)
+                self._sent_this_session += 1
+                continue
             message = OutboundMessage(
                 run_id=run.id, row=recipient.row, channel=channel, recipient_key=recipient.key,
                 address=address,
@@ -965,14 +975,13 @@ class Runner:
             await self._writer.barrier()
             try:
                 result = await route.provider.send(message)
-            except RateLimitedError as exc:
-                if await self._retry(route, attempt, exc, key, exc.retry_after):
+            except TransientError as exc:  # includes RateLimitedError
+                verdict = await self._retry(route, attempt, exc, key, exc.retry_after)
+                if verdict == "retry":
                     continue
-                self._dead_letter(key, message, exc, "retries_exhausted")
-                return
-            except TransientError as exc:
-                if await self._retry(route, attempt, exc, key, exc.retry_after):
-                    continue
+                if verdict == "stop":
+                    self._budget.release(message.cost_micros)  # left pending for the resume
+                    return
                 self._dead_letter(key, message, exc, "retries_exhausted")
                 return
             except InDoubtError as exc:
@@ -1030,9 +1039,11 @@ class Runner:
     async def _retry(
         self, route: _Route, attempt: int, exc: ProviderError, key: tuple[int, int, str],
         retry_after: float | None,
-    ) -> bool:
-        if attempt >= route.attempts or self.stop.stopping or self._abort is not None:
-            return False
+    ) -> str:
+        """"retry" after a backoff, "give_up" (attempts exhausted: a dead letter), or "stop" (the
+        run is stopping: the row is left pending, since the provider definitely did not take it)."""
+        if attempt >= route.attempts:
+            return "give_up"
         # Definitely not accepted: the row is `pending` again while we wait, so a crash during
         # the backoff resumes it instead of doubting it.
         self._writer.submit(
@@ -1041,8 +1052,10 @@ class Runner:
             (exc.code, redact(exc.text, self.secrets)[:500], exc.status,
              iso(self.clock.now()), *key),
         )
+        if self.stop.stopping or self._abort is not None:
+            return "stop"
         await self._backoff(route, attempt, retry_after)
-        return not (self.stop.stopping or self._abort is not None)
+        return "stop" if self.stop.stopping or self._abort is not None else "retry"
 
     async def _backoff(self, route: _Route, attempt: int, retry_after: float | None) -> None:
         ceiling = min(route.max_backoff, route.backoff * (2 ** (attempt - 1)))
@@ -1091,6 +1104,13 @@ class Runner:
 
 # --------------------------------------------------------------------------------------------
 # Helpers
+
+
+SQL_DRY_RUN = (
+    "UPDATE messages SET state = 'sent', provider = 'dry-run', provider_message_id = 'dry-run', "
+    "attempts = attempts + 1, cost_micros = ?, content_hash = ?, updated_at = ? "
+    "WHERE run_id = ? AND row = ? AND channel = ?"
+)
 
 
 def _execute(sql: str, params: tuple[Any, ...], conn: sqlite3.Connection) -> None:

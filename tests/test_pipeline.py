@@ -324,3 +324,17 @@ def test_secrets_never_reach_the_journal_or_the_report(
     for path in store_path.parent.glob("store.db*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes()
+
+
+def test_a_stop_during_a_retry_backoff_leaves_the_row_pending_not_failed(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    stop = StopController()
+
+    def handler(m: OutboundMessage) -> BaseException:
+        stop.request()
+        return TransientError("503", status=503)
+
+    report = send(make_campaign(people(1)), store_path, FakeProvider(handler=handler), stop=stop)
+    assert report.exit_code == ExitCode.INTERRUPTED
+    assert report.counts == {"pending": 1}

@@ -122,7 +122,11 @@ def _m001_initial(conn: sqlite3.Connection) -> None:
             line                INTEGER NOT NULL,   -- physical line the record starts on
             rkey                TEXT,               -- the recipient key column
             address             TEXT,               -- normalised address
-            dedupe_address      INTEGER NOT NULL DEFAULT 0,
+            -- What admission deduplicates on. NULL for rows that hold no claim (invalid,
+            -- duplicate), so the unique indexes below never depend on `state`, and a state
+            -- change never has to touch them (measured: a third of the journal's write cost).
+            dedupe_key          TEXT,
+            dedupe_addr         TEXT,
             state               TEXT NOT NULL,
             reason              TEXT,
             detail              TEXT,
@@ -139,10 +143,10 @@ def _m001_initial(conn: sqlite3.Connection) -> None:
         );
         -- Admission is INSERT OR IGNORE: these make the database, not a Python set, refuse a
         -- second row for the same recipient key (or address, where the run dedupes by address).
-        CREATE UNIQUE INDEX messages_once_per_key ON messages (run_id, channel, rkey)
-            WHERE state NOT IN ('invalid', 'duplicate');
-        CREATE UNIQUE INDEX messages_once_per_address ON messages (run_id, channel, address)
-            WHERE dedupe_address = 1 AND state NOT IN ('invalid', 'duplicate');
+        CREATE UNIQUE INDEX messages_once_per_key ON messages (run_id, channel, dedupe_key)
+            WHERE dedupe_key IS NOT NULL;
+        CREATE UNIQUE INDEX messages_once_per_address ON messages (run_id, channel, dedupe_addr)
+            WHERE dedupe_addr IS NOT NULL;
         """
     )
     conn.execute(

@@ -247,26 +247,29 @@ def admit(
     `duplicate`. Runs inside the writer's transaction."""
     if not items:
         return {}
-    flag = 1 if dedupe_address else 0
+    claims = [a for a in items if a.state == "pending"]
     conn.executemany(
-        "INSERT OR IGNORE INTO messages (run_id, row, channel, line, rkey, address, "
-        "dedupe_address, state, reason, detail, updated_at) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT OR IGNORE INTO messages (run_id, row, channel, line, rkey, address, dedupe_key, "
+        "dedupe_addr, state, reason, detail, updated_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [
             (run_id, a.row, a.channel, a.line, a.rkey, a.address,
-             flag if a.state == "pending" else 0, a.state, a.reason, a.detail, now)
+             a.rkey if a.state == "pending" else None,
+             a.address if a.state == "pending" and dedupe_address else None,
+             a.state, a.reason, a.detail, now)
             for a in items
         ],
     )
+    # A claim refused by a unique index (same key or address as an earlier row) is a duplicate;
+    # a row already journaled by an earlier session is left as it is (primary key).
     conn.executemany(
         "INSERT OR IGNORE INTO messages (run_id, row, channel, line, rkey, address, "
-        "dedupe_address, state, reason, detail, updated_at) "
-        "VALUES (?, ?, ?, ?, ?, ?, 0, 'duplicate', 'duplicate', ?, ?)",
+        "state, reason, detail, updated_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, 'duplicate', 'duplicate', ?, ?)",
         [
             (run_id, a.row, a.channel, a.line, a.rkey, a.address,
              "same recipient key or address as an earlier row", now)
-            for a in items
-            if a.state == "pending"
+            for a in claims
         ],
     )
     lo = min(a.row for a in items)
