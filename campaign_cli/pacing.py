@@ -19,19 +19,32 @@ def default_burst(rate: float) -> int:
 
 
 class Pacer:
-    """The token bucket for one provider. ``rate=None`` means unthrottled."""
+    """The token bucket for one provider. ``rate=None`` means unthrottled.
+
+    Two buckets of the same rate and burst: ``acquire`` before the intent is journaled (so that
+    rows wait for their turn as `pending`, not as `sending`), and ``gate`` right before the request
+    leaves. The intent's commit takes a variable few milliseconds, which would otherwise bunch
+    requests together; the second bucket keeps every one-second window of *requests* within
+    ``rate + burst``. A row waits in `sending` only for that short bunching, never for its turn.
+    """
 
     def __init__(self, rate: float | None, burst: int | None = None) -> None:
         self.rate = rate
         self.burst = burst if burst is not None else (default_burst(rate) if rate else None)
-        self._limiter: AsyncLimiter | None = None
+        self._admit: AsyncLimiter | None = None
+        self._send: AsyncLimiter | None = None
         if rate is not None:
             assert self.burst is not None
-            self._limiter = AsyncLimiter(self.burst, self.burst / rate)
+            self._admit = AsyncLimiter(self.burst, self.burst / rate)
+            self._send = AsyncLimiter(self.burst, self.burst / rate)
 
     async def acquire(self) -> None:
-        if self._limiter is not None:
-            await self._limiter.acquire()
+        if self._admit is not None:
+            await self._admit.acquire()
+
+    async def gate(self) -> None:
+        if self._send is not None:
+            await self._send.acquire()
 
 
 class Budget:

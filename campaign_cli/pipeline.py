@@ -974,6 +974,15 @@ class Runner:
             self._writer.submit(runs.SQL_INTENT, intent)
             await self._writer.barrier()
             try:
+                await route.pacer.gate()
+            except asyncio.CancelledError:
+                # Stopped at once before the request left: not in doubt, just not sent.
+                self._writer.submit(
+                    "UPDATE messages SET state = 'pending', attempts = attempts - 1 "
+                    "WHERE run_id = ? AND row = ? AND channel = ?", key,
+                )
+                raise
+            try:
                 result = await route.provider.send(message)
             except TransientError as exc:  # includes RateLimitedError
                 verdict = await self._retry(route, attempt, exc, key, exc.retry_after)
