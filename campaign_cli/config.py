@@ -113,10 +113,24 @@ class RecipientsConfig(_Model):
 # Channels
 
 
+ProviderRef = Annotated[
+    Union[str, list[str]],
+    Field(description="a provider name, or a list: the primary first, then failovers"),
+]
+
+
+def _names(ref: str | list[str]) -> tuple[str, ...]:
+    return (ref,) if isinstance(ref, str) else tuple(ref)
+
+
 class _Inline(_Model):
     """A channel whose body is a template: inline (``body``) or in a file (``template``)."""
 
-    provider: str
+    provider: ProviderRef
+
+    @property
+    def provider_names(self) -> tuple[str, ...]:
+        return _names(self.provider)
     body: str | None = None
     template: ExistingFile | None = None
 
@@ -157,7 +171,7 @@ class ListUnsubscribe(_Model):
 
 
 class EmailChannel(_Model):
-    provider: str
+    provider: ProviderRef
     sender: str = Field(alias="from", min_length=3)
     reply_to: str | None = None
     subject: str = Field(min_length=1)
@@ -165,6 +179,10 @@ class EmailChannel(_Model):
     html: ExistingFile | None = None
     headers: dict[str, str] = {}
     list_unsubscribe: ListUnsubscribe | None = None
+
+    @property
+    def provider_names(self) -> tuple[str, ...]:
+        return _names(self.provider)
 
     @model_validator(mode="after")
     def _some_body(self) -> EmailChannel:
@@ -244,17 +262,136 @@ class ConsoleProviderConfig(_ProviderBase):
     type: Literal["console"]
 
 
+class _HttpProvider(_ProviderBase):
+    """Every HTTP provider: where it is, how long to wait, how to pace it."""
+
+    base_url: str | None = None  # each type has its own default
+    timeout: float = Field(default=10.0, gt=0, le=300)
+
+    @model_validator(mode="after")
+    def _http_url(self) -> _HttpProvider:
+        if self.base_url is not None and not re.match(r"https?://[^\s/]+", self.base_url):
+            raise ValueError("base_url must be an http:// or https:// URL")
+        return self
+
+
+class TwilioProviderConfig(_HttpProvider):
+    """Twilio Messages API (SMS): form-encoded POST, HTTP Basic with the account SID and token
+    (or an API key SID and secret)."""
+
+    type: Literal["twilio"]
+    account_sid: str = Field(pattern=r"^AC[0-9a-fA-F]{32}$")
+    auth_token: str = Field(min_length=1)
+    api_key_sid: str | None = Field(default=None, pattern=r"^SK[0-9a-fA-F]{32}$")
+    sender: str | None = Field(default=None, alias="from")
+    messaging_service_sid: str | None = Field(default=None, pattern=r"^MG[0-9a-fA-F]{32}$")
+    status_callback: str | None = None
+
+    @model_validator(mode="after")
+    def _one_sender(self) -> TwilioProviderConfig:
+        if (self.sender is None) == (self.messaging_service_sid is None):
+            raise ValueError("give exactly one of from (a phone number) or messaging_service_sid")
+        return self
+
+
+class SendGridProviderConfig(_HttpProvider):
+    """SendGrid v3 mail/send (email): JSON, Bearer API key."""
+
+    type: Literal["sendgrid"]
+    api_key: str = Field(min_length=1)
+
+
+class SmtpProviderConfig(_ProviderBase):
+    """Any SMTP server (email), through a pool of connections (one per concurrent send)."""
+
+    type: Literal["smtp"]
+    host: str = Field(min_length=1)
+    port: int | None = Field(default=None, ge=1, le=65535)
+    security: Literal["starttls", "tls", "none"] = "starttls"
+    username: str | None = None
+    password: str | None = None
+    timeout: float = Field(default=30.0, gt=0, le=300)
+    helo: str | None = None
+
+
+class FcmProviderConfig(_HttpProvider):
+    """Firebase Cloud Messaging HTTP v1 (push). Credentials: an OAuth access token, or a service
+    account file from which tokens are fetched at ``token_url``."""
+
+    type: Literal["fcm"]
+    project_id: str = Field(min_length=1)
+    access_token: str | None = None
+    service_account_file: ExistingFile | None = None
+    token_url: str = "https://oauth2.googleapis.com/token"  # noqa: S105 - a URL, not a secret
+
+    @model_validator(mode="after")
+    def _one_credential(self) -> FcmProviderConfig:
+        if (self.access_token is None) == (self.service_account_file is None):
+            raise ValueError("give exactly one of access_token or service_account_file")
+        return self
+
+
+class SlackProviderConfig(_HttpProvider):
+    """A Slack incoming webhook: its URL is the secret (use ``${SLACK_WEBHOOK_URL}``)."""
+
+    type: Literal["slack"]
+    url: str = Field(pattern=r"^https?://")
+
+
+class WebhookProviderConfig(_HttpProvider):
+    """A generic JSON POST, signed with HMAC-SHA256 and carrying an ``Idempotency-Key`` header.
+    ``url`` is the endpoint unless the recipient file has a webhook_url column."""
+
+    type: Literal["webhook"]
+    url: str | None = Field(default=None, pattern=r"^https?://")
+    secret: str | None = None
+    signature_header: str = "X-Campaign-Signature"
+    headers: dict[str, str] = {}
+
+
 ProviderConfig = Annotated[
-    Union[OutboxProviderConfig, ConsoleProviderConfig], Field(discriminator="type")
+    Union[
+        OutboxProviderConfig,
+        ConsoleProviderConfig,
+        TwilioProviderConfig,
+        SendGridProviderConfig,
+        SmtpProviderConfig,
+        FcmProviderConfig,
+        SlackProviderConfig,
+        WebhookProviderConfig,
+    ],
+    Field(discriminator="type"),
 ]
 
+
+#: Which channels each provider type can carry.
+PROVIDER_CHANNELS: dict[str, frozenset[Channel]] = {
+    "outbox": frozenset(Channel),
+    "console": frozenset(Channel),
+    "twilio": frozenset({Channel.SMS}),
+    "sendgrid": frozenset({Channel.EMAIL}),
+    "smtp": frozenset({Channel.EMAIL}),
+    "fcm": frozenset({Channel.PUSH}),
+    "slack": frozenset({Channel.WEBHOOK}),
+    "webhook": frozenset({Channel.WEBHOOK}),
+}
 
 # --------------------------------------------------------------------------------------------
 # The campaign
 
 
+class CircuitBreaker(_Model):
+    """When a channel names several providers: after ``threshold`` consecutive transient failures
+    or connection errors a provider's circuit opens and traffic goes to the next one; after
+    ``cooldown`` seconds one probe message tries the provider again."""
+
+    threshold: int = Field(default=5, ge=1, le=1000)
+    cooldown: float = Field(default=30.0, gt=0, le=3600)
+
+
 class Limits(_Model):
     concurrency: int = Field(default=16, ge=1, le=1024)
+    circuit_breaker: CircuitBreaker = CircuitBreaker()
     max_spend: Money | None = None
     currency: str = Field(default="USD", pattern=r"^[A-Z]{3}$")
 
@@ -281,12 +418,23 @@ class Campaign(_Model):
     def _consistent(self) -> Campaign:
         for channel in self.channels.enabled():
             config = self.channels.get(channel)
-            if config.provider not in self.providers:
-                known = ", ".join(sorted(self.providers)) or "none"
-                raise _Located(
-                    ("channels", channel.value, "provider"),
-                    f"no provider named {config.provider!r} (providers: {known})",
-                )
+            names = config.provider_names
+            if not names or len(set(names)) != len(names):
+                raise _Located(("channels", channel.value, "provider"),
+                               "name one provider, or a list of distinct providers")
+            for name in names:
+                if name not in self.providers:
+                    known = ", ".join(sorted(self.providers)) or "none"
+                    raise _Located(
+                        ("channels", channel.value, "provider"),
+                        f"no provider named {name!r} (providers: {known})",
+                    )
+                kind = self.providers[name].type
+                if channel not in PROVIDER_CHANNELS[kind]:
+                    raise _Located(
+                        ("channels", channel.value, "provider"),
+                        f"provider {name!r} (type {kind}) cannot send {channel.value}",
+                    )
             column = self.recipients.columns.for_channel(channel)
             if column is None and channel is not Channel.WEBHOOK:
                 field = {Channel.SMS: "phone", Channel.EMAIL: "email", Channel.PUSH: "push_token"}

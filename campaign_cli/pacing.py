@@ -8,6 +8,7 @@ sent, so the sum of what may have been charged never crosses ``max_spend``.
 
 from __future__ import annotations
 
+import asyncio
 import math
 
 from aiolimiter import AsyncLimiter
@@ -26,25 +27,91 @@ class Pacer:
     leaves. The intent's commit takes a variable few milliseconds, which would otherwise bunch
     requests together; the second bucket keeps every one-second window of *requests* within
     ``rate + burst``. A row waits in `sending` only for that short bunching, never for its turn.
+
+    Adaptive: a 429 (`rate_limited`) halves the rate for every worker and pauses the provider for
+    its ``Retry-After``; good answers (`succeeded`) win it back by a tenth per quiet second, up to
+    the configured rate (or back to unthrottled), additive-increase style.
     """
 
+    MIN_RATE = 0.2
+    RECOVERY = 1.1
+
     def __init__(self, rate: float | None, burst: int | None = None) -> None:
-        self.rate = rate
-        self.burst = burst if burst is not None else (default_burst(rate) if rate else None)
+        self.configured = rate
+        self.burst_configured = burst
+        self.rate: float | None = None
+        self.burst: int | None = None
         self._admit: AsyncLimiter | None = None
         self._send: AsyncLimiter | None = None
-        if rate is not None:
-            assert self.burst is not None
-            self._admit = AsyncLimiter(self.burst, self.burst / rate)
-            self._send = AsyncLimiter(self.burst, self.burst / rate)
+        self._paused_until = 0.0
+        self._last_limited = -math.inf
+        self._last_raise = 0.0
+        self._window_start = 0.0
+        self._window_count = 0
+        self._observed = 0.0
+        self._unthrottle_at: float | None = None
+        self._set_rate(rate)
+
+    def _set_rate(self, rate: float | None) -> None:
+        self.rate = rate
+        if rate is None:
+            self.burst = None
+            self._admit = self._send = None
+            return
+        burst = self.burst_configured if self.burst_configured is not None else default_burst(rate)
+        self.burst = max(1, min(burst, math.ceil(rate))) if rate < burst else burst
+        self._admit = AsyncLimiter(self.burst, self.burst / rate)
+        self._send = AsyncLimiter(self.burst, self.burst / rate)
+
+    async def _wait_pause(self) -> None:
+        loop = asyncio.get_running_loop()
+        while (delay := self._paused_until - loop.time()) > 0:
+            await asyncio.sleep(delay)
 
     async def acquire(self) -> None:
+        if self._paused_until:
+            await self._wait_pause()
         if self._admit is not None:
             await self._admit.acquire()
 
     async def gate(self) -> None:
+        if self._paused_until:
+            await self._wait_pause()
         if self._send is not None:
             await self._send.acquire()
+
+    def rate_limited(self, retry_after: float | None) -> None:
+        """The provider said 429: slow down for every worker."""
+        now = asyncio.get_running_loop().time()
+        if retry_after:
+            self._paused_until = max(self._paused_until, now + min(retry_after, 300.0))
+        if now - self._last_limited < 1.0:
+            return  # one halving per second, however many workers hear the 429
+        self._last_limited = now
+        current = self.rate if self.rate is not None else max(self._observed, 10.0)
+        if self.rate is None:
+            self._unthrottle_at = current * 2
+        self._set_rate(max(self.MIN_RATE, current / 2))
+
+    def succeeded(self) -> None:
+        """A good answer: count it, and once per quiet second raise a lowered rate again."""
+        now = asyncio.get_running_loop().time()
+        self._window_count += 1
+        if now - self._window_start >= 1.0:
+            self._observed = self._window_count / max(now - self._window_start, 1e-9)
+            self._window_start, self._window_count = now, 0
+        if self.rate is None or self.rate == self.configured:
+            return
+        if now - self._last_limited < 5.0 or now - self._last_raise < 1.0:
+            return
+        self._last_raise = now
+        raised = self.rate * self.RECOVERY
+        if self.configured is not None:
+            self._set_rate(min(raised, self.configured))
+        elif self._unthrottle_at is not None and raised >= self._unthrottle_at:
+            self._set_rate(None)
+        else:
+            self._set_rate(raised)
 
 
 class Budget:
@@ -69,6 +136,11 @@ class Budget:
         """The message went out (or may have): its reservation becomes spend."""
         self.reserved -= cost
         self.committed += cost
+
+    def settle(self, reserved: int, actual: int) -> None:
+        """The message went out (or may have) at ``actual``, having reserved ``reserved``."""
+        self.reserved -= reserved
+        self.committed += actual
 
     def release(self, cost: int) -> None:
         """The message was not sent (refused, failed before sending, or not attempted)."""

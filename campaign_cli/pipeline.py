@@ -27,6 +27,7 @@ The shape of the asyncio part:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import random
 import sqlite3
@@ -48,6 +49,7 @@ from campaign_cli.errors import (
     PermanentError,
     ProviderAuthError,
     ProviderError,
+    RateLimitedError,
     TransientError,
     UsageError,
 )
@@ -101,6 +103,7 @@ class SendOptions:
     chunk_size: int = 500
     queue_size: int | None = None
     poll_interval: float = 1.0
+    retry_failed: bool = False  # re-drive the dead letters of transient failures (not permanent)
     #: Where the recipient file is read and normalised: "process" (a child process, on another
     #: core), "inline" (a thread of this process), or "auto": a process from
     #: ``process_reader_min_rows`` rows to read, below that starting one costs more than it saves.
@@ -295,15 +298,17 @@ class DryRunProvider:
 class _Job:
     message: OutboundMessage
     address_hash: str
-    provider: str
+    pinned: str | None  # an in-doubt resend goes back to the provider that may have it
     resend: bool
+    costs: dict[str, int]  # per provider of the channel (they may price differently)
+    reserved: int  # the most of those: what the budget holds for this message
 
 
 @dataclass
 class _Ready:
     """A chunk admitted and checked, waiting to be rendered and queued."""
 
-    open_rows: list[tuple[Recipient, Channel, str, bool]]
+    open_rows: list[tuple[Recipient, Channel, str, str | None]]  # (.., pinned provider if resend)
     refusals: dict[str, dict[str, tuple[State, str]]]
 
 
@@ -311,16 +316,54 @@ _PENDING = State.PENDING.value
 _IN_DOUBT = State.IN_DOUBT.value
 
 
+class Breaker:
+    """A circuit breaker for one provider of a channel with failovers.
+
+    Closed: traffic flows. After ``threshold`` consecutive definite failures (transient errors,
+    connection errors) it opens for ``cooldown`` seconds and traffic goes to the next provider.
+    Then it lets one probe through (half-open): success closes it, failure opens it again."""
+
+    def __init__(self, threshold: int, cooldown: float, clock: Clock) -> None:
+        self.threshold = threshold
+        self.cooldown = cooldown
+        self.clock = clock
+        self.failures = 0
+        self.open_until: float | None = None
+        self.probing = False
+
+    def available(self) -> bool:
+        if self.open_until is None:
+            return True
+        return self.clock.monotonic() >= self.open_until and not self.probing
+
+    def attempt(self) -> None:
+        if self.open_until is not None:
+            self.probing = True
+
+    def success(self) -> None:
+        self.failures = 0
+        self.open_until = None
+        self.probing = False
+
+    def failure(self) -> None:
+        self.failures += 1
+        if self.probing or self.failures >= self.threshold:
+            self.open_until = self.clock.monotonic() + self.cooldown
+        self.probing = False
+
+
 @dataclass
 class _Route:
+    name: str  # the provider's name in the campaign file (what the journal records)
     provider: Provider
     pacer: Pacer
-    semaphore: asyncio.Semaphore | None
+    semaphore: asyncio.Semaphore | contextlib.nullcontext[None]
     price_per_message: int
     price_per_segment: int
     attempts: int
     backoff: float
     max_backoff: float
+    breaker: Breaker
 
 
 class _Abort(Exception):
@@ -388,6 +431,7 @@ class Runner:
         self._sent_this_session = 0
         self._in_doubt_resent = 0
         self._max_row_start = 0
+        self.retried = 0
         self._stamp = Stamper(clock).now
 
     # -- preparation (blocking, before the event loop does anything) ---------------------
@@ -427,6 +471,12 @@ class Runner:
                 self._import_compliance_lists(store.conn, now)
                 secret = store.setting("unsubscribe_secret") or ""
                 renderer = Renderer.compile(self.campaign, secret, source=self.loaded)
+                if self.options.retry_failed and runs.find_run(
+                    store.conn, self.campaign.name, run_key
+                ) is None:
+                    raise UsageError(
+                        f"--retry-failed: no run {self.campaign.name}/{run_key} in this store"
+                    )
                 if not self.options.dry_run:
                     lock = runs.RunLock.acquire(self.store_path, self.campaign.name, run_key, now)
                 run, resumed = runs.start_run(
@@ -444,6 +494,8 @@ class Runner:
                     now=now,
                 )
                 in_doubt_found = runs.mark_in_doubt(store.conn, run.id, now)
+                if self.options.retry_failed:
+                    self.retried = runs.reopen_transient_failures(store.conn, run.id, now)
                 store.conn.execute(
                     "UPDATE runs SET total_rows = ? WHERE id = ?", (total_rows, run.id)
                 )
@@ -537,7 +589,8 @@ class Runner:
             await asyncio.gather(ticker, return_exceptions=True)
             await writer.flush()
         finally:
-            for route in {id(r.provider): r for r in routes.values()}.values():
+            unique = {r.name: r for channel_routes in routes.values() for r in channel_routes}
+            for route in unique.values():
                 try:
                     await route.provider.aclose()
                 except Exception as exc:  # noqa: BLE001 - closing must not hide the outcome
@@ -580,36 +633,61 @@ class Runner:
             return ExitCode.FAILURES, "done_with_failures", None
         return ExitCode.OK, "done", None
 
-    def _routes(self, context: ProviderContext) -> dict[Channel, _Route]:
-        routes: dict[Channel, _Route] = {}
+    def _routes(self, context: ProviderContext) -> dict[Channel, list[_Route]]:
+        """Each channel's providers, primary first. A provider used by two channels is one route
+        (one bucket, one breaker)."""
+        routes: dict[Channel, list[_Route]] = {}
         by_name: dict[str, _Route] = {}
+        breaker = self.campaign.limits.circuit_breaker
         for channel in self.campaign.channels.enabled():
-            name = self.campaign.channels.get(channel).provider
-            if name not in by_name:
-                config = self.campaign.providers[name]
-                if self.options.dry_run:
-                    provider: Provider = DryRunProvider(name)
-                    rate = None
-                else:
-                    try:
-                        provider = self.registry.create(name, config, context)
-                    except KeyError as exc:
-                        raise InputError(str(self.loaded.path),
-                                         self.loaded.line_of("providers", name, "type"),
-                                         f"providers.{name}.type", str(exc.args[0])) from None
-                    rate = self.options.rate if self.options.rate is not None else config.rate
-                by_name[name] = _Route(
-                    provider=provider,
-                    pacer=Pacer(rate, config.burst if self.options.rate is None else None),
-                    semaphore=asyncio.Semaphore(config.concurrency) if config.concurrency else None,
-                    price_per_message=to_micros(config.price_per_message),
-                    price_per_segment=to_micros(config.price_per_segment),
-                    attempts=config.retry.attempts,
-                    backoff=config.retry.backoff,
-                    max_backoff=config.retry.max_backoff,
-                )
-            routes[channel] = by_name[name]
+            for name in self.campaign.channels.get(channel).provider_names:
+                if name not in by_name:
+                    by_name[name] = self._route(name, context, breaker.threshold,
+                                                breaker.cooldown)
+                routes.setdefault(channel, []).append(by_name[name])
         return routes
+
+    def _route(self, name: str, context: ProviderContext, threshold: int,
+               cooldown: float) -> _Route:
+        config = self.campaign.providers[name]
+        if self.options.dry_run:
+            provider: Provider = DryRunProvider(name)
+            rate = None
+        else:
+            try:
+                provider = self.registry.create(name, config, context)
+            except KeyError as exc:
+                raise InputError(str(self.loaded.path),
+                                 self.loaded.line_of("providers", name, "type"),
+                                 f"providers.{name}.type", str(exc.args[0])) from None
+            rate = self.options.rate if self.options.rate is not None else config.rate
+        return _Route(
+            name=name,
+            provider=provider,
+            pacer=Pacer(rate, config.burst if self.options.rate is None else None),
+            semaphore=asyncio.Semaphore(config.concurrency) if config.concurrency
+            else contextlib.nullcontext(),
+            price_per_message=to_micros(config.price_per_message),
+            price_per_segment=to_micros(config.price_per_segment),
+            attempts=config.retry.attempts,
+            backoff=config.retry.backoff,
+            max_backoff=config.retry.max_backoff,
+            breaker=Breaker(threshold, cooldown, self.clock),
+        )
+
+    def _pick(self, channel: Channel, pinned: str | None) -> _Route:
+        routes = self._routes_by_channel[channel]
+        if pinned is not None:
+            for route in routes:
+                if route.name == pinned:
+                    return route
+        if len(routes) == 1:
+            return routes[0]
+        for route in routes:
+            if route.breaker.available():
+                return route
+        # Every circuit is open: the one that reopens first (its pacer and backoff pace it).
+        return min(routes, key=lambda r: r.breaker.open_until or 0.0)
 
     async def _supervise(
         self, source: asyncio.Task[None], workers: list[asyncio.Task[None]]
@@ -815,16 +893,18 @@ class Runner:
                                              State.INVALID.value, reason, detail))
         return admits, recipients
 
-    async def _admit(self, admits: list[runs.Admit]) -> dict[tuple[int, str], str]:
+    async def _admit(
+        self, admits: list[runs.Admit]
+    ) -> dict[tuple[int, str], tuple[str, str | None]]:
         run_id = self._run.id
         now = iso(self.clock.now())
-        states: dict[tuple[int, str], str] = await self._writer.call(
+        states: dict[tuple[int, str], tuple[str, str | None]] = await self._writer.call(
             lambda conn: runs.admit(conn, run_id, admits, True, now)
         )
         # Count what this session added, for progress (rows journaled earlier are baseline).
         mark = self._max_row_start
         self._session_counts.update(
-            states[(a.row, a.channel)] for a in admits if a.row > mark
+            states[(a.row, a.channel)][0] for a in admits if a.row > mark
         )
         return states
 
@@ -844,26 +924,29 @@ class Runner:
         resend_policy = self.campaign.in_doubt_policy == "resend" or self.options.dry_run
 
         # Which admitted rows are still open: pending, or in doubt and allowed a resend.
-        open_rows: list[tuple[Recipient, Channel, str, bool]] = []
+        open_rows: list[tuple[Recipient, Channel, str, str | None]] = []
         pending = _PENDING
         in_doubt = _IN_DOUBT
         for a in admits:
             if a.address is None:
                 continue
-            state = states.get((a.row, a.channel))
+            state, provider = states.get((a.row, a.channel), (None, None))
             if state == pending:
-                open_rows.append((recipients[a.row], Channel(a.channel), a.address, False))
+                open_rows.append((recipients[a.row], Channel(a.channel), a.address, None))
             elif state == in_doubt:
+                # Only to the provider that may already have it, and only if it deduplicates
+                # or the campaign accepts a possible duplicate.
                 channel = Channel(a.channel)
-                route = self._routes_by_channel[channel]
+                routes = self._routes_by_channel[channel]
+                route = next((r for r in routes if r.name == provider), routes[0])
                 if route.provider.deduplicates or resend_policy:
-                    open_rows.append((recipients[a.row], channel, a.address, True))
+                    open_rows.append((recipients[a.row], channel, a.address, route.name))
         if not open_rows:
             return None
 
         # Policy: one query per channel for the whole chunk, a chunk or two before rendering.
         hashes: dict[str, list[str]] = {}
-        for _, channel, address, _ in open_rows:
+        for _, channel, address, _pinned in open_rows:
             hashes.setdefault(channel.value, []).append(address_hash(address))
         refusals: dict[str, dict[str, tuple[State, str]]] = {}
         for channel_name, chunk_hashes in hashes.items():
@@ -885,7 +968,8 @@ class Runner:
         now = iso(self.clock.now())
         run = self._run
         dry_run = self.options.dry_run
-        for recipient, channel, address, resend in open_rows:
+        for recipient, channel, address, pinned in open_rows:
+            resend = pinned is not None
             if self.stop.stopping or self._abort is not None:
                 return  # the rest stays pending (or in doubt), to be resumed
             ahash = address_hash(address)
@@ -893,14 +977,21 @@ class Runner:
             if refused is not None:
                 self._final(recipient.row, channel, refused[0], refused[1], None, now)
                 continue
-            route = self._routes_by_channel[channel]
+            routes = self._routes_by_channel[channel]
             try:
                 content = renderer.render(channel, recipient, address)
             except RenderError as exc:
                 self._final(recipient.row, channel, State.RENDER_FAILED, "render_failed",
                             redact(str(exc), self.secrets), now)
                 continue
-            cost = cost_of(content, route.price_per_message, route.price_per_segment)
+            if len(routes) == 1:
+                route = routes[0]
+                cost = cost_of(content, route.price_per_message, route.price_per_segment)
+                costs = {route.name: cost}
+            else:
+                costs = {r.name: cost_of(content, r.price_per_message, r.price_per_segment)
+                         for r in routes}
+                cost = max(costs.values())
             if not self._budget.try_reserve(cost):
                 self._cap_hit = True
                 return  # intake stops; the source admits the rest of the file as pending
@@ -921,7 +1012,7 @@ class Runner:
                                                 channel.value),
                 content=content, content_hash=content_hash(content), cost_micros=cost,
             )
-            await queue.put(_Job(message, ahash, route.provider.name, resend))
+            await queue.put(_Job(message, ahash, pinned, resend, costs, cost))
 
     def _final(self, row: int, channel: Channel, state: State, reason: str | None,
                detail: str | None, now: str, content_hash: str | None = None,
@@ -940,110 +1031,141 @@ class Runner:
             if job is None:
                 return
             if self.stop.stopping or self._abort is not None:
-                self._budget.release(job.message.cost_micros)
+                self._budget.release(job.reserved)
                 continue  # not started: stays pending (or in doubt) for the resume
-            route = self._routes_by_channel[job.message.channel]
-            if route.semaphore is not None:
-                async with route.semaphore:
-                    await self._deliver(job, route)
-            else:
-                await self._deliver(job, route)
+            await self._deliver(job)
 
-    async def _deliver(self, job: _Job, route: _Route) -> None:
+    async def _deliver(self, job: _Job) -> None:
         message = job.message
         channel = message.channel
-        run_id = self._run.id
-        key = (run_id, message.row, channel.value)
+        key = (self._run.id, message.row, channel.value)
+        pinned = job.pinned
         attempt = 0
+        loop = asyncio.get_running_loop()
         while True:
+            route = self._pick(channel, pinned)
             await route.pacer.acquire()
             if self.stop.stopping or self._abort is not None:
-                self._budget.release(message.cost_micros)
+                self._budget.release(job.reserved)
                 return
             refused = self._policy.refused_now(channel.value, job.address_hash)
             if refused is not None:
-                self._budget.release(message.cost_micros)
+                self._budget.release(job.reserved)
                 self._final(message.row, channel, refused[0], refused[1], None,
                             self._stamp(), message.content_hash)
                 return
             attempt += 1
-            now = self._stamp()
-            intent = (route.provider.name, message.cost_micros, message.content_hash,
-                      1 if job.resend else 0, now, *key)
+            cost = job.costs[route.name]
+            intent = (route.name, cost, message.content_hash, 1 if job.resend else 0,
+                      self._stamp(), *key)
             # Intent before action: the `sending` row is committed before the request leaves.
             self._writer.submit(runs.SQL_INTENT, intent)
             await self._writer.barrier()
-            try:
-                await route.pacer.gate()
-            except asyncio.CancelledError:
-                # Stopped at once before the request left: not in doubt, just not sent.
+            route.breaker.attempt()
+            error: ProviderError | None = None
+            async with route.semaphore:
+                try:
+                    await route.pacer.gate()
+                except asyncio.CancelledError:
+                    # Stopped at once before the request left: not in doubt, just not sent.
+                    self._writer.submit(
+                        "UPDATE messages SET state = 'pending', attempts = attempts - 1 "
+                        "WHERE run_id = ? AND row = ? AND channel = ?", key,
+                    )
+                    raise
+                started = loop.time()
+                try:
+                    result = await route.provider.send(message)
+                except ProviderError as exc:
+                    self._attempt(key, attempt, route.name, _outcome_of(exc), exc, None, started)
+                    error = exc
+                except asyncio.CancelledError:
+                    raise  # the row stays `sending`; it becomes `in_doubt` when the run ends
+                except Exception as exc:  # noqa: BLE001 - a bug in an adapter: stop, keep journal
+                    self._attempt(key, attempt, route.name, "error", exc, None, started)
+                    self._record(key, State.IN_DOUBT, "internal_error", exc)
+                    self._fail_run(_Abort(
+                        ExitCode.INTERNAL, "internal_error",
+                        f"provider {route.name} raised {type(exc).__name__}: "
+                        f"{redact(str(exc), self.secrets)}",
+                    ))
+                    return
+                else:
+                    self._attempt(key, attempt, route.name, "sent", None, result, started)
+            if error is None:
+                route.breaker.success()
+                route.pacer.succeeded()
+                self._budget.settle(job.reserved, cost)
+                self._spent += cost
                 self._writer.submit(
-                    "UPDATE messages SET state = 'pending', attempts = attempts - 1 "
-                    "WHERE run_id = ? AND row = ? AND channel = ?", key,
+                    runs.SQL_SENT,
+                    (result.provider_message_id, result.status_code, self._stamp(), *key),
                 )
-                raise
-            try:
-                result = await route.provider.send(message)
-            except TransientError as exc:  # includes RateLimitedError
-                verdict = await self._retry(route, attempt, exc, key, exc.retry_after)
+                self._count(State.SENT, State.IN_DOUBT if job.resend else State.PENDING)
+                self._sent_this_session += 1
+                if job.resend:
+                    self._in_doubt_resent += 1
+                return
+            if isinstance(error, TransientError):  # includes RateLimitedError
+                route.breaker.failure()  # a definite failure: failover may move the message
+                if isinstance(error, RateLimitedError):
+                    route.pacer.rate_limited(error.retry_after)
+                verdict = await self._retry(route, attempt, error, key, error.retry_after)
                 if verdict == "retry":
                     continue
-                if verdict == "stop":
-                    self._budget.release(message.cost_micros)  # left pending for the resume
-                    return
-                self._dead_letter(key, message, exc, "retries_exhausted")
-                return
-            except InDoubtError as exc:
+                self._budget.release(job.reserved)
+                if verdict == "give_up":
+                    self._record(key, State.FAILED, "retries_exhausted", error)
+                return  # "stop": left pending for the resume
+            if isinstance(error, InDoubtError):
+                pinned = route.name  # never move an ambiguous message to another provider
                 if route.provider.deduplicates and attempt < route.attempts:
                     await self._backoff(route, attempt, None)
                     continue  # same idempotency key: the provider drops a second copy
-                self._budget.commit(message.cost_micros)  # it may have been charged
-                self._spent += message.cost_micros
-                self._record(key, State.IN_DOUBT, "in_doubt", exc)
+                self._budget.settle(job.reserved, cost)  # it may have been charged
+                self._spent += cost
+                self._record(key, State.IN_DOUBT, "in_doubt", error)
                 return
-            except PermanentError as exc:
-                self._budget.release(message.cost_micros)
-                if exc.action == "invalid":
-                    self._record(key, State.INVALID, exc.code or "rejected", exc)
-                else:
-                    if exc.action == "suppress":
-                        self._suppress(message, job.address_hash, exc)
-                    self._record(key, State.FAILED, exc.code or "rejected", exc)
-                return
-            except ProviderAuthError as exc:
-                self._budget.release(message.cost_micros)
+            if isinstance(error, ProviderAuthError):
+                self._budget.release(job.reserved)
                 self._writer.submit(
                     "UPDATE messages SET state = 'pending', attempts = attempts - 1, "
                     "updated_at = ? WHERE run_id = ? AND row = ? AND channel = ?",
-                    (iso(self.clock.now()), *key),
+                    (self._stamp(), *key),
                 )
                 self._fail_run(_Abort(
                     ExitCode.PROVIDER_AUTH, "provider_auth",
-                    f"provider {route.provider.name} refused our credentials or configuration: "
-                    f"{redact(str(exc), self.secrets)}",
+                    f"provider {route.name} refused our credentials or configuration: "
+                    f"{redact(str(error), self.secrets)}",
                 ))
                 return
-            except asyncio.CancelledError:
-                raise  # the row stays `sending`; it becomes `in_doubt` when the run ends
-            except Exception as exc:  # noqa: BLE001 - a bug in an adapter: stop, keep the journal
-                self._record(key, State.IN_DOUBT, "internal_error", exc)
-                self._fail_run(_Abort(
-                    ExitCode.INTERNAL, "internal_error",
-                    f"provider {route.provider.name} raised {type(exc).__name__}: "
-                    f"{redact(str(exc), self.secrets)}",
-                ))
-                return
-            self._budget.commit(message.cost_micros)
-            self._spent += message.cost_micros
-            self._writer.submit(
-                runs.SQL_SENT,
-                (result.provider_message_id, result.status_code, self._stamp(), *key),
-            )
-            self._count(State.SENT)
-            self._sent_this_session += 1
-            if job.resend:
-                self._in_doubt_resent += 1
+            assert isinstance(error, PermanentError)
+            route.breaker.success()  # it answered: the provider is up
+            self._budget.release(job.reserved)
+            if error.action == "invalid":
+                self._record(key, State.INVALID, error.code or "rejected", error)
+            else:
+                if error.action == "suppress":
+                    self._suppress(message, job.address_hash, error)
+                self._record(key, State.FAILED, error.code or "rejected", error)
             return
+
+    def _attempt(self, key: tuple[int, int, str], attempt: int, provider: str, outcome: str,
+                 exc: BaseException | None, result: SendResult | None, started: float) -> None:
+        latency = round((asyncio.get_running_loop().time() - started) * 1000, 2)
+        if exc is not None:
+            code = getattr(exc, "code", None)
+            text = getattr(exc, "text", None) or str(exc) or type(exc).__name__
+            params: tuple[Any, ...] = (
+                *key, attempt, provider, outcome, getattr(exc, "status", None), None,
+                None if code is None else str(code), redact(text, self.secrets)[:500], latency,
+                self._stamp(),
+            )
+        else:
+            assert result is not None
+            params = (*key, attempt, provider, outcome, result.status_code,
+                      result.provider_message_id, None, None, latency, self._stamp())
+        self._writer.submit(runs.SQL_ATTEMPT, params)
 
     async def _retry(
         self, route: _Route, attempt: int, exc: ProviderError, key: tuple[int, int, str],
@@ -1072,11 +1194,6 @@ class Runner:
         if retry_after is not None:
             delay = max(delay, min(retry_after, route.max_backoff))
         await self.clock.sleep(delay)
-
-    def _dead_letter(self, key: tuple[int, int, str], message: OutboundMessage,
-                     exc: ProviderError, reason: str) -> None:
-        self._budget.release(message.cost_micros)
-        self._record(key, State.FAILED, reason, exc)
 
     def _record(self, key: tuple[int, int, str], state: State, reason: str,
                 exc: BaseException) -> None:
@@ -1120,6 +1237,18 @@ SQL_DRY_RUN = (
     "attempts = attempts + 1, cost_micros = ?, content_hash = ?, updated_at = ? "
     "WHERE run_id = ? AND row = ? AND channel = ?"
 )
+
+
+def _outcome_of(exc: ProviderError) -> str:
+    if isinstance(exc, RateLimitedError):
+        return "rate_limited"
+    if isinstance(exc, TransientError):
+        return "transient"
+    if isinstance(exc, InDoubtError):
+        return "in_doubt"
+    if isinstance(exc, ProviderAuthError):
+        return "auth"
+    return "permanent"
 
 
 def _execute(sql: str, params: tuple[Any, ...], conn: sqlite3.Connection) -> None:

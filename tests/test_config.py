@@ -316,10 +316,18 @@ def test_zero_rate(project: Path) -> None:
 
 
 def test_unknown_provider_type(project: Path) -> None:
-    path = write(project, edit("type: outbox", "type: twilio"))
+    path = write(project, edit("type: outbox", "type: carrier-pigeon"))
     err = error_of(path)
     assert_error(err, path, 19, "providers.p.type")
-    assert "'twilio'" in err.message and "'outbox'" in err.message
+    assert "'carrier-pigeon'" in err.message and "'outbox'" in err.message
+
+
+def test_provider_type_that_cannot_carry_the_channel(project: Path) -> None:
+    path = write(project, edit("    type: outbox\n    dir: ../outbox\n",
+                               "    type: sendgrid\n    api_key: k\n"))
+    err = error_of(path)
+    assert err.field == "channels.sms.provider"
+    assert "cannot send sms" in err.message
 
 
 def test_provider_without_type(project: Path) -> None:

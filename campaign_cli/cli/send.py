@@ -65,6 +65,11 @@ def send(
         False, "--yes", "-y", help="Do not ask for confirmation before sending through real "
         "providers."
     ),
+    retry_failed: Optional[str] = typer.Option(
+        None, "--retry-failed", metavar="RUN", help="Re-drive the messages of run RUN (its key, "
+        "or campaign/key) whose retries ran out on transient errors; permanent refusals stay "
+        "failed.", show_default=False,
+    ),
     grace: float = typer.Option(
         10.0, "--grace", min=0, help="Seconds in-flight sends get to finish after Ctrl-C."
     ),
@@ -74,9 +79,17 @@ def send(
     loaded = load_campaign(campaign_file, app.env)
     out.secrets.update(loaded.secrets)
     cap = _parse_money(max_spend)
+    if retry_failed is not None:
+        campaign, slash, key = retry_failed.rpartition("/")
+        if slash and campaign != loaded.campaign.name:
+            raise UsageError(f"--retry-failed {retry_failed}: that run belongs to campaign "
+                             f"{campaign!r}, not {loaded.campaign.name!r}")
+        if run_key is not None and run_key != key:
+            raise UsageError("--retry-failed names the run: leave out --run-key")
+        run_key = key
     options = SendOptions(
         recipients=recipients, dry_run=dry_run, limit=limit, run_key=run_key, rate=rate,
-        max_spend=cap, grace_seconds=grace,
+        max_spend=cap, grace_seconds=grace, retry_failed=retry_failed is not None,
     )
     real = {p.type for p in loaded.campaign.providers.values()} - LOCAL_PROVIDER_TYPES
     if real and not dry_run and not yes and sys.stdin.isatty():

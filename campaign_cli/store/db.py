@@ -155,7 +155,32 @@ def _m001_initial(conn: sqlite3.Connection) -> None:
     )
 
 
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_m001_initial,)
+def _m002_attempts(conn: sqlite3.Connection) -> None:
+    """Every attempt to send, kept for diagnosis: which provider, what it said, how long it took."""
+    _script(
+        conn,
+        """
+        CREATE TABLE attempts (
+            run_id              INTEGER NOT NULL,
+            row                 INTEGER NOT NULL,
+            channel             TEXT NOT NULL,
+            attempt             INTEGER NOT NULL,
+            provider            TEXT NOT NULL,
+            outcome             TEXT NOT NULL,  -- sent | transient | rate_limited | permanent |
+                                                -- in_doubt | auth | error
+            status_code         INTEGER,
+            provider_message_id TEXT,
+            error_code          TEXT,
+            error_text          TEXT,
+            latency_ms          REAL,
+            at                  TEXT NOT NULL
+        );
+        CREATE INDEX attempts_by_message ON attempts (run_id, row, channel);
+        """,
+    )
+
+
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_m001_initial, _m002_attempts)
 
 
 def migrate(conn: sqlite3.Connection) -> int:

@@ -176,6 +176,17 @@ def mark_in_doubt(conn: sqlite3.Connection, run_id: int, now: str) -> int:
     return cur.rowcount
 
 
+def reopen_transient_failures(conn: sqlite3.Connection, run_id: int, now: str) -> int:
+    """Dead letters of transient failures (retries ran out) go back to `pending`; dead letters of
+    permanent refusals stay put: sending them again would be refused again."""
+    cur = conn.execute(
+        "UPDATE messages SET state = 'pending', reason = 'retry_failed', updated_at = ? "
+        "WHERE run_id = ? AND state = 'failed' AND reason = 'retries_exhausted'",
+        (now, run_id),
+    )
+    return cur.rowcount
+
+
 def counts(conn: sqlite3.Connection, run_id: int) -> dict[str, dict[str, int]]:
     """{channel: {state: n}} for a run."""
     out: dict[str, dict[str, int]] = {}
@@ -239,8 +250,8 @@ class Admit:
 
 def admit(
     conn: sqlite3.Connection, run_id: int, items: Sequence[Admit], dedupe_address: bool, now: str
-) -> dict[tuple[int, str], str]:
-    """Insert a chunk's rows (INSERT OR IGNORE) and return every row's state afterwards.
+) -> dict[tuple[int, str], tuple[str, str | None]]:
+    """Insert a chunk's rows (INSERT OR IGNORE) and return every row's (state, provider) after.
 
     The database decides: a row already journaled by an earlier session keeps its state; a row whose
     recipient key (or address, when ``dedupe_address``) is already taken in this run becomes a
@@ -275,9 +286,10 @@ def admit(
     lo = min(a.row for a in items)
     hi = max(a.row for a in items)
     return {
-        (row, channel): state
-        for row, channel, state in conn.execute(
-            "SELECT row, channel, state FROM messages WHERE run_id = ? AND row BETWEEN ? AND ?",
+        (row, channel): (state, provider)
+        for row, channel, state, provider in conn.execute(
+            "SELECT row, channel, state, provider FROM messages "
+            "WHERE run_id = ? AND row BETWEEN ? AND ?",
             (run_id, lo, hi),
         )
     }
@@ -298,6 +310,11 @@ SQL_SENT = (
 SQL_FINAL = (
     "UPDATE messages SET state = ?, reason = ?, detail = ?, error_code = ?, status_code = ?, "
     "cost_micros = ?, updated_at = ? WHERE run_id = ? AND row = ? AND channel = ?"
+)
+SQL_ATTEMPT = (
+    "INSERT INTO attempts (run_id, row, channel, attempt, provider, outcome, status_code, "
+    "provider_message_id, error_code, error_text, latency_ms, at) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 SQL_REFUSED = (
     "UPDATE messages SET state = ?, reason = ?, detail = ?, content_hash = COALESCE(?, "

@@ -1,0 +1,147 @@
+"""Failover between a channel's providers, the circuit breaker, the attempts journal, adaptive
+pacing and --retry-failed: in process, with fake providers and a fake clock."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from campaign_cli.config import load_campaign
+from campaign_cli.errors import ExitCode, InDoubtError, PermanentError, TransientError
+from campaign_cli.models import OutboundMessage
+from campaign_cli.pacing import Pacer
+from campaign_cli.pipeline import Breaker, RunReport, SendOptions, run_campaign
+from campaign_cli.providers.base import ProviderRegistry
+from campaign_cli.testing import FakeClock, FakeProvider
+from tests.conftest import CampaignFactory, journal, people, query
+
+TWO_PROVIDERS = {
+    "primary": {"type": "outbox", "dir": "outbox", "price_per_segment": "0.01"},
+    "secondary": {"type": "console", "price_per_segment": "0.02"},
+}
+FAILOVER_SMS = {"sms": {"provider": ["primary", "secondary"], "body": "Code {{ row }}"}}
+
+
+def two(primary: FakeProvider, secondary: FakeProvider) -> ProviderRegistry:
+    registry = ProviderRegistry()
+    registry.register("outbox", lambda name, config, context: primary)
+    registry.register("console", lambda name, config, context: secondary)
+    return registry
+
+
+def send(campaign: Path, store: Path, registry: ProviderRegistry, **options: Any) -> RunReport:
+    return run_campaign(load_campaign(campaign, {}), store, SendOptions(**options),
+                        clock=FakeClock(), registry=registry)
+
+
+def test_primary_down_moves_traffic_to_the_secondary_and_nobody_gets_two(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    primary = FakeProvider("primary", handler=lambda m: TransientError("503", status=503))
+    secondary = FakeProvider("secondary")
+    campaign = make_campaign(people(30), channels=FAILOVER_SMS, providers=TWO_PROVIDERS,
+                             limits={"concurrency": 1,
+                                     "circuit_breaker": {"threshold": 3, "cooldown": 1000}})
+    report = send(campaign, store_path, two(primary, secondary))
+    assert report.exit_code == ExitCode.OK
+    assert report.counts == {"sent": 30}
+    assert primary.accepted == []
+    assert sorted(m.row for m in secondary.accepted) == list(range(1, 31))
+    assert len(primary.history) == 3  # the breaker opened after three failures and stayed open
+    rows = journal(store_path)
+    assert {r["provider"] for r in rows} == {"secondary"}
+    # The secondary's price is what was charged.
+    assert report.spend_micros == 30 * 20_000
+
+
+def test_an_ambiguous_failure_never_moves_to_another_provider(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    primary = FakeProvider("primary", handler=lambda m: InDoubtError("timeout after write"))
+    secondary = FakeProvider("secondary")
+    campaign = make_campaign(people(3), channels=FAILOVER_SMS, providers=TWO_PROVIDERS,
+                             limits={"concurrency": 1})
+    report = send(campaign, store_path, two(primary, secondary))
+    assert secondary.history == []
+    assert report.counts == {"in_doubt": 3}
+    assert {r["provider"] for r in journal(store_path)} == {"primary"}
+
+
+def test_every_attempt_is_journaled_with_provider_outcome_and_latency(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    primary = FakeProvider("primary")
+    primary.enqueue(TransientError("busy", code="503", status=503),
+                    PermanentError("unreachable", code="30003", status=400))
+    campaign = make_campaign(people(2), providers={"p": TWO_PROVIDERS["primary"]},
+                             channels={"sms": {"provider": "p", "body": "x"}},
+                             limits={"concurrency": 1})
+    registry = ProviderRegistry()
+    registry.register("outbox", lambda name, config, context: primary)
+    send(campaign, store_path, registry)
+    attempts = query(store_path, "SELECT row, attempt, provider, outcome, status_code, error_code, "
+                     "latency_ms IS NOT NULL FROM attempts ORDER BY row, attempt")
+    assert attempts == [
+        (1, 1, "p", "transient", 503, "503", 1),
+        (1, 2, "p", "permanent", 400, "30003", 1),
+        (2, 1, "p", "sent", None, None, 1),
+    ]
+
+
+def test_retry_failed_redrives_only_transient_dead_letters(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    def handler(m: OutboundMessage) -> BaseException | None:
+        if m.row == 1:
+            return TransientError("down", code="503", status=503)
+        if m.row == 2:
+            return PermanentError("blocked", code="21610", status=400)
+        return None
+
+    campaign = make_campaign(people(3), limits={"concurrency": 1})
+    first = FakeProvider(handler=handler)
+    registry = ProviderRegistry()
+    registry.register("outbox", lambda name, config, context: first)
+    report = send(campaign, store_path, registry, run_key="r")
+    assert report.counts == {"failed": 2, "sent": 1}
+
+    again = FakeProvider()
+    registry = ProviderRegistry()
+    registry.register("outbox", lambda name, config, context: again)
+    report = send(campaign, store_path, registry, run_key="r", retry_failed=True)
+    assert [m.row for m in again.accepted] == [1]
+    assert report.counts == {"failed": 1, "sent": 2}
+    assert report.exit_code == ExitCode.FAILURES  # the permanent one stays a dead letter
+
+
+def test_breaker_opens_probes_after_cooldown_and_closes_on_success() -> None:
+    clock = FakeClock()
+    breaker = Breaker(threshold=2, cooldown=10, clock=clock)
+    breaker.failure()
+    assert breaker.available()
+    breaker.failure()
+    assert not breaker.available()
+    clock.advance(10)
+    assert breaker.available()  # half-open: one probe
+    breaker.attempt()
+    assert not breaker.available()  # only one probe at a time
+    breaker.failure()
+    assert not breaker.available()  # the probe failed: open again
+    clock.advance(10)
+    breaker.attempt()
+    breaker.success()
+    assert breaker.available() and breaker.failures == 0
+
+
+def test_a_429_halves_the_rate_for_every_worker_and_good_answers_win_it_back() -> None:
+    async def scenario() -> list[float | None]:
+        pacer = Pacer(100.0, 10)
+        seen: list[float | None] = [pacer.rate]
+        pacer.rate_limited(None)
+        seen.append(pacer.rate)
+        pacer.rate_limited(None)  # the same second: no second halving
+        seen.append(pacer.rate)
+        return seen
+
+    assert asyncio.run(scenario()) == [100.0, 50.0, 50.0]
