@@ -28,13 +28,12 @@ class Pacer:
     requests together; the second bucket keeps every one-second window of *requests* within
     ``rate + burst``. A row waits in `sending` only for that short bunching, never for its turn.
 
-    Adaptive: a 429 (`rate_limited`) halves the rate for every worker and pauses the provider for
-    its ``Retry-After``; good answers (`succeeded`) win it back by a tenth per quiet second, up to
-    the configured rate (or back to unthrottled), additive-increase style.
+    Adaptive (AIMD, as TCP): a 429 (`rate_limited`) halves the rate for every worker and pauses
+    the provider for its ``Retry-After``; each good answer (`succeeded`) adds one message per
+    second back, up to the configured rate (or back to unthrottled).
     """
 
     MIN_RATE = 0.2
-    RECOVERY = 1.1
 
     def __init__(self, rate: float | None, burst: int | None = None) -> None:
         self.configured = rate
@@ -50,6 +49,7 @@ class Pacer:
         self._window_count = 0
         self._observed = 0.0
         self._unthrottle_at: float | None = None
+        self._gained = 0
         self._set_rate(rate)
 
     def _set_rate(self, rate: float | None) -> None:
@@ -81,31 +81,42 @@ class Pacer:
             await self._send.acquire()
 
     def rate_limited(self, retry_after: float | None) -> None:
-        """The provider said 429: slow down for every worker."""
+        """The provider said 429: halve the rate for every worker (at most once a second), and
+        pause the provider for its Retry-After."""
         now = asyncio.get_running_loop().time()
         if retry_after:
             self._paused_until = max(self._paused_until, now + min(retry_after, 300.0))
         if now - self._last_limited < 1.0:
-            return  # one halving per second, however many workers hear the 429
+            return
         self._last_limited = now
-        current = self.rate if self.rate is not None else max(self._observed, 10.0)
+        current = self.rate if self.rate is not None else self._throughput(now)
         if self.rate is None:
-            self._unthrottle_at = current * 2
+            self._unthrottle_at = current * 2  # unthrottled again once well past this
         self._set_rate(max(self.MIN_RATE, current / 2))
+        self._gained = 0
+
+    def _throughput(self, now: float) -> float:
+        elapsed = now - self._window_start
+        if elapsed >= 0.05 and self._window_count:
+            return self._window_count / elapsed
+        return max(self._observed, 10.0)
 
     def succeeded(self) -> None:
-        """A good answer: count it, and once per quiet second raise a lowered rate again."""
+        """A good answer. Additive increase: a lowered rate gains one message per second per
+        good answer (so it can at most double in a second), applied every tenth of a second."""
         now = asyncio.get_running_loop().time()
         self._window_count += 1
         if now - self._window_start >= 1.0:
-            self._observed = self._window_count / max(now - self._window_start, 1e-9)
+            self._observed = self._window_count / (now - self._window_start)
             self._window_start, self._window_count = now, 0
         if self.rate is None or self.rate == self.configured:
             return
-        if now - self._last_limited < 5.0 or now - self._last_raise < 1.0:
+        self._gained += 1
+        if now - self._last_raise < 0.1:
             return
         self._last_raise = now
-        raised = self.rate * self.RECOVERY
+        raised = self.rate + self._gained
+        self._gained = 0
         if self.configured is not None:
             self._set_rate(min(raised, self.configured))
         elif self._unthrottle_at is not None and raised >= self._unthrottle_at:

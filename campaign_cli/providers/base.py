@@ -74,4 +74,38 @@ def default_registry() -> ProviderRegistry:
     registry = ProviderRegistry()
     registry.register("outbox", OutboxProvider.from_config)
     registry.register("console", ConsoleProvider.from_config)
+
+    def twilio(name: str, config: Any, context: ProviderContext) -> Provider:
+        from campaign_cli.providers.twilio import TwilioProvider
+
+        return TwilioProvider.from_config(name, config, context)
+
+    def sendgrid(name: str, config: Any, context: ProviderContext) -> Provider:
+        from campaign_cli.providers.sendgrid import SendGridProvider
+
+        return SendGridProvider.from_config(name, config, context)
+
+    registry.register("twilio", twilio)
+    registry.register("sendgrid", sendgrid)
+
+    def smtp(name: str, config: Any, context: ProviderContext) -> Provider:
+        # aiosmtplib is imported only by a run that sends through SMTP.
+        from campaign_cli.providers.smtp import SmtpProvider
+
+        return SmtpProvider.from_config(name, config, context)
+
+    registry.register("smtp", smtp)
+
+    def fcm(name: str, config: Any, context: ProviderContext) -> Provider:
+        # PyJWT and cryptography are imported only by a run that sends through FCM.
+        from campaign_cli.providers.fcm import FcmProvider
+
+        return FcmProvider.from_config(name, config, context)
+
+    from campaign_cli.providers.slack import SlackProvider
+    from campaign_cli.providers.webhook import WebhookProvider
+
+    registry.register("fcm", fcm)
+    registry.register("slack", SlackProvider.from_config)
+    registry.register("webhook", WebhookProvider.from_config)
     return registry

@@ -1,0 +1,327 @@
+"""What every HTTP provider shares: the client, the transport, and the translation of HTTP answers
+and transport failures into the error classes of `campaign_cli.errors` (STYLE.md 5).
+
+An adapter (twilio.py, sendgrid.py, ...) has two pure methods, so unit tests can drive it through
+`httpx.MockTransport` and check the requests against the providers' OpenAPI specs:
+
+    build(message) -> httpx.Request          the request for one message
+    parse(message, response) -> SendResult   or raises TransientError / RateLimitedError /
+                                             PermanentError / ProviderAuthError
+
+`HttpProvider` wraps an adapter into a `Provider`: it sends the request and decides what a
+transport failure means. A failure *before* the request was written (connection refused, DNS,
+connect timeout, no free connection) is transient: the provider never saw the message. A failure
+*after* it was written (read timeout, connection reset while waiting) is `InDoubtError`: the
+provider may have accepted it.
+
+`make_client` sends through `AiohttpTransport`: the httpx API (requests, `MockTransport` in tests)
+over aiohttp's connection pool, because httpx's own pool is the bottleneck on the hot path
+(DESIGN.md section 6: 543 requests/s against 3,320/s over aiohttp, at concurrency 100).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import re
+import ssl
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Protocol
+
+import httpx
+
+if TYPE_CHECKING:  # aiohttp costs ~0.15 s to import: only a run that sends over HTTP pays it
+    import aiohttp
+    from yarl import URL
+
+from campaign_cli.errors import (
+    InDoubtError,
+    PermanentError,
+    ProviderAuthError,
+    RateLimitedError,
+    TransientError,
+)
+from campaign_cli.models import Channel, OutboundMessage, SendResult
+
+
+class HttpAdapter(Protocol):
+    def build(self, message: OutboundMessage) -> httpx.Request: ...
+
+    def parse(self, message: OutboundMessage, response: httpx.Response) -> SendResult: ...
+
+
+def retry_after(headers: Mapping[str, str], now: datetime | None = None) -> float | None:
+    """``Retry-After`` as seconds: either delta-seconds or an HTTP date (RFC 9110 10.2.3)."""
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    now = now or datetime.now(timezone.utc)
+    return max(0.0, (when - now).total_seconds())
+
+
+def raise_for_generic_status(
+    response: httpx.Response, code: str | None, text: str, *, now: datetime | None = None
+) -> None:
+    """The HTTP-level meaning shared by every provider; adapters handle their own codes first.
+    ``now`` (from the run's clock) turns a ``Retry-After`` HTTP date into seconds."""
+    status = response.status_code
+    if status in (401, 403):
+        raise ProviderAuthError(text, code=code, status=status)
+    if status == 429:
+        raise RateLimitedError(text, code=code, status=status,
+                               retry_after=retry_after(response.headers, now))
+    if status == 408 or status >= 500:
+        raise TransientError(text, code=code, status=status,
+                             retry_after=retry_after(response.headers, now))
+    if status >= 400:
+        raise PermanentError(text, code=code, status=status)
+
+
+class HttpProvider:
+    """A `Provider` made of an adapter and a client."""
+
+    def __init__(
+        self,
+        name: str,
+        adapter: HttpAdapter,
+        client: httpx.AsyncClient,
+        *,
+        channels: frozenset[Channel],
+        deduplicates: bool,
+    ) -> None:
+        self.name = name
+        self.adapter = adapter
+        self.client = client
+        self.channels = channels
+        self.deduplicates = deduplicates
+
+    async def send(self, message: OutboundMessage) -> SendResult:
+        request = self.adapter.build(message)
+        try:
+            response = await self.client.send(request)
+            await response.aread()
+        except httpx.HTTPError as exc:
+            raise classify_transport_error(exc) from None
+        return self.adapter.parse(message, response)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+def classify_transport_error(exc: httpx.HTTPError) -> TransientError | InDoubtError:
+    """Before the request was written: transient. After: in doubt."""
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout,
+                        httpx.UnsupportedProtocol, httpx.ProxyError)):
+        return TransientError(text, code="connect")
+    return InDoubtError(text, code="no_response")
+
+
+#: Connections per provider when its config names no ``concurrency``.
+DEFAULT_CONCURRENCY = 100
+
+#: aiohttp adds these when a request lacks them; the request httpx built is sent as it is.
+_NO_AUTO_HEADERS = frozenset({"Accept", "Accept-Encoding", "User-Agent", "Content-Type"})
+
+#: A URL in an error text, reduced to scheme and host: a path may be a secret (a Slack webhook)
+#: and user info always is.
+_URL = re.compile(r"\b(https?)://(?:[^@/\s'\"]*@)?([^/\s'\"?#]+)[^\s'\")]*")
+
+
+def make_client(
+    *,
+    base_url: str,
+    timeout: float,
+    concurrency: int,
+    transport: httpx.AsyncBaseTransport | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> httpx.AsyncClient:
+    """The client for one provider: a keep-alive pool sized to its concurrency.
+
+    ``transport`` is for tests (`httpx.MockTransport`); by default `AiohttpTransport` is used
+    (DESIGN.md section 6: httpx's own pool is the bottleneck on the hot path). Proxies from the
+    environment are not used: the providers are reached directly."""
+    return httpx.AsyncClient(
+        base_url=base_url,
+        timeout=httpx.Timeout(timeout),
+        transport=transport if transport is not None else AiohttpTransport(concurrency=concurrency),
+        headers=headers,
+        follow_redirects=False,
+        trust_env=False,
+    )
+
+
+class _Session:
+    """What `AiohttpTransport` creates on first use, inside the running event loop."""
+
+    def __init__(self, concurrency: int, keepalive: float, ssl_: ssl.SSLContext | bool) -> None:
+        import aiohttp
+        from yarl import URL
+
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(
+                limit=concurrency, keepalive_timeout=keepalive, ssl=ssl_
+            ),
+            cookie_jar=aiohttp.DummyCookieJar(),  # httpx.AsyncClient keeps the cookies
+            auto_decompress=False,  # httpx decodes Content-Encoding itself
+            trust_env=False,
+        )
+        self.slots = asyncio.Semaphore(concurrency)
+        self.url_class = URL
+        self.last_url: tuple[str, URL] = ("", URL())
+        self.timeout_class = aiohttp.ClientTimeout
+        self.failures: tuple[type[BaseException], ...] = (aiohttp.ClientError, asyncio.TimeoutError)
+        self.timeouts: dict[tuple[float | None, float | None], aiohttp.ClientTimeout] = {}
+
+    def url(self, url: str) -> URL:
+        """yarl's URL for httpx's, taken as already encoded; the last one is kept, since a
+        provider usually posts every message to the same URL."""
+        last, parsed = self.last_url
+        if url != last:
+            parsed = self.url_class(url, encoded=True)
+            self.last_url = (url, parsed)
+        return parsed
+
+    def timeout(self, timeouts: Mapping[str, float | None]) -> aiohttp.ClientTimeout:
+        connect, read = timeouts.get("connect"), timeouts.get("read")
+        found = self.timeouts.get((connect, read))
+        if found is None:
+            found = self.timeout_class(connect=connect, sock_connect=connect, sock_read=read)
+            self.timeouts[(connect, read)] = found
+        return found
+
+
+class AiohttpTransport(httpx.AsyncBaseTransport):
+    """httpx requests sent over one aiohttp `ClientSession` with a keep-alive pool.
+
+    At most ``concurrency`` requests are in flight; the next one waits for a slot up to the
+    request's ``pool`` timeout (`httpx.PoolTimeout`). ``connect`` bounds DNS, TCP and TLS set-up
+    (`httpx.ConnectTimeout`), ``read`` the wait for each piece of the answer (`httpx.ReadTimeout`);
+    aiohttp has no write timeout, so ``write`` is not applied. Each answer is read whole before it
+    is returned (provider answers are small), so a slot and its connection are never held by a
+    response the caller forgot to close.
+
+    aiohttp's failures become httpx's by *when* they happened (see `map_aiohttp_error`), which is
+    what `classify_transport_error` needs to tell "never sent" from "in doubt". The session is
+    created on first use, inside the running event loop, and closed by `aclose`. Requests are sent
+    as httpx built them: aiohttp adds no headers, follows no redirects and never retries a POST.
+    """
+
+    def __init__(
+        self,
+        *,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        keepalive: float = 15.0,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self.concurrency = concurrency
+        self.keepalive = keepalive
+        self._ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
+        self._live: _Session | None = None
+        self._closed = False
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        live = self._live
+        if live is None:
+            if self._closed:
+                raise RuntimeError("the transport is closed")
+            live = self._live = _Session(self.concurrency, self.keepalive, self._ssl)
+        timeouts: Mapping[str, float | None] = request.extensions.get("timeout", {})
+        slots = live.slots
+        if slots.locked():
+            pool = timeouts.get("pool")
+            try:
+                await asyncio.wait_for(slots.acquire(), pool)
+            except asyncio.TimeoutError:
+                raise httpx.PoolTimeout(
+                    f"no free connection within {pool} s", request=request
+                ) from None
+        else:
+            await slots.acquire()  # free: returns at once
+        try:
+            try:
+                body = request.content
+            except httpx.RequestNotRead:
+                body = await request.aread()
+            encoding = request.headers.encoding
+            headers = [(k.decode(encoding), v.decode(encoding)) for k, v in request.headers.raw]
+            try:
+                async with live.session.request(
+                    request.method,
+                    live.url(str(request.url)),
+                    headers=headers,
+                    data=body or None,
+                    timeout=live.timeout(timeouts),
+                    allow_redirects=False,
+                    skip_auto_headers=_NO_AUTO_HEADERS,
+                    server_hostname=request.extensions.get("sni_hostname"),
+                ) as answer:
+                    content = await answer.read()
+                    status, raw, reason = answer.status, answer.raw_headers, answer.reason
+            except live.failures as exc:
+                raise map_aiohttp_error(exc, request) from exc
+        finally:
+            slots.release()
+        extensions: dict[str, object] = {"http_version": b"HTTP/1.1"}
+        if reason:
+            extensions["reason_phrase"] = reason.encode("latin-1", "replace")
+        return httpx.Response(
+            status, headers=list(raw), content=content, request=request, extensions=extensions
+        )
+
+    async def aclose(self) -> None:
+        self._closed = True
+        live, self._live = self._live, None
+        if live is not None:
+            await live.session.close()
+
+
+def map_aiohttp_error(
+    exc: BaseException, request: httpx.Request | None = None
+) -> httpx.TransportError:
+    """The httpx exception that says what an aiohttp failure means for delivery.
+
+    Before the request was written (the provider never saw it; `TransientError` downstream):
+    no connection (`ClientConnectorError`: refused, DNS, TLS) -> `httpx.ConnectError`; connection
+    set-up too slow (`ConnectionTimeoutError`) -> `httpx.ConnectTimeout`; a malformed URL ->
+    `httpx.UnsupportedProtocol`. After it may have been written (`InDoubtError` downstream): no
+    answer in time (`SocketTimeoutError`, any other timeout) -> `httpx.ReadTimeout`; the server
+    closed without answering, or answered garbage or half a body (`ServerDisconnectedError`,
+    `ClientResponseError`, `ClientPayloadError`) -> `httpx.RemoteProtocolError`; the connection
+    broke while writing (`ClientConnectionResetError`) -> `httpx.WriteError`; while reading, or
+    anything else (`ClientOSError`, other `ClientError`) -> `httpx.ReadError`. Order matters: the
+    connector errors are subclasses of `ClientOSError`, the connect timeout of the read timeout.
+    URLs in the text keep only scheme and host (a webhook's path is its secret).
+    """
+    import aiohttp
+
+    text = _URL.sub(r"\1://\2/...", str(exc)) or type(exc).__name__
+    mapped: type[httpx.TransportError]
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        mapped = httpx.ConnectTimeout
+    elif isinstance(exc, aiohttp.ClientConnectorError):
+        mapped = httpx.ConnectError
+    elif isinstance(exc, (aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError)):
+        mapped = httpx.UnsupportedProtocol
+    elif isinstance(exc, asyncio.TimeoutError):  # SocketTimeoutError, ServerTimeoutError, total
+        mapped = httpx.ReadTimeout
+    elif isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientResponseError,
+                          aiohttp.ClientPayloadError)):
+        mapped = httpx.RemoteProtocolError
+    elif isinstance(exc, aiohttp.ClientConnectionResetError):
+        mapped = httpx.WriteError
+    else:
+        mapped = httpx.ReadError
+    return mapped(text, request=request)

@@ -1,0 +1,366 @@
+"""AiohttpTransport against a real asyncio server on 127.0.0.1: what each failure becomes.
+
+Before the request was written (refused, connect timeout, no free slot) the failure must classify
+as transient; after it was written (reset, close, withheld answer) as in doubt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from types import SimpleNamespace
+from typing import Any, TypeVar
+
+import aiohttp
+import httpx
+import pytest
+
+from campaign_cli.errors import InDoubtError, TransientError
+from campaign_cli.providers.http import (
+    AiohttpTransport,
+    classify_transport_error,
+    make_client,
+    map_aiohttp_error,
+)
+
+T = TypeVar("T")
+
+
+def run(coro: Awaitable[T]) -> T:
+    async def main() -> T:
+        return await coro
+
+    return asyncio.run(main())
+
+
+class Sink:
+    """An HTTP/1.1 server that reads each request whole, records it, then acts by ``mode``:
+    ``ok`` answers, ``reset`` aborts the connection (RST), ``close`` closes it cleanly without
+    answering, ``withhold`` never answers (until the server stops)."""
+
+    def __init__(self) -> None:
+        self.mode = "ok"
+        self.status = 201
+        self.body = b'{"sid": "SM1"}'
+        self.headers: list[tuple[str, str]] = [("Content-Type", "application/json")]
+        self.requests: list[tuple[str, list[tuple[str, str]], bytes]] = []
+        self.connections = 0
+        self.received = asyncio.Event()
+        self._release = asyncio.Event()
+        self._server: asyncio.Server | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        self._release.set()
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                line, *fields = head.decode("latin-1").split("\r\n")[:-2]
+                headers = [tuple(f.split(": ", 1)) for f in fields]
+                length = next((int(v) for k, v in headers if k.lower() == "content-length"), 0)
+                body = await reader.readexactly(length)
+                self.requests.append((line, headers, body))  # type: ignore[arg-type]
+                self.received.set()
+                if self.mode == "reset":
+                    sock = writer.get_extra_info("socket")
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                    writer.transport.abort()
+                    return
+                if self.mode == "close":
+                    writer.close()
+                    return
+                if self.mode == "withhold":
+                    await self._release.wait()
+                    writer.close()
+                    return
+                lines = [f"HTTP/1.1 {self.status} Whatever", f"Content-Length: {len(self.body)}"]
+                lines += [f"{k}: {v}" for k, v in self.headers]
+                writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + self.body)
+                await writer.drain()
+        finally:
+            writer.close()
+
+
+@asynccontextmanager
+async def sink() -> AsyncIterator[Sink]:
+    server = Sink()
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+@asynccontextmanager
+async def client(concurrency: int = 4, timeout: float = 10.0) -> AsyncIterator[httpx.AsyncClient]:
+    c = make_client(base_url="http://127.0.0.1", timeout=timeout, concurrency=concurrency)
+    assert isinstance(c._transport, AiohttpTransport)  # the default is the fast transport
+    try:
+        yield c
+    finally:
+        await c.aclose()
+
+
+def post(url: str, timeout: dict[str, float] | None = None) -> httpx.Request:
+    request = httpx.Request("POST", url + "/2010-04-01/Messages.json?a=%2F",
+                            headers={"Content-Type": "application/x-www-form-urlencoded",
+                                     "X-Custom": "yes"},
+                            content=b"To=%2B12015550123&Body=hi")
+    if timeout is not None:
+        request.extensions["timeout"] = timeout
+    return request
+
+
+async def failure(c: httpx.AsyncClient, request: httpx.Request) -> httpx.HTTPError:
+    with pytest.raises(httpx.HTTPError) as info:
+        await c.send(request)
+    return info.value
+
+
+# --------------------------------------------------------------------------------------------
+# (d) a normal answer
+
+
+def test_answer_and_request_as_built() -> None:
+    async def scenario() -> None:
+        async with sink() as s, client() as c:
+            first = await c.send(post(s.url))
+            second = await c.send(post(s.url))
+            assert first.status_code == second.status_code == 201
+            assert first.json() == {"sid": "SM1"}
+            assert first.headers["content-type"] == "application/json"
+            assert first.reason_phrase == "Whatever"
+            assert s.connections == 1  # keep-alive: the second request reused the connection
+            line, headers, body = s.requests[0]
+            assert line == "POST /2010-04-01/Messages.json?a=%2F HTTP/1.1"  # no re-quoting
+            assert body == b"To=%2B12015550123&Body=hi"
+            # Exactly the headers httpx built: aiohttp added none of its own.
+            assert sorted(k.lower() for k, _ in headers) == [
+                "content-length", "content-type", "host", "x-custom"]
+            assert ("X-Custom", "yes") in headers or ("x-custom", "yes") in headers
+
+    run(scenario())
+
+
+def test_compressed_answer_is_decoded_by_httpx() -> None:
+    async def scenario() -> None:
+        async with sink() as s, client() as c:
+            s.body = gzip.compress(b'{"sid": "SMgz"}')
+            s.headers = [("Content-Type", "application/json"), ("Content-Encoding", "gzip")]
+            response = await c.send(post(s.url))
+            assert response.json() == {"sid": "SMgz"}
+
+    run(scenario())
+
+
+def test_many_concurrent_requests_share_a_bounded_pool() -> None:
+    async def scenario() -> None:
+        async with sink() as s, client(concurrency=3) as c:
+            answers = await asyncio.gather(*(c.send(post(s.url)) for _ in range(30)))
+            assert [a.status_code for a in answers] == [201] * 30
+            assert len(s.requests) == 30
+            assert s.connections <= 3
+
+    run(scenario())
+
+
+# --------------------------------------------------------------------------------------------
+# Before the request was written: transient
+
+
+def test_refused_connection_is_connect_error_and_transient() -> None:
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()  # nothing listens there now
+
+    async def scenario() -> None:
+        async with client() as c:
+            exc = await failure(c, post(f"http://127.0.0.1:{port}"))
+            assert isinstance(exc, httpx.ConnectError)
+            assert type(classify_transport_error(exc)) is TransientError
+
+    run(scenario())
+
+
+def test_connect_timeout_is_transient() -> None:
+    # A listener that never accepts, its backlog filled: the kernel drops further SYNs, so the
+    # connection is never made (Linux). The request cannot have been written.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(3):
+        f = socket.socket()
+        f.setblocking(False)
+        f.connect_ex(("127.0.0.1", port))
+        fillers.append(f)
+
+    async def scenario() -> None:
+        async with client() as c:
+            timeout = {"connect": 0.2, "read": 5.0, "write": 5.0, "pool": 5.0}
+            exc = await failure(c, post(f"http://127.0.0.1:{port}", timeout))
+            assert isinstance(exc, httpx.ConnectTimeout)
+            assert type(classify_transport_error(exc)) is TransientError
+
+    try:
+        run(scenario())
+    finally:
+        for f in fillers:
+            f.close()
+        listener.close()
+
+
+def test_no_free_slot_is_pool_timeout_and_transient() -> None:
+    async def scenario() -> None:
+        async with sink() as s, client(concurrency=1) as c:
+            s.mode = "withhold"
+            first = asyncio.create_task(c.send(post(s.url)))
+            await s.received.wait()  # the only slot is taken
+            timeout = {"connect": 5.0, "read": 5.0, "write": 5.0, "pool": 0.05}
+            exc = await failure(c, post(s.url, timeout))
+            assert isinstance(exc, httpx.PoolTimeout)
+            assert type(classify_transport_error(exc)) is TransientError
+            assert len(s.requests) == 1  # the second never left
+            first.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await first
+            # The cancelled request gave its slot back.
+            s.mode = "ok"
+            assert (await c.send(post(s.url))).status_code == 201
+
+    run(scenario())
+
+
+# --------------------------------------------------------------------------------------------
+# After the request was written: in doubt
+
+
+def test_reset_after_the_request_was_read_is_in_doubt() -> None:
+    async def scenario() -> None:
+        async with sink() as s, client() as c:
+            s.mode = "reset"
+            exc = await failure(c, post(s.url))
+            assert isinstance(exc, (httpx.ReadError, httpx.RemoteProtocolError))
+            assert len(s.requests) == 1  # the provider did see it
+            assert type(classify_transport_error(exc)) is InDoubtError
+
+    run(scenario())
+
+
+def test_close_without_an_answer_is_in_doubt() -> None:
+    async def scenario() -> None:
+        async with sink() as s, client() as c:
+            s.mode = "close"
+            exc = await failure(c, post(s.url))
+            assert isinstance(exc, httpx.RemoteProtocolError)
+            assert type(classify_transport_error(exc)) is InDoubtError
+
+    run(scenario())
+
+
+def test_withheld_answer_is_read_timeout_per_request_timeout() -> None:
+    async def scenario() -> None:
+        async with sink() as s, client(timeout=60.0) as c:
+            s.mode = "withhold"
+            # The request's own timeout wins over the client's 60 s.
+            timeout = {"connect": 5.0, "read": 0.1, "write": 5.0, "pool": 5.0}
+            exc = await asyncio.wait_for(failure(c, post(s.url, timeout)), 10)
+            assert isinstance(exc, httpx.ReadTimeout)
+            assert len(s.requests) == 1
+            assert type(classify_transport_error(exc)) is InDoubtError
+
+    run(scenario())
+
+
+# --------------------------------------------------------------------------------------------
+# The mapping itself, for failures a loopback server cannot produce on demand
+
+
+KEY = SimpleNamespace(host="api.example.com", port=443, ssl=True)
+
+
+@pytest.mark.parametrize(
+    ("make", "expected", "outcome"),
+    [
+        (lambda: aiohttp.ConnectionTimeoutError("Connection timeout to host x"),
+         httpx.ConnectTimeout, TransientError),
+        (lambda: aiohttp.ClientConnectorError(KEY, OSError(111, "refused")),  # type: ignore[arg-type]
+         httpx.ConnectError, TransientError),
+        (lambda: aiohttp.ClientConnectorDNSError(KEY, OSError(-2, "no such name")),  # type: ignore[arg-type]
+         httpx.ConnectError, TransientError),
+        (lambda: aiohttp.InvalidURL("ftp://x"), httpx.UnsupportedProtocol, TransientError),
+        (lambda: aiohttp.SocketTimeoutError("Timeout on reading data from socket"),
+         httpx.ReadTimeout, InDoubtError),
+        (lambda: asyncio.TimeoutError(), httpx.ReadTimeout, InDoubtError),
+        (lambda: aiohttp.ServerDisconnectedError(), httpx.RemoteProtocolError, InDoubtError),
+        (lambda: aiohttp.ClientPayloadError("Response payload is not completed"),
+         httpx.RemoteProtocolError, InDoubtError),
+        (lambda: aiohttp.ClientOSError(104, "Connection reset by peer"),
+         httpx.ReadError, InDoubtError),
+        (lambda: aiohttp.ClientConnectionResetError("Cannot write to closing transport"),
+         httpx.WriteError, InDoubtError),
+        (lambda: aiohttp.ClientConnectionError("Connection lost"), httpx.ReadError, InDoubtError),
+    ],
+)
+def test_mapping(make: Callable[[], BaseException], expected: type[Exception],
+                 outcome: type[Exception]) -> None:
+    mapped = map_aiohttp_error(make())
+    assert type(mapped) is expected
+    assert type(classify_transport_error(mapped)) is outcome
+
+
+def test_error_texts_keep_no_url_path_or_credentials() -> None:
+    exc = aiohttp.ConnectionTimeoutError(
+        "Connection timeout to host https://user:pw@hooks.slack.com/services/T0/B0/SECRET?x=1")
+    text = str(map_aiohttp_error(exc))
+    assert "SECRET" not in text and "pw" not in text and "services" not in text
+    assert "https://hooks.slack.com/" in text
+
+
+# --------------------------------------------------------------------------------------------
+# Life cycle
+
+
+def test_session_is_created_lazily_and_closed() -> None:
+    transport = AiohttpTransport(concurrency=2)
+    assert transport._live is None  # nothing made outside a running loop
+
+    async def scenario() -> Any:
+        async with sink() as s:
+            async with httpx.AsyncClient(transport=transport) as c:
+                assert (await c.send(post(s.url))).status_code == 201
+                session = transport._live.session  # type: ignore[union-attr]
+                assert not session.closed
+        assert transport._live is None
+        assert session.closed
+        with pytest.raises(RuntimeError):
+            await transport.handle_async_request(post(s.url))
+
+    run(scenario())
+
+
+def test_concurrency_must_be_positive() -> None:
+    with pytest.raises(ValueError):
+        AiohttpTransport(concurrency=0)

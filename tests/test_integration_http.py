@@ -1,0 +1,148 @@
+"""`campaign send` as a real process against the fake provider server over real HTTP on 127.0.0.1:
+chaos (transient faults and two SIGKILLs), failover, and an auth failure."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CampaignFactory, journal, people
+from tests.fakeserver import (  # noqa: F401 - pytest fixtures
+    FakeProviderServer,
+    fake_server_factory_fixture,
+    fake_server_fixture,
+)
+from tests.test_cli_process import DEADLINE, campaign_cmd, sent_rows, start, wait_for
+
+CHAOS_ROWS = 5_000
+
+
+def run_to_end(store: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(campaign_cmd(store, *args), capture_output=True, text=True,
+                          timeout=DEADLINE * 3)
+
+
+def kill_when(store: Path, campaign: Path, key: str, at_least: int) -> None:
+    proc = start(store, "send", str(campaign), "--run-key", key)
+    wait_for(lambda: sent_rows(store) >= at_least, proc, f"{at_least} messages sent")
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+
+
+@pytest.mark.slow
+def test_chaos_webhook_faults_and_two_sigkills_every_recipient_once(
+    make_campaign: CampaignFactory, store_path: Path, fake_server: FakeProviderServer
+) -> None:
+    fake_server.fail_rate(0.10, seed=7, service="webhook")
+    campaign = make_campaign(
+        people(CHAOS_ROWS),
+        channels={"webhook": {"provider": "hook", "body": '{"code": "{{ row }}"}'}},
+        providers={"hook": {**fake_server.provider_config("webhook"), "concurrency": 16,
+                            "rate": "1500/s", "retry": {"attempts": 8, "backoff": 0.01,
+                                                        "max_backoff": 0.05}}},
+        limits={"concurrency": 16},
+    )
+    kill_when(store_path, campaign, "chaos", 1_000)
+    kill_when(store_path, campaign, "chaos", 2_500)
+    done = run_to_end(store_path, "send", str(campaign), "--run-key", "chaos", "--json")
+    assert done.returncode in (0, 4), done.stderr
+    summary = json.loads(done.stdout)
+
+    rows = journal(store_path)
+    assert len(rows) == CHAOS_ROWS and {r["row"] for r in rows} == set(range(1, CHAOS_ROWS + 1))
+    states = Counter(r["state"] for r in rows)
+    assert sum(summary["counts"].values()) == CHAOS_ROWS
+    assert set(states) <= {"sent", "failed", "in_doubt"}
+    # The webhook deduplicates by Idempotency-Key: each recipient was accepted exactly once, and
+    # every message the journal calls sent is among them.
+    accepted = Counter(fake_server.accepted("webhook"))
+    assert max(accepted.values()) == 1
+    assert states["sent"] <= len(accepted)
+    sent_rows_ = {r["row"] for r in rows if r["state"] == "sent"}
+    assert len(sent_rows_) == states["sent"]
+    # Any copy the server saw twice was refused as a duplicate, and it was a resend of a message
+    # in doubt (same key), never a second message.
+    for key in fake_server.duplicates("webhook"):
+        assert accepted[key] == 1
+
+
+@pytest.mark.slow
+def test_chaos_twilio_never_resends_a_message_in_doubt(
+    make_campaign: CampaignFactory, store_path: Path, fake_server: FakeProviderServer
+) -> None:
+    """Twilio cannot deduplicate: a marketing message cut off mid-send is reported in doubt and
+    not sent again, so no number receives two."""
+    fake_server.fail_rate(0.10, seed=11, service="twilio")
+    campaign = make_campaign(
+        people(2_000), purpose="marketing",
+        channels={"sms": {"provider": "tw", "body": "Sale {{ row }}. Reply STOP to opt out"}},
+        providers={"tw": {**fake_server.provider_config("twilio"), "concurrency": 16,
+                          "rate": "800/s", "retry": {"attempts": 8, "backoff": 0.01,
+                                                     "max_backoff": 0.05}}},
+        limits={"concurrency": 16},
+        compliance={"consent": "not_required"},
+    )
+    kill_when(store_path, campaign, "tw", 500)
+    kill_when(store_path, campaign, "tw", 1_200)
+    done = run_to_end(store_path, "send", str(campaign), "--run-key", "tw", "--json")
+    assert done.returncode in (0, 4), done.stderr
+    rows = journal(store_path)
+    assert len(rows) == 2_000
+    states = Counter(r["state"] for r in rows)
+    accepted = Counter(fake_server.accepted("twilio"))
+    assert max(accepted.values()) == 1  # nobody got two
+    sent_numbers = {r["address"] for r in rows if r["state"] == "sent"}
+    assert sent_numbers <= set(accepted)
+    # Every accepted message is either journaled sent, or reported in doubt.
+    doubt = {r["address"] for r in rows if r["state"] == "in_doubt"}
+    assert set(accepted) <= sent_numbers | doubt
+    assert states["in_doubt"] == json.loads(done.stdout)["counts"].get("in_doubt", 0)
+
+
+def test_failover_primary_503_moves_to_secondary_and_no_message_goes_twice(
+    make_campaign: CampaignFactory, store_path: Path,
+    fake_server_factory: Callable[..., FakeProviderServer],
+) -> None:
+    primary = fake_server_factory()
+    secondary = fake_server_factory()
+    primary.fail_always("503", service="twilio")
+    campaign = make_campaign(
+        people(200),
+        channels={"sms": {"provider": ["primary", "secondary"], "body": "Code {{ row }}"}},
+        providers={
+            "primary": {**primary.provider_config("twilio"), "retry": {"attempts": 6,
+                                                                     "backoff": 0.01}},
+            "secondary": {**secondary.provider_config("twilio"), "retry": {"attempts": 6,
+                                                                         "backoff": 0.01}},
+        },
+        limits={"concurrency": 4, "circuit_breaker": {"threshold": 3, "cooldown": 600}},
+    )
+    done = run_to_end(store_path, "send", str(campaign), "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["counts"] == {"sent": 200}
+    assert primary.accepted("twilio") == []
+    assert sorted(secondary.accepted("twilio")) == sorted(p[2] for p in people(200))
+    assert len(primary.requests_for("twilio")) <= 3 + 4  # threshold, plus those already in flight
+    assert {r["provider"] for r in journal(store_path)} == {"secondary"}
+
+
+def test_auth_failure_aborts_with_exit_6_after_a_handful_of_requests(
+    make_campaign: CampaignFactory, store_path: Path, fake_server: FakeProviderServer
+) -> None:
+    campaign = make_campaign(
+        people(500),
+        providers={"box": fake_server.provider_config("twilio", auth_token="wrong-token-value")},
+        limits={"concurrency": 4},
+    )
+    done = run_to_end(store_path, "send", str(campaign), "--json")
+    assert done.returncode == 6, done.stderr
+    assert len(fake_server.requests_for("twilio")) <= 8
+    assert "wrong-token-value" not in done.stdout + done.stderr
+    counts = json.loads(done.stdout)["counts"]
+    assert counts.get("failed", 0) == 0 and counts.get("sent", 0) == 0
