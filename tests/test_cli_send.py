@@ -151,3 +151,27 @@ def test_every_command_has_help_and_the_readme_shows_it() -> None:
     assert top.count("python3 -m venv .venv") == 2  # exactly two set-up commands
     ci = (ROOT / ".ci" / "run").read_text()
     assert "pytest" in ci and "pip install" in ci
+
+
+def test_status_shows_failures_by_provider_and_reason_and_attempts(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    from campaign_cli.config import load_campaign
+    from campaign_cli.errors import PermanentError
+    from campaign_cli.pipeline import SendOptions, run_campaign
+    from campaign_cli.testing import FakeClock, FakeProvider, fake_registry
+
+    campaign = make_campaign(people(4))
+    provider = FakeProvider(handler=lambda m: PermanentError("landline", code="21614")
+                            if m.row % 2 else None)
+    run_campaign(load_campaign(campaign, {}), store_path, SendOptions(run_key="s"),
+                 clock=FakeClock(), registry=fake_registry(provider))
+    code, out, _ = invoke(store_path, "status", "test-campaign/s", "--json")
+    assert code == 0
+    status = json.loads(out)
+    assert status["failures"] == [{"provider": "box", "state": "failed", "reason": "21614",
+                                   "count": 2}]
+    assert {(a["provider"], a["outcome"], a["attempts"]) for a in status["attempts"]} == {
+        ("box", "sent", 2), ("box", "permanent", 2)}
+    code, out, _ = invoke(store_path, "status", "test-campaign/s")
+    assert "attempts by provider" in out and "21614" in out

@@ -338,3 +338,24 @@ def test_a_stop_during_a_retry_backoff_leaves_the_row_pending_not_failed(
     report = send(make_campaign(people(1)), store_path, FakeProvider(handler=handler), stop=stop)
     assert report.exit_code == ExitCode.INTERRUPTED
     assert report.counts == {"pending": 1}
+
+
+def test_a_run_on_local_providers_never_imports_the_network_stacks(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    campaign = make_campaign(people(3))
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from campaign_cli.config import load_campaign\n"
+        "from campaign_cli.pipeline import run_campaign\n"
+        f"r = run_campaign(load_campaign({str(campaign)!r}), Path({str(store_path)!r}))\n"
+        "assert r.counts == {'sent': 3}, r.counts\n"
+        "heavy = {'aiohttp', 'aiosmtplib', 'jwt', 'cryptography', 'httpx'} & set(sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -67,6 +67,7 @@ def status(
                 for p, s, reason, n in runs.failure_summary(conn, record.id)
             ]
             payload["last_errors"] = runs.last_errors(conn, record.id)
+            payload["attempts"] = runs.attempt_summary(conn, record.id)
             out.json(payload)
             return
         out.result(f"run {report.run_name} (id {report.run_id}): {report.status}"
@@ -82,6 +83,11 @@ def status(
             f" (cap {from_micros(report.max_spend_micros)})"
         out.result(f"spend {from_micros(report.spend_micros)} {report.currency}{cap}; "
                    f"{report.rate_per_s}/s over {report.duration_s:.1f}s")
+        attempts = runs.attempt_summary(conn, record.id)
+        if attempts:
+            out.table(["provider", "outcome", "attempts", "mean ms", "max ms"],
+                      [[a["provider"], a["outcome"], a["attempts"], a["mean_ms"], a["max_ms"]]
+                       for a in attempts], title="attempts by provider")
         failures = runs.failure_summary(conn, record.id)
         if failures:
             out.table(["provider", "state", "reason", "count"], failures,

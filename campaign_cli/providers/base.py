@@ -67,45 +67,35 @@ class ProviderRegistry:
         return sorted(self._factories)
 
 
+#: Provider types and where their classes live. Imported only when a run uses the type, so an
+#: outbox run never pays for aiohttp, aiosmtplib or PyJWT.
+BUILTIN_PROVIDERS: dict[str, str] = {
+    "outbox": "campaign_cli.providers.outbox:OutboxProvider",
+    "console": "campaign_cli.providers.console:ConsoleProvider",
+    "twilio": "campaign_cli.providers.twilio:TwilioProvider",
+    "sendgrid": "campaign_cli.providers.sendgrid:SendGridProvider",
+    "smtp": "campaign_cli.providers.smtp:SmtpProvider",
+    "fcm": "campaign_cli.providers.fcm:FcmProvider",
+    "slack": "campaign_cli.providers.slack:SlackProvider",
+    "webhook": "campaign_cli.providers.webhook:WebhookProvider",
+}
+
+
+def _lazy(target: str) -> ProviderFactory:
+    module_name, _, class_name = target.partition(":")
+
+    def factory(name: str, config: Any, context: ProviderContext) -> Provider:
+        import importlib
+
+        cls = getattr(importlib.import_module(module_name), class_name)
+        provider: Provider = cls.from_config(name, config, context)
+        return provider
+
+    return factory
+
+
 def default_registry() -> ProviderRegistry:
-    from campaign_cli.providers.console import ConsoleProvider
-    from campaign_cli.providers.outbox import OutboxProvider
-
     registry = ProviderRegistry()
-    registry.register("outbox", OutboxProvider.from_config)
-    registry.register("console", ConsoleProvider.from_config)
-
-    def twilio(name: str, config: Any, context: ProviderContext) -> Provider:
-        from campaign_cli.providers.twilio import TwilioProvider
-
-        return TwilioProvider.from_config(name, config, context)
-
-    def sendgrid(name: str, config: Any, context: ProviderContext) -> Provider:
-        from campaign_cli.providers.sendgrid import SendGridProvider
-
-        return SendGridProvider.from_config(name, config, context)
-
-    registry.register("twilio", twilio)
-    registry.register("sendgrid", sendgrid)
-
-    def smtp(name: str, config: Any, context: ProviderContext) -> Provider:
-        # aiosmtplib is imported only by a run that sends through SMTP.
-        from campaign_cli.providers.smtp import SmtpProvider
-
-        return SmtpProvider.from_config(name, config, context)
-
-    registry.register("smtp", smtp)
-
-    def fcm(name: str, config: Any, context: ProviderContext) -> Provider:
-        # PyJWT and cryptography are imported only by a run that sends through FCM.
-        from campaign_cli.providers.fcm import FcmProvider
-
-        return FcmProvider.from_config(name, config, context)
-
-    from campaign_cli.providers.slack import SlackProvider
-    from campaign_cli.providers.webhook import WebhookProvider
-
-    registry.register("fcm", fcm)
-    registry.register("slack", SlackProvider.from_config)
-    registry.register("webhook", WebhookProvider.from_config)
+    for type_name, target in BUILTIN_PROVIDERS.items():
+        registry.register(type_name, _lazy(target))
     return registry

@@ -217,6 +217,16 @@ def last_errors(conn: sqlite3.Connection, run_id: int, limit: int = 5) -> list[d
     ))
 
 
+def attempt_summary(conn: sqlite3.Connection, run_id: int) -> list[dict[str, Any]]:
+    """Per provider and outcome: how many attempts, and their mean and worst latency (ms)."""
+    return list(sqlite_utils.Database(conn).query(
+        "SELECT provider, outcome, count(*) AS attempts, round(avg(latency_ms), 1) AS mean_ms, "
+        "round(max(latency_ms), 1) AS max_ms FROM attempts WHERE run_id = ? "
+        "GROUP BY provider, outcome ORDER BY provider, attempts DESC",
+        (run_id,),
+    ))
+
+
 def failure_summary(conn: sqlite3.Connection, run_id: int) -> list[tuple[str, str, str, int]]:
     """(provider, state, reason, n) for every row that did not go out, most frequent first."""
     return [
