@@ -620,6 +620,7 @@ class Runner:
             sent_this_session=self._sent_this_session, exit_code=exit_code, status=status,
             stopped=stopped, error=error, in_doubt_found=in_doubt_found,
             in_doubt_resent=self._in_doubt_resent, warnings=self.warnings,
+            started_at=run.started_at, finished_at=now,
         )
 
     def _outcome(self, failed: int) -> tuple[ExitCode, str, str | None]:
