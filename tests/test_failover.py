@@ -145,3 +145,64 @@ def test_a_429_halves_the_rate_for_every_worker_and_good_answers_win_it_back() -
         return seen
 
     assert asyncio.run(scenario()) == [100.0, 50.0, 50.0]
+
+
+class _ManualTimeLoop(asyncio.SelectorEventLoop):
+    """An event loop whose clock moves only when the test says (aiolimiter and the pacer read
+    loop.time(), as aiolimiter's own tests do)."""
+
+    now = 1000.0
+
+    def time(self) -> float:
+        return self.now
+
+
+def test_good_answers_win_the_rate_back_gradually_up_to_the_configured_rate() -> None:
+    loop = _ManualTimeLoop()
+    try:
+        async def scenario() -> list[float | None]:
+            pacer = Pacer(100.0, 10)
+            pacer.rate_limited(None)
+            seen: list[float | None] = [pacer.rate]
+            loop.now += 0.5
+            pacer.succeeded()  # one good answer: one more message per second
+            seen.append(pacer.rate)
+            for _ in range(3):  # each tenth of a second, one more good answer
+                loop.now += 0.2
+                pacer.succeeded()
+                seen.append(pacer.rate)
+            for _ in range(200):
+                loop.now += 0.1
+                pacer.succeeded()
+            seen.append(pacer.rate)
+            return seen
+
+        rates = loop.run_until_complete(scenario())
+    finally:
+        loop.close()
+    assert rates[0] == 50.0
+    assert rates[1] == 50.0 + 1  # additive: one message per second per good answer
+    assert rates[2] < rates[3] < rates[4] < 100.0
+    assert rates[-1] == 100.0  # never above what the campaign allows
+
+
+def test_an_unthrottled_provider_is_paced_after_a_429_and_unthrottled_again() -> None:
+    loop = _ManualTimeLoop()
+    try:
+        async def scenario() -> tuple[float | None, float | None]:
+            pacer = Pacer(None)
+            for _ in range(400):  # 400 answers in 0.2 s: 2,000/s observed
+                loop.now += 0.0005
+                pacer.succeeded()
+            pacer.rate_limited(2.0)
+            slowed = pacer.rate
+            for _ in range(10_000):
+                loop.now += 0.01
+                pacer.succeeded()
+            return slowed, pacer.rate
+
+        slowed, recovered = loop.run_until_complete(scenario())
+    finally:
+        loop.close()
+    assert slowed is not None and 900 <= slowed <= 1100  # about half of what it was doing
+    assert recovered is None
