@@ -19,7 +19,19 @@ are not exceptions (spend cap, dead letters, interruption) are mapped in `pipeli
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from enum import IntEnum
+
+REDACTED = "***"
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with every secret replaced by ``***`` (longest first, so a secret containing
+    another is not half-shown). Values shorter than 3 characters are not treated as secrets."""
+    for secret in sorted(set(secrets), key=len, reverse=True):
+        if len(secret) >= 3:
+            text = text.replace(secret, REDACTED)
+    return text
 
 
 class ExitCode(IntEnum):

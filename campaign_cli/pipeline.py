@@ -33,7 +33,7 @@ import random
 import sqlite3
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -52,6 +52,7 @@ from campaign_cli.errors import (
     RateLimitedError,
     TransientError,
     UsageError,
+    redact,
 )
 from campaign_cli.models import (
     Channel,
@@ -264,13 +265,6 @@ def idempotency_key(campaign: str, run_key: str, rkey: str, channel: str) -> str
 def default_run_key(recipients_sha256: str) -> str:
     """Same recipient file, same run: a re-run (a cron job firing twice) resumes, never resends."""
     return recipients_sha256[:12]
-
-
-def redact(text: str, secrets: frozenset[str]) -> str:
-    for secret in sorted(secrets, key=len, reverse=True):
-        if len(secret) >= 3:
-            text = text.replace(secret, "***")
-    return text
 
 
 # --------------------------------------------------------------------------------------------
@@ -1321,13 +1315,6 @@ def run_status(conn: sqlite3.Connection, run: runs.RunRecord) -> RunReport:
         error=run.last_error, in_doubt_found=sum(c.get("in_doubt", 0) for c in by_channel.values()),
         started_at=run.started_at, finished_at=run.finished_at,
     )
-
-
-def summarize_counts(by_channel: Mapping[str, Mapping[str, int]]) -> dict[str, int]:
-    total: Counter[str] = Counter()
-    for states in by_channel.values():
-        total.update(states)
-    return dict(total)
 
 
 __all__ = [

@@ -16,7 +16,7 @@ from typing import IO, Any
 from rich.console import Console
 from rich.table import Table
 
-from campaign_cli.errors import CampaignError, ExitCode
+from campaign_cli.errors import CampaignError, ExitCode, redact
 
 
 @dataclass
@@ -42,10 +42,7 @@ class Output:
         return bool(getattr(self.stderr, "isatty", lambda: False)())
 
     def redact(self, text: str) -> str:
-        for secret in sorted(self.secrets, key=len, reverse=True):
-            if len(secret) >= 3:
-                text = text.replace(secret, "***")
-        return text
+        return redact(text, self.secrets)
 
     def error(self, message: str) -> None:
         self.err.print(f"error: {self.redact(message)}", markup=False)
