@@ -302,7 +302,8 @@ class _Job:
 class _Ready:
     """A chunk admitted and checked, waiting to be rendered and queued."""
 
-    open_rows: list[tuple[Recipient, Channel, str, str | None]]  # (.., pinned provider if resend)
+    # (recipient, channel, address, its hash, pinned provider if an in-doubt resend)
+    open_rows: list[tuple[Recipient, Channel, str, str, str | None]]
     refusals: dict[str, dict[str, tuple[State, str]]]
 
 
@@ -919,7 +920,8 @@ class Runner:
         resend_policy = self.campaign.in_doubt_policy == "resend" or self.options.dry_run
 
         # Which admitted rows are still open: pending, or in doubt and allowed a resend.
-        open_rows: list[tuple[Recipient, Channel, str, str | None]] = []
+        open_rows: list[tuple[Recipient, Channel, str, str, str | None]] = []
+        hashes: dict[str, list[str]] = {}
         pending = _PENDING
         in_doubt = _IN_DOUBT
         for a in admits:
@@ -927,7 +929,9 @@ class Runner:
                 continue
             state, provider = states.get((a.row, a.channel), (None, None))
             if state == pending:
-                open_rows.append((recipients[a.row], Channel(a.channel), a.address, None))
+                ahash = address_hash(a.address)
+                hashes.setdefault(a.channel, []).append(ahash)
+                open_rows.append((recipients[a.row], Channel(a.channel), a.address, ahash, None))
             elif state == in_doubt:
                 # Only to the provider that may already have it, and only if it deduplicates
                 # or the campaign accepts a possible duplicate.
@@ -935,14 +939,13 @@ class Runner:
                 routes = self._routes_by_channel[channel]
                 route = next((r for r in routes if r.name == provider), routes[0])
                 if route.provider.deduplicates or resend_policy:
-                    open_rows.append((recipients[a.row], channel, a.address, route.name))
+                    ahash = address_hash(a.address)
+                    hashes.setdefault(a.channel, []).append(ahash)
+                    open_rows.append((recipients[a.row], channel, a.address, ahash, route.name))
         if not open_rows:
             return None
 
         # Policy: one query per channel for the whole chunk, a chunk or two before rendering.
-        hashes: dict[str, list[str]] = {}
-        for _, channel, address, _pinned in open_rows:
-            hashes.setdefault(channel.value, []).append(address_hash(address))
         refusals: dict[str, dict[str, tuple[State, str]]] = {}
         for channel_name, chunk_hashes in hashes.items():
             refusals[channel_name] = await asyncio.to_thread(
@@ -961,14 +964,31 @@ class Runner:
         open_rows = prepared.open_rows
         refusals = prepared.refusals
         now = iso(self.clock.now())
+        dry_rows: list[tuple[Any, ...]] = []
+        try:
+            await self._render_rows(queue, open_rows, refusals, renderer, policy, now, dry_rows)
+        finally:
+            if dry_rows:  # one queue item for the chunk's outcomes
+                self._writer.submit_many(SQL_DRY_RUN, dry_rows)
+
+    async def _render_rows(
+        self,
+        queue: asyncio.Queue[_Job | None],
+        open_rows: list[tuple[Recipient, Channel, str, str, str | None]],
+        refusals: dict[str, dict[str, tuple[State, str]]],
+        renderer: Renderer,
+        policy: Policy,
+        now: str,
+        dry_rows: list[tuple[Any, ...]],
+    ) -> None:
         run = self._run
         dry_run = self.options.dry_run
-        for recipient, channel, address, pinned in open_rows:
+        for recipient, channel, address, ahash, pinned in open_rows:
             resend = pinned is not None
             if self.stop.stopping or self._abort is not None:
                 return  # the rest stays pending (or in doubt), to be resumed
-            ahash = address_hash(address)
-            refused = refusals[channel.value].get(ahash) or policy.refused_now(channel.value, ahash)
+            channel_name = channel.value
+            refused = refusals[channel_name].get(ahash) or policy.refused_now(channel_name, ahash)
             if refused is not None:
                 self._final(recipient.row, channel, refused[0], refused[1], None, now)
                 continue
@@ -995,8 +1015,8 @@ class Runner:
                 # records what would have been sent, and at what cost.
                 self._budget.commit(cost)
                 self._spent += cost
-                self._writer.submit(SQL_DRY_RUN, (cost, content_hash(content), now, run.id,
-                                                  recipient.row, channel.value))
+                dry_rows.append((cost, content_hash(content), now, run.id, recipient.row,
+                                 channel_name))
                 self._count(State.SENT, State.IN_DOUBT if resend else State.PENDING)
                 self._sent_this_session += 1
                 continue
@@ -1004,7 +1024,7 @@ class Runner:
                 run_id=run.id, row=recipient.row, channel=channel, recipient_key=recipient.key,
                 address=address,
                 idempotency_key=idempotency_key(run.campaign, run.run_key, recipient.key,
-                                                channel.value),
+                                                channel_name),
                 content=content, content_hash=content_hash(content), cost_micros=cost,
             )
             await queue.put(_Job(message, ahash, pinned, resend, costs, cost))

@@ -46,6 +46,14 @@ class _Call:
         self.loop = loop
 
 
+class _Many:
+    __slots__ = ("sql", "params")
+
+    def __init__(self, sql: str, params: Sequence[Sequence[Any]]) -> None:
+        self.sql = sql
+        self.params = params
+
+
 class JournalWriter:
     def __init__(self, path: Path, *, max_batch: int = 2000) -> None:
         self._path = path
@@ -98,6 +106,12 @@ class JournalWriter:
             self.check()
         self._queued += 1
         self._queue.put((sql, params))
+
+    def submit_many(self, sql: str, params: Sequence[Sequence[Any]]) -> None:
+        """Queue one statement for many rows: one queue item (one wake-up of the writer)."""
+        if self._failure is not None:
+            self.check()
+        self._queue.put(_Many(sql, params))
 
     def call(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
         """Run ``fn(conn)`` in the writer thread inside the next batch's transaction; the future
@@ -196,6 +210,16 @@ class JournalWriter:
             run_params: list[Sequence[Any]] = []
             for item in batch:
                 if item is _NOOP:
+                    continue
+                if isinstance(item, _Many):
+                    if run_sql is not None and run_sql != item.sql:
+                        conn.executemany(run_sql, run_params)
+                        run_sql, run_params = None, []
+                    if run_sql is None:
+                        run_sql, run_params = item.sql, list(item.params)
+                    else:
+                        run_params.extend(item.params)
+                    self.statements += len(item.params)
                     continue
                 if isinstance(item, _Call):
                     if run_sql is not None:
