@@ -16,7 +16,7 @@ def recipients(n: int) -> Path:
     path = OUT / f"recipients-{n}.csv"
     if path.exists():
         return path
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # two benches may make the same file at once
     with tmp.open("w", encoding="utf-8") as f:
         f.write("id,first_name,phone,email\n")
         for i in range(n):

@@ -3,9 +3,10 @@
     .venv/bin/python bench/smtp_sink.py [N] [--concurrency 16,32,64] [--runs R] [--text-only]
 
 Needs Debian's postfix for the `smtp-sink` binary (`apt-get install postfix`; the postfix service
-itself is not used). The script starts ``smtp-sink -u nobody 127.0.0.1:PORT 1000`` (it answers
-every command with 250 and throws the mail away; ``-u nobody`` is needed when running as root),
-and stops it at the end (also on error).
+itself is not used). The script starts ``smtp-sink -c -u nobody 127.0.0.1:PORT 1000`` (it answers
+every command with 250 and throws the mail away; ``-u nobody`` is needed when running as root;
+``-c`` writes a running ``sess=.. quit=.. mesg=..`` counter, which the script reads to check that
+the sink received every message of each run), and stops it at the end (also on error).
 
 Measured (issue #3, target: >= 2,000 messages/s end to end): `campaign send` as a subprocess, the
 journal on, a real store file under bench/out/, N emails (default 20,000; multipart/alternative,
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import socket
 import statistics
@@ -67,10 +69,13 @@ class SmtpSink:
         if not Path(binary).exists():
             raise SystemExit("smtp-sink not found: apt-get install -y postfix")
         self.port = free_port()
-        self.proc = subprocess.Popen(
-            [binary, "-u", "nobody", f"127.0.0.1:{self.port}", "1000"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )
+        OUT.mkdir(exist_ok=True)
+        self.counter = OUT / "smtp-sink-counter.txt"
+        with self.counter.open("wb") as counter:
+            self.proc = subprocess.Popen(
+                [binary, "-c", "-u", "nobody", f"127.0.0.1:{self.port}", "1000"],
+                stdout=counter, stderr=subprocess.PIPE,
+            )
         deadline = time.monotonic() + 10
         while True:
             if self.proc.poll() is not None:
@@ -86,6 +91,15 @@ class SmtpSink:
                     self.stop()
                     raise SystemExit("smtp-sink did not start listening within 10 s") from None
                 time.sleep(0.05)
+
+    def received(self) -> int:
+        """Messages the sink has accepted so far (the last ``mesg=`` of its counter)."""
+        for _ in range(50):  # the counter is written as the sink goes: give it a moment
+            found = re.findall(rb"mesg=(\d+)", self.counter.read_bytes()[-200:])
+            if found:
+                return int(found[-1])
+            time.sleep(0.02)
+        return 0
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -157,16 +171,20 @@ def main() -> None:
             campaign = write_campaign(csv_path, sink.port, concurrency, args.text_only)
             rates: list[float] = []
             for i in range(args.runs):
+                before = sink.received()
                 wall, summary = end_to_end(campaign, store)
+                time.sleep(0.1)  # the sink's last counter line
+                got = sink.received() - before
                 counts = summary["counts"]
                 assert isinstance(counts, dict)
                 sent = int(counts.get("sent", 0))
-                if sent != n:
-                    raise SystemExit(f"only {sent:,} of {n:,} sent: {summary}")
+                if sent != n or got != n:
+                    raise SystemExit(f"{sent:,} of {n:,} sent, sink counted {got:,}: {summary}")
                 rates.append(sent / wall)
                 print(f"concurrency {concurrency:3} [{i + 1}] {sent:>7,} sent  {wall:6.2f} s wall  "
                       f"{sent / wall:7,.0f} msg/s (whole process)   run's rate_per_s "
-                      f"{summary['rate_per_s']:,.0f}/s over {summary['duration_s']} s")
+                      f"{summary['rate_per_s']:,.0f}/s over {summary['duration_s']} s; "
+                      f"sink counted {got:,}")
             median = statistics.median(rates)
             print(f"concurrency {concurrency:3} median {median:7,.0f} msg/s "
                   f"(target >= 2,000: {'MET' if median >= 2000 else 'NOT met'})")

@@ -20,7 +20,10 @@ def to_micros(amount: Decimal) -> int:
 
 
 def from_micros(micros: int) -> Decimal:
-    return (Decimal(micros) / MICRO).quantize(Decimal("0.000001")).normalize()
+    """Micro-units as an amount, without trailing zeros and never in exponent form
+    (``7900``, not ``7.9E+3``: the --json summary prints it)."""
+    amount = (Decimal(micros) / MICRO).quantize(Decimal("0.000001")).normalize()
+    return amount.quantize(Decimal(1)) if amount == amount.to_integral_value() else amount
 
 
 class Channel(str, Enum):

@@ -176,3 +176,31 @@ def test_stamper_formats_exactly_as_iso() -> None:
     for step in (0.0, 0.0004, 0.0007, 0.3, 0.9996, 1.0, 59.9995, 3600.0001, 0.0):
         clock.advance(step)
         assert stamper.now() == iso(clock.now())
+
+
+def test_a_barrier_after_submit_many_waits_for_everything_before_it(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    Store.open(path).close()
+
+    async def scenario() -> int:
+        writer = JournalWriter(path).start()
+        try:
+            sql = "INSERT INTO settings (key, value) VALUES (?, ?)"
+            writer.submit_many(sql, [(f"m{i}", "v") for i in range(3)])
+            writer.submit(sql, ("one", "v"))
+            await writer.barrier()
+            writer.submit(sql, ("after", "v"))
+            barrier = writer.barrier()
+            assert not barrier.done()  # "after" is not committed yet
+            await barrier
+            check = sqlite3.connect(path)
+            try:
+                return int(check.execute(
+                    "SELECT count(*) FROM settings WHERE key IN ('m0','m1','m2','one','after')"
+                ).fetchone()[0])
+            finally:
+                check.close()
+        finally:
+            await asyncio.to_thread(writer.close)
+
+    assert asyncio.run(scenario()) == 5

@@ -24,7 +24,7 @@ import json
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote_plus, urlencode
 
 import httpx
 
@@ -75,6 +75,10 @@ class TwilioAdapter:
             "Accept": "application/json",
             "User-Agent": "campaign-cli",
         })
+        # Every header but Content-Length, in the order httpx would give them (Host first).
+        self._head: tuple[tuple[bytes, bytes], ...] = (
+            (b"Host", self._url.netloc), *self._headers.raw
+        )
         fields: list[tuple[str, str]] = []
         if sender is not None:
             fields.append(("From", sender))
@@ -84,14 +88,22 @@ class TwilioAdapter:
         if status_callback:
             fields.append(("StatusCallback", status_callback))
         self._fields: Sequence[tuple[str, str]] = tuple(fields)
+        self._middle = "&" + urlencode(self._fields) + "&Body="  # the same for every message
         self._clock = clock
 
     def build(self, message: OutboundMessage) -> httpx.Request:
+        """``To=..&From=..&Body=..``, form-encoded exactly as `urlencode` would. The constant
+        fields are encoded once, and the request is made from a ready body and headers, which
+        takes a build from 25 to 10 us (bench/README.md)."""
         content = message.content
         if not isinstance(content, SmsContent):
             raise TypeError(f"twilio sends SMS only, not {type(content).__name__}")
-        form = urlencode([("To", message.address), *self._fields, ("Body", content.body)])
-        return httpx.Request("POST", self._url, headers=self._headers, content=form.encode())
+        form = ("To=" + quote_plus(message.address) + self._middle
+                + quote_plus(content.body)).encode()
+        headers = httpx.Headers([*self._head, (b"Content-Length", b"%d" % len(form))])
+        request = httpx.Request("POST", self._url, headers=headers, stream=httpx.ByteStream(form))
+        request.read()  # a body built whole: `request.content` is there, as with content=
+        return request
 
     def parse(self, message: OutboundMessage, response: httpx.Response) -> SendResult:
         status = response.status_code

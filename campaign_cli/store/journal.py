@@ -111,6 +111,7 @@ class JournalWriter:
         """Queue one statement for many rows: one queue item (one wake-up of the writer)."""
         if self._failure is not None:
             self.check()
+        self._queued += 1  # one queue item, as the writer counts it
         self._queue.put(_Many(sql, params))
 
     def call(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
