@@ -43,7 +43,8 @@ _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 _LINE = 78  # RFC 5322: lines SHOULD be at most 78 characters
 _WORD_BYTES = 30  # UTF-8 bytes per encoded word: "=?utf-8?b?" + 40 base64 + "?=" is 52 characters
-_RESERVED = frozenset(
+#: Headers the message itself sets: a campaign may not set them again.
+RESERVED_HEADERS = frozenset(
     {
         "from",
         "to",
@@ -94,7 +95,7 @@ def build_email(content: EmailContent, to: str, message_id: str, date: datetime)
     for name, value in content.headers:
         if not _HEADER_NAME.fullmatch(name):
             raise ValueError(f"not a valid header name: {name!r}")
-        if name.lower() in _RESERVED:
+        if name.lower() in RESERVED_HEADERS:
             raise ValueError(f"header {name} is set by the message itself")
         lines.append(_unstructured(name, value))
 

@@ -53,7 +53,7 @@ from campaign_cli.models import (
     SmsContent,
     WebhookContent,
 )
-from campaign_cli.render.email import format_mailbox
+from campaign_cli.render.email import RESERVED_HEADERS, format_mailbox
 from campaign_cli.render.sms import sms_info
 
 #: FCM and APNs refuse payloads over 4 KB; keep a margin.
@@ -74,25 +74,9 @@ _OPT_OUT_MESSAGE = (
 )
 _BREAKS = re.compile(r"[\r\n\0]")
 _URI = re.compile(r"[!-+\--;=?-~]+")  # printable ASCII but space, "<", ">" and ","
-_EMAIL_HEADERS_SET = frozenset(
-    {
-        "from",
-        "to",
-        "cc",
-        "bcc",
-        "subject",
-        "date",
-        "message-id",
-        "mime-version",
-        "reply-to",
-        "content-type",
-        "content-transfer-encoding",
-        "sender",
-        "return-path",
-        "list-unsubscribe",
-        "list-unsubscribe-post",
-    }
-)
+# Headers a campaign's `headers:` may not set: the message's own, and the unsubscribe pair that
+# list_unsubscribe writes.
+_EMAIL_HEADERS_SET = RESERVED_HEADERS | {"list-unsubscribe", "list-unsubscribe-post"}
 _TEMPLATE_FILENAME = "<template>"  # what Jinja calls code compiled from a string
 
 
