@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -45,3 +49,21 @@ def campaign(name: str, csv_path: Path, provider: dict[str, object], *,
     path = OUT / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+CAMPAIGN = [sys.executable, "-m", "campaign_cli"]
+
+
+def end_to_end(campaign: Path, store: Path) -> tuple[float, dict[str, object]]:
+    """`campaign send --json` as a subprocess on a fresh store: (wall seconds, its summary)."""
+    for leftover in store.parent.glob(store.name + "*"):
+        if leftover.is_file():
+            leftover.unlink()
+    t0 = time.perf_counter()
+    proc = subprocess.run([*CAMPAIGN, "--store", str(store), "--quiet", "send", str(campaign),
+                           "--json"], capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"campaign send exit {proc.returncode}: {proc.stderr[-2000:]}")
+    summary: dict[str, object] = json.loads(proc.stdout)
+    return wall, summary

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
-import json
 import shutil
 import socket
 import statistics
@@ -35,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import yaml  # noqa: E402
-from common import OUT, recipients  # noqa: E402
+from common import OUT, end_to_end, recipients  # noqa: E402
 
 from campaign_cli.models import Channel, OutboundMessage, SmsContent  # noqa: E402
 from campaign_cli.providers.http import make_client  # noqa: E402
@@ -144,19 +143,6 @@ def write_campaign(csv_path: Path, base_url: str) -> Path:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
-
-def end_to_end(campaign: Path, store: Path) -> tuple[float, dict[str, object]]:
-    for leftover in store.parent.glob(store.name + "*"):
-        if leftover.is_file():
-            leftover.unlink()
-    t0 = time.perf_counter()
-    proc = subprocess.run([*CAMPAIGN, "--store", str(store), "--quiet", "send", str(campaign),
-                           "--json"], capture_output=True, text=True, check=False)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"campaign send exit {proc.returncode}: {proc.stderr[-2000:]}")
-    summary: dict[str, object] = json.loads(proc.stdout)
-    return wall, summary
 
 
 def messages(csv_path: Path) -> list[OutboundMessage]:

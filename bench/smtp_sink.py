@@ -18,7 +18,6 @@ of the given values. Messages/s from the wall time and from the run's JSON ``rat
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import shutil
 import socket
@@ -30,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import yaml  # noqa: E402
-from common import OUT, recipients  # noqa: E402
+from common import OUT, end_to_end, recipients  # noqa: E402
 
 CAMPAIGN = [sys.executable, "-m", "campaign_cli"]
 TEXT = """\
@@ -138,19 +137,6 @@ def write_campaign(csv_path: Path, port: int, concurrency: int, text_only: bool)
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
-
-def end_to_end(campaign: Path, store: Path) -> tuple[float, dict[str, object]]:
-    for leftover in store.parent.glob(store.name + "*"):
-        if leftover.is_file():
-            leftover.unlink()
-    t0 = time.perf_counter()
-    proc = subprocess.run([*CAMPAIGN, "--store", str(store), "--quiet", "send", str(campaign),
-                           "--json"], capture_output=True, text=True, check=False)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"campaign send exit {proc.returncode}: {proc.stderr[-2000:]}")
-    summary: dict[str, object] = json.loads(proc.stdout)
-    return wall, summary
 
 
 def main() -> None:

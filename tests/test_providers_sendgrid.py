@@ -7,7 +7,6 @@ import asyncio
 import email.utils
 import hashlib
 import json
-from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from campaign_cli.models import Channel, EmailContent, OutboundMessage, SendResu
 from campaign_cli.providers.base import ProviderContext, default_registry
 from campaign_cli.providers.sendgrid import SendGridAdapter, SendGridProvider
 from campaign_cli.testing import FakeClock
+from tests import http_support
 
 SPECS = Path(__file__).resolve().parent / "specs"
 SHARED_SPECS = Path(__file__).resolve().parents[2] / "shared" / "specs"
@@ -80,19 +80,13 @@ def mail(
     )
 
 
-Handler = Callable[[httpx.Request], httpx.Response]
+Handler = http_support.Handler
 
 
-class Recorder:
-    def __init__(self, *answers: httpx.Response) -> None:
-        self.answers = list(answers)
-        self.requests: list[httpx.Request] = []
-
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        self.requests.append(request)
-        if self.answers:
-            return self.answers.pop(0)
+class Recorder(http_support.Recorder):
+    def default(self) -> httpx.Response:
         return httpx.Response(202, headers={"X-Message-Id": "msg-abc123"})
+
 
 
 def errors(status: int, message: str, field: str | None = None,
@@ -111,13 +105,7 @@ def provider(handler: Handler, clock: FakeClock | None = None, **extra: Any) -> 
 
 
 def send(p: SendGridProvider, message: OutboundMessage) -> SendResult:
-    async def go() -> SendResult:
-        try:
-            return await p.send(message)
-        finally:
-            await p.aclose()
-
-    return asyncio.run(go())
+    return http_support.send_once(p, message)
 
 
 def failure(handler: Handler, message: OutboundMessage | None = None,

@@ -7,7 +7,6 @@ import asyncio
 import hashlib
 import hmac
 import json
-from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -28,6 +27,7 @@ from campaign_cli.providers.base import Provider, ProviderContext, default_regis
 from campaign_cli.providers.slack import SlackProvider
 from campaign_cli.providers.webhook import WebhookProvider, signature, verify_signature
 from campaign_cli.testing import FakeClock
+from tests import http_support
 
 SLACK_SECRET = "T00000000/B00000000/XXXXXXXXXXXXXXXXXXXXXXXX"
 SLACK_URL = f"https://hooks.slack.com/services/{SLACK_SECRET}"
@@ -35,24 +35,9 @@ HOOK_URL = "https://hooks.example.com/in/s3cr3t-path-token"
 RECIPIENT_URL = "https://customer.example.org/hooks/c1-private"
 SECRET = "whsec_test_0123456789"
 
-Handler = Callable[[httpx.Request], httpx.Response]
+Handler = http_support.Handler
+Recorder = http_support.Recorder
 
-
-class Recorder:
-    """A MockTransport handler that records requests and answers from a queue, else ``ok``."""
-
-    def __init__(self, *answers: httpx.Response | Exception) -> None:
-        self.answers = list(answers)
-        self.requests: list[httpx.Request] = []
-
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        self.requests.append(request)
-        if self.answers:
-            answer = self.answers.pop(0)
-            if isinstance(answer, Exception):
-                raise answer
-            return answer
-        return httpx.Response(200, text="ok")
 
 
 def message(text: str = "Deploy finished", **changes: Any) -> OutboundMessage:

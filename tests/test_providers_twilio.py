@@ -8,7 +8,6 @@ import base64
 import email.utils
 import hashlib
 import json
-from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from campaign_cli.models import Channel, EmailContent, OutboundMessage, SendResu
 from campaign_cli.providers.base import ProviderContext, default_registry
 from campaign_cli.providers.twilio import TwilioAdapter, TwilioProvider
 from campaign_cli.testing import FakeClock
+from tests import http_support
 
 SPECS = Path(__file__).resolve().parent / "specs"
 SHARED_SPECS = Path(__file__).resolve().parents[2] / "shared" / "specs"
@@ -83,21 +83,13 @@ def config(**extra: Any) -> TwilioProviderConfig:
     return TwilioProviderConfig.model_validate(data)
 
 
-Handler = Callable[[httpx.Request], httpx.Response]
+Handler = http_support.Handler
 
 
-class Recorder:
-    """An httpx.MockTransport handler that records requests and answers from a queue."""
-
-    def __init__(self, *answers: httpx.Response) -> None:
-        self.answers = list(answers)
-        self.requests: list[httpx.Request] = []
-
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        self.requests.append(request)
-        if self.answers:
-            return self.answers.pop(0)
+class Recorder(http_support.Recorder):
+    def default(self) -> httpx.Response:
         return created()
+
 
 
 def created(sid: str = "SM" + "a" * 32) -> httpx.Response:
@@ -121,13 +113,7 @@ def provider(handler: Handler, clock: FakeClock | None = None, **extra: Any) -> 
 
 
 def send(p: TwilioProvider, message: OutboundMessage) -> SendResult:
-    async def go() -> SendResult:
-        try:
-            return await p.send(message)
-        finally:
-            await p.aclose()
-
-    return asyncio.run(go())
+    return http_support.send_once(p, message)
 
 
 def failure(handler: Handler, message: OutboundMessage | None = None,
