@@ -1108,7 +1108,8 @@ class Runner:
                     ))
                     return
                 else:
-                    self._attempt(key, attempt, route.name, "sent", None, result, started)
+                    done_at = self._attempt(key, attempt, route.name, "sent", None, result,
+                                            started)
             if error is None:
                 route.breaker.success()
                 route.pacer.succeeded()
@@ -1116,7 +1117,7 @@ class Runner:
                 self._spent += cost
                 self._writer.submit(
                     runs.SQL_SENT,
-                    (result.provider_message_id, result.status_code, self._stamp(), *key),
+                    (result.provider_message_id, result.status_code, done_at, *key),
                 )
                 self._count(State.SENT, State.IN_DOUBT if job.resend else State.PENDING)
                 self._sent_this_session += 1
@@ -1168,7 +1169,10 @@ class Runner:
             return
 
     def _attempt(self, key: tuple[int, int, str], attempt: int, provider: str, outcome: str,
-                 exc: BaseException | None, result: SendResult | None, started: float) -> None:
+                 exc: BaseException | None, result: SendResult | None, started: float,
+                 at: str | None = None) -> str:
+        """Journal one attempt; returns its timestamp, so the outcome can share it."""
+        at = at or self._stamp()
         latency = round((asyncio.get_running_loop().time() - started) * 1000, 2)
         if exc is not None:
             code = getattr(exc, "code", None)
@@ -1176,13 +1180,14 @@ class Runner:
             params: tuple[Any, ...] = (
                 *key, attempt, provider, outcome, getattr(exc, "status", None), None,
                 None if code is None else str(code), redact(text, self.secrets)[:500], latency,
-                self._stamp(),
+                at,
             )
         else:
             assert result is not None
             params = (*key, attempt, provider, outcome, result.status_code,
-                      result.provider_message_id, None, None, latency, self._stamp())
+                      result.provider_message_id, None, None, latency, at)
         self._writer.submit(runs.SQL_ATTEMPT, params)
+        return at
 
     async def _retry(
         self, route: _Route, attempt: int, exc: ProviderError, key: tuple[int, int, str],
