@@ -101,17 +101,22 @@ class Pacer:
             return self._window_count / elapsed
         return max(self._observed, 10.0)
 
-    def succeeded(self) -> None:
-        """A good answer. Additive increase: a lowered rate gains one message per second per
-        good answer (so it can at most double in a second), applied every tenth of a second."""
+    @property
+    def paused(self) -> bool:
+        """Within a Retry-After pause the provider asked for."""
+        return self._paused_until > asyncio.get_running_loop().time()
+
+    def succeeded(self, count: int = 1) -> None:
+        """``count`` good answers. Additive increase: a lowered rate gains one message per second
+        per good answer (so it can at most double in a second), applied every tenth of a second."""
         now = asyncio.get_running_loop().time()
-        self._window_count += 1
+        self._window_count += count
         if now - self._window_start >= 1.0:
             self._observed = self._window_count / (now - self._window_start)
             self._window_start, self._window_count = now, 0
         if self.rate is None or self.rate == self.configured:
             return
-        self._gained += 1
+        self._gained += count
         if now - self._last_raise < 0.1:
             return
         self._last_raise = now

@@ -66,7 +66,12 @@ from campaign_cli.models import (
 )
 from campaign_cli.pacing import Budget, Pacer
 from campaign_cli.policy import Policy
-from campaign_cli.providers.base import Provider, ProviderContext, ProviderRegistry
+from campaign_cli.providers.base import (
+    BatchProvider,
+    Provider,
+    ProviderContext,
+    ProviderRegistry,
+)
 from campaign_cli.recipients import (
     Chunk,
     ChunkReader,
@@ -359,6 +364,7 @@ class _Route:
     backoff: float
     max_backoff: float
     breaker: Breaker
+    batch_size: int = 1  # more than 1: the provider takes batches (`BatchProvider`)
 
 
 class _Abort(Exception):
@@ -669,6 +675,8 @@ class Runner:
             backoff=config.retry.backoff,
             max_backoff=config.retry.max_backoff,
             breaker=Breaker(threshold, cooldown, self.clock),
+            batch_size=max(1, int(provider.batch_size))
+            if isinstance(provider, BatchProvider) else 1,
         )
 
     def _pick(self, channel: Channel, pinned: str | None) -> _Route:
@@ -794,12 +802,18 @@ class Runner:
     async def _admit_ahead(
         self,
         chunks: asyncio.Queue[Chunk | BaseException | None],
-        ready: asyncio.Queue[_Ready | BaseException | None],
+        ready: asyncio.Queue[asyncio.Future[_Ready | None] | BaseException | None],
         policy: Policy,
         start_row: int,
     ) -> None:
-        """Admit each chunk and check its policy while the one before is rendered and queued.
-        Once the spend cap is hit, chunks are only admitted (they stay pending)."""
+        """Admit each chunk and check its policy while earlier ones are rendered and queued.
+
+        Several chunks are in flight at once (as many as ``ready`` holds): each admission waits
+        for a journal commit and each policy check for a thread, and one chunk at a time left
+        the render loop waiting on them (measured: 6 of 9.5 s). The writer runs admissions in
+        the order they were asked (the order the tasks start), so the first row claiming a key
+        still wins; the render loop awaits the results in file order. Once the spend cap is hit,
+        chunks are only admitted (they stay pending)."""
         try:
             while not self.stop.stopping and self._abort is None:
                 chunk = await chunks.get()
@@ -810,9 +824,8 @@ class Runner:
                 if self._cap_hit:
                     await self._admit_only(chunk, start_row)
                     continue
-                prepared = await self._prepare_chunk(chunk, policy, start_row)
-                if prepared is not None:
-                    await ready.put(prepared)
+                task = asyncio.ensure_future(self._prepare_chunk(chunk, policy, start_row))
+                await ready.put(task)
         except Exception as exc:  # noqa: BLE001 - raised by the source, which owns the outcome
             await ready.put(exc)
             return
@@ -826,7 +839,7 @@ class Runner:
         policy: Policy,
         start_row: int,
         total_rows: int,
-        concurrency: int,
+        workers: int,
     ) -> None:
         """Three stages, each a few chunks ahead of the next (measured: one or two ahead left the
         loop idle a quarter of the time; four and three ahead took the dry run from 15.5k to
@@ -834,26 +847,35 @@ class Runner:
         process), admit + policy (the writer thread and a policy thread), render + queue (here)."""
         reader = await asyncio.to_thread(self._open_reader, spec, start_row, total_rows)
         chunks: asyncio.Queue[Chunk | BaseException | None] = asyncio.Queue(4)
-        ready: asyncio.Queue[_Ready | BaseException | None] = asyncio.Queue(3)
+        ready: asyncio.Queue[asyncio.Future[_Ready | None] | BaseException | None] = (
+            asyncio.Queue(3)
+        )
         helpers = [
             asyncio.create_task(self._read_ahead(reader, chunks)),
             asyncio.create_task(self._admit_ahead(chunks, ready, policy, start_row)),
         ]
         try:
             while not self.stop.stopping and self._abort is None:
-                prepared = await ready.get()
-                if prepared is None:
+                item = await ready.get()
+                if item is None:
                     break
-                if isinstance(prepared, BaseException):
-                    raise prepared
-                if not self._cap_hit:  # past the cap the rest is only admitted: pending
+                if isinstance(item, BaseException):
+                    raise item
+                prepared = await item
+                if prepared is not None and not self._cap_hit:
+                    # (past the cap the rest is only admitted: pending)
                     await self._render_chunk(queue, prepared, renderer, policy)
         finally:
             for helper in helpers:
                 helper.cancel()
             await asyncio.gather(*helpers, return_exceptions=True)
+            # Admissions still in flight finish (their rows are journaled as pending, to resume).
+            while not ready.empty():
+                left = ready.get_nowait()
+                if isinstance(left, asyncio.Future):
+                    await asyncio.gather(left, return_exceptions=True)
             await asyncio.to_thread(reader.close)
-        for _ in range(concurrency):
+        for _ in range(workers):
             # Workers stop at the sentinel; when stopping they drop what is left before it.
             await queue.put(None)
 
@@ -1050,14 +1072,135 @@ class Runner:
             if self.stop.stopping or self._abort is not None:
                 self._budget.release(job.reserved)
                 continue  # not started: stays pending (or in doubt) for the resume
-            await self._deliver(job)
+            route = self._batch_route(job)
+            if route is None:
+                await self._deliver(job)
+                continue
+            # A local provider takes what is queued for it in one call (one intent commit, one
+            # write); anything else found on the way is delivered one by one after it.
+            batch, others, last = [job], [], False
+            while len(batch) < route.batch_size and not queue.empty():
+                more = queue.get_nowait()
+                if more is None:
+                    last = True  # this worker's sentinel: stop after this batch
+                    break
+                if self._batch_route(more) is route:
+                    batch.append(more)
+                else:
+                    others.append(more)
+            await self._deliver_batch(route, batch)
+            for other in others:
+                if self.stop.stopping or self._abort is not None:
+                    self._budget.release(other.reserved)
+                    continue
+                await self._deliver(other)
+            if last:
+                return
 
-    async def _deliver(self, job: _Job) -> None:
+    def _batch_route(self, job: _Job) -> _Route | None:
+        """The route to batch this job on, if any: a provider that takes batches, no failover (a
+        batch moves as one, so no breaker decisions per message), and not paced at the moment (a
+        batch would bunch paced sends; an adaptive slow-down after a 429 pauses batching too)."""
+        routes = self._routes_by_channel[job.message.channel]
+        if len(routes) != 1:
+            return None
+        route = routes[0]
+        if route.batch_size <= 1 or route.pacer.rate is not None or route.pacer.paused:
+            return None
+        return route
+
+    async def _deliver_batch(self, route: _Route, jobs: list[_Job]) -> None:
+        """`_deliver` for many messages at once: every intent committed, one `send_batch`, every
+        outcome journaled. A message that failed goes on alone through the same retry, dead
+        letter and abort decisions as `_deliver` (it is one attempt in)."""
+        run_id = self._run.id
+        name = route.name
+        stamp = self._stamp()
+        sending: list[_Job] = []
+        intents: list[tuple[Any, ...]] = []
+        for job in jobs:
+            message = job.message
+            if self.stop.stopping or self._abort is not None:
+                self._budget.release(job.reserved)
+                continue
+            refused = self._policy.refused_now(message.channel.value, job.address_hash)
+            if refused is not None:
+                self._budget.release(job.reserved)
+                self._final(message.row, message.channel, refused[0], refused[1], None, stamp,
+                            message.content_hash)
+                continue
+            sending.append(job)
+            intents.append((name, job.costs[name], message.content_hash, 1 if job.resend else 0,
+                            stamp, run_id, message.row, message.channel.value))
+        if not sending:
+            return
+        # Intent before action, as in `_deliver`: every row of the batch is `sending`, committed.
+        self._writer.submit_many(runs.SQL_INTENT, intents)
+        await self._writer.barrier()
+        provider = route.provider
+        assert isinstance(provider, BatchProvider)
+        loop = asyncio.get_running_loop()
+        async with route.semaphore:
+            started = loop.time()
+            try:
+                outcomes = await provider.send_batch([job.message for job in sending])
+                if len(outcomes) != len(sending):
+                    raise RuntimeError(f"send_batch answered {len(outcomes)} outcomes for "
+                                       f"{len(sending)} messages")
+            except asyncio.CancelledError:
+                raise  # the rows stay `sending`; they become `in_doubt` when the run ends
+            except Exception as exc:  # noqa: BLE001 - which of them left is unknown: all in doubt
+                for job in sending:
+                    key = (run_id, job.message.row, job.message.channel.value)
+                    self._attempt(key, 1, name, "error", exc, None, started)
+                    self._record(key, State.IN_DOUBT, "internal_error", exc)
+                self._fail_run(_Abort(
+                    ExitCode.INTERNAL, "internal_error",
+                    f"provider {name} raised {type(exc).__name__}: "
+                    f"{redact(str(exc), self.secrets)}",
+                ))
+                return
+        done_at = self._stamp()
+        latency = round((loop.time() - started) * 1000, 2)
+        attempts: list[tuple[Any, ...]] = []
+        sent: list[tuple[Any, ...]] = []
+        failures: list[tuple[_Job, ProviderError]] = []
+        budget = self._budget
+        for job, outcome in zip(sending, outcomes, strict=True):
+            message = job.message
+            if not isinstance(outcome, SendResult):
+                failures.append((job, outcome))
+                continue
+            channel = message.channel.value
+            attempts.append((run_id, message.row, channel, 1, name, "sent", outcome.status_code,
+                             outcome.provider_message_id, None, None, latency, done_at))
+            sent.append((outcome.provider_message_id, outcome.status_code, done_at, run_id,
+                         message.row, channel))
+            cost = job.costs[name]
+            budget.settle(job.reserved, cost)
+            self._spent += cost
+            self._count(State.SENT, State.IN_DOUBT if job.resend else State.PENDING)
+            if job.resend:
+                self._in_doubt_resent += 1
+        if sent:
+            self._writer.submit_many(runs.SQL_ATTEMPT, attempts)
+            self._writer.submit_many(runs.SQL_SENT, sent)
+            self._sent_this_session += len(sent)
+            route.breaker.success()
+            route.pacer.succeeded(len(sent))
+        for job, error in failures:
+            key = (run_id, job.message.row, job.message.channel.value)
+            self._attempt(key, 1, name, _outcome_of(error), error, None, started, done_at)
+            retry, pinned = await self._after_error(job, route, 1, error, key, job.pinned)
+            if retry:
+                await self._deliver(job, attempt=1, pinned=pinned)
+
+    async def _deliver(self, job: _Job, attempt: int = 0, pinned: str | None = None) -> None:
         message = job.message
         channel = message.channel
         key = (self._run.id, message.row, channel.value)
-        pinned = job.pinned
-        attempt = 0
+        if pinned is None:
+            pinned = job.pinned
         loop = asyncio.get_running_loop()
         while True:
             route = self._pick(channel, pinned)
@@ -1124,49 +1267,60 @@ class Runner:
                 if job.resend:
                     self._in_doubt_resent += 1
                 return
-            if isinstance(error, TransientError):  # includes RateLimitedError
-                route.breaker.failure()  # a definite failure: failover may move the message
-                if isinstance(error, RateLimitedError):
-                    route.pacer.rate_limited(error.retry_after)
-                verdict = await self._retry(route, attempt, error, key, error.retry_after)
-                if verdict == "retry":
-                    continue
-                self._budget.release(job.reserved)
-                if verdict == "give_up":
-                    self._record(key, State.FAILED, "retries_exhausted", error)
-                return  # "stop": left pending for the resume
-            if isinstance(error, InDoubtError):
-                pinned = route.name  # never move an ambiguous message to another provider
-                if route.provider.deduplicates and attempt < route.attempts:
-                    await self._backoff(route, attempt, None)
-                    continue  # same idempotency key: the provider drops a second copy
-                self._budget.settle(job.reserved, cost)  # it may have been charged
-                self._spent += cost
-                self._record(key, State.IN_DOUBT, "in_doubt", error)
+            retry, pinned = await self._after_error(job, route, attempt, error, key, pinned)
+            if not retry:
                 return
-            if isinstance(error, ProviderAuthError):
-                self._budget.release(job.reserved)
-                self._writer.submit(
-                    "UPDATE messages SET state = 'pending', attempts = attempts - 1, "
-                    "updated_at = ? WHERE run_id = ? AND row = ? AND channel = ?",
-                    (self._stamp(), *key),
-                )
-                self._fail_run(_Abort(
-                    ExitCode.PROVIDER_AUTH, "provider_auth",
-                    f"provider {route.name} refused our credentials or configuration: "
-                    f"{redact(str(error), self.secrets)}",
-                ))
-                return
-            assert isinstance(error, PermanentError)
-            route.breaker.success()  # it answered: the provider is up
+
+    async def _after_error(
+        self, job: _Job, route: _Route, attempt: int, error: ProviderError,
+        key: tuple[int, int, str], pinned: str | None,
+    ) -> tuple[bool, str | None]:
+        """What a failed attempt leads to: (True, pinned) to try again (the backoff is already
+        slept), or (False, _) once the row's outcome is journaled or left for the resume."""
+        cost = job.costs[route.name]
+        if isinstance(error, TransientError):  # includes RateLimitedError
+            route.breaker.failure()  # a definite failure: failover may move the message
+            if isinstance(error, RateLimitedError):
+                route.pacer.rate_limited(error.retry_after)
+            verdict = await self._retry(route, attempt, error, key, error.retry_after)
+            if verdict == "retry":
+                return True, pinned
             self._budget.release(job.reserved)
-            if error.action == "invalid":
-                self._record(key, State.INVALID, error.code or "rejected", error)
-            else:
-                if error.action == "suppress":
-                    self._suppress(message, job.address_hash, error)
-                self._record(key, State.FAILED, error.code or "rejected", error)
-            return
+            if verdict == "give_up":
+                self._record(key, State.FAILED, "retries_exhausted", error)
+            return False, pinned  # "stop": left pending for the resume
+        if isinstance(error, InDoubtError):
+            pinned = route.name  # never move an ambiguous message to another provider
+            if route.provider.deduplicates and attempt < route.attempts:
+                await self._backoff(route, attempt, None)
+                return True, pinned  # same idempotency key: the provider drops a second copy
+            self._budget.settle(job.reserved, cost)  # it may have been charged
+            self._spent += cost
+            self._record(key, State.IN_DOUBT, "in_doubt", error)
+            return False, pinned
+        if isinstance(error, ProviderAuthError):
+            self._budget.release(job.reserved)
+            self._writer.submit(
+                "UPDATE messages SET state = 'pending', attempts = attempts - 1, "
+                "updated_at = ? WHERE run_id = ? AND row = ? AND channel = ?",
+                (self._stamp(), *key),
+            )
+            self._fail_run(_Abort(
+                ExitCode.PROVIDER_AUTH, "provider_auth",
+                f"provider {route.name} refused our credentials or configuration: "
+                f"{redact(str(error), self.secrets)}",
+            ))
+            return False, pinned
+        assert isinstance(error, PermanentError)
+        route.breaker.success()  # it answered: the provider is up
+        self._budget.release(job.reserved)
+        if error.action == "invalid":
+            self._record(key, State.INVALID, error.code or "rejected", error)
+        else:
+            if error.action == "suppress":
+                self._suppress(job.message, job.address_hash, error)
+            self._record(key, State.FAILED, error.code or "rejected", error)
+        return False, pinned
 
     def _attempt(self, key: tuple[int, int, str], attempt: int, provider: str, outcome: str,
                  exc: BaseException | None, result: SendResult | None, started: float,

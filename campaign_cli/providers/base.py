@@ -8,11 +8,12 @@ know nothing of the store, the journal or the budget.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, Protocol, runtime_checkable
 
 from campaign_cli.clock import Clock
+from campaign_cli.errors import ProviderError
 from campaign_cli.models import Channel, OutboundMessage, SendResult
 
 
@@ -27,6 +28,26 @@ class Provider(Protocol):
     async def send(self, message: OutboundMessage) -> SendResult: ...
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class BatchProvider(Provider, Protocol):
+    """A provider that can take many messages in one call: the local ones (console, outbox), where
+    a message costs microseconds and one call per message would cost more than the message.
+
+    The pipeline hands it up to ``batch_size`` messages whose `sending` intents are already
+    committed, and only when the provider is unthrottled and the channel has no failover; paced or
+    failover traffic goes through `send` one message at a time. ``send_batch`` returns one entry
+    per message, in order: a `SendResult` (accepted) or a `ProviderError` instance (that message
+    failed; the pipeline retries or records it exactly as if `send` had raised it). An exception
+    *raised* by ``send_batch`` means it is not known which messages left: all of them end
+    `in_doubt` and the run stops, as for a bug in `send`."""
+
+    batch_size: int
+
+    async def send_batch(
+        self, messages: Sequence[OutboundMessage]
+    ) -> list[SendResult | ProviderError]: ...
 
 
 @dataclass

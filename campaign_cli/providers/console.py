@@ -1,13 +1,19 @@
 """The console provider: each message as one JSON line on a stream (standard output by default).
-It cannot deduplicate: a resend prints again."""
+It cannot deduplicate: a resend prints again.
+
+Unthrottled runs hand it batches (`send_batch`): one write and one flush for a batch's lines.
+The batch's intents are committed first, so a crash inside the write leaves those rows `in_doubt`
+(reported), never silently `pending`."""
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from typing import IO, Any
 
 from campaign_cli.config import ConsoleProviderConfig
+from campaign_cli.errors import ProviderError
 from campaign_cli.models import Channel, EmailContent, OutboundMessage, SendResult
 from campaign_cli.providers.base import ProviderContext
 from campaign_cli.providers.outbox import _payload
@@ -16,6 +22,7 @@ from campaign_cli.providers.outbox import _payload
 class ConsoleProvider:
     channels = frozenset(Channel)
     deduplicates = False
+    batch_size = 256
 
     def __init__(self, name: str, stream: IO[str]) -> None:
         self.name = name
@@ -29,16 +36,30 @@ class ConsoleProvider:
         return cls(name, context.stdout or sys.stdout)
 
     async def send(self, message: OutboundMessage) -> SendResult:
-        payload: dict[str, Any] = _payload(message)
-        content = message.content
-        if isinstance(content, EmailContent):
-            payload.update(subject=content.subject, text=content.text, html=content.html,
-                           sender=content.sender, headers=dict(content.headers))
-        self._stream.write(json.dumps(payload, ensure_ascii=False) + "\n")
+        self._stream.write(_line(message))
         # A line printed is a message sent: never leave it in a buffer a crash would throw away.
         self._stream.flush()
         self._count += 1
         return SendResult(provider_message_id=f"console-{self._count}")
 
+    async def send_batch(
+        self, messages: Sequence[OutboundMessage]
+    ) -> list[SendResult | ProviderError]:
+        self._stream.write("".join([_line(message) for message in messages]))
+        self._stream.flush()
+        first = self._count + 1
+        self._count += len(messages)
+        return [SendResult(provider_message_id=f"console-{n}")
+                for n in range(first, self._count + 1)]
+
     async def aclose(self) -> None:
         self._stream.flush()
+
+
+def _line(message: OutboundMessage) -> str:
+    payload: dict[str, Any] = _payload(message)
+    content = message.content
+    if isinstance(content, EmailContent):
+        payload.update(subject=content.subject, text=content.text, html=content.html,
+                       sender=content.sender, headers=dict(content.headers))
+    return json.dumps(payload, ensure_ascii=False) + "\n"

@@ -268,7 +268,7 @@ def admit(
     `duplicate`. Runs inside the writer's transaction."""
     if not items:
         return {}
-    claims = [a for a in items if a.state == "pending"]
+    before = conn.total_changes
     conn.executemany(
         "INSERT OR IGNORE INTO messages (run_id, row, channel, line, rkey, address, dedupe_key, "
         "dedupe_addr, state, reason, detail, updated_at) "
@@ -281,6 +281,9 @@ def admit(
             for a in items
         ],
     )
+    if conn.total_changes - before == len(items):
+        # Every row went in as given (the usual case: a fresh chunk, no duplicates).
+        return {(a.row, a.channel): (a.state, None) for a in items}
     # A claim refused by a unique index (same key or address as an earlier row) is a duplicate;
     # a row already journaled by an earlier session is left as it is (primary key).
     conn.executemany(
@@ -290,7 +293,7 @@ def admit(
         [
             (run_id, a.row, a.channel, a.line, a.rkey, a.address,
              "same recipient key or address as an earlier row", now)
-            for a in claims
+            for a in items if a.state == "pending"
         ],
     )
     lo = min(a.row for a in items)
