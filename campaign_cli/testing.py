@@ -5,6 +5,8 @@
 * `FakeProvider`: a scripted provider (llm's MockModel, ours). `enqueue` outcomes (a `SendResult`,
   or an exception instance to raise) for the next sends, or give a ``handler`` that decides per
   message; every call is kept in ``history``. Unscripted sends succeed.
+* `FakeBatchProvider`: the same, taking batches (`send_batch`) as the local providers do; each
+  batch is kept in ``batches``, and ``on_batch`` sees it before any of it is "sent".
 * `fake_registry`: a provider registry where every provider ``type`` is served by one FakeProvider.
 """
 
@@ -12,10 +14,11 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from campaign_cli.errors import ProviderError
 from campaign_cli.models import Channel, OutboundMessage, SendResult
 from campaign_cli.providers.base import ProviderContext, ProviderRegistry
 
@@ -80,6 +83,34 @@ class FakeProvider:
 
     async def aclose(self) -> None:
         self.closed = True
+
+
+class FakeBatchProvider(FakeProvider):
+    """A `FakeProvider` that also takes batches. Scripted outcomes apply per message: a
+    `ProviderError` is that message's answer; any other exception is raised by the whole
+    ``send_batch`` (which then does not say which messages left)."""
+
+    def __init__(self, name: str = "fake", *, batch_size: int = 64, deduplicates: bool = False,
+                 handler: Handler | None = None,
+                 on_batch: Callable[[Sequence[OutboundMessage]], None] | None = None) -> None:
+        super().__init__(name, deduplicates=deduplicates, handler=handler)
+        self.batch_size = batch_size
+        self.on_batch = on_batch
+        self.batches: list[list[OutboundMessage]] = []
+
+    async def send_batch(
+        self, messages: Sequence[OutboundMessage]
+    ) -> list[SendResult | ProviderError]:
+        self.batches.append(list(messages))
+        if self.on_batch is not None:
+            self.on_batch(messages)
+        results: list[SendResult | ProviderError] = []
+        for message in messages:
+            try:
+                results.append(await self.send(message))
+            except ProviderError as exc:
+                results.append(exc)
+        return results
 
 
 def fake_registry(provider: FakeProvider, *types: str) -> ProviderRegistry:

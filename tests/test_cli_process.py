@@ -8,6 +8,7 @@ on conditions in the journal (rows sent so far), never on fixed sleeps.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import sqlite3
 import subprocess
@@ -188,3 +189,50 @@ def test_sigterm_is_handled_like_ctrl_c(paced: Path, store_path: Path) -> None:
     assert proc.returncode == 130, err
     assert "SIGTERM" in err
 
+
+
+def test_sigkill_inside_an_unthrottled_console_batch_prints_nobody_twice_and_reports_doubts(
+    make_campaign: CampaignFactory, store_path: Path, tmp_path: Path
+) -> None:
+    """Unthrottled, the console provider takes batches: one write for many lines. Nobody reads
+    the first process's stdout, so its pipe fills and it blocks inside a batch's write; it is
+    killed there. The batch's rows were committed `sending` before the write, so the resume
+    finds them in doubt, reports them, and (console cannot deduplicate; `in_doubt: skip`) does
+    not print them again; everyone else is printed exactly once over the two runs."""
+    total = 3000
+    campaign = make_campaign(
+        people(total),
+        providers={"con": {"type": "console", "price_per_segment": "0.01"}},
+        channels={"sms": {"provider": "con", "body": "Hi {{ first_name }}, your code is 1234."}},
+        compliance={"consent": "not_required", "in_doubt": "skip"},
+    )
+    proc = start(store_path, "send", str(campaign), "--run-key", "k")
+    wchan = Path(f"/proc/{proc.pid}/wchan")
+    wait_for(lambda: sent_rows(store_path) >= 1 and "pipe_write" in wchan.read_text(), proc,
+             "blocked writing a batch to a full pipe")
+    proc.send_signal(signal.SIGKILL)
+    first, _ = proc.communicate()
+    complete, _, partial = first.rpartition("\n")
+    printed = Counter(json.loads(line)["recipient_key"] for line in complete.splitlines())
+    killed = Counter(r["state"] for r in journal(store_path))
+    assert killed["sending"] >= 1  # a batch was on its way
+
+    with (tmp_path / "second.jsonl").open("w") as out:
+        done = subprocess.run(campaign_cmd(store_path, "send", str(campaign), "--run-key", "k"),
+                              stdout=out, stderr=subprocess.PIPE, text=True, timeout=DEADLINE)
+    assert done.returncode == 0, done.stderr
+    printed.update(json.loads(line)["recipient_key"]
+                   for line in (tmp_path / "second.jsonl").read_text().splitlines())
+    assert max(printed.values()) == 1  # nobody printed twice
+
+    rows = journal(store_path)
+    states = Counter(r["state"] for r in rows)
+    assert len(rows) == total and set(states) == {"sent", "in_doubt"}
+    assert states["in_doubt"] == killed["sending"]  # the batch cut off, and nothing else
+    doubted = {r["rkey"] for r in rows if r["state"] == "in_doubt"}
+    # Every row is either printed once and sent, or in doubt (printed or not: unknown).
+    assert {r["rkey"] for r in rows if r["state"] == "sent"} == set(printed) - doubted
+    if cut := re.search(r'"recipient_key": "(c\d+)"', partial):  # a line cut in half
+        assert cut[1] in doubted
+    status = json.loads(run(store_path, "status", "test-campaign/k", "--json").stdout)
+    assert status["counts"] == {"sent": states["sent"], "in_doubt": states["in_doubt"]}

@@ -1,0 +1,205 @@
+"""Batches: local providers (console, outbox) take many messages per call when unthrottled.
+
+The guarantees are the per-message ones: every intent of a batch committed before the batch
+leaves, every outcome journaled, a failed message retried or recorded on its own, and a batch
+that fails as a whole leaves its rows in doubt (reported) and stops the run.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sqlite3
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from campaign_cli.config import load_campaign
+from campaign_cli.errors import (
+    ExitCode,
+    InDoubtError,
+    PermanentError,
+    ProviderAuthError,
+    TransientError,
+)
+from campaign_cli.models import OutboundMessage
+from campaign_cli.pipeline import RunReport, SendOptions, run_campaign
+from campaign_cli.testing import FakeBatchProvider, FakeClock, FakeProvider, fake_registry
+from tests.conftest import CampaignFactory, journal, people
+
+
+def send(campaign: Path, store: Path, provider: FakeProvider, **options: Any) -> RunReport:
+    return run_campaign(load_campaign(campaign, {}), store, SendOptions(**options),
+                        clock=FakeClock(), registry=fake_registry(provider))
+
+
+def test_an_unthrottled_local_provider_gets_batches_and_everyone_once(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    provider = FakeBatchProvider(batch_size=50)
+    report = send(make_campaign(people(300), limits={"concurrency": 4}), store_path, provider)
+    assert report.exit_code == ExitCode.OK
+    assert report.counts == {"sent": 300}
+    assert len(provider.batches) < 300 and max(len(b) for b in provider.batches) > 1
+    assert max(len(b) for b in provider.batches) <= 50
+    sent = [m.recipient_key for batch in provider.batches for m in batch]
+    assert sorted(sent) == sorted(f"c{i}" for i in range(1, 301))  # each once
+    rows = journal(store_path)
+    assert {r["state"] for r in rows} == {"sent"} and all(r["attempts"] == 1 for r in rows)
+    attempts = sqlite3.connect(store_path).execute(
+        "SELECT count(*), count(DISTINCT row), min(outcome), max(outcome) FROM attempts"
+    ).fetchone()
+    assert attempts == (300, 300, "sent", "sent")
+
+
+def test_every_intent_of_a_batch_is_committed_before_the_batch_leaves(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    seen: list[Counter[str]] = []
+
+    def check(messages: Sequence[OutboundMessage]) -> None:
+        conn = sqlite3.connect(f"file:{store_path}?mode=ro", uri=True)
+        try:
+            marks = ",".join("?" * len(messages))
+            states = Counter(state for (state,) in conn.execute(
+                f"SELECT state FROM messages WHERE row IN ({marks})",
+                [m.row for m in messages],
+            ))
+        finally:
+            conn.close()
+        seen.append(states)
+        assert states == {"sending": len(messages)}  # read by another connection: committed
+
+    provider = FakeBatchProvider(batch_size=40, on_batch=check)
+    report = send(make_campaign(people(200)), store_path, provider)
+    assert report.counts == {"sent": 200}
+    assert sum(sum(c.values()) for c in seen) == 200
+
+
+def test_a_failed_message_of_a_batch_is_retried_or_recorded_on_its_own(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    def answer(message: OutboundMessage) -> Any:
+        return {
+            "c5": PermanentError("not a number", code="21211", status=400, action="invalid"),
+            "c7": PermanentError("filtered", code="30007", status=400),
+            "c9": InDoubtError("timed out after the request was written"),
+        }.get(message.recipient_key)
+
+    provider = FakeBatchProvider(batch_size=100, handler=answer)
+    provider.enqueue(TransientError("unavailable", status=503))  # the first message of the first batch: c1
+    campaign = make_campaign(people(12))
+    report = send(campaign, store_path, provider)
+
+    states = {r["rkey"]: (r["state"], r["attempts"], r["reason"]) for r in journal(store_path)}
+    assert states["c1"] == ("sent", 2, None)  # retried alone after a backoff, then sent
+    assert states["c5"][0] == "invalid" and states["c5"][2] == "21211"
+    assert states["c7"][0] == "failed" and states["c7"][2] == "30007"
+    assert states["c9"][0] == "in_doubt"  # cannot deduplicate: not resent blindly
+    assert Counter(s for s, _, _ in states.values()) == {"sent": 9, "invalid": 1, "failed": 1,
+                                                          "in_doubt": 1}
+    assert report.exit_code == ExitCode.FAILURES
+    outcomes = sqlite3.connect(store_path).execute(
+        "SELECT outcome FROM attempts WHERE row = 1 ORDER BY attempt").fetchall()
+    assert outcomes == [("transient",), ("sent",)]
+    assert [m.recipient_key for m in provider.history].count("c1") == 2
+    assert sum(1 for b in provider.batches for m in b if m.recipient_key == "c1") == 1
+
+
+def test_an_auth_error_in_a_batch_aborts_with_exit_6_and_leaves_the_rest_pending(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    provider = FakeBatchProvider(batch_size=100)
+    provider.enqueue(ProviderAuthError("bad credentials", status=401))
+    report = send(make_campaign(people(30), limits={"concurrency": 1}), store_path, provider)
+    assert report.exit_code == ExitCode.PROVIDER_AUTH
+    states = Counter(r["state"] for r in journal(store_path))
+    assert states["pending"] >= 1 and "sending" not in states
+    assert sum(states.values()) == 30
+
+
+def test_a_batch_that_raises_leaves_its_rows_in_doubt_and_stops_the_run(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    provider = FakeBatchProvider(batch_size=10)
+    provider.enqueue(*[None] * 25, OSError("disk full"))  # type: ignore[list-item]
+    report = send(make_campaign(people(100), limits={"concurrency": 1}), store_path, provider)
+    assert report.exit_code == ExitCode.INTERNAL
+    assert report.error is not None and "disk full" in report.error
+    rows = journal(store_path)
+    assert len(rows) == 100
+    states = Counter(r["state"] for r in rows)
+    # The third batch raised: its 10 rows may or may not have left, so all are in doubt.
+    assert states["in_doubt"] == 10 and states["sent"] >= 20
+    assert states["sent"] + states["in_doubt"] + states["pending"] == 100
+    assert {r["reason"] for r in rows if r["state"] == "in_doubt"} == {"internal_error"}
+
+
+def test_paced_or_failover_routes_send_one_message_at_a_time(
+    make_campaign: CampaignFactory, store_path: Path, tmp_path: Path
+) -> None:
+    provider = FakeBatchProvider(batch_size=50)
+    paced = make_campaign(people(20), providers={
+        "box": {"type": "outbox", "dir": "outbox", "rate": "1000/s", "price_per_segment": "0.01"},
+    })
+    assert send(paced, store_path, provider).counts == {"sent": 20}
+    assert provider.batches == [] and len(provider.history) == 20
+
+    provider = FakeBatchProvider(batch_size=50)
+    failover = make_campaign(
+        people(20), file_name="failover.yaml", name="failover",
+        channels={"sms": {"provider": ["box", "spare"], "body": "Hi {{ first_name }}"}},
+        providers={"box": {"type": "outbox", "dir": "outbox", "price_per_segment": "0.01"},
+                   "spare": {"type": "console", "price_per_segment": "0.01"}},
+    )
+    assert send(failover, tmp_path / "other.db", provider).counts == {"sent": 20}
+    assert provider.batches == [] and len(provider.history) == 20
+
+
+def test_console_prints_the_same_lines_in_batches_as_one_by_one(
+    make_campaign: CampaignFactory, tmp_path: Path
+) -> None:
+    def printed(rate: str | None, store: Path) -> list[dict[str, Any]]:
+        out = io.StringIO()
+        provider: dict[str, Any] = {"type": "console", "price_per_segment": "0.01"}
+        if rate:
+            provider["rate"] = rate
+        campaign = make_campaign(people(30), providers={"box": provider})
+        report = run_campaign(load_campaign(campaign, {}), store, SendOptions(run_key="k"),
+                              clock=FakeClock(), stdout=out)
+        assert report.counts == {"sent": 30}
+        return sorted((json.loads(line) for line in out.getvalue().splitlines()),
+                      key=lambda d: str(d["recipient_key"]))
+
+    assert printed(None, tmp_path / "a.db") == printed("1000/s", tmp_path / "b.db")
+
+
+def test_outbox_batches_write_one_file_per_message_and_a_resend_replaces_it(
+    make_campaign: CampaignFactory, store_path: Path, tmp_path: Path
+) -> None:
+    campaign = make_campaign(people(150))
+    report = run_campaign(load_campaign(campaign, {}), store_path, SendOptions(run_key="k"),
+                          clock=FakeClock())
+    assert report.counts == {"sent": 150}
+    files = sorted((tmp_path / "outbox" / "test-campaign_k").glob("*.json"))
+    assert len(files) == 150
+    assert sorted(json.loads(f.read_text())["recipient_key"] for f in files) == sorted(
+        f"c{i}" for i in range(1, 151))
+
+
+def test_admitting_chunks_concurrently_keeps_the_first_row_of_a_key(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    # Chunks of 3 rows, so many admissions are in flight at once; each key appears twice, the
+    # second time in a later chunk. The earlier row must win every time.
+    rows = people(30)
+    rows += [[key, f"Again{key}", phone, email] for key, _, phone, email in people(30)]
+    provider = FakeBatchProvider(batch_size=8)
+    report = send(make_campaign(rows), store_path, provider, chunk_size=3)
+    assert report.counts == {"sent": 30, "duplicate": 30}
+    by_row = {r["row"]: r["state"] for r in journal(store_path)}
+    assert all(by_row[i] == "sent" for i in range(1, 31))
+    assert all(by_row[i] == "duplicate" for i in range(31, 61))
+    assert sorted(m.recipient_key for m in provider.accepted) == sorted(
+        f"c{i}" for i in range(1, 31))
