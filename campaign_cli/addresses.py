@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-from functools import lru_cache
 
 import phonenumbers
 from email_validator import EmailNotValidError, validate_email
@@ -89,14 +88,9 @@ def normalize_address(channel: Channel, raw: str, default_region: str = "US") ->
     return normalize_webhook_url(raw)
 
 
-@lru_cache(maxsize=4096)
-def _hash(address: str) -> str:
-    return hashlib.sha256(address.encode("utf-8")).hexdigest()
-
-
 def address_hash(address: str) -> str:
     """SHA-256 of a normalised address: what suppressions keep when the address must go."""
-    return _hash(address)
+    return hashlib.sha256(address.encode("utf-8")).hexdigest()
 
 
 def looks_like_e164(text: str) -> bool:

@@ -314,6 +314,8 @@ class _Ready:
 
 _PENDING = State.PENDING.value
 _IN_DOUBT = State.IN_DOUBT.value
+_SENT = State.SENT.value
+_CHANNELS = {channel.value: channel for channel in Channel}
 
 
 class Breaker:
@@ -955,11 +957,12 @@ class Runner:
             if state == pending:
                 ahash = address_hash(a.address)
                 hashes.setdefault(a.channel, []).append(ahash)
-                open_rows.append((recipients[a.row], Channel(a.channel), a.address, ahash, None))
+                open_rows.append((recipients[a.row], _CHANNELS[a.channel], a.address, ahash,
+                                  None))
             elif state == in_doubt:
                 # Only to the provider that may already have it, and only if it deduplicates
                 # or the campaign accepts a possible duplicate.
-                channel = Channel(a.channel)
+                channel = _CHANNELS[a.channel]
                 routes = self._routes_by_channel[channel]
                 route = next((r for r in routes if r.name == provider), routes[0])
                 if route.provider.deduplicates or resend_policy:
@@ -1007,6 +1010,7 @@ class Runner:
     ) -> None:
         run = self._run
         dry_run = self.options.dry_run
+        key_prefix = hashlib.sha256(f"{run.campaign}\0{run.run_key}\0".encode())
         for recipient, channel, address, ahash, pinned in open_rows:
             resend = pinned is not None
             if self.stop.stopping or self._abort is not None:
@@ -1044,14 +1048,18 @@ class Runner:
                 self._count(State.SENT, State.IN_DOUBT if resend else State.PENDING)
                 self._sent_this_session += 1
                 continue
+            key_hash = key_prefix.copy()
+            key_hash.update(f"{recipient.key}\0{channel_name}".encode())
             message = OutboundMessage(
-                run_id=run.id, row=recipient.row, channel=channel, recipient_key=recipient.key,
-                address=address,
-                idempotency_key=idempotency_key(run.campaign, run.run_key, recipient.key,
-                                                channel_name),
-                content=content, content_hash=content_hash(content), cost_micros=cost,
+                run.id, recipient.row, channel, recipient.key, address,
+                key_hash.hexdigest()[:32],  # == idempotency_key(...), from a hashed prefix
+                content, content_hash(content), cost,
             )
-            await queue.put(_Job(message, ahash, pinned, resend, costs, cost))
+            job = _Job(message, ahash, pinned, resend, costs, cost)
+            if queue.full():
+                await queue.put(job)  # backpressure: wait for the workers
+            else:
+                queue.put_nowait(job)
 
     def _final(self, row: int, channel: Channel, state: State, reason: str | None,
                detail: str | None, now: str, content_hash: str | None = None,
@@ -1078,13 +1086,14 @@ class Runner:
                 continue
             # A local provider takes what is queued for it in one call (one intent commit, one
             # write); anything else found on the way is delivered one by one after it.
+            channel = job.message.channel
             batch, others, last = [job], [], False
             while len(batch) < route.batch_size and not queue.empty():
                 more = queue.get_nowait()
                 if more is None:
                     last = True  # this worker's sentinel: stop after this batch
                     break
-                if self._batch_route(more) is route:
+                if more.message.channel is channel:  # one route per channel (`_batch_route`)
                     batch.append(more)
                 else:
                     others.append(more)
@@ -1166,6 +1175,7 @@ class Runner:
         sent: list[tuple[Any, ...]] = []
         failures: list[tuple[_Job, ProviderError]] = []
         budget = self._budget
+        resent = 0
         for job, outcome in zip(sending, outcomes, strict=True):
             message = job.message
             if not isinstance(outcome, SendResult):
@@ -1179,12 +1189,16 @@ class Runner:
             cost = job.costs[name]
             budget.settle(job.reserved, cost)
             self._spent += cost
-            self._count(State.SENT, State.IN_DOUBT if job.resend else State.PENDING)
             if job.resend:
-                self._in_doubt_resent += 1
+                resent += 1
         if sent:
             self._writer.submit_many(runs.SQL_ATTEMPT, attempts)
             self._writer.submit_many(runs.SQL_SENT, sent)
+            counts = self._session_counts
+            counts[_SENT] += len(sent)
+            counts[_PENDING] -= len(sent) - resent
+            counts[_IN_DOUBT] -= resent
+            self._in_doubt_resent += resent
             self._sent_this_session += len(sent)
             route.breaker.success()
             route.pacer.succeeded(len(sent))

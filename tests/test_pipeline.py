@@ -359,3 +359,16 @@ def test_a_run_on_local_providers_never_imports_the_network_stacks(
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_each_message_carries_the_documented_idempotency_key(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    from campaign_cli.pipeline import idempotency_key
+
+    provider = FakeProvider()
+    report = send(make_campaign(people(5)), store_path, provider, run_key="rk")
+    assert report.counts == {"sent": 5}
+    for message in provider.accepted:
+        assert message.idempotency_key == idempotency_key(
+            "test-campaign", "rk", message.recipient_key, message.channel.value)

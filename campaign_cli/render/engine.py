@@ -104,9 +104,11 @@ def unsubscribe_token(secret: str, campaign: str, channel: Channel | str, addres
 def content_hash(content: Content) -> str:
     """A short (16 hex digits) SHA-256 of what a message says; equal content, equal hash."""
     parts: tuple[str | None, ...]
-    if isinstance(content, SmsContent):
-        parts = ("sms", content.body)
-    elif isinstance(content, EmailContent):
+    if isinstance(content, SmsContent):  # the common case, spelled out: same text as below
+        body = content.body
+        data = f"3:sms{len(body)}:{body}"
+        return hashlib.sha256(data.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    if isinstance(content, EmailContent):
         flat = [x for pair in content.headers for x in pair]
         parts = (
             "email",
@@ -451,6 +453,10 @@ class _Compiler:
         try:
             tree = env.parse(text)
             template = env.from_string(tree)
+            # A snapshot of the globals (a ChainMap over the environment's, which never change
+            # after compiling): each render's Context copies their keys, and iterating a
+            # ChainMap cost a tenth of a render (measured).
+            template.globals = dict(template.globals)
         except jinja2.TemplateSyntaxError as exc:
             message = f"template syntax error: {exc.message}"
             if path is not None:
