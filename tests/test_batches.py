@@ -24,7 +24,7 @@ from campaign_cli.errors import (
     TransientError,
 )
 from campaign_cli.models import OutboundMessage
-from campaign_cli.pipeline import RunReport, SendOptions, run_campaign
+from campaign_cli.pipeline import RunReport, SendOptions, StopController, run_campaign
 from campaign_cli.testing import FakeBatchProvider, FakeClock, FakeProvider, fake_registry
 from tests.conftest import CampaignFactory, journal, people
 
@@ -203,3 +203,24 @@ def test_admitting_chunks_concurrently_keeps_the_first_row_of_a_key(
     assert all(by_row[i] == "duplicate" for i in range(31, 61))
     assert sorted(m.recipient_key for m in provider.accepted) == sorted(
         f"c{i}" for i in range(1, 31))
+
+
+def test_a_stop_request_during_batches_leaves_the_rest_pending_and_resume_finishes(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    stop = StopController()
+    provider = FakeBatchProvider(batch_size=20, on_batch=lambda messages: stop.request())
+    campaign = make_campaign(people(200), limits={"concurrency": 2})
+    report = run_campaign(load_campaign(campaign, {}), store_path, SendOptions(run_key="s"),
+                          clock=FakeClock(), registry=fake_registry(provider), stop=stop)
+    assert report.exit_code == ExitCode.INTERRUPTED
+    first = [m.recipient_key for batch in provider.batches for m in batch]
+    # The batch already on its way finishes; nothing else starts.
+    assert 1 <= len(provider.batches) <= 2 and report.counts["sent"] == len(first)
+    assert report.counts == {"sent": len(first), "pending": 200 - len(first)}
+
+    again = FakeBatchProvider(batch_size=20)
+    report = send(campaign, store_path, again, run_key="s")
+    assert report.counts == {"sent": 200}
+    second = [m.recipient_key for batch in again.batches for m in batch]
+    assert sorted(first + second) == sorted(f"c{i}" for i in range(1, 201))
