@@ -1159,15 +1159,8 @@ class Runner:
             except asyncio.CancelledError:
                 raise  # the rows stay `sending`; they become `in_doubt` when the run ends
             except Exception as exc:  # noqa: BLE001 - which of them left is unknown: all in doubt
-                for job in sending:
-                    key = (run_id, job.message.row, job.message.channel.value)
-                    self._attempt(key, 1, name, "error", exc, None, started)
-                    self._record(key, State.IN_DOUBT, "internal_error", exc)
-                self._fail_run(_Abort(
-                    ExitCode.INTERNAL, "internal_error",
-                    f"provider {name} raised {type(exc).__name__}: "
-                    f"{redact(str(exc), self.secrets)}",
-                ))
+                keys = [(run_id, job.message.row, job.message.channel.value) for job in sending]
+                self._provider_crashed(keys, 1, name, exc, started)
                 return
         done_at = self._stamp()
         latency = round((loop.time() - started) * 1000, 2)
@@ -1256,13 +1249,7 @@ class Runner:
                 except asyncio.CancelledError:
                     raise  # the row stays `sending`; it becomes `in_doubt` when the run ends
                 except Exception as exc:  # noqa: BLE001 - a bug in an adapter: stop, keep journal
-                    self._attempt(key, attempt, route.name, "error", exc, None, started)
-                    self._record(key, State.IN_DOUBT, "internal_error", exc)
-                    self._fail_run(_Abort(
-                        ExitCode.INTERNAL, "internal_error",
-                        f"provider {route.name} raised {type(exc).__name__}: "
-                        f"{redact(str(exc), self.secrets)}",
-                    ))
+                    self._provider_crashed([key], attempt, route.name, exc, started)
                     return
                 else:
                     done_at = self._attempt(key, attempt, route.name, "sent", None, result,
@@ -1335,6 +1322,18 @@ class Runner:
                 self._suppress(job.message, job.address_hash, error)
             self._record(key, State.FAILED, error.code or "rejected", error)
         return False, pinned
+
+    def _provider_crashed(self, keys: list[tuple[int, int, str]], attempt: int, provider: str,
+                          exc: Exception, started: float) -> None:
+        """A provider raised something other than a `ProviderError` (a bug, a disk failure):
+        whether its message(s) left is unknown, so they are in doubt, and the run stops."""
+        for key in keys:
+            self._attempt(key, attempt, provider, "error", exc, None, started)
+            self._record(key, State.IN_DOUBT, "internal_error", exc)
+        self._fail_run(_Abort(
+            ExitCode.INTERNAL, "internal_error",
+            f"provider {provider} raised {type(exc).__name__}: {redact(str(exc), self.secrets)}",
+        ))
 
     def _attempt(self, key: tuple[int, int, str], attempt: int, provider: str, outcome: str,
                  exc: BaseException | None, result: SendResult | None, started: float,
