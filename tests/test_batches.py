@@ -135,6 +135,17 @@ def test_a_batch_that_raises_leaves_its_rows_in_doubt_and_stops_the_run(
     assert states["sent"] + states["in_doubt"] + states["pending"] == 100
     assert {r["reason"] for r in rows if r["state"] == "in_doubt"} == {"internal_error"}
 
+    # Resumed on a provider that deduplicates: the doubtful batch goes again (same keys), in a
+    # batch, and is reported as resent.
+    doubtful = {r["rkey"] for r in rows if r["state"] == "in_doubt"}
+    again = FakeBatchProvider(batch_size=10, deduplicates=True)
+    report = send(make_campaign(people(100), limits={"concurrency": 1}), store_path, again)
+    assert report.counts == {"sent": 100}
+    assert report.in_doubt_found == report.in_doubt_resent == 10
+    resent = [m for batch in again.batches for m in batch if m.recipient_key in doubtful]
+    assert len(resent) == 10
+    assert sum(r["resent_in_doubt"] for r in journal(store_path)) == 10
+
 
 def test_paced_or_failover_routes_send_one_message_at_a_time(
     make_campaign: CampaignFactory, store_path: Path, tmp_path: Path
