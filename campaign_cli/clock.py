@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from datetime import datetime, timezone
 from typing import Protocol
@@ -38,16 +39,23 @@ def iso(dt: datetime) -> str:
 
 class Stamper:
     """`iso(clock.now())`, cheaper when asked many times a millisecond: the formatted text is kept
-    for the current second and only the milliseconds are formatted anew. Same text as `iso`."""
+    for the current second and only the milliseconds are formatted anew. Same text as `iso`.
 
-    __slots__ = ("_clock", "_second", "_prefix")
+    On the system clock it reads `time.time()` instead of building a `datetime` per call (the
+    journal stamps every attempt: measured, a quarter of the per-message send path's own time)."""
+
+    __slots__ = ("_clock", "_second", "_prefix", "_system", "_epoch")
 
     def __init__(self, clock: Clock) -> None:
         self._clock = clock
         self._second: datetime | None = None
         self._prefix = ""
+        self._system = type(clock) is SystemClock
+        self._epoch: int | None = None
 
     def now(self) -> str:
+        if self._system:
+            return self.at(time.time())
         dt = self._clock.now()
         if dt.tzinfo is not timezone.utc:
             return iso(dt)
@@ -56,4 +64,19 @@ class Stamper:
         if second != self._second:
             self._second = second
             self._prefix = iso(second)[:-4]  # "YYYY-MM-DDTHH:MM:SS."
+        return f"{self._prefix}{micro // 1000:03d}Z"
+
+    def at(self, timestamp: float) -> str:
+        """``iso(datetime.fromtimestamp(timestamp, timezone.utc))``, rounded the same way."""
+        frac, whole = math.modf(timestamp)
+        epoch = int(whole)
+        micro = round(frac * 1e6)
+        if micro >= 1_000_000:
+            epoch, micro = epoch + 1, micro - 1_000_000
+        elif micro < 0:
+            epoch, micro = epoch - 1, micro + 1_000_000
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._prefix = iso(datetime.fromtimestamp(epoch, timezone.utc))[:-4]
+            self._second = None
         return f"{self._prefix}{micro // 1000:03d}Z"

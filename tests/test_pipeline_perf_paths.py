@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from campaign_cli.clock import Stamper, iso
+from campaign_cli.clock import Stamper, SystemClock, iso
 from campaign_cli.config import load_campaign
 from campaign_cli.errors import InputError
 from campaign_cli.models import Channel
@@ -204,3 +206,23 @@ def test_a_barrier_after_submit_many_waits_for_everything_before_it(tmp_path: Pa
             await asyncio.to_thread(writer.close)
 
     assert asyncio.run(scenario()) == 5
+
+
+@given(st.floats(min_value=0, max_value=4e9, allow_nan=False))
+def test_stamper_on_the_system_clock_formats_exactly_as_iso(timestamp: float) -> None:
+    from datetime import datetime, timezone
+
+    stamper = Stamper(SystemClock())
+    expected = iso(datetime.fromtimestamp(timestamp, timezone.utc))
+    assert stamper.at(timestamp) == expected
+    assert stamper.at(timestamp) == expected  # again, from the kept prefix
+
+
+def test_stamper_on_the_system_clock_tells_the_time() -> None:
+    from datetime import datetime, timedelta, timezone
+
+    stamper = Stamper(SystemClock())
+    before = datetime.now(timezone.utc) - timedelta(milliseconds=1)
+    stamped = datetime.fromisoformat(stamper.now().replace("Z", "+00:00"))
+    after = datetime.now(timezone.utc)
+    assert before <= stamped <= after
