@@ -695,3 +695,54 @@ def test_cost_of() -> None:
     assert cost_of(SmsContent("x" * 200, "GSM-7", 2), 1000, 7900) == 2 * 7900 + 1000
     assert cost_of(WebhookContent("x"), 1000, 7900) == 1000
     assert cost_of(EmailContent("s", "t", None, "a@b.example"), 0, 7900) == 0
+
+
+# -- the fast path for simple templates ----------------------------------------------------------
+
+_TEXT = st.text(alphabet=st.characters(blacklist_characters="{}%#", blacklist_categories=("Cs",)),
+                max_size=12)
+_VALUES = st.one_of(st.text(max_size=12), st.integers(), st.none(),
+                    st.sampled_from(["<b>&'\"</b>", "Zoë", "😀", "{{ x }}"]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    pieces=st.lists(st.tuples(_TEXT, st.sampled_from(["a", "b", "row", "first_name", "zz"])),
+                    max_size=4),
+    tail=_TEXT,
+    values=st.dictionaries(st.sampled_from(["a", "b", "row", "first_name"]), _VALUES),
+    base=st.dictionaries(st.sampled_from(["a", "zz"]), _VALUES),
+    html=st.booleans(),
+)
+def test_simple_templates_render_exactly_as_jinja_does(
+    pieces: list[tuple[str, str]], tail: str, values: dict[str, Any], base: dict[str, Any],
+    html: bool,
+) -> None:
+    import jinja2
+
+    from campaign_cli.render import engine
+
+    source = "".join(f"{text}{{{{ {name} }}}}" for text, name in pieces) + tail
+    env = engine._environment(html)
+    template = env.from_string(source)
+    tree = env.parse(source)
+    part = engine._Part("sms body", "channels.sms.body", template, None, False,
+                        frozenset(), engine._simple(tree), html)
+    assert part.simple is not None
+    try:
+        context = template.new_context(base, shared=True)
+        context.vars.update(values)
+        expected: str | None = "".join(template.root_render_func(context))
+    except jinja2.UndefinedError:
+        expected = None  # the fast path must step aside and let Jinja raise
+    assert engine._substitute(part, values, base) == expected
+
+
+def test_templates_beyond_plain_substitution_are_left_to_jinja() -> None:
+    from campaign_cli.render import engine
+
+    env = engine._environment(False)
+    for source in ("{{ name | upper }}", "{{ a.b }}", "{% if a %}x{% endif %}", "{{ 'x' }}",
+                   "{{ a ~ b }}", "{% set a = 1 %}{{ a }}"):
+        assert engine._simple(env.parse(source)) is None, source
+    assert engine._simple(env.parse("Hi {{ a }}!")) == (("Hi ", "a"), ("!", None))

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import markupsafe
 from jinja2 import meta, nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -149,6 +150,10 @@ class _Part:
     constant: str | None  # the output of a template with nothing dynamic in it
     multiline: bool
     names: frozenset[str]  # the undeclared variables it reads
+    #: Text and plain ``{{ name }}`` substitutions only: (text, name or None) pairs, rendered
+    #: without Jinja's machinery (`_substitute`); None for anything else.
+    simple: tuple[tuple[str, str | None], ...] | None = None
+    html: bool = False
 
 
 class Renderer:
@@ -301,6 +306,10 @@ class Renderer:
     def _run(self, part: _Part, local: dict[str, Any]) -> str:
         if part.constant is not None:
             return part.constant
+        if part.simple is not None:
+            text = _substitute(part, local, self._base)
+            if text is not None:
+                return text
         template = part.template
         context = template.new_context(self._base, shared=True)
         context.vars.update(local)
@@ -468,7 +477,8 @@ class _Compiler:
             raise self.error(loc, message) from None
         names = frozenset(meta.find_undeclared_variables(tree))
         constant = template.render() if _is_constant(tree) else None
-        return _Part(label, field, template, constant, "\n" in text.rstrip("\n"), names)
+        return _Part(label, field, template, constant, "\n" in text.rstrip("\n"), names,
+                     _simple(tree), html)
 
     def check_email(self, config: EmailChannel) -> None:
         loc = ("channels", "email")
@@ -515,6 +525,51 @@ def _is_constant(tree: nodes.Template) -> bool:
         and all(isinstance(child, nodes.TemplateData) for child in node.nodes)
         for node in tree.body
     )
+
+
+def _simple(tree: nodes.Template) -> tuple[tuple[str, str | None], ...] | None:
+    """The template as (text, variable) pairs, if it is only text and ``{{ name }}``s."""
+    pairs: list[tuple[str, str | None]] = []
+    text: list[str] = []
+    for node in tree.body:
+        if not isinstance(node, nodes.Output):
+            return None
+        for child in node.nodes:
+            if isinstance(child, nodes.TemplateData):
+                text.append(child.data)
+            elif isinstance(child, nodes.Name) and child.ctx == "load":
+                pairs.append(("".join(text), child.name))
+                text = []
+            else:
+                return None
+    pairs.append(("".join(text), None))
+    return tuple(pairs)
+
+
+_MISSING = object()
+
+
+def _substitute(part: _Part, local: dict[str, Any], base: dict[str, Any]) -> str | None:
+    """What Jinja's code for a simple template yields (`str` of each value, or markupsafe's
+    `escape` where the template autoescapes; names resolved in the render's variables, then the
+    base context), without building a Context. None when a name is missing or a value will not
+    convert: the caller then renders with Jinja, which raises the error it always raised."""
+    assert part.simple is not None
+    convert = markupsafe.escape if part.html else str
+    out: list[str] = []
+    try:
+        for text, name in part.simple:
+            out.append(text)
+            if name is not None:
+                value = local.get(name, _MISSING)
+                if value is _MISSING:
+                    value = base.get(name, _MISSING)
+                    if value is _MISSING:
+                        return None
+                out.append(convert(value))
+    except Exception:  # noqa: BLE001 - Jinja renders it again and reports it as it always did
+        return None
+    return "".join(out)
 
 
 def _email_static(
