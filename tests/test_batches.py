@@ -236,3 +236,25 @@ def test_a_stop_request_during_batches_leaves_the_rest_pending_and_resume_finish
     assert report.counts == {"sent": 200}
     second = [m.recipient_key for batch in again.batches for m in batch]
     assert sorted(first + second) == sorted(f"c{i}" for i in range(1, 201))
+
+
+def test_two_channels_on_local_providers_batch_each_channel_and_send_everyone_once(
+    make_campaign: CampaignFactory, store_path: Path, tmp_path: Path
+) -> None:
+    provider = FakeBatchProvider(batch_size=16)
+    (tmp_path / "mail.txt").write_text("Hi {{ first_name }}\n", encoding="utf-8")
+    campaign = make_campaign(
+        people(60),
+        channels={
+            "sms": {"provider": "box", "body": "Hi {{ first_name }}"},
+            "email": {"provider": "mail", "from": "Shop <shop@example.com>",
+                      "subject": "Hello {{ first_name }}", "text": "mail.txt"},
+        },
+        providers={"box": {"type": "outbox", "dir": "outbox", "price_per_segment": "0.01"},
+                   "mail": {"type": "console", "price_per_message": "0.001"}},
+    )
+    report = send(campaign, store_path, provider)
+    assert report.by_channel == {"sms": {"sent": 60}, "email": {"sent": 60}}
+    assert all(len({m.channel for m in batch}) == 1 for batch in provider.batches)
+    sent = Counter((m.recipient_key, m.channel.value) for m in provider.accepted)
+    assert len(sent) == 120 and set(sent.values()) == {1}
