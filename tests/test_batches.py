@@ -258,3 +258,31 @@ def test_two_channels_on_local_providers_batch_each_channel_and_send_everyone_on
     assert all(len({m.channel for m in batch}) == 1 for batch in provider.batches)
     sent = Counter((m.recipient_key, m.channel.value) for m in provider.accepted)
     assert len(sent) == 120 and set(sent.values()) == {1}
+
+
+def test_a_local_provider_has_at_most_a_few_batches_on_their_way(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    import asyncio
+
+    from campaign_cli.pipeline import BATCHES_IN_FLIGHT
+
+    class Slow(FakeBatchProvider):
+        active = 0
+        most = 0
+
+        async def send_batch(self, messages: Sequence[OutboundMessage]) -> list[Any]:
+            Slow.active += 1
+            Slow.most = max(Slow.most, Slow.active)
+            for _ in range(5):
+                await asyncio.sleep(0)  # let every other worker run meanwhile
+            try:
+                return await super().send_batch(messages)
+            finally:
+                Slow.active -= 1
+
+    provider = Slow(batch_size=4)
+    report = send(make_campaign(people(300), limits={"concurrency": 32}), store_path, provider)
+    assert report.counts == {"sent": 300}
+    # 32 workers, but batches (and the messages they hold) are bounded per provider.
+    assert BATCHES_IN_FLIGHT < 32 and 1 < Slow.most <= BATCHES_IN_FLIGHT, Slow.most
