@@ -67,3 +67,18 @@ def end_to_end(campaign: Path, store: Path) -> tuple[float, dict[str, object]]:
         raise SystemExit(f"campaign send exit {proc.returncode}: {proc.stderr[-2000:]}")
     summary: dict[str, object] = json.loads(proc.stdout)
     return wall, summary
+
+
+def reference() -> str:
+    """How fast this machine runs our Python right now: microseconds to validate one phone number
+    (phonenumbers, in this process, 20,000 numbers). This VM's speed drifts by 2x within an hour
+    (bench/README.md, "Spread"), so every script prints this beside its figures: compare runs
+    at similar reference values only."""
+    from campaign_cli.addresses import normalize_phone
+
+    numbers = [f"+1201{200 + i // 10_000 % 800:03d}{i % 10_000:04d}" for i in range(20_000)]
+    t0 = time.perf_counter()
+    for number in numbers:
+        normalize_phone(number)
+    per = (time.perf_counter() - t0) / len(numbers) * 1e6
+    return f"reference: {per:.1f} us per phone number validated (lower is a faster machine)"

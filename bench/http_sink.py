@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import yaml  # noqa: E402
-from common import OUT, end_to_end, recipients  # noqa: E402
+from common import OUT, end_to_end, recipients, reference  # noqa: E402
 
 from campaign_cli.models import Channel, OutboundMessage, SmsContent  # noqa: E402
 from campaign_cli.providers.http import make_client  # noqa: E402
@@ -196,6 +196,7 @@ def main() -> None:
     args = parser.parse_args()
     n: int = args.n
     csv_path = recipients(n)
+    print(reference())
     store = OUT / "http-sink-store.db"
     batch = messages(csv_path)
     nginx = Nginx()

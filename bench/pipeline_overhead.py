@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import campaign, recipients  # noqa: E402
+from common import campaign, recipients, reference  # noqa: E402
 
 from campaign_cli.config import load_campaign  # noqa: E402
 from campaign_cli.models import OutboundMessage, SendResult  # noqa: E402
@@ -40,6 +40,7 @@ class Null(FakeProvider):
 def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 100_000
     yields = int(sys.argv[2]) if len(sys.argv) > 2 else 1
+    print(reference())
     path = campaign("pipeline-overhead", recipients(n), {"type": "console"}, concurrency=64)
     provider = Null(yields)
     registry = ProviderRegistry()

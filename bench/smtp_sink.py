@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import yaml  # noqa: E402
-from common import OUT, end_to_end, recipients  # noqa: E402
+from common import OUT, end_to_end, recipients, reference  # noqa: E402
 
 CAMPAIGN = [sys.executable, "-m", "campaign_cli"]
 TEXT = """\
@@ -148,6 +148,7 @@ def main() -> None:
     args = parser.parse_args()
     n: int = args.n
     csv_path = recipients(n)
+    print(reference())
     store = OUT / "smtp-sink-store.db"
     sink = SmtpSink()
     try:

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OUT, campaign, recipients  # noqa: E402
+from common import OUT, campaign, recipients, reference  # noqa: E402
 
 CAMPAIGN = [sys.executable, "-m", "campaign_cli"]
 
@@ -41,6 +41,7 @@ def run(args: list[str], store: Path, stdout: int | None) -> tuple[float, dict[s
 def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 1_000_000
     csv_path = recipients(n)
+    print(reference())
     store = OUT / "bench-store.db"
     dry = campaign("bench-dry", csv_path, {"type": "console"})
     wall, summary = run(["send", str(dry), "--dry-run", "--json"], store, subprocess.PIPE)
