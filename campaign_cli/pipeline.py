@@ -443,6 +443,7 @@ class Runner:
         self._sent_this_session = 0
         self._in_doubt_resent = 0
         self._max_row_start = 0
+        self._admitting: set[asyncio.Future[_Ready | None]] = set()
         self.retried = 0
         self._stamp = Stamper(clock).now
 
@@ -836,6 +837,8 @@ class Runner:
                     await self._admit_only(chunk, start_row)
                     continue
                 task = asyncio.ensure_future(self._prepare_chunk(chunk, policy, start_row))
+                self._admitting.add(task)
+                task.add_done_callback(self._admitting.discard)
                 await ready.put(task)
         except Exception as exc:  # noqa: BLE001 - raised by the source, which owns the outcome
             await ready.put(exc)
@@ -880,11 +883,10 @@ class Runner:
             for helper in helpers:
                 helper.cancel()
             await asyncio.gather(*helpers, return_exceptions=True)
-            # Admissions still in flight finish (their rows are journaled as pending, to resume).
-            while not ready.empty():
-                left = ready.get_nowait()
-                if isinstance(left, asyncio.Future):
-                    await asyncio.gather(left, return_exceptions=True)
+            # Admissions still in flight finish (their rows are journaled as pending, to resume),
+            # including one whose task was made just before its helper was cancelled.
+            if self._admitting:
+                await asyncio.gather(*self._admitting, return_exceptions=True)
             await asyncio.to_thread(reader.close)
         for _ in range(workers):
             # Workers stop at the sentinel; when stopping they drop what is left before it.

@@ -286,3 +286,21 @@ def test_a_local_provider_has_at_most_a_few_batches_on_their_way(
     assert report.counts == {"sent": 300}
     # 32 workers, but batches (and the messages they hold) are bounded per provider.
     assert BATCHES_IN_FLIGHT < 32 and 1 < Slow.most <= BATCHES_IN_FLIGHT, Slow.most
+
+
+def test_a_stop_while_small_chunks_are_being_admitted_leaves_a_consistent_journal(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    stop = StopController()
+    provider = FakeBatchProvider(batch_size=4, on_batch=lambda messages: stop.request())
+    campaign = make_campaign(people(120), limits={"concurrency": 2})
+    report = run_campaign(load_campaign(campaign, {}), store_path,
+                          SendOptions(run_key="s", chunk_size=2),  # many admissions in flight
+                          clock=FakeClock(), registry=fake_registry(provider), stop=stop)
+    assert report.exit_code == ExitCode.INTERRUPTED
+    rows = journal(store_path)
+    # Whatever was admitted is journaled once, with no gap, and nothing is left `sending`.
+    assert [r["row"] for r in rows] == list(range(1, len(rows) + 1))
+    assert {r["state"] for r in rows} <= {"sent", "pending"}
+    report = send(campaign, store_path, FakeBatchProvider(batch_size=4), run_key="s")
+    assert report.counts == {"sent": 120}
