@@ -34,6 +34,18 @@ def send(campaign: Path, store: Path, provider: FakeProvider, **options: Any) ->
                         clock=FakeClock(), registry=fake_registry(provider))
 
 
+def stopped_at_the_first_batch(
+    campaign: Path, store: Path, batch_size: int, **options: Any
+) -> tuple[RunReport, FakeBatchProvider]:
+    """Run ``campaign`` (run key "s") and ask it to stop as soon as the first batch is sent."""
+    stop = StopController()
+    provider = FakeBatchProvider(batch_size=batch_size, on_batch=lambda messages: stop.request())
+    report = run_campaign(load_campaign(campaign, {}), store, SendOptions(run_key="s", **options),
+                          clock=FakeClock(), registry=fake_registry(provider), stop=stop)
+    assert report.exit_code == ExitCode.INTERRUPTED
+    return report, provider
+
+
 def test_an_unthrottled_local_provider_gets_batches_and_everyone_once(
     make_campaign: CampaignFactory, store_path: Path
 ) -> None:
@@ -220,12 +232,8 @@ def test_admitting_chunks_concurrently_keeps_the_first_row_of_a_key(
 def test_a_stop_request_during_batches_leaves_the_rest_pending_and_resume_finishes(
     make_campaign: CampaignFactory, store_path: Path
 ) -> None:
-    stop = StopController()
-    provider = FakeBatchProvider(batch_size=20, on_batch=lambda messages: stop.request())
     campaign = make_campaign(people(200), limits={"concurrency": 2})
-    report = run_campaign(load_campaign(campaign, {}), store_path, SendOptions(run_key="s"),
-                          clock=FakeClock(), registry=fake_registry(provider), stop=stop)
-    assert report.exit_code == ExitCode.INTERRUPTED
+    report, provider = stopped_at_the_first_batch(campaign, store_path, 20)
     first = [m.recipient_key for batch in provider.batches for m in batch]
     # The batch already on its way finishes; nothing else starts.
     assert 1 <= len(provider.batches) <= 2 and report.counts["sent"] == len(first)
@@ -291,13 +299,8 @@ def test_a_local_provider_has_at_most_a_few_batches_on_their_way(
 def test_a_stop_while_small_chunks_are_being_admitted_leaves_a_consistent_journal(
     make_campaign: CampaignFactory, store_path: Path
 ) -> None:
-    stop = StopController()
-    provider = FakeBatchProvider(batch_size=4, on_batch=lambda messages: stop.request())
     campaign = make_campaign(people(120), limits={"concurrency": 2})
-    report = run_campaign(load_campaign(campaign, {}), store_path,
-                          SendOptions(run_key="s", chunk_size=2),  # many admissions in flight
-                          clock=FakeClock(), registry=fake_registry(provider), stop=stop)
-    assert report.exit_code == ExitCode.INTERRUPTED
+    stopped_at_the_first_batch(campaign, store_path, 4, chunk_size=2)  # many admissions in flight
     rows = journal(store_path)
     # Whatever was admitted is journaled once, with no gap, and nothing is left `sending`.
     assert [r["row"] for r in rows] == list(range(1, len(rows) + 1))
