@@ -506,7 +506,7 @@ class Runner:
                     template_hashes=renderer.template_hashes,
                     now=now,
                 )
-                in_doubt_found = runs.mark_in_doubt(store.conn, run.id, now)
+                runs.mark_in_doubt(store.conn, run.id, now)
                 if self.options.retry_failed:
                     self.retried = runs.reopen_transient_failures(store.conn, run.id, now)
                 store.conn.execute(
@@ -514,6 +514,9 @@ class Runner:
                 )
                 for states in runs.counts(store.conn, run.id).values():
                     self._baseline.update(states)
+                # In doubt at the start of this session: left `sending` by one that died just
+                # now, or recorded in doubt earlier (an unanswered send, a skipped resend).
+                in_doubt_found = self._baseline[_IN_DOUBT]
                 committed = runs.committed_spend(store.conn, run.id)
                 self._max_row_start = _max_row(store.conn, run.id)
                 start_row = _first_open_row(store.conn, run.id)

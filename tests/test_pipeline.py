@@ -110,6 +110,10 @@ def test_resume_continues_pending_and_reports_in_doubt(
     assert report.in_doubt_found == 1
     assert report.counts == {"in_doubt": 1, "sent": 9}
     assert sorted(m.row for m in provider.accepted) == [5, 6, 7, 8, 9, 10]
+    # Still in doubt next time, and said so again: nothing resent, nothing forgotten.
+    again = send(campaign, store_path, FakeProvider(deduplicates=False), run_key="k")
+    assert (again.in_doubt_found, again.in_doubt_resent) == (1, 0)
+    assert again.counts == {"in_doubt": 1, "sent": 9}
 
 
 def test_in_doubt_rows_are_resent_with_the_same_key_where_the_provider_deduplicates(

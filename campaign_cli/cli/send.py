@@ -168,9 +168,9 @@ def _print_summary(app: AppContext, report: RunReport) -> None:
                f"{report.duration_s:.1f}s; status {report.status}; exit {report.exit_code}",
                err=True)
     if report.in_doubt_found or report.in_doubt_resent:
-        out.warn(f"{report.in_doubt_found} message(s) were in flight when an earlier session "
-                 f"stopped (in doubt); {report.in_doubt_resent} re-sent with the same "
-                 "idempotency key; see `campaign status`")
+        out.warn(f"{report.in_doubt_found} message(s) were in doubt from an earlier session "
+                 f"(in flight when it stopped, or never answered); {report.in_doubt_resent} "
+                 "re-sent with the same idempotency key; see `campaign status`")
     if report.error:
         out.error(report.error)
 
