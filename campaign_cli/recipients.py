@@ -225,43 +225,32 @@ def iter_recipient_chunks(
             for record in reader:
                 line = before + 1
                 before = reader.line_num
-                if len(record) != width:
-                    if _blank(record):
-                        continue
-                    row += 1
-                    if row == stop:
-                        break
-                    if row < start_row:
-                        continue
-                    chunk.append(
-                        InvalidRow(
-                            row,
-                            line,
-                            "malformed_row",
-                            f"expected {width} fields as in the header, found {len(record)}",
-                        )
-                    )
+                malformed = len(record) != width
+                key = "" if malformed else record[key_index].strip()
+                if not key and _blank(record):
+                    continue  # a blank line is no record
+                row += 1
+                if row == stop:
+                    break
+                if row < start_row:
+                    continue
+                if malformed:
+                    chunk.append(InvalidRow(
+                        row, line, "malformed_row",
+                        f"expected {width} fields as in the header, found {len(record)}",
+                    ))
+                elif not key:
+                    chunk.append(InvalidRow(row, line, "missing_key", f"{spec.key} is empty"))
                 else:
-                    key = record[key_index].strip()
-                    if not key and _blank(record):
-                        continue
-                    row += 1
-                    if row == stop:
-                        break
-                    if row < start_row:
-                        continue
-                    if key:
-                        addresses: dict[Channel, str] = {}
-                        problems: dict[Channel, tuple[str, str]] = {}
-                        for channel, i in wanted:
-                            try:
-                                addresses[channel] = normalize_address(channel, record[i], region)
-                            except AddressError as err:
-                                problems[channel] = (err.reason, err.detail)
-                        fields = dict(zip(header, record, strict=False))  # same length: checked
-                        chunk.append(Recipient(row, line, key, fields, addresses, problems))
-                    else:
-                        chunk.append(InvalidRow(row, line, "missing_key", f"{spec.key} is empty"))
+                    addresses: dict[Channel, str] = {}
+                    problems: dict[Channel, tuple[str, str]] = {}
+                    for channel, i in wanted:
+                        try:
+                            addresses[channel] = normalize_address(channel, record[i], region)
+                        except AddressError as err:
+                            problems[channel] = (err.reason, err.detail)
+                    fields = dict(zip(header, record, strict=False))  # same length: checked
+                    chunk.append(Recipient(row, line, key, fields, addresses, problems))
                 if len(chunk) >= chunk_size:
                     yield chunk
                     chunk = []
