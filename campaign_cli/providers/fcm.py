@@ -54,9 +54,8 @@ from campaign_cli.errors import (
 from campaign_cli.models import Channel, OutboundMessage, PushContent, SendResult
 from campaign_cli.providers.base import ProviderContext
 from campaign_cli.providers.http import (
-    DEFAULT_CONCURRENCY,
     classify_transport_error,
-    make_client,
+    client_for,
     raise_for_generic_status,
     retry_after,
 )
@@ -350,12 +349,7 @@ class FcmProvider:
         cls, name: str, config: FcmProviderConfig, context: ProviderContext
     ) -> FcmProvider:
         base_url = config.base_url or FCM_BASE_URL
-        client = make_client(
-            base_url=base_url,
-            timeout=config.timeout,
-            concurrency=config.concurrency or DEFAULT_CONCURRENCY,
-            transport=context.extras.get("transport"),
-        )
+        client = client_for(config, context, base_url)
         tokens: TokenSource
         if config.access_token is not None:
             tokens = StaticToken(config.access_token)

@@ -37,6 +37,7 @@ if TYPE_CHECKING:  # aiohttp costs ~0.15 s to import: only a run that sends over
     import aiohttp
     from yarl import URL
 
+from campaign_cli.clock import Clock
 from campaign_cli.errors import (
     InDoubtError,
     PermanentError,
@@ -45,6 +46,7 @@ from campaign_cli.errors import (
     TransientError,
 )
 from campaign_cli.models import Channel, OutboundMessage, SendResult
+from campaign_cli.providers.base import ProviderContext
 
 
 class HttpAdapter(Protocol):
@@ -161,6 +163,35 @@ def make_client(
         follow_redirects=False,
         trust_env=False,
     )
+
+
+class _HttpSettings(Protocol):
+    """What every HTTP provider's config has (`campaign_cli.config`)."""
+
+    @property
+    def timeout(self) -> float: ...
+
+    @property
+    def concurrency(self) -> int | None: ...
+
+
+def client_for(
+    config: _HttpSettings, context: ProviderContext, base_url: str,
+    default_concurrency: int = DEFAULT_CONCURRENCY,
+) -> httpx.AsyncClient:
+    """`make_client` for a provider's config: its timeout and pool size, and the transport a
+    test may put in the context's extras."""
+    return make_client(
+        base_url=base_url,
+        timeout=config.timeout,
+        concurrency=config.concurrency or default_concurrency,
+        transport=context.extras.get("transport"),
+    )
+
+
+def clock_now(clock: Clock | None) -> datetime | None:
+    """The time to read a Retry-After date against (None: no clock, the header's date alone)."""
+    return clock.now() if clock is not None else None
 
 
 class ProviderClient(httpx.AsyncClient):

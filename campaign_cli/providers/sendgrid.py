@@ -30,9 +30,9 @@ from campaign_cli.errors import PermanentError, RateLimitedError
 from campaign_cli.models import Channel, EmailContent, OutboundMessage, SendResult
 from campaign_cli.providers.base import ProviderContext
 from campaign_cli.providers.http import (
-    DEFAULT_CONCURRENCY,
     HttpProvider,
-    make_client,
+    client_for,
+    clock_now,
     raise_for_generic_status,
     retry_after,
 )
@@ -152,7 +152,7 @@ class SendGridAdapter:
         return found
 
     def _now(self) -> datetime | None:
-        return self._clock.now() if self._clock is not None else None
+        return clock_now(self._clock)
 
 
 class SendGridProvider(HttpProvider):
@@ -163,12 +163,7 @@ class SendGridProvider(HttpProvider):
         adapter = SendGridAdapter(
             api_key=config.api_key, base_url=config.base_url, clock=context.clock
         )
-        client = make_client(
-            base_url=config.base_url or DEFAULT_BASE_URL,
-            timeout=config.timeout,
-            concurrency=config.concurrency or DEFAULT_CONCURRENCY,
-            transport=context.extras.get("transport"),
-        )
+        client = client_for(config, context, config.base_url or DEFAULT_BASE_URL)
         return cls(name, adapter, client, channels=frozenset({Channel.EMAIL}), deduplicates=False)
 
 

@@ -30,7 +30,7 @@ from campaign_cli.errors import (
 )
 from campaign_cli.models import Channel, OutboundMessage, SendResult, WebhookContent
 from campaign_cli.providers.base import ProviderContext
-from campaign_cli.providers.http import HttpProvider, make_client, retry_after
+from campaign_cli.providers.http import HttpProvider, client_for, retry_after
 from campaign_cli.providers.webhook import redact_error, with_origin
 
 #: Slack takes about one message a second per webhook: a few connections are plenty.
@@ -106,12 +106,7 @@ class SlackProvider:
         cls, name: str, config: SlackProviderConfig, context: ProviderContext
     ) -> SlackProvider:
         url = with_origin(config.url, config.base_url)
-        client = make_client(
-            base_url=url,
-            timeout=config.timeout,
-            concurrency=config.concurrency or SLACK_CONCURRENCY,
-            transport=context.extras.get("transport"),
-        )
+        client = client_for(config, context, url, SLACK_CONCURRENCY)
         path = httpx.URL(config.url).path
         return cls(name, SlackAdapter(url, context.clock), client,
                    secrets=(config.url, path) if path not in ("", "/") else (config.url,))

@@ -34,9 +34,9 @@ from campaign_cli.errors import PermanentError, ProviderAuthError, RateLimitedEr
 from campaign_cli.models import Channel, OutboundMessage, SendResult, SmsContent
 from campaign_cli.providers.base import ProviderContext
 from campaign_cli.providers.http import (
-    DEFAULT_CONCURRENCY,
     HttpProvider,
-    make_client,
+    client_for,
+    clock_now,
     raise_for_generic_status,
     retry_after,
 )
@@ -139,7 +139,7 @@ class TwilioAdapter:
         raise PermanentError(text, code=code, status=status)
 
     def _now(self) -> datetime | None:
-        return self._clock.now() if self._clock is not None else None
+        return clock_now(self._clock)
 
 
 class TwilioProvider(HttpProvider):
@@ -157,12 +157,7 @@ class TwilioProvider(HttpProvider):
             base_url=config.base_url,
             clock=context.clock,
         )
-        client = make_client(
-            base_url=config.base_url or DEFAULT_BASE_URL,
-            timeout=config.timeout,
-            concurrency=config.concurrency or DEFAULT_CONCURRENCY,
-            transport=context.extras.get("transport"),
-        )
+        client = client_for(config, context, config.base_url or DEFAULT_BASE_URL)
         return cls(name, adapter, client, channels=frozenset({Channel.SMS}), deduplicates=False)
 
 

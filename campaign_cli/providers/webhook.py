@@ -54,9 +54,8 @@ from campaign_cli.errors import (
 from campaign_cli.models import Channel, OutboundMessage, SendResult, WebhookContent
 from campaign_cli.providers.base import ProviderContext
 from campaign_cli.providers.http import (
-    DEFAULT_CONCURRENCY,
     HttpProvider,
-    make_client,
+    client_for,
     retry_after,
 )
 
@@ -236,12 +235,7 @@ class WebhookProvider:
         url = with_origin(config.url, config.base_url) if config.url else None
         adapter = WebhookAdapter(url, context.clock, secret=config.secret,
                                  signature_header=config.signature_header, headers=config.headers)
-        client = make_client(
-            base_url=url or config.base_url or "",
-            timeout=config.timeout,
-            concurrency=config.concurrency or DEFAULT_CONCURRENCY,
-            transport=context.extras.get("transport"),
-        )
+        client = client_for(config, context, url or config.base_url or "")
         return cls(name, adapter, client)
 
     async def send(self, message: OutboundMessage) -> SendResult:
