@@ -15,6 +15,7 @@ from campaign_cli.cli.context import app_context, command
 from campaign_cli.cli.suppress import (
     Addresses,
     ChannelChoice,
+    ImportChannelOpt,
     JsonOpt,
     RegionOpt,
     channel_value,
@@ -115,10 +116,7 @@ def revoke(
 def import_(
     ctx: typer.Context,
     file: Annotated[Path, typer.Argument(metavar="FILE", show_default=False)],
-    channel: Annotated[Optional[ChannelChoice], typer.Option(
-        "--channel", "-c", show_default=False,
-        help="Channel for rows without a 'channel' cell. Default: inferred per address.",
-    )] = None,
+    channel: ImportChannelOpt = None,
     purpose: Annotated[Purpose, typer.Option(
         "--purpose", help="Purpose for rows without a 'purpose' cell."
     )] = Purpose.MARKETING,

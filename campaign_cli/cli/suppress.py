@@ -83,6 +83,10 @@ ChannelOpt = Annotated[
 ]
 RegionOpt = Annotated[str, typer.Option("--region", help=REGION_HELP)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="JSON on stdout.")]
+ImportChannelOpt = Annotated[Optional[ChannelChoice], typer.Option(
+    "--channel", "-c", show_default=False,
+    help="Channel for rows without a 'channel' cell. Default: inferred per address.",
+)]
 
 
 def _display(entry: dict[str, Any]) -> str:
@@ -203,10 +207,7 @@ def check(
 def import_(
     ctx: typer.Context,
     file: Annotated[Path, typer.Argument(metavar="FILE", show_default=False)],
-    channel: Annotated[Optional[ChannelChoice], typer.Option(
-        "--channel", "-c", show_default=False,
-        help="Channel for rows without a 'channel' cell. Default: inferred per address.",
-    )] = None,
+    channel: ImportChannelOpt = None,
     reason: Annotated[
         str, typer.Option("--reason", help="Reason for rows without one.")
     ] = "import",
