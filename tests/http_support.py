@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Protocol
 
 import httpx
@@ -50,3 +52,28 @@ def send_once(provider: _Sender, message: OutboundMessage) -> SendResult:
             await provider.aclose()
 
     return asyncio.run(go())
+
+
+def refuse_connection(request: httpx.Request) -> httpx.Response:
+    """A handler for a request that never left: the connection was refused."""
+    raise httpx.ConnectError("refused", request=request)
+
+
+def withhold_answer(request: httpx.Request) -> httpx.Response:
+    """A handler for a request that was written and never answered."""
+    raise httpx.ReadTimeout("no answer", request=request)
+
+
+SPECS = Path(__file__).resolve().parent / "specs"
+SHARED_SPECS = Path(__file__).resolve().parents[2] / "shared" / "specs"
+
+
+def check_spec_copy(name: str, pinned_sha256: str) -> None:
+    """Our copy of a provider's spec is the pinned upstream file (tests/specs/README.md), and
+    still equals the project's reference copy wherever ../shared/specs is checked out beside
+    this repository."""
+    ours = hashlib.sha256((SPECS / name).read_bytes()).hexdigest()
+    assert ours == pinned_sha256
+    shared = SHARED_SPECS / name
+    if shared.exists():
+        assert ours == hashlib.sha256(shared.read_bytes()).hexdigest()

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import hashlib
 import json
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -29,9 +27,8 @@ from campaign_cli.providers.base import ProviderContext, default_registry
 from campaign_cli.providers.sendgrid import SendGridAdapter, SendGridProvider
 from campaign_cli.testing import FakeClock
 from tests import http_support
+from tests.http_support import SPECS, check_spec_copy, refuse_connection, withhold_answer
 
-SPECS = Path(__file__).resolve().parent / "specs"
-SHARED_SPECS = Path(__file__).resolve().parents[2] / "shared" / "specs"
 SPEC_FILE = "tsg_mail_v3.json"
 SPEC_SERVER = "https://api.sendgrid.com"
 KEY = "SG.secret-api-key.value"
@@ -301,24 +298,12 @@ def test_too_many_requests_without_hint() -> None:
 
 
 def test_failure_before_sending_is_transient() -> None:
-    def refuse(request: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectError("refused", request=request)
-
-    assert type(failure(refuse)) is TransientError
+    assert type(failure(refuse_connection)) is TransientError
 
 
 def test_timeout_after_sending_is_in_doubt() -> None:
-    def withhold(request: httpx.Request) -> httpx.Response:
-        raise httpx.ReadTimeout("no answer", request=request)
-
-    assert type(failure(withhold)) is InDoubtError
+    assert type(failure(withhold_answer)) is InDoubtError
 
 
 def test_spec_copy_matches_shared() -> None:
-    """The copy is the pinned upstream file (tests/specs/README.md), and still equals the
-    project's reference copy wherever ../shared/specs is checked out beside this repository."""
-    ours = hashlib.sha256((SPECS / SPEC_FILE).read_bytes()).hexdigest()
-    assert ours == "4ba24d0feb8a6b347f60528161d1cf0e7591987d2b3a64a6533685dc2b39d19f"
-    shared = SHARED_SPECS / SPEC_FILE
-    if shared.exists():
-        assert ours == hashlib.sha256(shared.read_bytes()).hexdigest()
+    check_spec_copy(SPEC_FILE, "4ba24d0feb8a6b347f60528161d1cf0e7591987d2b3a64a6533685dc2b39d19f")

@@ -6,10 +6,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import email.utils
-import hashlib
 import json
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -31,9 +29,8 @@ from campaign_cli.providers.base import ProviderContext, default_registry
 from campaign_cli.providers.twilio import TwilioAdapter, TwilioProvider
 from campaign_cli.testing import FakeClock
 from tests import http_support
+from tests.http_support import SPECS, check_spec_copy, refuse_connection, withhold_answer
 
-SPECS = Path(__file__).resolve().parent / "specs"
-SHARED_SPECS = Path(__file__).resolve().parents[2] / "shared" / "specs"
 SPEC_FILE = "twilio_api_v2010.json"
 SPEC_SERVER = "https://api.twilio.com"
 
@@ -318,17 +315,11 @@ def test_accepted_without_json_still_succeeds() -> None:
 
 
 def test_failure_before_sending_is_transient() -> None:
-    def refuse(request: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectError("refused", request=request)
-
-    assert type(failure(refuse)) is TransientError
+    assert type(failure(refuse_connection)) is TransientError
 
 
 def test_timeout_after_sending_is_in_doubt() -> None:
-    def withhold(request: httpx.Request) -> httpx.Response:
-        raise httpx.ReadTimeout("no answer", request=request)
-
-    assert type(failure(withhold)) is InDoubtError
+    assert type(failure(withhold_answer)) is InDoubtError
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,10 +327,4 @@ def test_timeout_after_sending_is_in_doubt() -> None:
 
 
 def test_spec_copy_matches_shared() -> None:
-    """The copy is the pinned upstream file (tests/specs/README.md), and still equals the
-    project's reference copy wherever ../shared/specs is checked out beside this repository."""
-    ours = hashlib.sha256((SPECS / SPEC_FILE).read_bytes()).hexdigest()
-    assert ours == "99cae87a6bb1725f71363364cbd30282a13140374b2d5f9bdd5bdfa5d4c8a6d7"
-    shared = SHARED_SPECS / SPEC_FILE
-    if shared.exists():
-        assert ours == hashlib.sha256(shared.read_bytes()).hexdigest()
+    check_spec_copy(SPEC_FILE, "99cae87a6bb1725f71363364cbd30282a13140374b2d5f9bdd5bdfa5d4c8a6d7")
