@@ -42,16 +42,21 @@ class _Sender(Protocol):
     async def aclose(self) -> None: ...
 
 
-def send_once(provider: _Sender, message: OutboundMessage) -> SendResult:
-    """Send one message on a fresh event loop, then close the provider."""
+def send_all(provider: _Sender, *messages: OutboundMessage) -> list[SendResult]:
+    """Send messages in turn on a fresh event loop, then close the provider."""
 
-    async def go() -> SendResult:
+    async def go() -> list[SendResult]:
         try:
-            return await provider.send(message)
+            return [await provider.send(message) for message in messages]
         finally:
             await provider.aclose()
 
     return asyncio.run(go())
+
+
+def send_once(provider: _Sender, message: OutboundMessage) -> SendResult:
+    """Send one message on a fresh event loop, then close the provider."""
+    return send_all(provider, message)[0]
 
 
 def refuse_connection(request: httpx.Request) -> httpx.Response:

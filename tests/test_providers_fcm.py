@@ -36,6 +36,7 @@ from campaign_cli.providers.fcm import (
     ServiceAccountTokens,
 )
 from campaign_cli.testing import FakeClock
+from tests import http_support
 
 FCM = "https://fcm.test"
 TOKEN_URL = "https://oauth.test/token"
@@ -128,13 +129,7 @@ def sa(fake: FakeGoogle, clock: FakeClock, sa_file: Path) -> FcmProvider:
 
 
 def run(p: FcmProvider, *messages: OutboundMessage) -> list[SendResult]:
-    async def go() -> list[SendResult]:
-        try:
-            return [await p.send(m) for m in messages]
-        finally:
-            await p.aclose()
-
-    return asyncio.run(go())
+    return http_support.send_all(p, *messages)
 
 
 def failure(p: FcmProvider, msg: OutboundMessage | None = None) -> ProviderError:

@@ -66,13 +66,7 @@ def webhook(handler: Recorder, clock: FakeClock | None = None, **config: Any) ->
 
 
 def run(p: Provider, *messages: OutboundMessage) -> list[SendResult]:
-    async def go() -> list[SendResult]:
-        try:
-            return [await p.send(m) for m in messages]
-        finally:
-            await p.aclose()
-
-    return asyncio.run(go())
+    return http_support.send_all(p, *messages)
 
 
 def failure(p: Provider, msg: OutboundMessage | None = None) -> ProviderError:
