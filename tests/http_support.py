@@ -11,6 +11,8 @@ from typing import Protocol
 import httpx
 
 from campaign_cli.models import OutboundMessage, SendResult
+from campaign_cli.providers.base import ProviderContext
+from campaign_cli.testing import FakeClock
 
 Handler = Callable[[httpx.Request], httpx.Response]
 
@@ -34,6 +36,13 @@ class Recorder:
                 raise answer
             return answer
         return self.default()
+
+
+def mock_context(handler: Handler, clock: FakeClock | None = None,
+                 run_name: str = "run") -> ProviderContext:
+    """A provider context whose HTTP transport is ``httpx.MockTransport(handler)``."""
+    return ProviderContext(clock=clock or FakeClock(), run_name=run_name,
+                           extras={"transport": httpx.MockTransport(handler)})
 
 
 class _Sender(Protocol):

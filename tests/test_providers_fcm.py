@@ -113,8 +113,7 @@ def message(**changes: Any) -> OutboundMessage:
 def provider(fake: FakeGoogle, clock: FakeClock, **config: Any) -> FcmProvider:
     settings: dict[str, Any] = {"type": "fcm", "project_id": "demo-proj", "base_url": FCM}
     settings.update(config)
-    context = ProviderContext(clock=clock, run_name="run",
-                              extras={"transport": httpx.MockTransport(fake)})
+    context = http_support.mock_context(fake, clock)
     created = default_registry().create("push", FcmProviderConfig.model_validate(settings), context)
     assert isinstance(created, FcmProvider)
     return created
@@ -188,8 +187,7 @@ def test_default_base_url_is_googles() -> None:
         return httpx.Response(200, json={"name": "projects/p/messages/1"})
 
     config = FcmProviderConfig.model_validate({"type": "fcm", "project_id": "p", "access_token": "t"})
-    context = ProviderContext(clock=FakeClock(), run_name="r",
-                              extras={"transport": httpx.MockTransport(handler)})
+    context = http_support.mock_context(handler, run_name="r")
     p = FcmProvider.from_config("push", config, context)
     run(p, message())
     assert fake_urls == ["https://fcm.googleapis.com/v1/projects/p/messages:send"]
@@ -346,8 +344,7 @@ def test_token_endpoint_timeout_is_transient_not_in_doubt(sa_file: Path) -> None
     def handler(request: httpx.Request) -> httpx.Response:
         raise httpx.ReadTimeout("timed out", request=request)
 
-    context = ProviderContext(clock=FakeClock(), run_name="r",
-                              extras={"transport": httpx.MockTransport(handler)})
+    context = http_support.mock_context(handler, run_name="r")
     config = FcmProviderConfig.model_validate({
         "type": "fcm", "project_id": "demo-proj", "service_account_file": str(sa_file),
         "token_url": TOKEN_URL})
@@ -367,8 +364,7 @@ def test_token_uri_from_the_key_file_when_the_config_names_none(sa_file: Path) -
 
     config = FcmProviderConfig.model_validate({
         "type": "fcm", "project_id": "demo-proj", "service_account_file": str(sa_file)})
-    context = ProviderContext(clock=FakeClock(), run_name="r",
-                              extras={"transport": httpx.MockTransport(handler)})
+    context = http_support.mock_context(handler, run_name="r")
     run(FcmProvider.from_config("push", config, context), message())
     assert urls[0] == "https://file-token-uri.test/token"
 
@@ -463,8 +459,7 @@ def test_transport_failures(error: httpx.HTTPError, kind: type[ProviderError]) -
         raise error
 
     config = FcmProviderConfig.model_validate({"type": "fcm", "project_id": "p", "access_token": "t"})
-    context = ProviderContext(clock=FakeClock(), run_name="r",
-                              extras={"transport": httpx.MockTransport(handler)})
+    context = http_support.mock_context(handler, run_name="r")
     assert type(failure(FcmProvider.from_config("push", config, context))) is kind
 
 

@@ -23,7 +23,7 @@ from campaign_cli.errors import (
     TransientError,
 )
 from campaign_cli.models import Channel, EmailContent, OutboundMessage, SendResult, SmsContent
-from campaign_cli.providers.base import ProviderContext, default_registry
+from campaign_cli.providers.base import default_registry
 from campaign_cli.providers.sendgrid import SendGridAdapter, SendGridProvider
 from campaign_cli.testing import FakeClock
 from tests import http_support
@@ -96,8 +96,7 @@ def errors(status: int, message: str, field: str | None = None,
 
 def provider(handler: Handler, clock: FakeClock | None = None, **extra: Any) -> SendGridProvider:
     config = SendGridProviderConfig.model_validate({"type": "sendgrid", "api_key": KEY, **extra})
-    context = ProviderContext(clock=clock or FakeClock(), run_name="run",
-                              extras={"transport": httpx.MockTransport(handler)})
+    context = http_support.mock_context(handler, clock)
     return SendGridProvider.from_config("sg", config, context)
 
 
@@ -228,8 +227,7 @@ def test_provider_facts() -> None:
 
 def test_registered_in_the_default_registry() -> None:
     config = SendGridProviderConfig.model_validate({"type": "sendgrid", "api_key": KEY})
-    context = ProviderContext(clock=FakeClock(), run_name="run",
-                              extras={"transport": httpx.MockTransport(Recorder())})
+    context = http_support.mock_context(Recorder())
     p = default_registry().create("sg", config, context)
     assert isinstance(p, SendGridProvider)
     asyncio.run(p.aclose())

@@ -49,8 +49,7 @@ def message(text: str = "Deploy finished", **changes: Any) -> OutboundMessage:
 
 
 def context(handler: Recorder, clock: FakeClock | None = None) -> ProviderContext:
-    return ProviderContext(clock=clock or FakeClock(), run_name="run",
-                           extras={"transport": httpx.MockTransport(handler)})
+    return http_support.mock_context(handler, clock)
 
 
 def slack(handler: Recorder, **config: Any) -> Provider:

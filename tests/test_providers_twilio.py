@@ -25,7 +25,7 @@ from campaign_cli.errors import (
     TransientError,
 )
 from campaign_cli.models import Channel, EmailContent, OutboundMessage, SendResult, SmsContent
-from campaign_cli.providers.base import ProviderContext, default_registry
+from campaign_cli.providers.base import default_registry
 from campaign_cli.providers.twilio import TwilioAdapter, TwilioProvider
 from campaign_cli.testing import FakeClock
 from tests import http_support
@@ -104,8 +104,7 @@ def error(status: int, code: int | None, message: str = "boom",
 
 
 def provider(handler: Handler, clock: FakeClock | None = None, **extra: Any) -> TwilioProvider:
-    context = ProviderContext(clock=clock or FakeClock(), run_name="run",
-                              extras={"transport": httpx.MockTransport(handler)})
+    context = http_support.mock_context(handler, clock)
     return TwilioProvider.from_config("tw", config(**extra), context)
 
 
@@ -201,8 +200,7 @@ def test_provider_facts() -> None:
 
 
 def test_registered_in_the_default_registry() -> None:
-    context = ProviderContext(clock=FakeClock(), run_name="run",
-                              extras={"transport": httpx.MockTransport(Recorder())})
+    context = http_support.mock_context(Recorder())
     p = default_registry().create("tw", config(), context)
     assert isinstance(p, TwilioProvider)
     asyncio.run(p.aclose())
