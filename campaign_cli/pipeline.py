@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import random
 import sqlite3
@@ -266,8 +267,16 @@ ProgressCallback = Callable[[Progress], None]
 
 
 def idempotency_key(campaign: str, run_key: str, rkey: str, channel: str) -> str:
-    raw = f"{campaign}\0{run_key}\0{rkey}\0{channel}".encode()
-    return hashlib.sha256(raw).hexdigest()[:32]
+    """sha256(campaign NUL run_key NUL rkey NUL channel), first 32 hex digits. The run's part is
+    hashed once and copied per message (this is on the per-message path)."""
+    digest = _run_prefix(campaign, run_key).copy()
+    digest.update(f"{rkey}\0{channel}".encode())
+    return digest.hexdigest()[:32]
+
+
+@functools.lru_cache(maxsize=8)
+def _run_prefix(campaign: str, run_key: str) -> hashlib._Hash:
+    return hashlib.sha256(f"{campaign}\0{run_key}\0".encode())
 
 
 def default_run_key(recipients_sha256: str) -> str:
@@ -1024,7 +1033,6 @@ class Runner:
     ) -> None:
         run = self._run
         dry_run = self.options.dry_run
-        key_prefix = hashlib.sha256(f"{run.campaign}\0{run.run_key}\0".encode())
         for recipient, channel, address, ahash, pinned in open_rows:
             resend = pinned is not None
             if self.stop.stopping or self._abort is not None:
@@ -1062,11 +1070,9 @@ class Runner:
                 self._count(State.SENT, State.IN_DOUBT if resend else State.PENDING)
                 self._sent_this_session += 1
                 continue
-            key_hash = key_prefix.copy()
-            key_hash.update(f"{recipient.key}\0{channel_name}".encode())
             message = OutboundMessage(
                 run.id, recipient.row, channel, recipient.key, address,
-                key_hash.hexdigest()[:32],  # == idempotency_key(...), from a hashed prefix
+                idempotency_key(run.campaign, run.run_key, recipient.key, channel_name),
                 content, content_hash(content), cost,
             )
             job = _Job(message, ahash, pinned, resend, costs, cost)
