@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal
 from enum import Enum
+from typing import Any
 
 MICRO = 1_000_000
 
@@ -78,6 +79,12 @@ class Recipient:
     fields: Mapping[str, str]
     addresses: Mapping[Channel, str]
     problems: Mapping[Channel, tuple[str, str]] = field(default_factory=dict)
+
+    def __reduce__(self) -> tuple[type[Recipient], tuple[Any, ...]]:
+        # Chunks cross from the reader process by pickle. A slots dataclass unpickles through
+        # `dataclasses.fields()` per object; the constructor is twice as quick both ways.
+        return (Recipient, (self.row, self.line, self.key, self.fields, self.addresses,
+                            self.problems))
 
 
 @dataclass(frozen=True, slots=True)

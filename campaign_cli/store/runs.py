@@ -21,6 +21,7 @@ import sqlite_utils
 
 from campaign_cli.errors import RunLockedError, UsageError
 from campaign_cli.models import State
+from campaign_cli.store.db import insert_rows
 
 RUN_COLUMNS = (
     "id", "campaign", "run_key", "campaign_file", "recipients_file", "recipients_sha256",
@@ -269,10 +270,10 @@ def admit(
     if not items:
         return {}
     before = conn.total_changes
-    conn.executemany(
+    insert_rows(
+        conn,
         "INSERT OR IGNORE INTO messages (run_id, row, channel, line, rkey, address, dedupe_key, "
-        "dedupe_addr, state, reason, detail, updated_at) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "dedupe_addr, state, reason, detail, updated_at)",
         [
             (run_id, a.row, a.channel, a.line, a.rkey, a.address,
              a.rkey if a.state == "pending" else None,
