@@ -381,7 +381,8 @@ class _Route:
     backoff: float
     max_backoff: float
     breaker: Breaker
-    batch_size: int = 1  # more than 1: the provider takes batches (`BatchProvider`)
+    batch_size: int = 1  # more than 1: the provider takes batches (`batcher`)
+    batcher: BatchProvider | None = None  # the provider, when it takes batches
     batch_slots: asyncio.Semaphore = field(
         default_factory=lambda: asyncio.Semaphore(BATCHES_IN_FLIGHT)
     )
@@ -701,6 +702,7 @@ class Runner:
             breaker=Breaker(threshold, cooldown, self.clock),
             batch_size=max(1, int(provider.batch_size))
             if isinstance(provider, BatchProvider) else 1,
+            batcher=provider if isinstance(provider, BatchProvider) else None,
         )
 
     def _pick(self, channel: Channel, pinned: str | None) -> _Route:
@@ -917,8 +919,8 @@ class Runner:
                 continue
             if isinstance(item, InvalidRow):
                 for channel in channels[:1] if first_only else channels:
-                    admits.append(runs.Admit(item.row, item.line, channel.value, None, None,
-                                             State.INVALID.value, item.reason, item.detail))
+                    admits.append(runs.Admit(item.row, item.line, channel._value_, None, None,
+                                             State.INVALID._value_, item.reason, item.detail))
                 continue
             recipients[item.row] = item
             chosen = channels
@@ -930,12 +932,12 @@ class Runner:
                 if address is None and channel in keyed:
                     address = item.key  # one POST per recipient to the provider's own URL
                 if address is not None:
-                    admits.append(runs.Admit(item.row, item.line, channel.value, item.key,
-                                             address, State.PENDING.value))
+                    admits.append(runs.Admit(item.row, item.line, channel._value_, item.key,
+                                             address, State.PENDING._value_))
                 else:
                     reason, detail = item.problems.get(channel, ("no_address", "no address"))
-                    admits.append(runs.Admit(item.row, item.line, channel.value, item.key, None,
-                                             State.INVALID.value, reason, detail))
+                    admits.append(runs.Admit(item.row, item.line, channel._value_, item.key, None,
+                                             State.INVALID._value_, reason, detail))
         return admits, recipients
 
     async def _admit(
@@ -1037,7 +1039,7 @@ class Runner:
             resend = pinned is not None
             if self.stop.stopping or self._abort is not None:
                 return  # the rest stays pending (or in doubt), to be resumed
-            channel_name = channel.value
+            channel_name = channel._value_
             refused = refusals[channel_name].get(ahash) or policy.refused_now(channel_name, ahash)
             if refused is not None:
                 self._final(recipient.row, channel, refused[0], refused[1], None, now)
@@ -1156,7 +1158,7 @@ class Runner:
             if self.stop.stopping or self._abort is not None:
                 self._budget.release(job.reserved)
                 continue
-            refused = self._policy.refused_now(message.channel.value, job.address_hash)
+            refused = self._policy.refused_now(message.channel._value_, job.address_hash)
             if refused is not None:
                 self._budget.release(job.reserved)
                 self._final(message.row, message.channel, refused[0], refused[1], None, stamp,
@@ -1164,14 +1166,14 @@ class Runner:
                 continue
             sending.append(job)
             intents.append((name, job.costs[name], message.content_hash, 1 if job.resend else 0,
-                            stamp, run_id, message.row, message.channel.value))
+                            stamp, run_id, message.row, message.channel._value_))
         if not sending:
             return
         # Intent before action, as in `_deliver`: every row of the batch is `sending`, committed.
         self._writer.submit_many(runs.SQL_INTENT, intents)
         await self._writer.barrier()
-        provider = route.provider
-        assert isinstance(provider, BatchProvider)
+        provider = route.batcher  # (isinstance on a runtime Protocol costs ~40 us: once, above)
+        assert provider is not None
         loop = asyncio.get_running_loop()
         async with route.semaphore:
             started = loop.time()
@@ -1183,7 +1185,7 @@ class Runner:
             except asyncio.CancelledError:
                 raise  # the rows stay `sending`; they become `in_doubt` when the run ends
             except Exception as exc:  # noqa: BLE001 - which of them left is unknown: all in doubt
-                keys = [(run_id, job.message.row, job.message.channel.value) for job in sending]
+                keys = [(run_id, job.message.row, job.message.channel._value_) for job in sending]
                 self._provider_crashed(keys, 1, name, exc, started)
                 return
         done_at = self._stamp()
@@ -1198,7 +1200,7 @@ class Runner:
             if not isinstance(outcome, SendResult):
                 failures.append((job, outcome))
                 continue
-            channel = message.channel.value
+            channel = message.channel._value_
             attempts.append((run_id, message.row, channel, 1, name, "sent", outcome.status_code,
                              outcome.provider_message_id, None, None, latency, done_at))
             sent.append((outcome.provider_message_id, outcome.status_code, done_at, run_id,
@@ -1220,7 +1222,7 @@ class Runner:
             route.breaker.success()
             route.pacer.succeeded(len(sent))
         for job, error in failures:
-            key = (run_id, job.message.row, job.message.channel.value)
+            key = (run_id, job.message.row, job.message.channel._value_)
             self._attempt(key, 1, name, _outcome_of(error), error, None, started, done_at)
             retry, pinned = await self._after_error(job, route, 1, error, key, job.pinned)
             if retry:

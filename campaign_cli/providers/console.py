@@ -62,4 +62,8 @@ def _line(message: OutboundMessage) -> str:
     if isinstance(content, EmailContent):
         payload.update(subject=content.subject, text=content.text, html=content.html,
                        sender=content.sender, headers=dict(content.headers))
-    return json.dumps(payload, ensure_ascii=False) + "\n"
+    return _encode(payload) + "\n"
+
+
+# `json.dumps` with any option builds a new encoder per call; one is enough.
+_encode = json.JSONEncoder(ensure_ascii=False).encode

@@ -90,7 +90,7 @@ class OutboxProvider:
 def _payload(message: OutboundMessage) -> dict[str, Any]:
     content = message.content
     base: dict[str, Any] = {
-        "channel": message.channel.value,
+        "channel": message.channel._value_,  # (an attribute; .value is a slow property)
         "to": message.address,
         "recipient_key": message.recipient_key,
         "idempotency_key": message.idempotency_key,
