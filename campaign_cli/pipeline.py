@@ -1231,7 +1231,7 @@ class Runner:
     async def _deliver(self, job: _Job, attempt: int = 0, pinned: str | None = None) -> None:
         message = job.message
         channel = message.channel
-        key = (self._run.id, message.row, channel.value)
+        key = (self._run.id, message.row, channel._value_)
         if pinned is None:
             pinned = job.pinned
         loop = asyncio.get_running_loop()
@@ -1241,7 +1241,7 @@ class Runner:
             if self.stop.stopping or self._abort is not None:
                 self._budget.release(job.reserved)
                 return
-            refused = self._policy.refused_now(channel.value, job.address_hash)
+            refused = self._policy.refused_now(channel._value_, job.address_hash)
             if refused is not None:
                 self._budget.release(job.reserved)
                 self._final(message.row, channel, refused[0], refused[1], None,
