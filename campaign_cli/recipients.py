@@ -348,13 +348,24 @@ class ProcessChunkReader:
             return None
         try:
             kind, payload = pickle.load(self._stdout)  # noqa: S301 - our own child
-        except (EOFError, OSError, pickle.UnpicklingError, ValueError):
+        except EOFError:
             if self._done:
                 return None  # closed while waiting
             self._done = True
-            code = self._process.wait()
+            code = self._stop_child(grace=5.0)  # it closed its output: it is on its way out
             raise RuntimeError(
                 f"the recipient reader process ended unexpectedly (exit code {code})"
+            ) from None
+        except (OSError, pickle.UnpicklingError, ValueError) as exc:
+            if self._done:
+                return None  # closed while waiting
+            self._done = True
+            # The stream broke while the child is alive, most likely blocked writing the rest
+            # to a full pipe: waiting for it to exit would wait for ever.
+            self._stop_child(grace=0.0)
+            raise RuntimeError(
+                f"the recipient reader process sent data that could not be read "
+                f"({type(exc).__name__}: {exc})"
             ) from None
         if kind == "chunk":
             chunk: Chunk = payload
@@ -366,6 +377,14 @@ class ProcessChunkReader:
         if kind == "failed":
             raise RuntimeError(f"reading the recipient file failed: {payload}")
         return None  # "done"
+
+    def _stop_child(self, grace: float) -> int:
+        """The child's exit code, killing it if it has not exited within ``grace`` seconds."""
+        try:
+            return self._process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            return self._process.wait()
 
     def close(self) -> None:
         self._done = True
@@ -388,7 +407,12 @@ _CHILD_CODE = (
 def _child_main(args: dict[str, Any]) -> None:
     """The child process: read, normalise and send each chunk, then a final message."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop (Ctrl-C)
-    out = sys.stdout.buffer
+    # Buffered, whatever PYTHONUNBUFFERED says. Under it `sys.stdout.buffer` is a raw file whose
+    # write() may stop short: a write blocked on a full pipe returns what it wrote so far when a
+    # stop and continue (Ctrl-Z, `fg`, a debugger or py-spy attaching) interrupts it, and pickle
+    # ignores the count, so the stream lost bytes and the parent could not read it. A
+    # BufferedWriter writes all it is given.
+    out = open(sys.stdout.fileno(), "wb", closefd=False)  # noqa: SIM115 - lives as long as we do
     spec = RecipientSpec(
         path=Path(args["path"]), key=args["key"],
         columns={Channel(channel): column for channel, column in args["columns"]},

@@ -4,7 +4,12 @@ a child process against the one in this process, and the journal writer's shared
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import os
+import signal
 import sqlite3
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +17,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from campaign_cli import recipients
 from campaign_cli.clock import Stamper, SystemClock, iso
 from campaign_cli.config import load_campaign
 from campaign_cli.errors import InputError
@@ -24,7 +30,7 @@ from campaign_cli.recipients import (
     ProcessChunkReader,
     RecipientSpec,
 )
-from campaign_cli.store.db import Store
+from campaign_cli.store.db import Store, insert_rows
 from campaign_cli.store.journal import JournalWriter
 from campaign_cli.testing import FakeClock, FakeProvider, fake_registry
 from tests.conftest import CampaignFactory, journal, people
@@ -226,3 +232,90 @@ def test_stamper_on_the_system_clock_tells_the_time() -> None:
     stamped = datetime.fromisoformat(stamper.now().replace("Z", "+00:00"))
     after = datetime.now(timezone.utc)
     assert before <= stamped <= after
+
+
+@given(keys=st.lists(st.integers(min_value=0, max_value=400), max_size=600),
+       width=st.integers(min_value=1, max_value=14))
+def test_insert_rows_does_what_executemany_does(keys: list[int], width: int) -> None:
+    """Many rows per statement (`insert_rows`, used for admission) leave the same table as one
+    statement per row, OR IGNORE included: the first row of a key wins, also across the
+    statements a long list is cut into (999 // width rows each)."""
+    columns = ", ".join(f"c{i}" for i in range(width))
+    rows = [(key, *(f"{n}-{i}" for i in range(1, width))) for n, key in enumerate(keys)]
+    tables = []
+    for use_insert_rows in (False, True):
+        conn = sqlite3.connect(":memory:")
+        conn.execute(f"CREATE TABLE t ({columns}, UNIQUE (c0))")
+        head = f"INSERT OR IGNORE INTO t ({columns})"
+        if use_insert_rows:
+            insert_rows(conn, head, rows)
+        else:
+            conn.executemany(f"{head} VALUES ({', '.join('?' * width)})", rows)
+        tables.append(conn.execute("SELECT * FROM t ORDER BY rowid").fetchall())
+        conn.close()
+    assert tables[0] == tables[1]
+    assert len(tables[1]) == len(set(keys))
+
+
+def wait_until(condition: Callable[[], bool], what: str, seconds: float = 20.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for: {what}")
+        time.sleep(0.005)
+
+
+def big_file(tmp_path: Path, rows: int) -> Path:
+    path = tmp_path / "big.csv"
+    with path.open("w") as f:
+        f.write("id,name,phone,email\n")
+        for i in range(rows):
+            f.write(f"c{i},Name{i},+1201{200 + i // 10_000:03d}{i % 10_000:04d},p{i}@example.com\n")
+    return path
+
+
+def test_the_reader_child_survives_a_stop_and_continue_while_blocked_on_a_full_pipe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-Z and `fg` (or a debugger attaching) while the child is blocked writing a chunk to a
+    full pipe cut that write short. Under PYTHONUNBUFFERED (common in containers) the child's
+    stdout was a raw file and pickle ignored the short count: bytes were lost, the parent could
+    not read the stream, and the run hung. Every row must still arrive, once, in order."""
+    monkeypatch.setenv("PYTHONUNBUFFERED", "1")
+    path = big_file(tmp_path, 20_000)
+    reader = ProcessChunkReader(spec_for(path), 1000)  # ~80 KB a chunk: more than a pipe holds
+    pid = reader._process.pid
+    try:
+        chunks = [reader.next_chunk()]
+        wait_until(lambda: "pipe_write" in Path(f"/proc/{pid}/wchan").read_text(),
+                   "the child blocked writing to a full pipe")
+        os.kill(pid, signal.SIGSTOP)
+        wait_until(lambda: Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                   == "T", "the child stopped")
+        os.kill(pid, signal.SIGCONT)
+        while (chunk := reader.next_chunk()) is not None:
+            chunks.append(chunk)
+    finally:
+        reader.close()
+    rows = [item.row for chunk in chunks if chunk is not None for item in chunk]
+    assert rows == list(range(1, 20_001))
+
+
+def test_a_broken_stream_from_the_reader_child_is_an_error_not_a_hang(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A child whose output cannot be unpickled is stopped and reported, even when it is blocked
+    writing more of it (waiting for it to exit first would wait for ever)."""
+    monkeypatch.setattr(recipients, "_CHILD_CODE",
+                        "import sys\nsys.stdout.buffer.write(b'\\x80\\xff' + b'x' * 500_000)\n"
+                        "sys.stdout.buffer.flush()\n")
+    reader = ProcessChunkReader(spec_for(big_file(tmp_path, 10)), 1000)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        future = pool.submit(reader.next_chunk)
+        try:
+            with pytest.raises(RuntimeError, match="sent data that could not be read"):
+                future.result(timeout=20)
+        finally:
+            reader._process.kill()  # if the assertion failed, free the blocked thread
+            reader.close()
+    assert reader._process.returncode is not None
