@@ -8,6 +8,7 @@ on conditions in the journal (rows sent so far), never on fixed sleeps.
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import sqlite3
@@ -236,3 +237,34 @@ def test_sigkill_inside_an_unthrottled_console_batch_prints_nobody_twice_and_rep
         assert cut[1] in doubted
     status = json.loads(run(store_path, "status", "test-campaign/k", "--json").stdout)
     assert status["counts"] == {"sent": states["sent"], "in_doubt": states["in_doubt"]}
+
+
+def test_a_stop_and_continue_while_console_output_is_blocked_loses_no_line(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    """Ctrl-Z then `fg` (or `docker pause`, or a debugger attaching) while `campaign send` is
+    blocked writing console lines to a full pipe. Under PYTHONUNBUFFERED, Python's stdout wrote
+    straight to the pipe and dropped whatever the interrupted write had not written: messages
+    journaled `sent` that the reading program never got. Every line must arrive, once."""
+    total = 3000
+    campaign = make_campaign(
+        people(total),
+        providers={"con": {"type": "console", "price_per_segment": "0.01"}},
+        channels={"sms": {"provider": "con", "body": "Hi {{ first_name }}, your code is 1234."}},
+        compliance={"consent": "not_required"},
+    )
+    proc = subprocess.Popen(campaign_cmd(store_path, "send", str(campaign)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    wchan = Path(f"/proc/{proc.pid}/wchan")
+    wait_for(lambda: "pipe_write" in wchan.read_text(), proc,
+             "blocked writing console lines to a full pipe")
+    proc.send_signal(signal.SIGSTOP)
+    state = Path(f"/proc/{proc.pid}/stat")
+    wait_for(lambda: state.read_text().rsplit(")", 1)[1].split()[0] == "T", proc, "stopped")
+    proc.send_signal(signal.SIGCONT)
+    out, err = proc.communicate(timeout=DEADLINE)
+    assert proc.returncode == 0, err
+    printed = Counter(json.loads(line)["recipient_key"] for line in out.splitlines())
+    assert len(printed) == total and max(printed.values()) == 1
+    assert Counter(r["state"] for r in journal(store_path)) == {"sent": total}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -11,6 +12,7 @@ import typer
 from campaign_cli import __version__
 from campaign_cli.cli.context import AppContext
 from campaign_cli.cli.output import Output
+from campaign_cli.streams import whole_writes
 
 EXIT_CODES_HELP = """
 Exit codes: 0 done, nothing failed; 1 internal error (a bug); 2 usage, configuration or input
@@ -70,6 +72,9 @@ def _register() -> None:
 
 
 def main() -> None:
+    # Whatever a command prints (a console campaign, `suppress list`, `--json`) reaches the
+    # reading program whole, also under PYTHONUNBUFFERED (campaign_cli/streams.py).
+    sys.stdout = whole_writes(sys.stdout)
     _register()
     app()
 

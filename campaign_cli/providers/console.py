@@ -17,6 +17,7 @@ from campaign_cli.errors import ProviderError
 from campaign_cli.models import Channel, EmailContent, OutboundMessage, SendResult
 from campaign_cli.providers.base import ProviderContext
 from campaign_cli.providers.outbox import _payload
+from campaign_cli.streams import whole_writes
 
 
 class ConsoleProvider:
@@ -33,7 +34,7 @@ class ConsoleProvider:
     def from_config(
         cls, name: str, config: ConsoleProviderConfig, context: ProviderContext
     ) -> ConsoleProvider:
-        return cls(name, context.stdout or sys.stdout)
+        return cls(name, context.stdout or whole_writes(sys.stdout))
 
     async def send(self, message: OutboundMessage) -> SendResult:
         self._stream.write(_line(message))
