@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import sqlite3
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from campaign_cli.config import load_campaign
 from campaign_cli.errors import (
@@ -25,6 +28,7 @@ from campaign_cli.errors import (
 )
 from campaign_cli.models import OutboundMessage
 from campaign_cli.pipeline import RunReport, SendOptions, StopController, run_campaign
+from campaign_cli.providers import outbox
 from campaign_cli.testing import FakeBatchProvider, FakeClock, FakeProvider, fake_registry
 from tests.conftest import CampaignFactory, journal, people
 
@@ -209,6 +213,23 @@ def test_outbox_batches_write_one_file_per_message_and_a_resend_replaces_it(
     assert len(files) == 150
     assert sorted(json.loads(f.read_text())["recipient_key"] for f in files) == sorted(
         f"c{i}" for i in range(1, 151))
+
+
+def test_outbox_files_are_whole_when_the_system_writes_a_little_at_a_time(
+    make_campaign: CampaignFactory, store_path: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`os.write` may write less than it is given (a disk filling up does that). A short write
+    must never leave a truncated message file behind a `sent` row."""
+    real_write = os.write
+    monkeypatch.setattr(outbox.os, "write", lambda fd, data: real_write(fd, bytes(data[:7])))
+    campaign = make_campaign(people(20))
+    report = run_campaign(load_campaign(campaign, {}), store_path, SendOptions(run_key="k"),
+                          clock=FakeClock())
+    assert report.counts == {"sent": 20}
+    files = sorted((tmp_path / "outbox" / "test-campaign_k").glob("*.json"))
+    assert sorted(json.loads(f.read_text())["recipient_key"] for f in files) == sorted(
+        f"c{i}" for i in range(1, 21))
 
 
 def test_admitting_chunks_concurrently_keeps_the_first_row_of_a_key(

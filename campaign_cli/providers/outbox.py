@@ -113,7 +113,9 @@ def _write_atomically(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.write(fd, data)
+        view = memoryview(data)
+        while view:  # os.write may write less than it was given (a full disk, first of all)
+            view = view[os.write(fd, view):]
     finally:
         os.close(fd)
     os.replace(tmp, path)
