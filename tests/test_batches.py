@@ -232,6 +232,31 @@ def test_outbox_files_are_whole_when_the_system_writes_a_little_at_a_time(
         f"c{i}" for i in range(1, 21))
 
 
+def test_a_failed_outbox_write_leaves_no_partial_file(
+    make_campaign: CampaignFactory, store_path: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A write that fails (ENOSPC) stops the run with the batch in doubt; no temporary file is
+    left beside the messages, and the resume (the outbox deduplicates) writes them all."""
+    real_write = os.write
+
+    def disk_full(fd: int, data: Any) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(outbox.os, "write", disk_full)
+    campaign = make_campaign(people(20))
+    report = run_campaign(load_campaign(campaign, {}), store_path, SendOptions(run_key="k"),
+                          clock=FakeClock())
+    assert report.exit_code == 1 and set(report.counts) <= {"in_doubt", "pending"}
+    folder = tmp_path / "outbox" / "test-campaign_k"
+    assert list(folder.iterdir()) == []
+    monkeypatch.setattr(outbox.os, "write", real_write)
+    report = run_campaign(load_campaign(campaign, {}), store_path, SendOptions(run_key="k"),
+                          clock=FakeClock())
+    assert report.counts == {"sent": 20}
+    assert len(list(folder.glob("*.json"))) == 20 and len(list(folder.iterdir())) == 20
+
+
 def test_admitting_chunks_concurrently_keeps_the_first_row_of_a_key(
     make_campaign: CampaignFactory, store_path: Path
 ) -> None:
