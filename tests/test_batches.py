@@ -202,17 +202,24 @@ def test_console_prints_the_same_lines_in_batches_as_one_by_one(
     assert printed(None, tmp_path / "a.db") == printed("1000/s", tmp_path / "b.db")
 
 
+def send_to_outbox(campaign: Path, store_path: Path) -> RunReport:
+    """Run (or resume) run key "k" of a campaign on the default outbox provider."""
+    return run_campaign(load_campaign(campaign, {}), store_path, SendOptions(run_key="k"),
+                        clock=FakeClock())
+
+
+def outbox_keys(tmp_path: Path) -> list[str]:
+    """The recipient key in each message file of run "k", sorted."""
+    files = (tmp_path / "outbox" / "test-campaign_k").glob("*.json")
+    return sorted(json.loads(f.read_text())["recipient_key"] for f in files)
+
+
 def test_outbox_batches_write_one_file_per_message_and_a_resend_replaces_it(
     make_campaign: CampaignFactory, store_path: Path, tmp_path: Path
 ) -> None:
-    campaign = make_campaign(people(150))
-    report = run_campaign(load_campaign(campaign, {}), store_path, SendOptions(run_key="k"),
-                          clock=FakeClock())
+    report = send_to_outbox(make_campaign(people(150)), store_path)
     assert report.counts == {"sent": 150}
-    files = sorted((tmp_path / "outbox" / "test-campaign_k").glob("*.json"))
-    assert len(files) == 150
-    assert sorted(json.loads(f.read_text())["recipient_key"] for f in files) == sorted(
-        f"c{i}" for i in range(1, 151))
+    assert outbox_keys(tmp_path) == sorted(f"c{i}" for i in range(1, 151))
 
 
 def test_outbox_files_are_whole_when_the_system_writes_a_little_at_a_time(
@@ -223,13 +230,9 @@ def test_outbox_files_are_whole_when_the_system_writes_a_little_at_a_time(
     must never leave a truncated message file behind a `sent` row."""
     real_write = os.write
     monkeypatch.setattr(outbox.os, "write", lambda fd, data: real_write(fd, bytes(data[:7])))
-    campaign = make_campaign(people(20))
-    report = run_campaign(load_campaign(campaign, {}), store_path, SendOptions(run_key="k"),
-                          clock=FakeClock())
+    report = send_to_outbox(make_campaign(people(20)), store_path)
     assert report.counts == {"sent": 20}
-    files = sorted((tmp_path / "outbox" / "test-campaign_k").glob("*.json"))
-    assert sorted(json.loads(f.read_text())["recipient_key"] for f in files) == sorted(
-        f"c{i}" for i in range(1, 21))
+    assert outbox_keys(tmp_path) == sorted(f"c{i}" for i in range(1, 21))
 
 
 def test_a_failed_outbox_write_leaves_no_partial_file(
@@ -245,16 +248,14 @@ def test_a_failed_outbox_write_leaves_no_partial_file(
 
     monkeypatch.setattr(outbox.os, "write", disk_full)
     campaign = make_campaign(people(20))
-    report = run_campaign(load_campaign(campaign, {}), store_path, SendOptions(run_key="k"),
-                          clock=FakeClock())
+    report = send_to_outbox(campaign, store_path)
     assert report.exit_code == 1 and set(report.counts) <= {"in_doubt", "pending"}
     folder = tmp_path / "outbox" / "test-campaign_k"
     assert list(folder.iterdir()) == []
     monkeypatch.setattr(outbox.os, "write", real_write)
-    report = run_campaign(load_campaign(campaign, {}), store_path, SendOptions(run_key="k"),
-                          clock=FakeClock())
-    assert report.counts == {"sent": 20}
-    assert len(list(folder.glob("*.json"))) == 20 and len(list(folder.iterdir())) == 20
+    assert send_to_outbox(campaign, store_path).counts == {"sent": 20}
+    assert outbox_keys(tmp_path) == sorted(f"c{i}" for i in range(1, 21))
+    assert len(list(folder.iterdir())) == 20
 
 
 def test_admitting_chunks_concurrently_keeps_the_first_row_of_a_key(
