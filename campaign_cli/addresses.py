@@ -20,9 +20,13 @@ from phonenumbers.phonemetadata import PhoneMetadata
 from phonenumbers.phonenumberutil import (
     COUNTRY_CODE_TO_REGION_CODE,
     PhoneNumberType,
-    _number_type_helper,
     national_significant_number,
 )
+
+try:  # private to phonenumbers: a release without it gets the library's own validation
+    from phonenumbers.phonenumberutil import _number_type_helper
+except ImportError:  # pragma: no cover - depends on the installed phonenumbers
+    _number_type_helper = None  # type: ignore[assignment]
 
 from campaign_cli.models import Channel
 
@@ -76,6 +80,8 @@ def is_valid_number(number: phonenumbers.PhoneNumber) -> bool:
     this function is the library's two functions with it left out, and
     tests/test_addresses.py checks that it agrees with the library.
     """
+    if _number_type_helper is None:
+        return bool(phonenumbers.is_valid_number(number))
     regions = COUNTRY_CODE_TO_REGION_CODE.get(number.country_code or 0)
     if regions is None:
         return False
