@@ -348,24 +348,24 @@ class ProcessChunkReader:
             return None
         try:
             kind, payload = pickle.load(self._stdout)  # noqa: S301 - our own child
-        except EOFError:
+        except (EOFError, OSError, pickle.UnpicklingError, ValueError) as exc:
             if self._done:
                 return None  # closed while waiting
             self._done = True
-            code = self._stop_child(grace=5.0)  # it closed its output: it is on its way out
+            # It died (its output ended, perhaps inside a chunk), or its output broke while it
+            # lives, most likely blocked writing the rest to a full pipe: then waiting for it to
+            # exit would wait for ever, so it is stopped.
+            try:
+                code = self._process.wait(timeout=5.0 if isinstance(exc, EOFError) else 0.5)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+                raise RuntimeError(
+                    f"the recipient reader process sent data that could not be read "
+                    f"({type(exc).__name__}: {exc})"
+                ) from None
             raise RuntimeError(
-                f"the recipient reader process ended unexpectedly (exit code {code})"
-            ) from None
-        except (OSError, pickle.UnpicklingError, ValueError) as exc:
-            if self._done:
-                return None  # closed while waiting
-            self._done = True
-            # The stream broke while the child is alive, most likely blocked writing the rest
-            # to a full pipe: waiting for it to exit would wait for ever.
-            self._stop_child(grace=0.0)
-            raise RuntimeError(
-                f"the recipient reader process sent data that could not be read "
-                f"({type(exc).__name__}: {exc})"
+                f"the recipient reader process ended unexpectedly ({_exit_status(code)})"
             ) from None
         if kind == "chunk":
             chunk: Chunk = payload
@@ -378,14 +378,6 @@ class ProcessChunkReader:
             raise RuntimeError(f"reading the recipient file failed: {payload}")
         return None  # "done"
 
-    def _stop_child(self, grace: float) -> int:
-        """The child's exit code, killing it if it has not exited within ``grace`` seconds."""
-        try:
-            return self._process.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            return self._process.wait()
-
     def close(self) -> None:
         self._done = True
         process = self._process
@@ -393,6 +385,16 @@ class ProcessChunkReader:
             process.terminate()
         process.wait()
         self._stdout.close()
+
+
+def _exit_status(code: int) -> str:
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = "a signal"
+        return f"killed by {name}"
+    return f"exit code {code}"
 
 
 _CHILD_CODE = (

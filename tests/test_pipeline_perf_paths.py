@@ -9,6 +9,7 @@ import os
 import signal
 import sqlite3
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -319,3 +320,50 @@ def test_a_broken_stream_from_the_reader_child_is_an_error_not_a_hang(
             reader._process.kill()  # if the assertion failed, free the blocked thread
             reader.close()
     assert reader._process.returncode is not None
+
+
+def reader_children() -> list[int]:
+    """The recipient reader processes this process started (they run `_child_main`)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) != os.getpid():
+                continue
+            if b"_child_main" in (stat.parent / "cmdline").read_bytes():
+                found.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+    return found
+
+
+def test_a_reader_child_killed_mid_run_stops_the_run_and_the_resume_sends_everyone_once(
+    tmp_path: Path, make_campaign: CampaignFactory
+) -> None:
+    """The OOM killer (or anyone) kills the reader process while it is mid-file, blocked on a
+    full pipe. The run says so and exits 1; what was not read is not journaled, and the resume
+    reads it: everyone is sent exactly once over the two runs."""
+    total = 5000
+    campaign = make_campaign(people(total))
+    store = tmp_path / "s.db"
+    killed: list[int] = []
+
+    def kill_the_reader(message: Any) -> None:
+        if not killed:
+            pids = reader_children()
+            assert len(pids) == 1
+            os.kill(pids[0], signal.SIGKILL)
+            killed.extend(pids)
+
+    provider = FakeProvider(handler=kill_the_reader)
+    options = SendOptions(reader="process", chunk_size=50, run_key="k")
+    first = run_campaign(load_campaign(campaign, {}), store, options, clock=FakeClock(),
+                         registry=fake_registry(provider))
+    assert killed and first.exit_code == 1
+    assert "reader process ended unexpectedly (killed by SIGKILL)" in (first.error or "")
+    assert len(provider.accepted) < total  # it stopped mid-file
+    second = run_campaign(load_campaign(campaign, {}), store, options, clock=FakeClock(),
+                          registry=fake_registry(provider))
+    assert second.exit_code == 0
+    keys = Counter(m.recipient_key for m in provider.accepted)
+    assert len(keys) == total and max(keys.values()) == 1
+    assert Counter(r["state"] for r in journal(store)) == {"sent": total}
