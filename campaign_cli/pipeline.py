@@ -38,7 +38,7 @@ import sqlite3
 import tempfile
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
 from typing import IO, Any, Literal
@@ -454,6 +454,7 @@ class Runner:
         self._in_doubt_resent = 0
         self._max_row_start = 0
         self._admitting: set[asyncio.Future[_Ready | None]] = set()
+        self._sentinels: asyncio.Task[None] | None = None  # queued by a source that failed
         self.retried = 0
         self._stamp = Stamper(clock).now
 
@@ -472,6 +473,8 @@ class Runner:
         started_mono = self.clock.monotonic()
         spec = RecipientSpec.from_config(self.campaign, self._recipients_path())
         scan = await asyncio.to_thread(scan_recipients, spec)
+        # The readers read the file that was hashed (the run key, the resume check), or stop.
+        spec = replace(spec, expect=scan.identity)
         if self.options.limit is not None and self.options.limit < 1:
             raise UsageError("--limit must be at least 1")
         total_rows = scan.rows if self.options.limit is None else min(scan.rows, self.options.limit)
@@ -611,6 +614,9 @@ class Runner:
             )
             ticker = asyncio.create_task(self._ticker(policy, total_rows, started_mono))
             await self._supervise(source, workers)
+            if self._sentinels is not None:
+                self._sentinels.cancel()  # done, unless an immediate stop cancelled the workers
+                await asyncio.gather(self._sentinels, return_exceptions=True)
             ticker.cancel()
             await asyncio.gather(ticker, return_exceptions=True)
             await writer.flush()
@@ -747,6 +753,13 @@ class Runner:
                     exc = None if task.cancelled() else task.exception()
                     if exc is not None:
                         self._crashed(exc)
+                        if task is source:
+                            # Intake failed (bad input mid-file, a changed file, the reader
+                            # died): the workers finish the sends in flight, leave the queued
+                            # rest pending (the run is aborted) and stop at the sentinels the
+                            # source queued on its way out. Cancelling them would leave every
+                            # send in flight in doubt for nothing.
+                            continue
                         for other in tasks:
                             other.cancel()
                 if immediate is not None and (immediate in done or (deadline in done)):
@@ -893,6 +906,11 @@ class Runner:
                 if prepared is not None and not self._cap_hit:
                     # (past the cap the rest is only admitted: pending)
                     await self._render_chunk(queue, prepared, renderer, policy)
+        except Exception:
+            # The workers still need their sentinels to stop (see `_supervise`); queue them
+            # from a task of their own, as the queue may be full.
+            self._sentinels = asyncio.create_task(self._put_sentinels(queue, workers))
+            raise
         finally:
             for helper in helpers:
                 helper.cancel()
@@ -904,6 +922,10 @@ class Runner:
             await asyncio.to_thread(reader.close)
         for _ in range(workers):
             # Workers stop at the sentinel; when stopping they drop what is left before it.
+            await queue.put(None)
+
+    async def _put_sentinels(self, queue: asyncio.Queue[_Job | None], workers: int) -> None:
+        for _ in range(workers):
             await queue.put(None)
 
     def _admissions(

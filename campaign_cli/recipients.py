@@ -41,6 +41,7 @@ import codecs
 import csv
 import hashlib
 import io
+import os
 import pickle
 import signal
 import subprocess
@@ -48,7 +49,7 @@ import sys
 from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
+from typing import IO, TYPE_CHECKING, Any, BinaryIO, NamedTuple, Protocol
 
 from campaign_cli.addresses import AddressError, normalize_address
 from campaign_cli.errors import InputError
@@ -77,6 +78,9 @@ class RecipientSpec:
     columns: dict[Channel, str]
     default_region: str = "US"
     delimiter: str = ","
+    #: The file as `scan_recipients` saw it (`ScanResult.identity`). When set, the readers refuse
+    #: to start on another file and stop if this one changes under them.
+    expect: FileIdentity | None = None
 
     @classmethod
     def from_config(cls, campaign: Campaign, path: Path) -> RecipientSpec:
@@ -100,11 +104,26 @@ class RecipientSpec:
         return list(dict.fromkeys([self.key, *self.columns.values()]))
 
 
+class FileIdentity(NamedTuple):
+    """Which file, and which version of it: what a scan hashed and the readers must read."""
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, handle: IO[Any]) -> FileIdentity:
+        st = os.fstat(handle.fileno())
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 @dataclass
 class ScanResult:
     sha256: str
     rows: int
     header: list[str]
+    identity: FileIdentity | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,6 +169,7 @@ def scan_recipients(spec: RecipientSpec) -> ScanResult:
     except OSError as exc:
         raise _unreadable(shown, exc) from None
     with source:
+        identity = FileIdentity.of(source)
         raw = _HashingReader(source)
         text = io.TextIOWrapper(io.BufferedReader(raw, _BLOCK), encoding="utf-8-sig", newline="")
         reader = csv.reader(text, delimiter=spec.delimiter)
@@ -173,13 +193,15 @@ def scan_recipients(spec: RecipientSpec) -> ScanResult:
                 raise InputError(shown, reader.line_num, None, f"cannot parse CSV: {exc}") from None
         except OSError as exc:
             raise _unreadable(shown, exc) from None
+        if FileIdentity.of(source) != identity:
+            raise InputError(shown, None, None, _CHANGED + "while it was being checked; try again")
     if raw.nul_at is not None:
         raise _nul_error(path, raw.nul_at)
     if rows == 0:
         raise InputError(
             shown, header_at, None, "no recipients: the file has a header but no data rows"
         )
-    return ScanResult(sha256=raw.digest.hexdigest(), rows=rows, header=header)
+    return ScanResult(sha256=raw.digest.hexdigest(), rows=rows, header=header, identity=identity)
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,8 +235,12 @@ def iter_recipient_chunks(
     except OSError as exc:
         raise _unreadable(shown, exc) from None
     reader = csv.reader(handle, delimiter=spec.delimiter)
+    expect = spec.expect
     try:
         with handle:
+            if expect is not None and FileIdentity.of(handle) != expect:
+                raise InputError(shown, None, None,
+                                 _CHANGED + "since it was checked" + _CHANGED_ADVICE)
             header, key_index, _ = _read_header(reader, spec)
             width = len(header)
             index = {name: i for i, name in enumerate(header)}
@@ -252,9 +278,11 @@ def iter_recipient_chunks(
                     fields = dict(zip(header, record, strict=False))  # same length: checked
                     chunk.append(Recipient(row, line, key, fields, addresses, problems))
                 if len(chunk) >= chunk_size:
+                    _check_unchanged(handle, expect, shown, line)
                     yield chunk
                     chunk = []
             if chunk:
+                _check_unchanged(handle, expect, shown, before)
                 yield chunk
     except UnicodeDecodeError:
         raise _decode_error(path) from None
@@ -331,6 +359,7 @@ class ProcessChunkReader:
             "columns": [(channel.value, column) for channel, column in spec.columns.items()],
             "default_region": spec.default_region,
             "delimiter": spec.delimiter,
+            "expect": None if spec.expect is None else tuple(spec.expect),
             "chunk_size": chunk_size,
             "start_row": start_row,
             "limit": limit,
@@ -419,6 +448,7 @@ def _child_main(args: dict[str, Any]) -> None:
         path=Path(args["path"]), key=args["key"],
         columns={Channel(channel): column for channel, column in args["columns"]},
         default_region=args["default_region"], delimiter=args["delimiter"],
+        expect=None if args["expect"] is None else FileIdentity(*args["expect"]),
     )
     message: tuple[str, Any]
     try:
@@ -441,6 +471,23 @@ def _child_main(args: dict[str, Any]) -> None:
 
 # --------------------------------------------------------------------------------------------
 # Helpers
+
+
+_CHANGED = (
+    "the recipient file changed "
+)
+_CHANGED_ADVICE = (
+    ": stopped before sending from it; rows already sent stay journaled. Restore the file to "
+    "resume this run, or start a new run with another --run-key"
+)
+
+
+def _check_unchanged(handle: IO[Any], expect: FileIdentity | None, shown: str, line: int) -> None:
+    """Stop (an `InputError`) if the file the run hashed was changed while it is being read:
+    rows from an edited or appended file must not go out under this run's hash."""
+    if expect is not None and FileIdentity.of(handle) != expect:
+        raise InputError(shown, line, None, _CHANGED + "while the run was reading it"
+                         + _CHANGED_ADVICE)
 
 
 def _blank(record: list[str]) -> bool:
