@@ -268,3 +268,57 @@ def test_a_stop_and_continue_while_console_output_is_blocked_loses_no_line(
     printed = Counter(json.loads(line)["recipient_key"] for line in out.splitlines())
     assert len(printed) == total and max(printed.values()) == 1
     assert Counter(r["state"] for r in journal(store_path)) == {"sent": total}
+
+
+@pytest.mark.parametrize("unbuffered", ["1", ""])
+def test_a_reader_that_goes_away_stops_the_run_with_a_documented_exit_code(
+    make_campaign: CampaignFactory, store_path: Path, unbuffered: str
+) -> None:
+    """`campaign send ... | head -1`: the console's reader exits after one line. The batch whose
+    write failed is in doubt, the rest stays pending, and the exit code is the run's (1), not
+    Python's 120 from a failed last flush, with no "Exception ignored" noise on stderr."""
+    total = 2000
+    campaign = make_campaign(
+        people(total),
+        providers={"con": {"type": "console", "price_per_segment": "0.01"}},
+        channels={"sms": {"provider": "con", "body": "Hi {{ first_name }}, your code is 1234."}},
+        compliance={"consent": "not_required"},
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = unbuffered
+    proc = subprocess.Popen(campaign_cmd(store_path, "send", str(campaign)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert proc.stdout is not None and proc.stderr is not None
+    first = proc.stdout.readline()
+    proc.stdout.close()  # the reading program is gone
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    proc.wait(timeout=DEADLINE)
+    assert json.loads(first)["recipient_key"] == "c1"
+    assert proc.returncode == 1, err
+    assert "Exception ignored" not in err and "Traceback" not in err
+    assert "BrokenPipeError" in err  # the run's one-line error says what happened
+    states = Counter(r["state"] for r in journal(store_path))
+    assert sum(states.values()) == total and states["in_doubt"] >= 1
+    assert set(states) <= {"sent", "in_doubt", "pending"}
+
+
+def test_a_closed_standard_output_gives_exit_1_and_one_line_not_python_s_120(
+    store_path: Path,
+) -> None:
+    """Output that cannot be written (its reader is gone) is reported in one line with the
+    documented code. Python's own last flush would otherwise print "Exception ignored" and
+    make the exit code 120."""
+    assert run(store_path, "suppress", "add", "+12012000001").returncode == 0
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run(campaign_cmd(store_path, "suppress", "list", "--json"),
+                              stdout=write_end, stderr=subprocess.PIPE, text=True,
+                              timeout=DEADLINE)
+    finally:
+        os.close(write_end)
+    assert done.returncode == 1
+    assert done.stderr.strip() == ("error: standard output was closed before everything was "
+                                   "written (broken pipe): the program reading it exited")

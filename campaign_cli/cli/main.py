@@ -15,7 +15,8 @@ from campaign_cli.cli.output import Output
 from campaign_cli.streams import whole_writes
 
 EXIT_CODES_HELP = """
-Exit codes: 0 done, nothing failed; 1 internal error (a bug); 2 usage, configuration or input
+Exit codes: 0 done, nothing failed; 1 internal error (a bug, or output cut off: a broken pipe,
+a provider that failed in a way it cannot classify); 2 usage, configuration or input
 error, nothing sent; 3 stopped at the spend cap (resumable); 4 done, but some messages failed;
 5 the run is locked by another process; 6 a provider refused our credentials or configuration;
 130 interrupted by a signal (resumable).
@@ -76,7 +77,26 @@ def main() -> None:
     # reading program whole, also under PYTHONUNBUFFERED (campaign_cli/streams.py).
     sys.stdout = whole_writes(sys.stdout)
     _register()
-    app()
+    try:
+        app()
+    finally:
+        _flush_stdout()
+
+
+def _flush_stdout() -> None:
+    """Flush standard output before the interpreter does. When the program reading it has gone
+    (`campaign send ... | head`), the interpreter's own last flush would print "Exception
+    ignored ... BrokenPipeError" and exit 120 in place of our exit code: instead, what could not
+    be written goes to /dev/null (the journal already says what was printed and what is in
+    doubt)."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass  # closed or unusable: nothing more can be said there
 
 
 def get_app() -> typer.Typer:

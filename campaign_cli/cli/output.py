@@ -79,6 +79,10 @@ class Output:
             if self.verbose:
                 self.err.print(self.redact(traceback.format_exc()), markup=False)
             return int(exc.exit_code)
+        if isinstance(exc, BrokenPipeError):  # `campaign ... | head`: not a bug
+            self.error("standard output was closed before everything was written (broken pipe): "
+                       "the program reading it exited")
+            return int(ExitCode.INTERNAL)
         self.error(f"internal error: {type(exc).__name__}: {exc} (a bug: please report it; "
                    "--verbose shows the traceback)")
         if self.verbose:
