@@ -406,7 +406,7 @@ def test_a_file_appended_to_during_a_run_stops_it_and_nothing_appended_is_sent(
                 f.write("c9999,Late,+12012009999,late@example.com\n")
             appended.append(True)
 
-    provider = FakeProvider(handler=append_a_row, delay=0.001)
+    provider = FakeProvider(handler=append_a_row)
     options = SendOptions(reader=reader, chunk_size=20, run_key="k")  # type: ignore[arg-type]
     report = run_campaign(load_campaign(campaign, {}), store_path, options, clock=FakeClock(),
                           registry=fake_registry(provider))
