@@ -67,6 +67,16 @@ def run(store: Path, *args: str) -> subprocess.CompletedProcess[str]:
                           timeout=DEADLINE)
 
 
+def console_campaign(make_campaign: CampaignFactory, total: int, **compliance: str) -> Path:
+    """``total`` people, one SMS each, through the `console` provider (unthrottled: batches)."""
+    return make_campaign(
+        people(total),
+        providers={"con": {"type": "console", "price_per_segment": "0.01"}},
+        channels={"sms": {"provider": "con", "body": "Hi {{ first_name }}, your code is 1234."}},
+        compliance={"consent": "not_required", **compliance},
+    )
+
+
 @pytest.fixture
 def paced(make_campaign: CampaignFactory) -> Path:
     return make_campaign(
@@ -201,12 +211,7 @@ def test_sigkill_inside_an_unthrottled_console_batch_prints_nobody_twice_and_rep
     finds them in doubt, reports them, and (console cannot deduplicate; `in_doubt: skip`) does
     not print them again; everyone else is printed exactly once over the two runs."""
     total = 3000
-    campaign = make_campaign(
-        people(total),
-        providers={"con": {"type": "console", "price_per_segment": "0.01"}},
-        channels={"sms": {"provider": "con", "body": "Hi {{ first_name }}, your code is 1234."}},
-        compliance={"consent": "not_required", "in_doubt": "skip"},
-    )
+    campaign = console_campaign(make_campaign, total, in_doubt="skip")
     proc = start(store_path, "send", str(campaign), "--run-key", "k")
     wchan = Path(f"/proc/{proc.pid}/wchan")
     wait_for(lambda: sent_rows(store_path) >= 1 and "pipe_write" in wchan.read_text(), proc,
@@ -247,12 +252,7 @@ def test_a_stop_and_continue_while_console_output_is_blocked_loses_no_line(
     straight to the pipe and dropped whatever the interrupted write had not written: messages
     journaled `sent` that the reading program never got. Every line must arrive, once."""
     total = 3000
-    campaign = make_campaign(
-        people(total),
-        providers={"con": {"type": "console", "price_per_segment": "0.01"}},
-        channels={"sms": {"provider": "con", "body": "Hi {{ first_name }}, your code is 1234."}},
-        compliance={"consent": "not_required"},
-    )
+    campaign = console_campaign(make_campaign, total)
     proc = subprocess.Popen(campaign_cmd(store_path, "send", str(campaign)),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -278,12 +278,7 @@ def test_a_reader_that_goes_away_stops_the_run_with_a_documented_exit_code(
     write failed is in doubt, the rest stays pending, and the exit code is the run's (1), not
     Python's 120 from a failed last flush, with no "Exception ignored" noise on stderr."""
     total = 2000
-    campaign = make_campaign(
-        people(total),
-        providers={"con": {"type": "console", "price_per_segment": "0.01"}},
-        channels={"sms": {"provider": "con", "body": "Hi {{ first_name }}, your code is 1234."}},
-        compliance={"consent": "not_required"},
-    )
+    campaign = console_campaign(make_campaign, total)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     if unbuffered:
         env["PYTHONUNBUFFERED"] = unbuffered
