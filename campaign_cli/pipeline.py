@@ -920,11 +920,10 @@ class Runner:
             if self._admitting:
                 await asyncio.gather(*self._admitting, return_exceptions=True)
             await asyncio.to_thread(reader.close)
-        for _ in range(workers):
-            # Workers stop at the sentinel; when stopping they drop what is left before it.
-            await queue.put(None)
+        await self._put_sentinels(queue, workers)
 
     async def _put_sentinels(self, queue: asyncio.Queue[_Job | None], workers: int) -> None:
+        """Workers stop at their sentinel; when stopping they drop what is left before it."""
         for _ in range(workers):
             await queue.put(None)
 
