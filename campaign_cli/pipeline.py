@@ -22,9 +22,10 @@ The shape of the asyncio part:
 * A local provider that takes batches (`BatchProvider`: console, outbox), unthrottled and without
   failover, gets what is queued for it in one call instead: the batch's intents committed
   together first, its outcomes journaled together after; a message that failed goes on alone.
-* Stopping: the first `StopController.request()` (SIGINT/SIGTERM from the CLI) stops intake and
-  lets in-flight sends finish within `grace_seconds`; the second cancels them. Either way the
-  journal is flushed, and a row whose send was cut off is `in_doubt`, never silently `pending`.
+* Stopping: the first `StopController.request()` (SIGINT/SIGTERM/SIGHUP from the CLI) stops
+  intake and lets in-flight sends finish within `grace_seconds`; the second cancels them. Either
+  way the journal is flushed, and a row whose send was cut off is `in_doubt`, never silently
+  `pending`.
 """
 
 from __future__ import annotations

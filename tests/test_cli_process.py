@@ -192,13 +192,20 @@ def test_an_opt_out_added_mid_run_is_honoured(paced: Path, store_path: Path, tmp
     assert late not in printed and len(printed) == 119
 
 
-def test_sigterm_is_handled_like_ctrl_c(paced: Path, store_path: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_and_sighup_are_handled_like_ctrl_c(
+    paced: Path, store_path: Path, signum: signal.Signals
+) -> None:
+    """SIGTERM (a supervisor, `kill`) and SIGHUP (the SSH session or terminal went away) stop
+    the run as Ctrl-C does: in-flight sends finish, nothing is left in doubt, exit 130."""
     proc = start(store_path, "send", str(paced), "--run-key", "term")
     wait_for(lambda: sent_rows(store_path) >= 5, proc, "5 messages sent")
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=DEADLINE)
     assert proc.returncode == 130, err
-    assert "SIGTERM" in err
+    assert signum.name in err
+    states = Counter(r["state"] for r in journal(store_path))
+    assert set(states) <= {"sent", "pending"} and states["sent"] >= 5
 
 
 

@@ -117,12 +117,12 @@ def send(
                 else:
                     out.warn("stopping now; the journal stays consistent")
 
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in _STOP_SIGNALS:
                 loop.add_signal_handler(sig, on_signal, sig)
             try:
                 return await runner.execute()
             finally:
-                for sig in (signal.SIGINT, signal.SIGTERM):
+                for sig in _STOP_SIGNALS:
                     loop.remove_signal_handler(sig)
 
         report = asyncio.run(main())
@@ -137,6 +137,11 @@ def send(
     if hint:
         out.info(hint)
     raise typer.Exit(int(report.exit_code or 0))
+
+
+# Ctrl-C, `kill`/a supervisor, and a terminal or SSH session that went away: each stops the run
+# gracefully (in-flight sends finish; resumable), never mid-send.
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def _parse_money(text: str | None) -> Decimal | None:
