@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from campaign_cli.config import load_campaign
 from campaign_cli.errors import (
@@ -26,9 +28,9 @@ from campaign_cli.errors import (
     ProviderAuthError,
     TransientError,
 )
-from campaign_cli.models import OutboundMessage
+from campaign_cli.models import Channel, OutboundMessage, SmsContent
 from campaign_cli.pipeline import RunReport, SendOptions, StopController, run_campaign
-from campaign_cli.providers import outbox
+from campaign_cli.providers import console, outbox
 from campaign_cli.testing import FakeBatchProvider, FakeClock, FakeProvider, fake_registry
 from tests.conftest import CampaignFactory, journal, people
 
@@ -353,3 +355,18 @@ def test_a_stop_while_small_chunks_are_being_admitted_leaves_a_consistent_journa
     assert {r["state"] for r in rows} <= {"sent", "pending"}
     report = send(campaign, store_path, FakeBatchProvider(batch_size=4), run_key="s")
     assert report.counts == {"sent": 120}
+
+
+@settings(max_examples=500, deadline=None)
+@given(address=st.text(), key=st.text(), idempotency=st.text(), body=st.text(min_size=1),
+       encoding=st.sampled_from(["GSM-7", "UCS-2"]), segments=st.integers(0, 10**6))
+def test_a_console_sms_line_is_what_the_json_encoder_writes(
+    address: str, key: str, idempotency: str, body: str, encoding: str, segments: int
+) -> None:
+    """The SMS fast path of the console provider prints the very text `json.dumps` (with
+    ensure_ascii=False) prints for the same payload: quotes, backslashes, control characters,
+    non-ASCII and lone surrogates included."""
+    message = OutboundMessage(1, 1, Channel.SMS, key, address, idempotency,
+                              SmsContent(body, encoding, segments), "h")
+    assert console._line(message) == json.dumps(
+        outbox._payload(message), ensure_ascii=False) + "\n"

@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Sequence
+from json.encoder import encode_basestring
 from typing import IO, Any
 
 from campaign_cli.config import ConsoleProviderConfig
 from campaign_cli.errors import ProviderError
-from campaign_cli.models import Channel, EmailContent, OutboundMessage, SendResult
+from campaign_cli.models import Channel, EmailContent, OutboundMessage, SendResult, SmsContent
 from campaign_cli.providers.base import ProviderContext
 from campaign_cli.providers.outbox import _payload
 from campaign_cli.streams import whole_writes
@@ -58,8 +59,18 @@ class ConsoleProvider:
 
 
 def _line(message: OutboundMessage) -> str:
-    payload: dict[str, Any] = _payload(message)
     content = message.content
+    if type(content) is SmsContent:
+        # The common case, spelled out: the same text as the generic path below (tested against
+        # it), without a dict and the encoder's generic walk: a tenth of a console run's CPU.
+        return (
+            f'{{"channel": {_quote(message.channel._value_)}, "to": {_quote(message.address)}, '
+            f'"recipient_key": {_quote(message.recipient_key)}, '
+            f'"idempotency_key": {_quote(message.idempotency_key)}, '
+            f'"body": {_quote(content.body)}, "encoding": {_quote(content.encoding)}, '
+            f'"segments": {int(content.segments)}}}\n'
+        )
+    payload: dict[str, Any] = _payload(message)
     if isinstance(content, EmailContent):
         payload.update(subject=content.subject, text=content.text, html=content.html,
                        sender=content.sender, headers=dict(content.headers))
@@ -68,3 +79,5 @@ def _line(message: OutboundMessage) -> str:
 
 # `json.dumps` with any option builds a new encoder per call; one is enough.
 _encode = json.JSONEncoder(ensure_ascii=False).encode
+# How that encoder quotes a string (ensure_ascii=False): json's own C function.
+_quote = encode_basestring
