@@ -44,6 +44,7 @@ import io
 import os
 import pickle
 import signal
+import stat
 import subprocess
 import sys
 from collections.abc import Generator
@@ -169,6 +170,10 @@ def scan_recipients(spec: RecipientSpec) -> ScanResult:
     except OSError as exc:
         raise _unreadable(shown, exc) from None
     with source:
+        if not stat.S_ISREG(os.fstat(source.fileno()).st_mode):
+            raise InputError(shown, None, None, "not a regular file: the recipient file is read "
+                             "twice (checked and hashed first, then sent), which a pipe or a "
+                             "device cannot be; save it to a file first")
         identity = FileIdentity.of(source)
         raw = _HashingReader(source)
         text = io.TextIOWrapper(io.BufferedReader(raw, _BLOCK), encoding="utf-8-sig", newline="")

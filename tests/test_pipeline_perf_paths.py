@@ -417,3 +417,19 @@ def test_a_file_appended_to_during_a_run_stops_it_and_nothing_appended_is_sent(
     rows = journal(store_path)
     assert len(rows) < total and all(r["rkey"] != "c9999" for r in rows)
     assert {r["state"] for r in rows} <= {"sent", "pending"}
+
+
+def test_a_pipe_or_a_device_is_refused_as_a_recipient_file(tmp_path: Path) -> None:
+    """The file is read twice (scan, then send); a pipe would be empty the second time, so the
+    run used to report it as "the file is empty". It is refused for what it is."""
+    fifo = tmp_path / "fifo.csv"
+    os.mkfifo(fifo)
+    writer = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)  # keeps the pipe open for the reader
+    try:
+        os.write(writer, MIXED.encode())
+        for path in (fifo, Path(os.devnull)):
+            with pytest.raises(InputError, match="not a regular file: the recipient file is read "
+                                                 "twice"):
+                scan_recipients(spec_for(path))
+    finally:
+        os.close(writer)
