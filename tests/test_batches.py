@@ -370,3 +370,24 @@ def test_a_console_sms_line_is_what_the_json_encoder_writes(
                               SmsContent(body, encoding, segments), "h")
     assert console._line(message) == json.dumps(
         outbox._payload(message), ensure_ascii=False) + "\n"
+
+
+@pytest.mark.parametrize("rate", [None, "1000/s"])  # batches, and one message at a time
+def test_an_outbox_folder_that_cannot_be_made_stops_the_run_before_anything_is_sent(
+    make_campaign: CampaignFactory, store_path: Path, tmp_path: Path, rate: str | None
+) -> None:
+    """A file where the outbox folder should be: nothing can be written, so nothing may be
+    counted as sent or in doubt. The run stops with exit 6 (configuration refused), every row
+    stays pending and no money is counted; once the way is clear, the resume sends everyone."""
+    (tmp_path / "outbox").write_text("not a folder")
+    box: dict[str, Any] = {"type": "outbox", "dir": "outbox", "price_per_segment": "0.01"}
+    if rate:
+        box["rate"] = rate
+    campaign = make_campaign(people(40), providers={"box": box})
+    report = send_to_outbox(campaign, store_path)
+    assert report.exit_code == 6
+    assert "outbox folder" in (report.error or "") and "cannot be used" in (report.error or "")
+    assert set(report.counts) == {"pending"} and report.spend_micros == 0
+    (tmp_path / "outbox").unlink()
+    assert send_to_outbox(campaign, store_path).counts == {"sent": 40}
+    assert outbox_keys(tmp_path) == sorted(f"c{i}" for i in range(1, 41))

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from campaign_cli.config import OutboxProviderConfig
-from campaign_cli.errors import ProviderError
+from campaign_cli.errors import ProviderAuthError, ProviderError
 from campaign_cli.models import (
     Channel,
     EmailContent,
@@ -50,7 +50,7 @@ class OutboxProvider:
         return cls(name, config.dir, context)
 
     async def send(self, message: OutboundMessage) -> SendResult:
-        await self._mkdir()
+        await self._mkdir()  # ProviderAuthError: the row goes back to pending, the run stops
         path, data = self._file(message)
         await asyncio.to_thread(_write_atomically, path, data)
         return SendResult(provider_message_id=path.name)
@@ -58,14 +58,26 @@ class OutboxProvider:
     async def send_batch(
         self, messages: Sequence[OutboundMessage]
     ) -> list[SendResult | ProviderError]:
-        await self._mkdir()
+        try:
+            await self._mkdir()
+        except ProviderAuthError as exc:
+            return [exc] * len(messages)  # nothing written: each goes back to pending
         files = [self._file(message) for message in messages]
         await asyncio.to_thread(_write_all, files)
         return [SendResult(provider_message_id=path.name) for path, _ in files]
 
     async def _mkdir(self) -> None:
+        """Make the run's folder once. A folder that cannot be made or written is the campaign's
+        configuration refused (exit 6, nothing written, rows still pending), not a message that
+        may have gone out."""
         if not self._made:
-            await asyncio.to_thread(self.directory.mkdir, parents=True, exist_ok=True, mode=0o700)
+            try:
+                await asyncio.to_thread(_usable_directory, self.directory)
+            except OSError as exc:
+                raise ProviderAuthError(
+                    f"outbox folder {self.directory} cannot be used: "
+                    f"{exc.strerror or type(exc).__name__}", code="outbox_dir",
+                ) from None
             self._made = True
 
     def _file(self, message: OutboundMessage) -> tuple[Path, bytes]:
@@ -102,6 +114,12 @@ def _payload(message: OutboundMessage) -> dict[str, Any]:
     elif isinstance(content, WebhookContent):
         base.update(text=content.text)
     return base
+
+
+def _usable_directory(directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise PermissionError(13, "not writable", str(directory))
 
 
 def _write_all(files: Sequence[tuple[Path, bytes]]) -> None:
