@@ -44,14 +44,15 @@ class Stamper:
     On the system clock it reads `time.time()` instead of building a `datetime` per call (the
     journal stamps every attempt: measured, a quarter of the per-message send path's own time)."""
 
-    __slots__ = ("_clock", "_second", "_prefix", "_system", "_epoch")
+    __slots__ = ("_clock", "_second", "_prefix", "_system", "_epoch", "_epoch_prefix")
 
     def __init__(self, clock: Clock) -> None:
         self._clock = clock
-        self._second: datetime | None = None
-        self._prefix = ""
         self._system = type(clock) is SystemClock
-        self._epoch: int | None = None
+        self._second: datetime | None = None  # `now` on other clocks: this second's text
+        self._prefix = ""
+        self._epoch: int | None = None  # `at`: this second's text
+        self._epoch_prefix = ""
 
     def now(self) -> str:
         if self._system:
@@ -77,6 +78,5 @@ class Stamper:
             epoch, micro = epoch - 1, micro + 1_000_000
         if epoch != self._epoch:
             self._epoch = epoch
-            self._prefix = iso(datetime.fromtimestamp(epoch, timezone.utc))[:-4]
-            self._second = None
-        return f"{self._prefix}{micro // 1000:03d}Z"
+            self._epoch_prefix = iso(datetime.fromtimestamp(epoch, timezone.utc))[:-4]
+        return f"{self._epoch_prefix}{micro // 1000:03d}Z"

@@ -326,6 +326,7 @@ class _Ready:
 
 
 _PENDING = State.PENDING.value
+_INVALID = State.INVALID.value
 _IN_DOUBT = State.IN_DOUBT.value
 _SENT = State.SENT.value
 _CHANNELS = {channel.value: channel for channel in Channel}
@@ -695,6 +696,7 @@ class Runner:
                                  self.loaded.line_of("providers", name, "type"),
                                  f"providers.{name}.type", str(exc.args[0])) from None
             rate = self.options.rate if self.options.rate is not None else config.rate
+        batcher = provider if isinstance(provider, BatchProvider) else None
         return _Route(
             name=name,
             provider=provider,
@@ -707,9 +709,8 @@ class Runner:
             backoff=config.retry.backoff,
             max_backoff=config.retry.max_backoff,
             breaker=Breaker(threshold, cooldown, self.clock),
-            batch_size=max(1, int(provider.batch_size))
-            if isinstance(provider, BatchProvider) else 1,
-            batcher=provider if isinstance(provider, BatchProvider) else None,
+            batch_size=1 if batcher is None else max(1, int(batcher.batch_size)),
+            batcher=batcher,
         )
 
     def _pick(self, channel: Channel, pinned: str | None) -> _Route:
@@ -942,7 +943,7 @@ class Runner:
             if isinstance(item, InvalidRow):
                 for channel in channels[:1] if first_only else channels:
                     admits.append(runs.Admit(item.row, item.line, channel._value_, None, None,
-                                             State.INVALID._value_, item.reason, item.detail))
+                                             _INVALID, item.reason, item.detail))
                 continue
             recipients[item.row] = item
             chosen = channels
@@ -955,11 +956,11 @@ class Runner:
                     address = item.key  # one POST per recipient to the provider's own URL
                 if address is not None:
                     admits.append(runs.Admit(item.row, item.line, channel._value_, item.key,
-                                             address, State.PENDING._value_))
+                                             address, _PENDING))
                 else:
                     reason, detail = item.problems.get(channel, ("no_address", "no address"))
                     admits.append(runs.Admit(item.row, item.line, channel._value_, item.key, None,
-                                             State.INVALID._value_, reason, detail))
+                                             _INVALID, reason, detail))
         return admits, recipients
 
     async def _admit(

@@ -124,7 +124,7 @@ class ScanResult:
     sha256: str
     rows: int
     header: list[str]
-    identity: FileIdentity | None = None
+    identity: FileIdentity
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,7 +199,8 @@ def scan_recipients(spec: RecipientSpec) -> ScanResult:
         except OSError as exc:
             raise _unreadable(shown, exc) from None
         if FileIdentity.of(source) != identity:
-            raise InputError(shown, None, None, _CHANGED + "while it was being checked; try again")
+            raise InputError(shown, None, None,
+                             "the recipient file changed while it was being checked; try again")
     if raw.nul_at is not None:
         raise _nul_error(path, raw.nul_at)
     if rows == 0:
@@ -243,9 +244,7 @@ def iter_recipient_chunks(
     expect = spec.expect
     try:
         with handle:
-            if expect is not None and FileIdentity.of(handle) != expect:
-                raise InputError(shown, None, None,
-                                 _CHANGED + "since it was checked" + _CHANGED_ADVICE)
+            _check_unchanged(handle, expect, shown, None, "since it was checked")
             header, key_index, _ = _read_header(reader, spec)
             width = len(header)
             index = {name: i for i, name in enumerate(header)}
@@ -283,11 +282,11 @@ def iter_recipient_chunks(
                     fields = dict(zip(header, record, strict=False))  # same length: checked
                     chunk.append(Recipient(row, line, key, fields, addresses, problems))
                 if len(chunk) >= chunk_size:
-                    _check_unchanged(handle, expect, shown, line)
+                    _check_unchanged(handle, expect, shown, line, "while the run was reading it")
                     yield chunk
                     chunk = []
             if chunk:
-                _check_unchanged(handle, expect, shown, before)
+                _check_unchanged(handle, expect, shown, before, "while the run was reading it")
                 yield chunk
     except UnicodeDecodeError:
         raise _decode_error(path) from None
@@ -364,6 +363,7 @@ class ProcessChunkReader:
             "columns": [(channel.value, column) for channel, column in spec.columns.items()],
             "default_region": spec.default_region,
             "delimiter": spec.delimiter,
+            # A plain tuple: the child unpickles these before it can import this module.
             "expect": None if spec.expect is None else tuple(spec.expect),
             "chunk_size": chunk_size,
             "start_row": start_row,
@@ -478,21 +478,18 @@ def _child_main(args: dict[str, Any]) -> None:
 # Helpers
 
 
-_CHANGED = (
-    "the recipient file changed "
-)
-_CHANGED_ADVICE = (
-    ": stopped before sending from it; rows already sent stay journaled. Restore the file to "
-    "resume this run, or start a new run with another --run-key"
-)
-
-
-def _check_unchanged(handle: IO[Any], expect: FileIdentity | None, shown: str, line: int) -> None:
-    """Stop (an `InputError`) if the file the run hashed was changed while it is being read:
-    rows from an edited or appended file must not go out under this run's hash."""
+def _check_unchanged(
+    handle: IO[Any], expect: FileIdentity | None, shown: str, line: int | None, when: str
+) -> None:
+    """Stop (an `InputError`) if the open file is not the one the run hashed: rows from an
+    edited, appended or replaced file must not go out under this run's hash."""
     if expect is not None and FileIdentity.of(handle) != expect:
-        raise InputError(shown, line, None, _CHANGED + "while the run was reading it"
-                         + _CHANGED_ADVICE)
+        raise InputError(
+            shown, line, None,
+            f"the recipient file changed {when}: stopped before sending from it; rows already "
+            "sent stay journaled. Restore the file to resume this run, or start a new run with "
+            "another --run-key",
+        )
 
 
 def _blank(record: list[str]) -> bool:

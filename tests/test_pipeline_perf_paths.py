@@ -37,7 +37,7 @@ from campaign_cli.recipients import (
 from campaign_cli.store.db import Store, insert_rows
 from campaign_cli.store.journal import JournalWriter
 from campaign_cli.testing import FakeClock, FakeProvider, fake_registry
-from tests.conftest import CampaignFactory, journal, people
+from tests.conftest import CampaignFactory, journal, people, write_csv
 
 MIXED = (
     "id,name,phone,email\n"
@@ -243,7 +243,7 @@ def test_stamper_on_the_system_clock_tells_the_time() -> None:
 def test_insert_rows_does_what_executemany_does(keys: list[int], width: int) -> None:
     """Many rows per statement (`insert_rows`, used for admission) leave the same table as one
     statement per row, OR IGNORE included: the first row of a key wins, also across the
-    statements a long list is cut into (999 // width rows each)."""
+    statements a long list is cut into (MAX_PARAMS // width rows each)."""
     columns = ", ".join(f"c{i}" for i in range(width))
     rows = [(key, *(f"{n}-{i}" for i in range(1, width))) for n, key in enumerate(keys)]
     tables = []
@@ -270,12 +270,7 @@ def wait_until(condition: Callable[[], bool], what: str, seconds: float = 20.0) 
 
 
 def big_file(tmp_path: Path, rows: int) -> Path:
-    path = tmp_path / "big.csv"
-    with path.open("w") as f:
-        f.write("id,name,phone,email\n")
-        for i in range(rows):
-            f.write(f"c{i},Name{i},+1201{200 + i // 10_000:03d}{i % 10_000:04d},p{i}@example.com\n")
-    return path
+    return write_csv(tmp_path / "big.csv", people(rows))
 
 
 def test_the_reader_child_survives_a_stop_and_continue_while_blocked_on_a_full_pipe(

@@ -23,13 +23,12 @@ from campaign_cli.addresses import AddressError, address_hash
 from campaign_cli.clock import iso
 from campaign_cli.errors import InputError
 from campaign_cli.models import Channel, Purpose
+from campaign_cli.store.db import MAX_PARAMS, batched
 from campaign_cli.store.suppressions import (
     CHANNELS,
-    MAX_PARAMS,
     AddResult,
     ImportResult,
     address_column,
-    batched,
     check_channel,
     normalize_for,
     open_csv,

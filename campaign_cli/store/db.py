@@ -13,9 +13,9 @@ from __future__ import annotations
 import os
 import secrets
 import sqlite3
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlite_utils
 
@@ -209,8 +209,15 @@ def migrate(conn: sqlite3.Connection) -> int:
     return len(MIGRATIONS)
 
 
-# The fewest host parameters any SQLite we support allows in one statement (999 before 3.32).
-_MAX_PARAMS = 999
+#: SQLite's historical limit on bound parameters was 999; stay well below it.
+MAX_PARAMS = 500
+
+T = TypeVar("T")
+
+
+def batched(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
 
 
 def insert_rows(conn: sqlite3.Connection, head: str, rows: Sequence[Sequence[Any]]) -> None:
@@ -219,16 +226,16 @@ def insert_rows(conn: sqlite3.Connection, head: str, rows: Sequence[Sequence[Any
     Same effect as ``executemany(head + " VALUES (?, ?, ?)", rows)`` in the same transaction,
     but with one ``sqlite3_step`` per statement instead of one per row. Python's sqlite3 lets go
     of the GIL around every step and must win it back after, so on a journal thread next to a
-    busy event loop, ``executemany`` waits for the loop once per row; here once per ~80 rows.
+    busy event loop, ``executemany`` waits for the loop once per row; here once per
+    ``MAX_PARAMS // width`` rows (41 for admission's 12 columns).
     """
     if not rows:
         return
     width = len(rows[0])
-    per = max(1, _MAX_PARAMS // width)
+    per = max(1, MAX_PARAMS // width)
     one = "(" + ", ".join("?" * width) + ")"
     full = f"{head} VALUES {', '.join([one] * per)}"
-    for start in range(0, len(rows), per):
-        part = rows[start:start + per]
+    for part in batched(rows, per):
         sql = full if len(part) == per else f"{head} VALUES {', '.join([one] * len(part))}"
         conn.execute(sql, [value for row in part for value in row])
 

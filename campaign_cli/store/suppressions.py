@@ -39,12 +39,10 @@ from campaign_cli.addresses import (
 )
 from campaign_cli.errors import InputError
 from campaign_cli.models import Channel
+from campaign_cli.store.db import MAX_PARAMS, batched
 
 #: Channels a suppression or a consent record may name: every channel, or all of them at once.
 CHANNELS: tuple[str, ...] = tuple(c.value for c in Channel) + ("all",)
-
-#: SQLite's historical limit on bound parameters was 999; stay well below it.
-MAX_PARAMS = 500
 
 EXPORT_COLUMNS = ("address", "channel", "reason", "source", "created_at", "address_hash")
 ADDRESS_COLUMNS = ("address", "phone", "email")
@@ -71,11 +69,6 @@ class ImportResult:
 
 # --------------------------------------------------------------------------------------------
 # Helpers shared with store/consents.py.
-
-
-def batched(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
 
 
 @contextlib.contextmanager
