@@ -1207,6 +1207,8 @@ class Runner:
                                        f"{len(sending)} messages")
             except asyncio.CancelledError:
                 raise  # the rows stay `sending`; they become `in_doubt` when the run ends
+            except ProviderError as exc:  # the provider's answer for every message of the batch
+                outcomes = [exc] * len(sending)
             except Exception as exc:  # noqa: BLE001 - which of them left is unknown: all in doubt
                 keys = [(run_id, job.message.row, job.message.channel._value_) for job in sending]
                 self._provider_crashed(keys, 1, name, exc, started)

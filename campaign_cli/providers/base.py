@@ -39,9 +39,11 @@ class BatchProvider(Provider, Protocol):
     committed, and only when the provider is unthrottled and the channel has no failover; paced or
     failover traffic goes through `send` one message at a time. ``send_batch`` returns one entry
     per message, in order: a `SendResult` (accepted) or a `ProviderError` instance (that message
-    failed; the pipeline retries or records it exactly as if `send` had raised it). An exception
-    *raised* by ``send_batch`` means it is not known which messages left: all of them end
-    `in_doubt` and the run stops, as for a bug in `send`."""
+    failed; the pipeline retries or records it exactly as if `send` had raised it). A
+    `ProviderError` *raised* by ``send_batch`` is that answer for every message of the batch (an
+    outbox folder that cannot be made: nothing written, the configuration refused). Any other
+    exception means it is not known which messages left: all of them end `in_doubt` and the run
+    stops, as for a bug in `send`."""
 
     batch_size: int
 

@@ -58,10 +58,7 @@ class OutboxProvider:
     async def send_batch(
         self, messages: Sequence[OutboundMessage]
     ) -> list[SendResult | ProviderError]:
-        try:
-            await self._mkdir()
-        except ProviderAuthError as exc:
-            return [exc] * len(messages)  # nothing written: each goes back to pending
+        await self._mkdir()  # ProviderAuthError: the answer for the whole batch (base.py)
         files = [self._file(message) for message in messages]
         await asyncio.to_thread(_write_all, files)
         return [SendResult(provider_message_id=path.name) for path, _ in files]
