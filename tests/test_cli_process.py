@@ -302,7 +302,10 @@ def test_a_reader_that_goes_away_stops_the_run_with_a_documented_exit_code(
     assert "Exception ignored" not in err and "Traceback" not in err
     assert "BrokenPipeError" in err  # the run's one-line error says what happened
     states = Counter(r["state"] for r in journal(store_path))
-    assert sum(states.values()) == total and states["in_doubt"] >= 1
+    # A run that stops early has journaled the rows it read so far, not always all of them (under
+    # load the reader may be a few chunks behind; README: counts add up to total_rows "once a run
+    # has read its whole file"); the resume reads the rest.
+    assert sum(states.values()) <= total and states["in_doubt"] >= 1
     assert set(states) <= {"sent", "in_doubt", "pending"}
 
 
