@@ -81,6 +81,8 @@ class Sink:
 
     replies: dict[str, str] = field(default_factory=dict)  # "MAIL" / "RCPT" / "DATA" -> reply
     stall: str | None = None  # a command never answered ("RCPT" or "DATA")
+    # A fault at the DATA command itself, before its 354 go-ahead: "drop" or "stall".
+    data_command: str | None = None
     drop_on_data: bool = False  # close the connection once the message is in
     received: list[Received] = field(default_factory=list)
     ehlos: int = 0
@@ -139,11 +141,30 @@ class Sink:
         return "221 Bye"
 
 
+class FaultyServer(SMTPServer):
+    """aiosmtpd's server, with `Sink.data_command` faults before the message is asked for."""
+
+    async def smtp_DATA(self, arg: str) -> None:
+        fault = getattr(self.event_handler, "data_command", None)
+        if fault == "drop":
+            assert self.transport is not None
+            self.transport.abort()
+            return
+        if fault == "stall":
+            await asyncio.Event().wait()
+        await super().smtp_DATA(arg)
+
+
+class FaultyController(Controller):
+    def factory(self) -> SMTPServer:
+        return FaultyServer(self.handler, **self.SMTP_kwargs)
+
+
 class Server:
     def __init__(self, sink: Sink, **kwargs: Any) -> None:
         self.sink = sink
         self.port = free_port()
-        self.controller = Controller(sink, hostname="127.0.0.1", port=self.port, **kwargs)
+        self.controller = FaultyController(sink, hostname="127.0.0.1", port=self.port, **kwargs)
         self.controller.start()
         self.running = True
 
@@ -572,6 +593,28 @@ def test_connection_dropped_after_the_message_was_sent_is_in_doubt(smtpd: Server
     assert isinstance(error, InDoubtError)
     # The server did take the message: exactly why this must not read as a failure.
     assert len(server.sink.received) == 1 and server.sink.data_commands == 1
+
+
+@pytest.mark.parametrize("fault", ["drop", "stall"])
+def test_failure_at_the_data_command_before_its_go_ahead_is_transient(
+    smtpd: ServerFactory, fault: str
+) -> None:
+    # Before the server's 354 not a byte of the message was written: a definite failure, safe
+    # to retry or fail over, not a message that may have been queued.
+    server = smtpd(Sink(data_command=fault))
+    p = provider(server, timeout=0.2)
+
+    async def scenario() -> ProviderError:
+        error = await send_one_expecting_error(p, message(1))
+        server.sink.data_command = None
+        await send_all(provider(server), [message(2)])  # and the server takes the next one
+        return error
+
+    error = run(scenario())
+    assert type(error) is TransientError
+    assert error.code == ("disconnected" if fault == "drop" else "timeout")
+    assert server.sink.data_commands == 1
+    assert [r.rcpt_tos for r in server.sink.received] == [["person2@example.org"]]
 
 
 @pytest.mark.parametrize(("stall", "kind"), [("RCPT", TransientError), ("DATA", InDoubtError)])

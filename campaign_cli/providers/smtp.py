@@ -10,8 +10,9 @@ have happened before or after the message was handed over:
 - a reply code is definite: 4xx is `TransientError`; 5xx is `PermanentError`, except 530/534/535
   (authentication) and a refused sender on MAIL FROM, which refuse every message alike and so are
   `ProviderAuthError`;
-- a lost connection or a timeout before DATA is `TransientError` (nothing was handed over); once
-  DATA has been sent it is `InDoubtError`: the server may have queued the message;
+- a lost connection or a timeout before the server's 354 go-ahead to DATA is `TransientError`
+  (nothing of the message was written); once the message is on its way it is `InDoubtError`: the
+  server may have queued it;
 - a kept-alive connection the server has closed meanwhile shows at MAIL FROM; it is replaced once.
 
 The message bytes come from `campaign_cli.render.email.build_email`; its Message-ID is derived from
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import re
 import ssl
 from typing import Literal
 
@@ -154,8 +156,12 @@ class SmtpProvider:
             reply = await smtp.execute_command(b"RCPT", b"TO:" + _path(recipient, utf8))
             if reply.code not in (250, 251):
                 raise aiosmtplib.SMTPRecipientRefused(reply.code, reply.message, recipient)
-            step = "DATA"
-            response = await smtp.data(data)
+            step = "DATA command"
+            reply = await smtp.execute_command(b"DATA")
+            if reply.code != 354:
+                raise aiosmtplib.SMTPDataError(reply.code, reply.message)
+            step = "DATA"  # the message goes out now: from here a lost reply leaves it in doubt
+            response = await _send_message(smtp, data, self._timeout)
         except ProviderError:
             smtp.close()
             raise
@@ -303,6 +309,8 @@ class SmtpProvider:
 
 
 _NOT_IN_PATH = frozenset("<> \t\r\n\0")
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+_DOT_AT_LINE_START = re.compile(rb"(?m)^\.")
 
 
 def _path(address: str, utf8: bool) -> bytes:
@@ -310,6 +318,24 @@ def _path(address: str, utf8: bool) -> bytes:
     if not address or not _NOT_IN_PATH.isdisjoint(address):
         raise ValueError(f"address cannot go on an SMTP command line: {address!r}")
     return b"<" + address.encode("utf-8" if utf8 else "ascii") + b">"
+
+
+async def _send_message(
+    smtp: aiosmtplib.SMTP, data: bytes, timeout: float
+) -> aiosmtplib.SMTPResponse:
+    """The message after DATA's 354, as ``smtp.data`` sends it (CRLF line ends, dot-stuffed, a
+    lone "." at the end), and the server's reply to it."""
+    protocol = smtp.protocol
+    if protocol is None:
+        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+    data = _DOT_AT_LINE_START.sub(b"..", _LINE_END.sub(b"\r\n", data))
+    if not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    protocol.write(data + b".\r\n")
+    response = await protocol.read_response(timeout=timeout)
+    if response.code != 250:
+        raise aiosmtplib.SMTPDataError(response.code, response.message)
+    return response
 
 
 async def _greet(smtp: aiosmtplib.SMTP) -> None:
