@@ -20,8 +20,9 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP as SMTPServer
 from aiosmtpd.smtp import AuthResult, Envelope, Session
 
-from campaign_cli.config import Campaign, SmtpProviderConfig
+from campaign_cli.config import Campaign, SmtpProviderConfig, load_campaign
 from campaign_cli.errors import (
+    ExitCode,
     InDoubtError,
     PermanentError,
     ProviderAuthError,
@@ -29,11 +30,13 @@ from campaign_cli.errors import (
     TransientError,
 )
 from campaign_cli.models import Channel, EmailContent, OutboundMessage, Recipient, SmsContent
+from campaign_cli.pipeline import SendOptions, run_campaign
 from campaign_cli.providers.base import Provider, ProviderContext, default_registry
 from campaign_cli.providers.smtp import SmtpProvider
 from campaign_cli.render.email import make_message_id
 from campaign_cli.render.engine import Renderer, RenderError
 from campaign_cli.testing import FakeClock
+from tests.conftest import CampaignFactory, people
 
 T = TypeVar("T")
 INJECTION = "x\r\nBcc: evil@example.com"
@@ -536,6 +539,55 @@ def test_login_refused_is_an_auth_error(smtpd: ServerFactory) -> None:
     assert error.code == "535" and error.status == 535
     assert "wrong-secret" not in str(error)
     assert sink.logins and sink.received == [] and sink.data_commands == 0
+
+
+def refusing_server(smtpd: ServerFactory) -> Server:
+    sink = Sink()
+
+    def refuse(server: Any, session: Any, envelope: Any, mechanism: str, data: Any) -> AuthResult:
+        sink.logins.append((mechanism, data))
+        return AuthResult(success=False, handled=False)
+
+    return smtpd(sink, authenticator=refuse, auth_require_tls=False)
+
+
+def test_a_refused_login_is_not_tried_again_by_every_queued_message(smtpd: ServerFactory) -> None:
+    # Servers lock an account after a few failed logins: a wrong password costs one connection's
+    # login, not one per message waiting for the pool.
+    server = refusing_server(smtpd)
+    p = provider(server, username="ann", password="wrong-secret", concurrency=4)
+
+    async def scenario() -> list[BaseException | None]:
+        try:
+            return await asyncio.gather(*(p.send(message(i)) for i in range(1, 21)),
+                                        return_exceptions=True)
+        finally:
+            await p.aclose()
+
+    errors = run(scenario())
+    assert all(isinstance(e, ProviderAuthError) and e.code == "535" for e in errors), errors
+    assert server.sink.ehlos == 1  # one connection; aiosmtplib tries each offered mechanism
+    assert 1 <= len(server.sink.logins) <= 2 and server.sink.data_commands == 0
+
+
+def test_a_run_with_a_wrong_password_stops_after_a_handful_of_logins(
+    smtpd: ServerFactory, make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    server = refusing_server(smtpd)
+    campaign = make_campaign(
+        people(60),
+        channels={"email": {"provider": "mail", "from": SENDER, "subject": "Hi",
+                            "text": "t.txt"}},
+        providers={"mail": {"type": "smtp", "host": "127.0.0.1", "port": server.port,
+                            "security": "none", "username": "ann", "password": "${SMTP_PW}"}},
+        limits={"concurrency": 32},
+    )
+    (campaign.parent / "t.txt").write_text("Hello {{ first_name }}\n", encoding="utf-8")
+    loaded = load_campaign(campaign, {"SMTP_PW": "wrong-secret"})
+    report = run_campaign(loaded, store_path, SendOptions(), clock=FakeClock())
+    assert report.exit_code == ExitCode.PROVIDER_AUTH
+    assert report.counts == {"pending": 60}
+    assert len(server.sink.logins) <= 2 and server.sink.received == []
 
 
 def test_login_accepted_then_sent(smtpd: ServerFactory) -> None:

@@ -7,6 +7,8 @@ have happened before or after the message was handed over:
 
 - opening a connection (TCP, greeting, EHLO, STARTTLS, AUTH) fails as `TransientError`, or as
   `ProviderAuthError` when the server refuses our credentials, the HELO name or TLS is missing;
+  connections are opened one at a time until one is logged in, and after such a refusal none is
+  tried again (each refused login counts towards the account's lockout);
 - a reply code is definite: 4xx is `TransientError`; 5xx is `PermanentError`, except 530/534/535
   (authentication) and a refused sender on MAIL FROM, which refuse every message alike and so are
   `ProviderAuthError`;
@@ -90,6 +92,9 @@ class SmtpProvider:
         self._slots = asyncio.Semaphore(pool_size)
         self._closing = False
         self._sender: tuple[str, str, str] | None = None  # (From, envelope sender, id domain)
+        self._opening = asyncio.Lock()  # held while the first connection is opened
+        self._proven = False  # a connection has been opened and logged in
+        self._refused: ProviderAuthError | None = None  # how the first connection was refused
 
     @classmethod
     def from_config(
@@ -246,6 +251,25 @@ class SmtpProvider:
             self._idle.append(smtp)
 
     async def _connect(self) -> aiosmtplib.SMTP:
+        """A connection ready for MAIL FROM. Until one has been opened they are opened one at a
+        time, and once the server refused the first one no other is tried: a wrong password must
+        cost one refused login, not one per queued message (which locks accounts)."""
+        if not self._proven:
+            async with self._opening:
+                refused = self._refused
+                if refused is not None:
+                    raise ProviderAuthError(refused.text, code=refused.code, status=refused.status)
+                if not self._proven:
+                    try:
+                        smtp = await self._open()
+                    except ProviderAuthError as exc:
+                        self._refused = exc
+                        raise
+                    self._proven = True
+                    return smtp
+        return await self._open()
+
+    async def _open(self) -> aiosmtplib.SMTP:
         """A connection ready for MAIL FROM: greeted, encrypted as configured, logged in."""
         tls_context = await self._tls() if self.security != "none" else None
         smtp = aiosmtplib.SMTP(
