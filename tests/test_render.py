@@ -440,6 +440,39 @@ def test_encoded_words_hold_whole_characters() -> None:
 
 
 @pytest.mark.parametrize(
+    "url",
+    [
+        "https://shop.example/u?t=" + "a" * 900,  # a long signed token
+        "https://shop.example/u?t=x=?y",  # "=?" reads as an encoded word only in text
+    ],
+)
+def test_list_unsubscribe_is_never_written_as_encoded_words(url: str) -> None:
+    # RFC 2369 / 8058 headers hold URIs: a receiver does not decode RFC 2047 words there, so an
+    # encoded List-Unsubscribe is no unsubscribe link at all (and no one-click button).
+    value = f"<mailto:unsubscribe@shop.example?subject=t>, <{url}>"
+    content = EmailContent(
+        subject="s", text="t", html=None, sender="a@b.example",
+        headers=(("List-Unsubscribe", value),
+                 ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click")),
+    )
+    data = build_email(content, "c@d.example", "<x@y.example>", DATE)
+    head = data.split(b"\r\n\r\n")[0]
+    assert b"=?utf-8?" not in head
+    assert max(len(line) for line in head.split(b"\r\n")) <= 998
+    unfolded = head.replace(b"\r\n ", b" ").decode("ascii").split("\r\n")
+    assert f"List-Unsubscribe: {value}" in unfolded
+    assert parse(data)["List-Unsubscribe"] == value
+
+
+def test_list_unsubscribe_too_long_for_a_line_is_refused() -> None:
+    url = "https://shop.example/u?t=" + "a" * 1000
+    content = EmailContent(subject="s", text="t", html=None, sender="a@b.example",
+                           headers=(("List-Unsubscribe", f"<{url}>"),))
+    with pytest.raises(ValueError, match="List-Unsubscribe"):
+        build_email(content, "c@d.example", "<x@y.example>", DATE)
+
+
+@pytest.mark.parametrize(
     ("field", "value"),
     [
         ("subject", "Hi\r\nBcc: x@evil.example"),

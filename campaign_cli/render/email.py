@@ -5,7 +5,9 @@ the bytes are written directly. What they hold is deliberately small and easy to
 
 - header lines end in CRLF; a line never holds CR, LF or NUL from a value (`ValueError`);
 - non-ASCII in Subject, display names and extra headers becomes RFC 2047 encoded words (UTF-8,
-  base64, never splitting a character); long ASCII values are folded at spaces;
+  base64, never splitting a character); long ASCII values are folded at spaces; List-Unsubscribe
+  and List-Unsubscribe-Post hold URIs and are only ever folded (a receiver decodes no encoded
+  words there);
 - addresses themselves are written as given: an internationalised address is raw UTF-8
   (RFC 6532, the transport must offer SMTPUTF8);
 - each body is UTF-8: ``7bit`` when it is ASCII with short lines, else quoted-printable;
@@ -42,7 +44,10 @@ _SPECIALS = re.compile(r'[][\\()<>@,:;".]')
 _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 _LINE = 78  # RFC 5322: lines SHOULD be at most 78 characters
+_MAX_LINE = 998  # ...and MUST be at most 998
 _WORD_BYTES = 30  # UTF-8 bytes per encoded word: "=?utf-8?b?" + 40 base64 + "?=" is 52 characters
+#: Headers of URIs (RFC 2369, RFC 8058): folded, never written as encoded words.
+_URI_HEADERS = frozenset({"list-unsubscribe", "list-unsubscribe-post"})
 #: Headers the message itself sets: a campaign may not set them again.
 RESERVED_HEADERS = frozenset(
     {
@@ -97,7 +102,10 @@ def build_email(content: EmailContent, to: str, message_id: str, date: datetime)
             raise ValueError(f"not a valid header name: {name!r}")
         if name.lower() in RESERVED_HEADERS:
             raise ValueError(f"header {name} is set by the message itself")
-        lines.append(_unstructured(name, value))
+        if name.lower() in _URI_HEADERS:
+            lines.append(_structured(name, value))
+        else:
+            lines.append(_unstructured(name, value))
 
     text, html = content.text, content.html
     if text is not None and html is not None:
@@ -165,7 +173,20 @@ def _unstructured(name: str, value: str) -> str:
     return f"{name}: " + "\r\n ".join(_encoded_words(value))
 
 
-def _fold(line: str) -> str | None:
+def _structured(name: str, value: str) -> str:
+    """``Name: value`` folded at spaces only, for a header of URIs, where encoded words are not
+    decoded (RFC 2369): a value that cannot be written so is refused."""
+    _check(name, value)
+    if not _PLAIN_VALUE.fullmatch(value):
+        raise ValueError(f"header {name}: not printable ASCII")
+    line = f"{name}: {value}"
+    folded = line if len(line) <= _LINE else _fold(line, _MAX_LINE)
+    if folded is None:
+        raise ValueError(f"header {name}: a URI longer than a line can hold ({_MAX_LINE})")
+    return folded
+
+
+def _fold(line: str, limit: int = 900) -> str | None:
     """Fold at spaces so that lines stay short; None when a word is too long to fold."""
     out: list[str] = []
     current = ""
@@ -178,7 +199,7 @@ def _fold(line: str) -> str | None:
         else:
             current += " " + word
     out.append(current)
-    if any(len(part) > 900 for part in out):
+    if any(len(part) > limit for part in out):
         return None
     return "\r\n".join(out)
 
