@@ -7,6 +7,7 @@ as transient; after it was written (reset, close, withheld answer) as in doubt.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -290,6 +291,44 @@ def test_withheld_answer_is_read_timeout_per_request_timeout() -> None:
             assert isinstance(exc, httpx.ReadTimeout)
             assert len(s.requests) == 1
             assert type(classify_transport_error(exc)) is InDoubtError
+
+    run(scenario())
+
+
+def test_an_answer_trickled_byte_by_byte_is_bounded_by_the_request_timeouts() -> None:
+    """The read timeout bounds each wait for a piece of the answer, not the answer: a peer that
+    sends a byte just inside it, again and again (a recipient's webhook URL that streams, a
+    stalled proxy), held the send and its worker for ever, and a few of them stalled the run."""
+
+    async def scenario() -> None:
+        release = asyncio.Event()
+
+        async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length"))
+            await reader.readexactly(length)
+            writer.write(b"HTTP/1.1 201 Created\r\nContent-Length: 100000\r\n\r\n")
+            while not release.is_set():
+                writer.write(b"x")
+                await writer.drain()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(release.wait(), 0.1)
+            writer.close()
+
+        server = await asyncio.start_server(trickle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            async with client(timeout=60.0) as c:
+                request = post(f"http://127.0.0.1:{port}",
+                               {"connect": 0.5, "read": 0.5, "write": 0.5, "pool": 0.5})
+                exc = await asyncio.wait_for(failure(c, request), 20)
+                assert isinstance(exc, httpx.TimeoutException)
+                assert type(classify_transport_error(exc)) is InDoubtError
+        finally:
+            release.set()
+            server.close()
+            await server.wait_closed()
 
     run(scenario())
 

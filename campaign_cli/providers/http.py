@@ -266,7 +266,7 @@ class _Session:
         self.last_url: tuple[str, URL] = ("", URL())
         self.timeout_class = aiohttp.ClientTimeout
         self.failures: tuple[type[BaseException], ...] = (aiohttp.ClientError, asyncio.TimeoutError)
-        self.timeouts: dict[tuple[float | None, float | None], aiohttp.ClientTimeout] = {}
+        self.timeouts: dict[tuple[float | None, ...], aiohttp.ClientTimeout] = {}
 
     def url(self, url: str) -> URL:
         """yarl's URL for httpx's, taken as already encoded; the last one is kept, since a
@@ -279,10 +279,16 @@ class _Session:
 
     def timeout(self, timeouts: Mapping[str, float | None]) -> aiohttp.ClientTimeout:
         connect, read = timeouts.get("connect"), timeouts.get("read")
-        found = self.timeouts.get((connect, read))
+        write = timeouts.get("write")
+        found = self.timeouts.get((connect, read, write))
         if found is None:
-            found = self.timeout_class(connect=connect, sock_connect=connect, sock_read=read)
-            self.timeouts[(connect, read)] = found
+            # sock_read bounds each wait for a piece of the answer, not the answer: a peer that
+            # trickles bytes, or stops reading our request (aiohttp has no write timeout), would
+            # hold the send for ever. The whole exchange gets connect + write + read.
+            total = None if read is None else (connect or 0.0) + (write or 0.0) + read
+            found = self.timeout_class(total=total, connect=connect, sock_connect=connect,
+                                       sock_read=read)
+            self.timeouts[(connect, read, write)] = found
         return found
 
 
@@ -292,7 +298,9 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
     At most ``concurrency`` requests are in flight; the next one waits for a slot up to the
     request's ``pool`` timeout (`httpx.PoolTimeout`). ``connect`` bounds DNS, TCP and TLS set-up
     (`httpx.ConnectTimeout`), ``read`` the wait for each piece of the answer (`httpx.ReadTimeout`);
-    aiohttp has no write timeout, so ``write`` is not applied. Each answer is read whole before it
+    aiohttp has no write timeout, so the whole exchange is bounded by ``connect + write + read``
+    instead (a peer that trickles its answer or stops reading ours: `httpx.ReadTimeout`, in
+    doubt). Each answer is read whole before it
     is returned (provider answers are small), so a slot and its connection are never held by a
     response the caller forgot to close.
 
