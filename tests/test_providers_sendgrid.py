@@ -290,6 +290,16 @@ def test_too_many_requests_rate_limit_reset() -> None:
     assert type(exc) is RateLimitedError and exc.retry_after == 20.0
 
 
+@pytest.mark.parametrize("reset", [b"\xb2", b"-1", b"12.5", b"later"])
+def test_too_many_requests_with_a_garbled_rate_limit_reset(reset: bytes) -> None:
+    """A reset that is not epoch seconds is no hint; b"\\xb2" reads as "\u00b2", which passes
+    str.isdigit but not int(), and crashed the parse (exit 1, the refused message in doubt)."""
+    body = errors(429, "too many requests").content
+    exc = failure(Recorder(httpx.Response(429, content=body,
+                                          headers=[(b"X-RateLimit-Reset", reset)])))
+    assert type(exc) is RateLimitedError and exc.retry_after is None
+
+
 def test_too_many_requests_without_hint() -> None:
     exc = failure(Recorder(httpx.Response(429)))
     assert type(exc) is RateLimitedError and exc.retry_after is None

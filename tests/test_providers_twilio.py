@@ -289,6 +289,27 @@ def test_too_many_requests_without_retry_after() -> None:
     assert exc.retry_after is None
 
 
+@pytest.mark.parametrize("value", [b"\xb2", b"\xb9\xb3", b"-5", b"1.5", b"soon", b""])
+def test_a_retry_after_that_is_not_delta_seconds_or_a_date_is_ignored(value: bytes) -> None:
+    """Garbage is no hint (the backoff's own jitter applies). b"\\xb2" reads as "\u00b2" (httpx
+    decodes such a header as latin-1), which passes str.isdigit but not float(): it crashed the
+    parse with a ValueError, which stopped the run with exit 1 and left a message Twilio had
+    refused in doubt."""
+    answer = error(429, 20429, "Too Many Requests")
+    answer = httpx.Response(429, content=answer.content,
+                            headers=[(b"Content-Type", b"application/json"),
+                                     (b"Retry-After", value)])
+    exc = failure(Recorder(answer))
+    assert type(exc) is RateLimitedError
+    assert exc.code == "20429" and exc.retry_after is None
+
+
+def test_a_twilio_code_that_is_not_a_number_is_no_code() -> None:
+    answer = httpx.Response(400, json={"code": "\u00b2", "message": "odd", "status": 400})
+    exc = failure(Recorder(answer))
+    assert type(exc) is PermanentError and exc.code is None
+
+
 def test_queue_full_retries_later() -> None:
     exc = failure(Recorder(error(400, 21611, "This 'From' number has exceeded the maximum "
                                              "number of queued messages")))

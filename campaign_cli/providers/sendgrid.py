@@ -207,7 +207,7 @@ def _first_error(response: httpx.Response) -> tuple[str, str | None]:
 def _reset_in(headers: httpx.Headers, now: datetime | None) -> float | None:
     """``X-RateLimit-Reset`` (epoch seconds) as seconds from now."""
     value = headers.get("x-ratelimit-reset", "").strip()
-    if not value.isdigit():
+    if not (value.isascii() and value.isdigit()):
         return None
     if now is None:
         now = datetime.now(timezone.utc)

@@ -170,6 +170,6 @@ def _json(response: httpx.Response) -> dict[str, Any]:
 
 
 def _int(value: object) -> int | None:
-    if isinstance(value, str) and value.isdigit():
+    if isinstance(value, str) and value.isascii() and value.isdigit():
         return int(value)
     return None
