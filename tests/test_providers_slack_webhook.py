@@ -21,6 +21,7 @@ from campaign_cli.errors import (
     ProviderError,
     RateLimitedError,
     TransientError,
+    redact,
 )
 from campaign_cli.models import Channel, OutboundMessage, SendResult, WebhookContent
 from campaign_cli.providers.base import Provider, ProviderContext, default_registry
@@ -280,6 +281,26 @@ def test_webhook_error_mapping(status: int, kind: type[ProviderError]) -> None:
     assert type(exc) is kind
     assert exc.status == status and exc.code == f"http_{status}"
     assert "s3cr3t" not in str(exc) and "hooks.example.com" not in str(exc)
+
+
+def test_an_echoed_secret_is_never_cut_in_half_where_redaction_cannot_see_it() -> None:
+    """A receiver that echoes our request in its error (debug receivers, request bins) sends
+    the Authorization header back. The adapter cut the body to 300 bytes and then 200
+    characters; a token cut in half no longer matches the secret the run redacts (what
+    `_attempt` and `_record` do with every error text), and its first half went to
+    attempts.error_text and the message's detail."""
+    token = "tok_live_9f8e7d6c5b4a39281706f5e4d3c2b1a0"
+    leaks = []
+    for padding in range(0, 80):
+        body = "echo " * padding + f'{{"headers": {{"authorization": "Bearer {token}"}}}}'
+        provider = webhook(Recorder(httpx.Response(400, text=body)),
+                           headers={"Authorization": f"Bearer {token}"})
+        exc = failure(provider)
+        assert type(exc) is PermanentError
+        stored = redact(exc.text, {token})[:500]
+        if token[:6] in stored:
+            leaks.append((padding, stored[-60:]))
+    assert leaks == []
 
 
 def test_webhook_429_is_rate_limited_with_retry_after() -> None:

@@ -62,6 +62,8 @@ from campaign_cli.providers.http import (
 REDACTED = "<redacted>"
 _URL = re.compile(r"^https?://", re.IGNORECASE)
 _ANY_URL = re.compile(r"https?://\S+", re.IGNORECASE)
+#: The end of a text that may be part of a longer word (a token, a key).
+_WORD_TAIL = re.compile(r"[^\s\"',;:{}\[\]()<>]+$")
 
 
 def signature(secret: str, timestamp: int, body: bytes) -> str:
@@ -112,9 +114,18 @@ def redact_error(exc: ProviderError, secrets: Iterable[str | None]) -> None:
 
 def _snippet(response: httpx.Response) -> str:
     """A short, single-line, URL-free excerpt of an error body for the dead-letter text."""
-    text = response.content[:300].decode("utf-8", "replace")
+    text = _cut(response.content[:400].decode("utf-8", "replace"), 300)
     text = " ".join(text.split())
-    return _ANY_URL.sub(REDACTED, text)[:200]
+    return _cut(_ANY_URL.sub(REDACTED, text), 200)
+
+
+def _cut(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters between words, never inside one: a receiver may echo
+    a secret of ours (a header's value), and half a secret no longer matches the value the run
+    redacts from every error text."""
+    if len(text) <= limit or not _WORD_TAIL.match(text[limit]):
+        return text[:limit]
+    return _WORD_TAIL.sub("", text[:limit])
 
 
 class WebhookAdapter:
