@@ -123,13 +123,29 @@ def normalize_push_token(raw: str) -> str:
     return text
 
 
+_WEBHOOK_URL = re.compile(
+    r"(https?)://([^\s/?#@]*@)?(\[[^\s/?#\]]*\]|[^\s/?#:@]+)(:[0-9]*)?([/?#][^\s]*)?",
+    re.IGNORECASE,
+)
+
+
 def normalize_webhook_url(raw: str) -> str:
     text = raw.strip()
     if not text:
         raise AddressError("no_address", "webhook URL is empty")
-    if not re.fullmatch(r"https?://[^\s/?#]+[^\s]*", text):
+    if not re.fullmatch(r"https?://[^\s/?#]+[^\s]*", text, re.IGNORECASE):
         raise AddressError("bad_webhook_url", f"not an http(s) URL: {text!r}")
-    return text
+    match = _WEBHOOK_URL.fullmatch(text)
+    if match is None:  # an authority of an unusual shape: kept as written
+        return text
+    # Scheme and host are case-insensitive and the default port is no port (RFC 3986 6.2.3):
+    # one spelling, so that a suppression matches however the URL is written. The user info and
+    # the path keep their case (tokens in a webhook path are case-sensitive).
+    scheme, userinfo, host, port, rest = match.groups()
+    scheme = scheme.lower()
+    if port == {"http": ":80", "https": ":443"}[scheme]:
+        port = ""
+    return f"{scheme}://{userinfo or ''}{host.lower()}{port or ''}{rest or ''}"
 
 
 def normalize_address(channel: Channel, raw: str, default_region: str = "US") -> str:

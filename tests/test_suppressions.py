@@ -296,3 +296,21 @@ def test_bom_and_crlf_are_read(conn: sqlite3.Connection, tmp_path: Path) -> None
     path.write_bytes(b"\xef\xbb\xbfEmail\r\nAnn@Example.com\r\n")
     result = import_csv(conn, path, None, "import", None, "US", NOW)
     assert (result.added, result.invalid) == (1, [])
+
+
+def test_webhook_url_host_and_scheme_case_is_one_entry(conn: sqlite3.Connection) -> None:
+    # Scheme and host are case-insensitive (RFC 3986 6.2.2.1): a webhook suppressed as written in
+    # one place must stop the same URL spelled differently in a recipient file. The path is left
+    # alone (tokens in it are case-sensitive).
+    assert add(conn, "https://Hooks.Example.COM/services/T0/B0/XyZ") == (1, 0)
+    assert add(conn, "HTTPS://hooks.example.com/services/T0/B0/XyZ") == (0, 1)
+    assert add(conn, "https://hooks.example.com:443/services/T0/B0/XyZ") == (0, 1)
+    assert add(conn, "https://hooks.example.com/services/T0/B0/xyz") == (1, 0)
+    recipient = normalize_for("https://hooks.example.com/services/T0/B0/XyZ", "webhook")[0]
+    assert suppressed_among(conn, [address_hash(recipient)], "webhook") == {
+        address_hash(recipient)
+    }
+    # Credentials before the host keep their case.
+    assert normalize_for("https://User:PW@Example.com/x", "webhook")[0] == (
+        "https://User:PW@example.com/x"
+    )
