@@ -10,7 +10,7 @@ import pytest
 
 from campaign_cli.addresses import AddressError, address_hash
 from campaign_cli.errors import InputError
-from campaign_cli.store.db import Store
+from campaign_cli.store.db import MIGRATIONS, Store
 from campaign_cli.store.suppressions import (
     add_suppressions,
     export_csv,
@@ -314,3 +314,37 @@ def test_webhook_url_host_and_scheme_case_is_one_entry(conn: sqlite3.Connection)
     assert normalize_for("https://User:PW@Example.com/x", "webhook")[0] == (
         "https://User:PW@example.com/x"
     )
+
+
+def test_webhook_entries_of_an_older_store_are_respelt(tmp_path: Path) -> None:
+    # A store written before the scheme and host were lower-cased holds the URL as it was typed,
+    # hashed so: the migration re-spells it, or the entry would no longer match anything.
+    old = "https://Hooks.Example.COM/services/T0/B0/XyZ"
+    new = "https://hooks.example.com/services/T0/B0/XyZ"
+    conn = sqlite3.connect(tmp_path / "store.db", isolation_level=None)
+    for migration in MIGRATIONS[:2]:  # the store as version 2 wrote it
+        migration(conn)
+    conn.execute("PRAGMA user_version = 2")
+    conn.executemany(
+        "INSERT INTO suppressions (address_hash, address, channel, reason, source, created_at) "
+        "VALUES (?, ?, ?, 'manual', 'cli', ?)",
+        [(address_hash(old), old, "webhook", NOW), (address_hash(old), old, "all", NOW),
+         (address_hash(new), new, "all", NOW)],
+    )
+    conn.execute(
+        "INSERT INTO consents (address_hash, address, channel, purpose, status, source, "
+        "recorded_at, created_at) VALUES (?, ?, 'webhook', 'marketing', 'revoked', 'cli', ?, ?)",
+        (address_hash(old), old, NOW, NOW),
+    )
+    conn.close()
+    store = Store.open(tmp_path / "store.db")
+    try:
+        recipient = normalize_for(new, "webhook")[0]
+        ahash = address_hash(recipient)
+        assert suppressed_among(store.conn, [ahash], "webhook") == {ahash}
+        entries = [(e["address"], e["channel"]) for e in list_suppressions(store.conn)]
+        assert sorted(entries) == [(recipient, "all"), (recipient, "webhook")]
+        consents = store.conn.execute("SELECT address_hash FROM consents").fetchall()
+        assert consents == [(ahash,)]
+    finally:
+        store.close()

@@ -181,7 +181,35 @@ def _m002_attempts(conn: sqlite3.Connection) -> None:
     )
 
 
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_m001_initial, _m002_attempts)
+def _m003_webhook_spelling(conn: sqlite3.Connection) -> None:
+    """Webhook URLs are normalised with a lower-case scheme and host since this version: entries
+    written before are re-spelt (and re-hashed) so that they keep matching. An entry that now
+    equals one already held goes; an erased entry (no address) cannot be re-hashed."""
+    from campaign_cli.addresses import AddressError, normalize_webhook_url
+
+    for table in ("suppressions", "consents"):
+        rows = conn.execute(
+            f"SELECT id, address FROM {table} WHERE address LIKE 'http%'"
+        ).fetchall()
+        for row_id, address in rows:
+            try:
+                spelt = normalize_webhook_url(address)
+            except AddressError:
+                continue
+            if spelt == address:
+                continue
+            cursor = conn.execute(
+                f"UPDATE OR IGNORE {table} SET address = ?, address_hash = ? "
+                "WHERE id = ?",
+                (spelt, address_hash(spelt), row_id),
+            )
+            if cursor.rowcount == 0:
+                conn.execute(f"DELETE FROM {table} WHERE id = ?", (row_id,))
+
+
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
+    _m001_initial, _m002_attempts, _m003_webhook_spelling,
+)
 
 
 def migrate(conn: sqlite3.Connection) -> int:
