@@ -1473,7 +1473,8 @@ class Runner:
 
 
 SQL_DRY_RUN = (
-    "UPDATE messages SET state = 'sent', provider = 'dry-run', provider_message_id = 'dry-run', "
+    "UPDATE messages SET " + runs.BANK_DOUBT + "state = 'sent', provider = 'dry-run', "
+    "provider_message_id = 'dry-run', "
     "attempts = attempts + 1, cost_micros = ?, content_hash = ?, updated_at = ? "
     "WHERE run_id = ? AND row = ? AND channel = ?"
 )

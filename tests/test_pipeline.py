@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from campaign_cli.addresses import address_hash
 from campaign_cli.config import load_campaign
 from campaign_cli.errors import (
     ExitCode,
@@ -376,3 +377,51 @@ def test_each_message_carries_the_documented_idempotency_key(
     for message in provider.accepted:
         assert message.idempotency_key == idempotency_key(
             "test-campaign", "rk", message.recipient_key, message.channel.value)
+
+
+def test_an_in_doubt_message_resent_keeps_the_spend_it_may_have_cost(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    """A resend of an in-doubt message may be a second charge: both count against the cap, in the
+    summary and in every later session, or a resume spends past the cap."""
+    campaign = make_campaign(people(3), limits={"concurrency": 1, "max_spend": "0.02"})
+    first = FakeProvider(deduplicates=False)
+    first.enqueue(InDoubtError("read timeout after the request was written"))
+    report = send(campaign, store_path, first, run_key="k")
+    assert report.counts == {"in_doubt": 1, "sent": 1, "pending": 1}
+    assert report.spend_micros == 20_000
+
+    # Transactional: the in-doubt row is resent. Up to 0.03 may now have been charged.
+    second = FakeProvider(deduplicates=False)
+    report = send(campaign, store_path, second, run_key="k", max_spend=Decimal("0.03"))
+    assert [m.row for m in second.accepted] == [1]
+    assert report.exit_code == ExitCode.SPEND_CAP
+    assert report.spend_micros == 30_000
+
+    # The same cap again: nothing more may go.
+    third = FakeProvider(deduplicates=False)
+    report = send(campaign, store_path, third, run_key="k", max_spend=Decimal("0.03"))
+    assert third.history == []
+    assert report.exit_code == ExitCode.SPEND_CAP
+    assert report.spend_micros == 30_000
+
+
+def test_an_in_doubt_message_refused_on_resume_keeps_the_spend_it_may_have_cost(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    campaign = make_campaign(people(2), limits={"concurrency": 1})
+    first = FakeProvider(deduplicates=False)
+    first.enqueue(InDoubtError("read timeout after the request was written"))
+    assert send(campaign, store_path, first, run_key="k").spend_micros == 20_000
+    address = query(store_path, "SELECT address FROM messages WHERE row = 1")[0][0]
+    conn = sqlite3.connect(store_path)
+    conn.execute(
+        "INSERT INTO suppressions (address_hash, address, channel, reason, source, created_at) "
+        "VALUES (?, ?, 'all', 'manual', 'cli', '2026-01-01T00:00:00.000Z')",
+        (address_hash(address), address),
+    )
+    conn.commit()
+    conn.close()
+    report = send(campaign, store_path, FakeProvider(deduplicates=False), run_key="k")
+    assert states(store_path) == {1: "suppressed", 2: "sent"}
+    assert report.spend_micros == 20_000  # the first attempt may have been charged

@@ -207,8 +207,17 @@ def _m003_webhook_spelling(conn: sqlite3.Connection) -> None:
                 conn.execute(f"DELETE FROM {table} WHERE id = ?", (row_id,))
 
 
+def _m004_doubt_micros(conn: sqlite3.Connection) -> None:
+    """What earlier in-doubt attempts of a message may have cost. A row that leaves `in_doubt`
+    (resent, refused, dry-run) adds its cost here first: its next attempt overwrites
+    ``cost_micros``, and the first charge may have happened all the same."""
+    conn.execute(
+        "ALTER TABLE messages ADD COLUMN doubt_micros INTEGER NOT NULL DEFAULT 0"
+    )
+
+
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
-    _m001_initial, _m002_attempts, _m003_webhook_spelling,
+    _m001_initial, _m002_attempts, _m003_webhook_spelling, _m004_doubt_micros,
 )
 
 

@@ -200,10 +200,12 @@ def counts(conn: sqlite3.Connection, run_id: int) -> dict[str, dict[str, int]]:
 
 
 def committed_spend(conn: sqlite3.Connection, run_id: int) -> int:
-    """Micro-units that may have been charged: sent, still sending, or in doubt."""
+    """Micro-units that may have been charged: sent, still sending, or in doubt, and what
+    earlier in-doubt attempts of any row may have cost (``doubt_micros``)."""
     row = conn.execute(
-        "SELECT COALESCE(SUM(cost_micros), 0) FROM messages WHERE run_id = ? "
-        "AND state IN ('sent', 'delivered', 'undelivered', 'bounced', 'sending', 'in_doubt')",
+        "SELECT COALESCE(SUM(CASE WHEN state IN ('sent', 'delivered', 'undelivered', 'bounced', "
+        "'sending', 'in_doubt') THEN cost_micros ELSE 0 END + doubt_micros), 0) "
+        "FROM messages WHERE run_id = ?",
         (run_id,),
     ).fetchone()
     return int(row[0])
@@ -310,9 +312,14 @@ def admit(
 
 
 # Statements the pipeline submits to the writer. Keyed by primary key (run_id, row, channel).
+#: A row leaving `in_doubt` keeps what it may have cost (SET sees the row as it was).
+BANK_DOUBT = (
+    "doubt_micros = doubt_micros + CASE state WHEN 'in_doubt' THEN cost_micros ELSE 0 END, "
+)
+
 SQL_INTENT = (
     "UPDATE messages SET state = 'sending', attempts = attempts + 1, provider = ?, "
-    "cost_micros = ?, "
+    + BANK_DOUBT + "cost_micros = ?, "
     "content_hash = ?, resent_in_doubt = MAX(resent_in_doubt, ?), updated_at = ? "
     "WHERE run_id = ? AND row = ? AND channel = ?"
 )
@@ -331,7 +338,8 @@ SQL_ATTEMPT = (
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 SQL_REFUSED = (
-    "UPDATE messages SET state = ?, reason = ?, detail = ?, content_hash = COALESCE(?, "
+    "UPDATE messages SET " + BANK_DOUBT + "state = ?, reason = ?, detail = ?, "
+    "content_hash = COALESCE(?, "
     "content_hash), updated_at = ? WHERE run_id = ? AND row = ? AND channel = ?"
 )
 
