@@ -204,3 +204,21 @@ def test_the_real_app_registers_the_groups(tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, result.output
     assert "added 1, already present 0" in result.stdout
+
+
+def test_region_is_any_case_and_a_typo_is_exit_2(cli: Cli, tmp_path: Path) -> None:
+    # `--region gb` means GB: national numbers of the file are suppressed, not left out as
+    # invalid lines under a region the library does not know.
+    optouts = tmp_path / "optouts.csv"
+    optouts.write_text("phone\n020 7946 0018\n", encoding="utf-8")
+    result = cli("suppress", "import", str(optouts), "--region", "gb")
+    assert result.exit_code == 0, result
+    assert cli.addresses() == {("+442079460018", "sms")}
+    assert cli("consent", "grant", "020 7946 0019", "--region", "gb").exit_code == 0
+    for args in (("suppress", "import", str(optouts)), ("suppress", "add", "020 7946 0018"),
+                 ("consent", "grant", "020 7946 0018")):
+        result = cli(*args, "--region", "UK")  # GB is the code
+        assert result.exit_code == 2, result
+    assert cli.addresses() == {("+442079460018", "sms")}
+    with pytest.raises(typer.BadParameter, match="'UK' is not a region code"):
+        suppress.region_value("UK")

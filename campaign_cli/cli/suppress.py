@@ -7,6 +7,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
+import phonenumbers
 import typer  # noqa: TID251 - this is campaign_cli/cli/
 
 from campaign_cli.addresses import AddressError
@@ -81,7 +82,18 @@ ChannelOpt = Annotated[
     Optional[ChannelChoice],
     typer.Option("--channel", "-c", help=CHANNEL_HELP, show_default=False),
 ]
-RegionOpt = Annotated[str, typer.Option("--region", help=REGION_HELP)]
+
+
+def region_value(region: str) -> str:
+    """``--region``: a region phone numbers know, any case. A typo must not quietly turn every
+    national number of an import into an invalid line (opt-outs left out)."""
+    code = region.strip().upper()
+    if code not in phonenumbers.SUPPORTED_REGIONS:
+        raise typer.BadParameter(f"{region!r} is not a region code (e.g. US, GB, DE)")
+    return code
+
+
+RegionOpt = Annotated[str, typer.Option("--region", help=REGION_HELP, callback=region_value)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="JSON on stdout.")]
 ImportChannelOpt = Annotated[Optional[ChannelChoice], typer.Option(
     "--channel", "-c", show_default=False,
