@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from campaign_cli.cli.main import get_app
-from tests.conftest import CampaignFactory, people
+from tests.conftest import CampaignFactory, people, query
 
 ROOT = Path(__file__).resolve().parent.parent
 SUMMARY_KEYS = {"run", "campaign", "counts", "by_channel", "spend", "currency", "duration_s",
@@ -175,3 +175,21 @@ def test_status_shows_failures_by_provider_and_reason_and_attempts(
         ("box", "sent", 2), ("box", "permanent", 2)}
     code, out, _ = invoke(store_path, "status", "test-campaign/s")
     assert "attempts by provider" in out and "21614" in out
+
+
+def test_max_spend_finer_than_a_micro_unit_or_too_large_is_a_usage_error(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    # Spend is kept in micro-units: 0.0000005 would round up to a cap of 0.000001, which a
+    # message at that price would spend past the cap given. Like limits.max_spend: at most six
+    # decimal places and 18 digits.
+    campaign = make_campaign(
+        people(1), providers={"box": {"type": "outbox", "dir": "outbox",
+                                      "price_per_segment": "0.000001"}})
+    for amount in ("0.0000005", "1e20"):
+        code, _, err = invoke(store_path, "send", str(campaign), "--max-spend", amount)
+        assert code == 2, err
+        assert "--max-spend" in err and "Traceback" not in err
+    assert not store_path.exists() or query(store_path, "SELECT count(*) FROM messages") == [(0,)]
+    code, _, err = invoke(store_path, "send", str(campaign), "--max-spend", "0.000001")
+    assert code == 0, err

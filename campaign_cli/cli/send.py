@@ -6,7 +6,7 @@ import asyncio
 import shlex
 import signal
 import sys
-from decimal import Decimal, InvalidOperation
+from decimal import ROUND_DOWN, Decimal, InvalidOperation
 from pathlib import Path
 from typing import Optional
 
@@ -153,6 +153,12 @@ def _parse_money(text: str | None) -> Decimal | None:
         raise UsageError(f"--max-spend: {text!r} is not an amount (e.g. 20 or 20.50)") from None
     if not value.is_finite() or value < 0:
         raise UsageError(f"--max-spend: {text!r} must be zero or more")
+    # As limits.max_spend: spend is counted in micro-units, so a finer cap would be rounded
+    # (up, past the amount given); and it must fit the store's integers.
+    if value != value.quantize(Decimal("0.000001"), rounding=ROUND_DOWN) or value >= 10**12:
+        raise UsageError(
+            f"--max-spend: {text!r}: at most six decimal places, and less than 10^12"
+        )
     return value
 
 
