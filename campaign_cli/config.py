@@ -519,7 +519,7 @@ def load_campaign(path: Path | str, env: Mapping[str, str] | None = None) -> Loa
         )
     lines: dict[tuple[str, ...], int] = {}
     if node is not None:
-        _collect_lines(node, (), lines)
+        _collect_lines(node, (), lines, shown)
 
     secrets: set[str] = set()
 
@@ -555,17 +555,31 @@ def load_campaign(path: Path | str, env: Mapping[str, str] | None = None) -> Loa
     return LoadedCampaign(campaign, path, frozenset(secrets), lines)
 
 
-def _collect_lines(node: yaml.Node, loc: tuple[str, ...], out: dict[tuple[str, ...], int]) -> None:
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _collect_lines(
+    node: yaml.Node, loc: tuple[str, ...], out: dict[tuple[str, ...], int], shown: str
+) -> None:
+    """Note the line of every key path; refuse a key written twice in one mapping (YAML would
+    silently keep the last: a pasted second ``consent:`` must not quietly win)."""
     out.setdefault(loc, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
+        first: dict[str, int] = {}
         for key_node, value_node in node.value:
             key = (*loc, str(key_node.value))
-            out[key] = key_node.start_mark.line + 1
-            _collect_lines(value_node, key, out)
-            out[key] = key_node.start_mark.line + 1
+            line = key_node.start_mark.line + 1
+            if key_node.tag != _MERGE_TAG:  # `<<: *a` merges, and later keys override it
+                if key[-1] in first:
+                    raise ConfigError(shown, line, ".".join(key),
+                                      f"duplicate key (also on line {first[key[-1]]})")
+                first[key[-1]] = line
+            out[key] = line
+            _collect_lines(value_node, key, out, shown)
+            out[key] = line
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _collect_lines(item, (*loc, str(i)), out)
+            _collect_lines(item, (*loc, str(i)), out, shown)
 
 
 def _line_for(lines: Mapping[tuple[str, ...], int], loc: tuple[str, ...]) -> int | None:

@@ -533,3 +533,23 @@ def test_several_problems_report_the_first_and_count_the_rest(project: Path) -> 
     err = error_of(path)
     assert err.line == 5 and err.field == "recipients.key"
     assert err.message.endswith("(and 1 more problem)")
+
+
+def test_duplicate_key_is_refused_not_silently_overwritten(project: Path) -> None:
+    # YAML keeps the last of two equal keys: a second `consent:` or `price_per_segment:` pasted
+    # below the first would silently change the campaign. Refuse it, at the second key's line.
+    path = write(project, BASE + "    rate: 50/s\n")
+    err = error_of(path)
+    assert_error(err, path, 22, "providers.p.rate")
+    assert "duplicate key" in err.message and "line 21" in err.message
+    top = write(project, BASE + "purpose: transactional\n")
+    assert_error(error_of(top), top, 22, "purpose")
+
+
+def test_merge_keys_may_be_overridden(project: Path) -> None:
+    # `<<: *anchor` then an explicit key is YAML's way to override a shared value: no duplicate.
+    text = edit("providers:\n  p:\n    type: outbox\n",
+                "shared: &shared {type: outbox, rate: 1/s}\nproviders:\n  p:\n    <<: *shared\n")
+    text = text.replace("shared: &shared", "vars:\n  shared: &shared")
+    loaded = load_campaign(write(project, text), {})
+    assert loaded.campaign.providers["p"].rate == 5.0
