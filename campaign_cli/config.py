@@ -506,7 +506,7 @@ def load_campaign(path: Path | str, env: Mapping[str, str] | None = None) -> Loa
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(shown, None, None, f"cannot read campaign file: {exc}") from None
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = yaml.compose(text, Loader=_DepthLimitedLoader)  # first: safe_load recurses too
         data = yaml.safe_load(text)
     except yaml.MarkedYAMLError as exc:
         line = exc.problem_mark.line + 1 if exc.problem_mark else None
@@ -553,6 +553,29 @@ def load_campaign(path: Path | str, env: Mapping[str, str] | None = None) -> Loa
     except ValidationError as exc:
         raise _config_error(shown, exc, data, lines, secrets) from None
     return LoadedCampaign(campaign, path, frozenset(secrets), lines)
+
+
+_MAX_DEPTH = 100
+
+
+class _DepthLimitedLoader(yaml.SafeLoader):
+    """PyYAML composes one recursion per level of nesting: a few thousand levels would end in
+    RecursionError. Refuse more than `_MAX_DEPTH` levels as bad YAML, at the line where the
+    level begins (no campaign needs a tenth of it)."""
+
+    _depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        self._depth += 1
+        try:
+            if self._depth > _MAX_DEPTH:
+                raise yaml.MarkedYAMLError(
+                    problem=f"nested more than {_MAX_DEPTH} levels deep",
+                    problem_mark=self.peek_event().start_mark,  # type: ignore[no-untyped-call]
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"

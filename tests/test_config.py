@@ -553,3 +553,27 @@ def test_merge_keys_may_be_overridden(project: Path) -> None:
     text = text.replace("shared: &shared", "vars:\n  shared: &shared")
     loaded = load_campaign(write(project, text), {})
     assert loaded.campaign.providers["p"].rate == 5.0
+
+
+@pytest.mark.parametrize("style", ["flow list", "flow mapping", "block mapping"])
+def test_very_deep_nesting_is_an_input_error_not_a_crash(project: Path, style: str) -> None:
+    # PyYAML composes recursively: thousands of levels raised RecursionError (exit 1, "a bug").
+    if style == "flow list":
+        deep = "  deep: " + "[" * 3000 + "x" + "]" * 3000 + "\n"
+    elif style == "flow mapping":
+        deep = "  deep: " + "{a: " * 3000 + "x" + "}" * 3000 + "\n"
+    else:
+        deep = "".join(f"{'  ' * (i + 1)}k:\n" for i in range(3000)) + "  " * 3001 + "x\n"
+    path = write(project, BASE + "vars:\n" + deep)
+    err = error_of(path)
+    assert err.line is not None and 23 <= err.line
+    assert "nested more than" in err.message
+
+
+def test_nesting_within_the_limit_loads(project: Path) -> None:
+    path = write(project, BASE + "vars:\n  deep: " + "[" * 40 + "x" + "]" * 40 + "\n")
+    loaded = load_campaign(path, {})
+    value = loaded.campaign.vars["deep"]
+    for _ in range(40):
+        value = value[0]
+    assert value == "x"
