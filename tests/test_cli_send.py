@@ -88,6 +88,25 @@ def test_a_bad_recipient_file_is_one_line_exit_2_naming_file_and_line(
     assert len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("line", [100, 1234])
+def test_an_error_on_line_100_keeps_its_line_number(
+    make_campaign: CampaignFactory, store_path: Path, tmp_path: Path, line: int
+) -> None:
+    # rich reads ":100:" and ":1234:" as emoji codes: "recipients.csv:100: ..." was printed as
+    # "recipients.csv💯 ...", losing the line the contract promises.
+    campaign = make_campaign(people(3))
+    rows = b"".join(b"c%d,Ann,%s,a@example.com\n" % (i, phone_bytes(i)) for i in range(line - 2))
+    (tmp_path / "recipients.csv").write_bytes(b"id,first_name,phone,email\n" + rows
+                                              + b"cx,\xff,+12012000001,b@x.com\n")
+    code, _, err = invoke(store_path, "send", str(campaign))
+    assert code == 2
+    assert f"recipients.csv:{line}: not valid UTF-8" in err, err
+
+
+def phone_bytes(i: int) -> bytes:
+    return people(1, start=i + 1)[0][2].encode()
+
+
 def test_missing_secret_names_the_variable(make_campaign: CampaignFactory, store_path: Path) -> None:
     campaign = make_campaign(people(1), extra={"vars": {"token": "${NOT_SET_ANYWHERE}"}})
     code, _, err = invoke(store_path, "send", str(campaign), env={})

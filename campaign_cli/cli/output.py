@@ -32,9 +32,10 @@ class Output:
         def width(stream: IO[str]) -> int | None:
             return None if getattr(stream, "isatty", lambda: False)() else 200
 
-        self.err = Console(file=self.stderr, highlight=False, soft_wrap=True,
+        # No emoji codes: rich would print "file.csv:100: ..." as "file.csv💯 ...".
+        self.err = Console(file=self.stderr, highlight=False, soft_wrap=True, emoji=False,
                            width=width(self.stderr))
-        self.out = Console(file=self.stdout, highlight=False, soft_wrap=True,
+        self.out = Console(file=self.stdout, highlight=False, soft_wrap=True, emoji=False,
                            width=width(self.stdout))
 
     @property
