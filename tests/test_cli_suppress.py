@@ -132,6 +132,19 @@ def test_list_table_and_json(cli: Cli) -> None:
     ]
 
 
+def test_list_shows_text_that_looks_like_rich_markup_as_written(cli: Cli, tmp_path: Path) -> None:
+    # A reason or source is free text (from --reason, an imported file, a provider's answer):
+    # rich read "[/x]" as markup, and `suppress list` died with MarkupError (exit 1) for good.
+    reason = "[/x] [bold]B[/bold] [red]"
+    cli("suppress", "add", "+14155550100", "--reason", reason)
+    path = tmp_path / "optouts.csv"
+    path.write_text("address,reason\nann@example.com,[link=https://x]y[/link]\n")
+    cli("suppress", "import", str(path))
+    r = cli("suppress", "list")
+    assert r.exit_code == 0, r.err
+    assert reason in r.out and "[link=https://x]y[/link]" in r.out
+
+
 def test_import_reports_invalid_lines(cli: Cli, tmp_path: Path) -> None:
     path = tmp_path / "optouts.csv"
     path.write_text("address,reason\n'+14155550100,STOP\nbogus,\nann@example.com,\n")

@@ -15,6 +15,7 @@ from typing import IO, Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from campaign_cli.errors import CampaignError, ExitCode, redact
 
@@ -70,7 +71,9 @@ class Output:
     ) -> None:
         table = Table(*columns, title=title, show_edge=False, pad_edge=False)
         for row in rows:
-            table.add_row(*(self.redact("" if v is None else str(v)) for v in row))
+            # Cells are data (reasons, sources, provider answers), never rich markup: "[/x]"
+            # would raise MarkupError.
+            table.add_row(*(Text(self.redact("" if v is None else str(v))) for v in row))
         (self.err if err else self.out).print(table)
 
     def fail(self, exc: BaseException) -> int:
