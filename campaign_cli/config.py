@@ -519,7 +519,7 @@ def load_campaign(path: Path | str, env: Mapping[str, str] | None = None) -> Loa
         )
     lines: dict[tuple[str, ...], int] = {}
     if node is not None:
-        _collect_lines(node, (), lines, shown)
+        _collect_lines(node, (), lines, shown, set(), [_MAX_ALIAS_EXPANSION])
 
     secrets: set[str] = set()
 
@@ -579,14 +579,35 @@ class _DepthLimitedLoader(yaml.SafeLoader):
 
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
+_MAX_ALIAS_EXPANSION = 10_000
 
 
 def _collect_lines(
-    node: yaml.Node, loc: tuple[str, ...], out: dict[tuple[str, ...], int], shown: str
+    node: yaml.Node,
+    loc: tuple[str, ...],
+    out: dict[tuple[str, ...], int],
+    shown: str,
+    seen: set[int],
+    budget: list[int],
+    alias: tuple[str, ...] | None = None,
 ) -> None:
     """Note the line of every key path; refuse a key written twice in one mapping (YAML would
-    silently keep the last: a pasted second ``consent:`` must not quietly win)."""
-    out.setdefault(loc, node.start_mark.line + 1)
+    silently keep the last: a pasted second ``consent:`` must not quietly win).
+
+    An alias is the very node of its anchor, met again: every node met again spends ``budget``,
+    so that aliases of aliases ("billion laughs") are refused here, at the outermost ``alias``,
+    before this walk, the ``${ENV}`` substitution and validation copy them out into billions of
+    values."""
+    if id(node) in seen:
+        alias = alias or loc
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise ConfigError(shown, _line_for(out, alias), ".".join(alias) or None,
+                              f"aliases (*name) expand to more than {_MAX_ALIAS_EXPANSION} "
+                              "values: write the values out, or alias less")
+    else:
+        seen.add(id(node))
+        out.setdefault(loc, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
         first: dict[str, int] = {}
         for key_node, value_node in node.value:
@@ -598,11 +619,11 @@ def _collect_lines(
                                       f"duplicate key (also on line {first[key[-1]]})")
                 first[key[-1]] = line
             out[key] = line
-            _collect_lines(value_node, key, out, shown)
+            _collect_lines(value_node, key, out, shown, seen, budget, alias)
             out[key] = line
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _collect_lines(item, (*loc, str(i)), out, shown)
+            _collect_lines(item, (*loc, str(i)), out, shown, seen, budget, alias)
 
 
 def _line_for(lines: Mapping[tuple[str, ...], int], loc: tuple[str, ...]) -> int | None:

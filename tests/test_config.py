@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import time
 from collections import Counter
 from collections.abc import Mapping
 from decimal import Decimal
@@ -577,3 +578,26 @@ def test_nesting_within_the_limit_loads(project: Path) -> None:
     for _ in range(40):
         value = value[0]
     assert value == "x"
+
+
+def test_alias_bomb_is_refused_quickly(project: Path) -> None:
+    # "Billion laughs": nine levels of nine aliases each are 9**9 strings once expanded. Loading
+    # walked (and copied) every one: gigabytes of memory and minutes, or a crash.
+    levels = ["  l0: &l0 [" + ", ".join(["lol"] * 9) + "]"]
+    for n in range(1, 9):
+        levels.append(f"  l{n}: &l{n} [" + ", ".join([f"*l{n - 1}"] * 9) + "]")
+    path = write(project, BASE + "vars:\n" + "\n".join(levels) + "\n")
+    started = time.monotonic()
+    err = error_of(path)
+    assert time.monotonic() - started < 5
+    assert err.line is not None and 24 <= err.line <= 31
+    assert err.field is not None and err.field.startswith("vars.l")
+    assert "aliases" in err.message
+
+
+def test_aliases_within_reason_load(project: Path) -> None:
+    text = BASE + "vars:\n  base: &base {a: 1, b: [1, 2, 3]}\n" + "".join(
+        f"  v{i}: *base\n" for i in range(50)
+    )
+    loaded = load_campaign(write(project, text), {})
+    assert loaded.campaign.vars["v49"] == {"a": 1, "b": [1, 2, 3]}
