@@ -8,6 +8,7 @@ environment is remembered in `LoadedCampaign.secrets` so that output can redact 
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -50,6 +51,8 @@ def _parse_rate(value: Any) -> Any:
 
 
 def _positive(v: float) -> float:
+    if not math.isfinite(v):  # .nan passes any comparison; .inf broke the pacer
+        raise ValueError("must be a finite number (leave rate out for no limit)")
     if v <= 0:
         raise ValueError("must be greater than 0")
     return v

@@ -144,6 +144,17 @@ def test_bad_max_spend_is_a_usage_error(make_campaign: CampaignFactory, store_pa
     assert code == 2 and "--max-spend" in err
 
 
+@pytest.mark.parametrize("rate", ["inf", "Infinity", "1e999"])
+def test_infinite_rate_option_is_a_usage_error(
+    make_campaign: CampaignFactory, store_path: Path, rate: str
+) -> None:
+    # An infinite --rate passed `min=0.001` and crashed the pacer: "internal error:
+    # OverflowError: cannot convert float infinity to integer", exit 1.
+    code, _, err = invoke(store_path, "send", str(make_campaign(people(1))), "--rate", rate)
+    assert code == 2, err
+    assert err.startswith("error: --rate") and len(err.strip().splitlines()) == 1
+
+
 def test_status_of_an_unknown_run_is_exit_2(store_path: Path, make_campaign: CampaignFactory) -> None:
     invoke(store_path, "send", str(make_campaign(people(1))))
     code, _, err = invoke(store_path, "status", "nope")

@@ -601,3 +601,13 @@ def test_aliases_within_reason_load(project: Path) -> None:
     )
     loaded = load_campaign(write(project, text), {})
     assert loaded.campaign.vars["v49"] == {"a": 1, "b": [1, 2, 3]}
+
+
+@pytest.mark.parametrize("rate", [".nan", ".inf", "-.inf", ".NaN"])
+def test_rate_must_be_a_finite_number(project: Path, rate: str) -> None:
+    # `.nan` passed the "greater than 0" check (every comparison with NaN is false) and `.inf`
+    # passed it too: --dry-run said all was well, then the real send died in the pacer with
+    # "internal error: ValueError: cannot convert float NaN to integer" (exit 1).
+    path = write(project, edit("rate: 5/s", f"rate: {rate}"))
+    err = error_of(path)
+    assert_error(err, path, 21, "providers.p.rate")

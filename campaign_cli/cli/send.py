@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import shlex
 import signal
 import sys
@@ -79,6 +80,8 @@ def send(
     loaded = load_campaign(campaign_file, app.env)
     out.secrets.update(loaded.secrets)
     cap = _parse_money(max_spend)
+    if rate is not None and not math.isfinite(rate):
+        raise UsageError(f"--rate: {rate} is not a number of messages per second")
     if retry_failed is not None:
         campaign, slash, key = retry_failed.rpartition("/")
         if slash and campaign != loaded.campaign.name:
