@@ -177,12 +177,15 @@ def scan_recipients(spec: RecipientSpec) -> ScanResult:
         identity = FileIdentity.of(source)
         raw = _HashingReader(source)
         text = io.TextIOWrapper(io.BufferedReader(raw, _BLOCK), encoding="utf-8-sig", newline="")
-        reader = csv.reader(text, delimiter=spec.delimiter)
+        reader = csv.reader(text, delimiter=spec.delimiter, strict=True)
         rows = 0
+        start = 1  # the line on which the record being read starts
         try:
             header, key_index, header_at = _read_header(reader, spec)
             width = len(header)
+            start = reader.line_num + 1
             for record in reader:
+                start = reader.line_num + 1
                 if raw.nul_at is not None:
                     break
                 if (len(record) != width or not record[key_index].strip()) and _blank(record):
@@ -195,7 +198,7 @@ def scan_recipients(spec: RecipientSpec) -> ScanResult:
             raise _decode_error(path) from None
         except csv.Error as exc:
             if raw.nul_at is None:
-                raise InputError(shown, reader.line_num, None, f"cannot parse CSV: {exc}") from None
+                raise _csv_error(shown, exc, start, reader.line_num) from None
         except OSError as exc:
             raise _unreadable(shown, exc) from None
         if FileIdentity.of(source) != identity:
@@ -240,8 +243,9 @@ def iter_recipient_chunks(
         handle = open(path, encoding="utf-8-sig", newline="")
     except OSError as exc:
         raise _unreadable(shown, exc) from None
-    reader = csv.reader(handle, delimiter=spec.delimiter)
+    reader = csv.reader(handle, delimiter=spec.delimiter, strict=True)
     expect = spec.expect
+    before = 0
     try:
         with handle:
             _check_unchanged(handle, expect, shown, None, "since it was checked")
@@ -291,7 +295,7 @@ def iter_recipient_chunks(
     except UnicodeDecodeError:
         raise _decode_error(path) from None
     except csv.Error as exc:
-        raise InputError(shown, reader.line_num, None, f"cannot parse CSV: {exc}") from None
+        raise _csv_error(shown, exc, before + 1, reader.line_num) from None
     except OSError as exc:
         raise _unreadable(shown, exc) from None
 
@@ -546,6 +550,16 @@ def _read_header(reader: Reader, spec: RecipientSpec) -> tuple[list[str], int, i
 def _printable(name: str) -> str:
     """A column name fit for a one-line message: quoted if it holds line breaks or the like."""
     return name if name.isprintable() else repr(name)
+
+
+def _csv_error(shown: str, exc: csv.Error, start: int, line: int) -> InputError:
+    """A record the (strict) CSV parser refuses. A quote still open at the end of the file is
+    named at the line where its record starts: read leniently, every later line would vanish
+    into that one field."""
+    if "unexpected end of data" in str(exc):
+        return InputError(shown, start, None, "a quoted field is never closed: add the closing "
+                          'quote (a quote inside a quoted field is written "")')
+    return InputError(shown, line, None, f"cannot parse CSV: {exc}")
 
 
 def _unreadable(shown: str, exc: OSError) -> InputError:

@@ -155,6 +155,28 @@ def test_import_reports_invalid_lines(cli: Cli, tmp_path: Path) -> None:
     assert cli.addresses() == {("+14155550100", "sms"), ("ann@example.com", "email")}
 
 
+@pytest.mark.parametrize(
+    ("group", "content"),
+    [
+        ("suppress", 'address,reason\n+14155550100,"STOP reply\n+14155550101,x\n+14155550102,y\n'),
+        ("consent", "address,status,recorded_at,source\n+14155550100,revoked,2024-01-01,\"form\n"
+                    "+14155550101,revoked,2024-01-01,x\n"),
+    ],
+)
+def test_import_with_a_quote_left_open_is_refused(
+    cli: Cli, tmp_path: Path, group: str, content: str
+) -> None:
+    # Read leniently, the open quote swallowed every later line into one reason (or source):
+    # "added 1, invalid 0" and the other opt-outs or revocations were silently never recorded.
+    path = tmp_path / "in.csv"
+    path.write_text(content)
+    r = cli(group, "import", str(path))
+    assert r.exit_code == 2
+    assert r.err.startswith(f"error: {path}:2: a quoted field is never closed")
+    assert len(r.err.strip().splitlines()) == 1
+    assert cli.addresses() == set()
+
+
 def test_import_missing_file_is_exit_2(cli: Cli, tmp_path: Path) -> None:
     r = cli("suppress", "import", str(tmp_path / "missing.csv"))
     assert r.exit_code == 2

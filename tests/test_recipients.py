@@ -399,15 +399,25 @@ def test_field_larger_than_limit(tmp_path: Path) -> None:
     assert info.value.line == 4
 
 
-def test_unterminated_quote_is_a_malformed_row_or_error(tmp_path: Path) -> None:
-    # The csv module (non-strict) reads an unterminated quote to the end of the file: a single
-    # record that then has the wrong field count.
-    spec = spec_for(
-        write(tmp_path, 'id,phone\n1,"+14155550100\n2,+14155550101\n'), {Channel.SMS: "phone"}
-    )
-    items = read_all(spec)
-    assert scan_recipients(spec).rows == len(items) == 1
-    assert isinstance(items[0], Recipient)
+@pytest.mark.parametrize(
+    "content",
+    [
+        'id,phone\n1,"+14155550100\n2,+14155550101\n3,+14155550102\n',
+        # In the last column the row even has the right width: rows 2 and 3 were swallowed into
+        # row 1's note, row 1 was sent, and the run counted 1 row of 3 with nothing said.
+        'id,phone,note\n1,+14155550100,"VIP\n2,+14155550101,x\n3,+14155550102,y\n',
+    ],
+)
+def test_unterminated_quote_is_an_error_naming_its_line(tmp_path: Path, content: str) -> None:
+    # The csv module (non-strict) reads a quote left open to the end of the file: every later
+    # line vanished into one field. A quote still open at the end is an error, at its line.
+    spec = spec_for(write(tmp_path, content), {Channel.SMS: "phone"})
+    err = scan_error(spec)
+    assert err.line == 2
+    assert "quoted field" in err.message and "never closed" in err.message
+    with pytest.raises(InputError) as info:
+        read_all(spec)
+    assert info.value.line == 2
 
 
 # --------------------------------------------------------------------------------------------

@@ -192,11 +192,12 @@ def open_csv(path: str | Path) -> Iterator[tuple[list[str], Iterator[CsvRecord]]
     except OSError as exc:
         raise InputError(name, None, None, f"cannot read: {exc.strerror}") from None
     with handle:
-        reader = csv.reader(_decoded_lines(handle, name))
+        # Strict: a quote left open would otherwise swallow every later line into one cell.
+        reader = csv.reader(_decoded_lines(handle, name), strict=True)
         try:
             header = next(reader, None)
         except csv.Error as exc:
-            raise InputError(name, 1, None, f"not readable as CSV: {exc}") from None
+            raise InputError(name, 1, None, _csv_problem(exc)) from None
         if header is None:
             raise InputError(name, None, None, "the file is empty: a header row is expected")
         columns = [c.strip().lower() for c in header]
@@ -209,7 +210,7 @@ def open_csv(path: str | Path) -> Iterator[tuple[list[str], Iterator[CsvRecord]]
                 except StopIteration:
                     return
                 except csv.Error as exc:
-                    raise InputError(name, start, None, f"not readable as CSV: {exc}") from None
+                    raise InputError(name, start, None, _csv_problem(exc)) from None
                 line, start = start, reader.line_num + 1
                 if not any(cell.strip() for cell in row):
                     continue
@@ -219,6 +220,13 @@ def open_csv(path: str | Path) -> Iterator[tuple[list[str], Iterator[CsvRecord]]
                 yield CsvRecord(line, cells)
 
         yield columns, records()
+
+
+def _csv_problem(exc: csv.Error) -> str:
+    if "unexpected end of data" in str(exc):
+        return ('a quoted field is never closed: add the closing quote (a quote inside a quoted '
+                'field is written "")')
+    return f"not readable as CSV: {exc}"
 
 
 def address_column(columns: Sequence[str], file: str) -> str:
