@@ -177,6 +177,17 @@ def test_import_with_a_quote_left_open_is_refused(
     assert cli.addresses() == set()
 
 
+def test_import_with_a_repeated_column_name_is_refused(cli: Cli, tmp_path: Path) -> None:
+    # Cells were keyed by column name, so the last "address" column won and the first column's
+    # opt-outs were silently dropped ("added 1, invalid 0" for a file naming two).
+    path = tmp_path / "in.csv"
+    path.write_text("Address,reason,address\n+14155550100,STOP,+14155550101\n")
+    r = cli("suppress", "import", str(path))
+    assert r.exit_code == 2
+    assert r.err.startswith(f"error: {path}:1: address: column name repeated (columns 1 and 3)")
+    assert cli.addresses() == set()
+
+
 def test_import_missing_file_is_exit_2(cli: Cli, tmp_path: Path) -> None:
     r = cli("suppress", "import", str(tmp_path / "missing.csv"))
     assert r.exit_code == 2

@@ -201,6 +201,10 @@ def open_csv(path: str | Path) -> Iterator[tuple[list[str], Iterator[CsvRecord]]
         if header is None:
             raise InputError(name, None, None, "the file is empty: a header row is expected")
         columns = [c.strip().lower() for c in header]
+        for number, column in enumerate(columns, 1):
+            if column and columns.index(column) + 1 != number:  # one would hide the other
+                raise InputError(name, 1, column, f"column name repeated (columns "
+                                 f"{columns.index(column) + 1} and {number})")
 
         def records() -> Iterator[CsvRecord]:
             start = reader.line_num + 1
