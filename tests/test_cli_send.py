@@ -155,6 +155,24 @@ def test_infinite_rate_option_is_a_usage_error(
     assert err.startswith("error: --rate") and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize(
+    ("amount", "says"),
+    [("1e999999999", "too large"), ("99999999999999999999999", "too large"),
+     ("0.0000001", "decimal places"), ("5.1234567", "decimal places")],
+)
+def test_max_spend_out_of_range_is_a_usage_error(
+    make_campaign: CampaignFactory, store_path: Path, amount: str, says: str
+) -> None:
+    # A huge cap crashed with "internal error: Overflow" or "Python int too large to convert to
+    # SQLite INTEGER" (exit 1); a seventh decimal was silently rounded (0.0000001 became a cap
+    # of 0: the run stopped at once with exit 3). limits.max_spend refuses both already.
+    code, _, err = invoke(store_path, "send", str(make_campaign(people(1))), "--max-spend", amount,
+                          "--dry-run")
+    assert code == 2, err
+    assert err.startswith("error: --max-spend") and says in err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_status_of_an_unknown_run_is_exit_2(store_path: Path, make_campaign: CampaignFactory) -> None:
     invoke(store_path, "send", str(make_campaign(people(1))))
     code, _, err = invoke(store_path, "status", "nope")

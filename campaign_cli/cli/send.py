@@ -158,10 +158,10 @@ def _parse_money(text: str | None) -> Decimal | None:
         raise UsageError(f"--max-spend: {text!r} must be zero or more")
     # As limits.max_spend: spend is counted in micro-units, so a finer cap would be rounded
     # (up, past the amount given); and it must fit the store's integers.
-    if value != value.quantize(Decimal("0.000001"), rounding=ROUND_DOWN) or value >= 10**12:
-        raise UsageError(
-            f"--max-spend: {text!r}: at most six decimal places, and less than 10^12"
-        )
+    if value >= 10**12:  # (checked first: quantizing 1e999999999 is itself an error)
+        raise UsageError(f"--max-spend: {text!r} is too large (less than 10^12)")
+    if value != value.quantize(Decimal("0.000001"), rounding=ROUND_DOWN):
+        raise UsageError(f"--max-spend: {text!r} has more than six decimal places")
     return value
 
 
