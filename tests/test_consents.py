@@ -219,6 +219,25 @@ def test_import_csv(conn: sqlite3.Connection, tmp_path: Path) -> None:
     assert (again.added, again.already) == (0, 3)
 
 
+def test_import_records_every_address_column_of_a_line(
+    conn: sqlite3.Connection, tmp_path: Path
+) -> None:
+    """A revocation on a line with a phone and an email revokes both: reading only the first
+    address column kept sending to the other one without consent."""
+    import_csv(conn, write(tmp_path / "granted.csv",
+                           "phone,email,status,recorded_at\n"
+                           "+14155550100,ann@example.com,granted,2024-01-01\n"),
+               None, "marketing", None, "US", NOW)
+    assert consented_among(conn, [HA], "email", "marketing") == {HA}
+    result = import_csv(conn, write(tmp_path / "revoked.csv",
+                                    "phone,email,status,recorded_at\n"
+                                    "+14155550100,ann@example.com,revoked,2024-02-01\n"),
+                        None, "marketing", None, "US", NOW)
+    assert (result.added, result.invalid) == (2, [])
+    assert consented_among(conn, [HA], "email", "marketing") == set()
+    assert consented_among(conn, [address_hash("+14155550100")], "sms", "marketing") == set()
+
+
 def test_import_requires_status_and_recorded_at_columns(
     conn: sqlite3.Connection, tmp_path: Path
 ) -> None:

@@ -217,6 +217,24 @@ def test_import_phone_column_and_channel_default(conn: sqlite3.Connection, tmp_p
     assert (entry["address"], entry["channel"], entry["source"]) == (PHONE, "all", "list:p.csv")
 
 
+def test_import_reads_every_address_column_not_just_the_first(
+    conn: sqlite3.Connection, tmp_path: Path
+) -> None:
+    """A CRM export with both a phone and an email column: each line is two opt-outs. Only the
+    phone column used to be read, and the email opt-outs were dropped without a word."""
+    path = write(tmp_path / "optouts.csv",
+                 "phone,email\n4155550100,Ann@Example.com\n,bob@example.com\n4155550199,\n"
+                 "12,carol@example.com\n")
+    result = import_csv(conn, path, None, "import", None, "US", NOW)
+    assert result.added == 5
+    # Each address is judged on its own: a bad phone does not cost the line's email.
+    assert [(line, raw) for line, raw, _ in result.invalid] == [(5, "12")]
+    assert {(e["address"], e["channel"]) for e in list_suppressions(conn)} == {
+        (PHONE, "sms"), ("+14155550199", "sms"), ("ann@example.com", "email"),
+        ("bob@example.com", "email"), ("carol@example.com", "email"),
+    }
+
+
 def test_import_without_address_column_is_an_input_error(
     conn: sqlite3.Connection, tmp_path: Path
 ) -> None:

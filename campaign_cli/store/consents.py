@@ -28,11 +28,12 @@ from campaign_cli.store.suppressions import (
     CHANNELS,
     AddResult,
     ImportResult,
-    address_column,
+    address_columns,
     check_channel,
     normalize_for,
     open_csv,
     read_snapshot,
+    row_addresses,
     write_transaction,
 )
 
@@ -253,7 +254,8 @@ def import_csv(
 ) -> ImportResult:
     """Record the consent evidence of a CSV file, in one transaction.
 
-    Columns (header required, case-insensitive): ``address`` (or ``phone`` or ``email``),
+    Columns (header required, case-insensitive): ``address``, ``phone`` or ``email`` (each one
+    present is read: a line about a phone and an email records both),
     ``status`` (granted or revoked) and ``recorded_at`` (ISO 8601) are required; ``channel``
     (else ``channel_default``, else inferred from the address), ``purpose`` (else
     ``purpose_default``) and ``source`` (else ``source``, else ``import:FILE``) are optional.
@@ -265,7 +267,7 @@ def import_csv(
     if purpose_default not in PURPOSES:
         raise ValueError(f"unknown purpose {purpose_default!r}")
     with open_csv(path) as (columns, records):
-        addr_col = address_column(columns, name)
+        address_cols = address_columns(columns, name)
         for required in ("status", "recorded_at"):
             if required not in columns:
                 raise InputError(name, 1, None, f"no {required} column: consent records need one")
@@ -274,13 +276,14 @@ def import_csv(
         added = already = 0
         with write_transaction(conn):
             for record in records:
-                raw = record.fields.get(addr_col, "")
-                channel = record.fields.get("channel", "").lower() or channel_default
+                raws = row_addresses(record.fields, address_cols)
+                raw = raws[0]
+                row_channel = record.fields.get("channel", "").lower() or channel_default
                 purpose = record.fields.get("purpose", "").lower() or purpose_default
                 status = record.fields.get("status", "").lower()
                 problem = None
-                if channel is not None and channel not in CHANNELS:
-                    problem = f"channel: unknown channel {channel!r}"
+                if row_channel is not None and row_channel not in CHANNELS:
+                    problem = f"channel: unknown channel {row_channel!r}"
                 elif purpose not in PURPOSES:
                     problem = f"purpose: expected {' or '.join(PURPOSES)}, not {purpose!r}"
                 elif status not in STATUSES:
@@ -294,17 +297,18 @@ def import_csv(
                 except ValueError as exc:
                     invalid.append((record.line, raw, f"recorded_at: {exc}"))
                     continue
-                try:
-                    address, channel = normalize_for(raw, channel, default_region)
-                except AddressError as exc:
-                    invalid.append((record.line, raw, f"address: {exc.detail}"))
-                    continue
                 row_source = record.fields.get("source", "") or default_source
-                if _insert(conn, address, address_hash(address), channel, purpose, status,
-                           row_source, at, now):
-                    added += 1
-                else:
-                    already += 1
+                for raw in raws:  # a revocation for a phone and an email revokes both
+                    try:
+                        address, channel = normalize_for(raw, row_channel, default_region)
+                    except AddressError as exc:
+                        invalid.append((record.line, raw, f"address: {exc.detail}"))
+                        continue
+                    if _insert(conn, address, address_hash(address), channel, purpose, status,
+                               row_source, at, now):
+                        added += 1
+                    else:
+                        already += 1
     return ImportResult(added, already, invalid)
 
 

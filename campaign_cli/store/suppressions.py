@@ -233,11 +233,20 @@ def _csv_problem(exc: csv.Error) -> str:
     return f"not readable as CSV: {exc}"
 
 
-def address_column(columns: Sequence[str], file: str) -> str:
-    for name in ADDRESS_COLUMNS:
-        if name in columns:
-            return name
-    raise InputError(file, 1, None, "no address column: expected one named address, phone or email")
+def address_columns(columns: Sequence[str], file: str) -> list[str]:
+    """The address columns a file has (``address``, ``phone``, ``email``): every one is read, so
+    that a file with both a phone and an email column loses neither (an opt-out is per address)."""
+    found = [name for name in ADDRESS_COLUMNS if name in columns]
+    if not found:
+        raise InputError(file, 1, None,
+                         "no address column: expected one named address, phone or email")
+    return found
+
+
+def row_addresses(fields: dict[str, str], address_cols: Sequence[str]) -> list[str]:
+    """A record's addresses, one per address column that holds one; ``[""]`` when none does (the
+    record is then judged as one with an empty address)."""
+    return [value for col in address_cols if (value := fields.get(col, ""))] or [""]
 
 
 # --------------------------------------------------------------------------------------------
@@ -378,9 +387,10 @@ def import_csv(
 ) -> ImportResult:
     """Add the addresses of a CSV file, in one transaction.
 
-    Columns (header required, any order, case-insensitive): ``address`` (or ``phone`` or
-    ``email``); optional ``channel`` (else ``channel_default``, else inferred from the address's
-    shape) and ``reason`` (else ``reason``). A row with an empty address and an ``address_hash``
+    Columns (header required, any order, case-insensitive): ``address``, ``phone`` or ``email``
+    (at least one; each one present is read, so a line may add two or three entries); optional
+    ``channel`` (else ``channel_default``, else inferred from the address's shape) and ``reason``
+    (else ``reason``). A row with an empty address and an ``address_hash``
     (an erased entry, as `export_csv` writes it) is added by hash. A leading apostrophe that
     `export_csv` added is stripped. Bad lines are reported in ``invalid`` and skipped; a file
     that cannot be read at all raises `InputError`."""
@@ -388,39 +398,42 @@ def import_csv(
     if channel_default is not None:
         check_channel(channel_default)
     with open_csv(path) as (columns, records):
-        addr_col = address_column(columns, name)
+        address_cols = address_columns(columns, name)
         source = source or f"import:{name}"
         invalid: list[tuple[int, str, str]] = []
         added = already = 0
         with write_transaction(conn):
             for record in records:
-                raw = record.fields.get(addr_col, "")
-                channel = record.fields.get("channel", "").lower() or channel_default
-                if channel is not None and channel not in CHANNELS:
-                    invalid.append((record.line, raw, f"channel: unknown channel {channel!r}"))
+                row_channel = record.fields.get("channel", "").lower() or channel_default
+                raws = row_addresses(record.fields, address_cols)
+                if row_channel is not None and row_channel not in CHANNELS:
+                    invalid.append((record.line, raws[0],
+                                    f"channel: unknown channel {row_channel!r}"))
                     continue
                 row_reason = record.fields.get("reason", "") or reason
                 erased_hash = record.fields.get("address_hash", "").lower()
-                address: str | None
-                if not raw and _HEX64.fullmatch(erased_hash) and channel is not None:
-                    address, hashed = None, erased_hash
-                else:
-                    try:
-                        address, channel = normalize_for(raw, channel, default_region)
-                    except AddressError as exc:
-                        invalid.append((record.line, raw, f"address: {exc.detail}"))
-                        continue
-                    hashed = address_hash(address)
-                cursor = conn.execute(
-                    "INSERT OR IGNORE INTO suppressions "
-                    "(address_hash, address, channel, reason, source, created_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
-                    (hashed, address, channel, row_reason, source, now),
-                )
-                if cursor.rowcount == 1:
-                    added += 1
-                else:
-                    already += 1
+                for raw in raws:
+                    channel = row_channel
+                    address: str | None
+                    if not raw and _HEX64.fullmatch(erased_hash) and channel is not None:
+                        address, hashed = None, erased_hash
+                    else:
+                        try:
+                            address, channel = normalize_for(raw, channel, default_region)
+                        except AddressError as exc:
+                            invalid.append((record.line, raw, f"address: {exc.detail}"))
+                            continue
+                        hashed = address_hash(address)
+                    cursor = conn.execute(
+                        "INSERT OR IGNORE INTO suppressions "
+                        "(address_hash, address, channel, reason, source, created_at) "
+                        "VALUES (?, ?, ?, ?, ?, ?)",
+                        (hashed, address, channel, row_reason, source, now),
+                    )
+                    if cursor.rowcount == 1:
+                        added += 1
+                    else:
+                        already += 1
     return ImportResult(added, already, invalid)
 
 
