@@ -480,7 +480,9 @@ class Runner:
         if self.options.limit is not None and self.options.limit < 1:
             raise UsageError("--limit must be at least 1")
         total_rows = scan.rows if self.options.limit is None else min(scan.rows, self.options.limit)
-        run_key = self.options.run_key or default_run_key(scan.sha256)
+        # An empty --run-key (a cron job's "$UNSET") is refused, not taken for "derive one".
+        run_key = (self.options.run_key if self.options.run_key is not None
+                   else default_run_key(scan.sha256))
         if not _valid_run_key(run_key):
             raise UsageError(
                 f"--run-key {run_key!r}: use letters, digits, '.', '_', '-' (at most 100)"

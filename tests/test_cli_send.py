@@ -241,3 +241,15 @@ def test_max_spend_finer_than_a_micro_unit_or_too_large_is_a_usage_error(
     assert not store_path.exists() or query(store_path, "SELECT count(*) FROM messages") == [(0,)]
     code, _, err = invoke(store_path, "send", str(campaign), "--max-spend", "0.000001")
     assert code == 0, err
+
+
+@pytest.mark.parametrize("key", ["", "../x", "a b"])
+def test_an_empty_or_malformed_run_key_is_refused_not_replaced(
+    make_campaign: CampaignFactory, store_path: Path, key: str
+) -> None:
+    # `--run-key "$RUN_KEY"` with the variable unset used to fall back silently to the derived
+    # key: a cron job meant to resume a named run would start another one.
+    code, _, err = invoke(store_path, "send", str(make_campaign(people(1))), "--run-key", key)
+    assert code == 2, err
+    assert err.startswith("error: --run-key") and len(err.strip().splitlines()) == 1
+    assert not store_path.exists() or query(store_path, "SELECT count(*) FROM messages") == [(0,)]
