@@ -503,11 +503,18 @@ def load_campaign(path: Path | str, env: Mapping[str, str] | None = None) -> Loa
     shown = str(path)
     env = os.environ if env is None else env
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(shown, None, None, "campaign file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         raise ConfigError(shown, None, None, f"cannot read campaign file: {exc}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            shown, raw.count(b"\n", 0, exc.start) + 1, None,
+            f"not UTF-8: byte 0x{raw[exc.start]:02x} (save the file as UTF-8)",
+        ) from None
     try:
         node = yaml.compose(text, Loader=_DepthLimitedLoader)  # first: safe_load recurses too
         data = yaml.safe_load(text)
@@ -677,6 +684,11 @@ def _config_error(
         message = "required key is missing"
     else:
         message = first["msg"].removeprefix("Value error, ")
+        given = first.get("input")
+        if first["type"] == "string_type" and isinstance(given, (bool, int, float)):
+            # YAML 1.1 reads no/yes/on/off as booleans, +1555... and 0755 as numbers.
+            kind = "a boolean" if isinstance(given, bool) else "a number"
+            message += f" (YAML read this value as {kind}: write it in quotes)"
     if first["type"] in ("union_tag_invalid", "union_tag_not_found"):
         loc = (*loc, str(ctx.get("discriminator", "type")).strip("'"))
     for secret in secrets:

@@ -611,3 +611,21 @@ def test_rate_must_be_a_finite_number(project: Path, rate: str) -> None:
     path = write(project, edit("rate: 5/s", f"rate: {rate}"))
     err = error_of(path)
     assert_error(err, path, 21, "providers.p.rate")
+
+
+def test_bytes_that_are_not_utf8_are_named_with_their_line(project: Path) -> None:
+    path = project / "campaigns" / "c.yaml"
+    path.write_bytes(BASE.replace("shop@example.com", "caf\xe9@example.com").encode("latin-1"))
+    err = error_of(path)
+    assert_error(err, path, 13, None)
+    assert "not UTF-8" in err.message and "0xe9" in err.message
+
+
+@pytest.mark.parametrize(("value", "kind"), [("no", "a boolean"), ("+15551230000", "a number")])
+def test_a_yaml_1_1_surprise_says_to_quote_the_value(project: Path, value: str, kind: str) -> None:
+    # `name: no` is False and `from: +15551230000` an int to YAML 1.1: "Input should be a valid
+    # string" alone leaves the operator staring at a value that looks like a string.
+    path = write(project, edit("name: t", f"name: {value}"))
+    err = error_of(path)
+    assert_error(err, path, 1, "name")
+    assert f"YAML read this value as {kind}: write it in quotes" in err.message
