@@ -58,7 +58,16 @@ def _positive(v: float) -> float:
     return v
 
 
-Rate = Annotated[float, BeforeValidator(_parse_rate), AfterValidator(_positive)]
+MIN_RATE = 0.001  # per second (3.6/h): as `--rate`; below it one message, then weeks of waiting
+
+
+def _rate(v: float) -> float:
+    if _positive(v) < MIN_RATE:
+        raise ValueError(f"at least {MIN_RATE}/s (3.6/h): a slower rate waits weeks between sends")
+    return v
+
+
+Rate = Annotated[float, BeforeValidator(_parse_rate), AfterValidator(_rate)]
 
 
 def _relative_to_campaign(v: Path, info: ValidationInfo) -> Path:

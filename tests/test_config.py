@@ -629,3 +629,17 @@ def test_a_yaml_1_1_surprise_says_to_quote_the_value(project: Path, value: str, 
     err = error_of(path)
     assert_error(err, path, 1, "name")
     assert f"YAML read this value as {kind}: write it in quotes" in err.message
+
+
+@pytest.mark.parametrize("rate", ["0.0000001", "1/h", "0.0009/s"])
+def test_a_rate_below_one_message_per_1000_seconds_is_refused(project: Path, rate: str) -> None:
+    # As --rate's floor: `rate: 0.0000001` sent one message and then waited for months.
+    path = write(project, edit("rate: 5/s", f"rate: {rate}"))
+    err = error_of(path)
+    assert_error(err, path, 21, "providers.p.rate")
+    assert "at least 0.001/s" in err.message
+
+
+def test_the_slowest_rate_allowed_loads(project: Path) -> None:
+    loaded = load_campaign(write(project, edit("rate: 5/s", "rate: 3.6/h")), {})
+    assert loaded.campaign.providers["p"].rate == pytest.approx(0.001)
