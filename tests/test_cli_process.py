@@ -327,3 +327,26 @@ def test_a_closed_standard_output_gives_exit_1_and_one_line_not_python_s_120(
     assert done.returncode == 1
     assert done.stderr.strip() == ("error: standard output was closed before everything was "
                                    "written (broken pipe): the program reading it exited")
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [(["send", str(Path(__file__).parent.parent / "campaigns" / "demo.yaml"), "--limit", "-1"], "Invalid value for '--limit'"),
+     (["suppress", "add", "+14155550100", "--region", "zz"], "'zz' is not a region code"),
+     (["send"], "Missing argument"),
+     (["sendd"], "No such command 'sendd'")],
+)
+def test_a_command_line_mistake_is_one_line_and_exit_2(
+    store_path: Path, args: list[str], says: str
+) -> None:
+    # click's usage block was four lines, the error last ("Usage: ... Try ... Error: ...").
+    done = run(store_path, *args)
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: ") and says in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "--help" in done.stderr
+
+
+def test_no_command_at_all_still_shows_the_help(store_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "campaign_cli"], capture_output=True, text=True,
+                          timeout=DEADLINE)
+    assert done.returncode == 2 and "COMMAND [ARGS]" in done.stdout + done.stderr

@@ -78,9 +78,35 @@ def main() -> None:
     sys.stdout = whole_writes(sys.stdout)
     _register()
     try:
-        app()
+        code = _run()
     finally:
         _flush_stdout()
+    sys.exit(code)
+
+
+def _run() -> int:
+    """Run the app; a command-line mistake is one line, as every other input error: ``error:
+    Invalid value for '--limit': ... (campaign send --help)`` and exit 2, not click's usage
+    block (four lines in a cron log, the error last)."""
+    try:
+        result = app(standalone_mode=False)
+    except typer.Abort:
+        print("error: aborted", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        # click's ClickException family (typer vendors click; only these carry both).
+        message = getattr(exc, "format_message", None)
+        exit_code = getattr(exc, "exit_code", None)
+        if not callable(message) or not isinstance(exit_code, int):
+            raise
+        ctx = getattr(exc, "ctx", None)
+        if type(exc).__name__ == "NoArgsIsHelpError" or ctx is None:
+            exc.show()  # type: ignore[attr-defined]  # the help text itself, as asked for
+            return exit_code
+        text = " ".join(str(message()).split())
+        print(f"error: {text} (see: {ctx.command_path} --help)", file=sys.stderr)
+        return exit_code
+    return result if isinstance(result, int) else 0
 
 
 def _flush_stdout() -> None:
