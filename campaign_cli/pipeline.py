@@ -1506,16 +1506,35 @@ def _valid_run_key(key: str) -> bool:
 
 def _first_open_row(conn: sqlite3.Connection, run_id: int) -> int:
     """Records before this one are all journaled and final (in doubt rows may be re-sent): a
-    resume need not normalise them."""
+    resume need not normalise them.
+
+    Every record read gets a journal row, so records 1..n are all there, unless a chunk's
+    admission failed while chunks after it went in: the first missing record is open too."""
     row = conn.execute(
         "SELECT MIN(row) FROM messages WHERE run_id = ? "
         "AND state IN ('pending', 'sending', 'in_doubt')",
         (run_id,),
     ).fetchone()
     if row[0] is not None:
-        return int(row[0])
-    row = conn.execute("SELECT MAX(row) FROM messages WHERE run_id = ?", (run_id,)).fetchone()
-    return 1 if row[0] is None else int(row[0]) + 1
+        bound = int(row[0])
+    else:
+        row = conn.execute("SELECT MAX(row) FROM messages WHERE run_id = ?", (run_id,)).fetchone()
+        bound = 1 if row[0] is None else int(row[0]) + 1
+    records = conn.execute(
+        "SELECT COUNT(DISTINCT row) FROM messages WHERE run_id = ? AND row < ?", (run_id, bound)
+    ).fetchone()[0]
+    if records == bound - 1:
+        return bound
+    # A gap (rare): the first record missing below the bound.
+    row = conn.execute(
+        "SELECT MIN(m.row) + 1 FROM messages m WHERE m.run_id = ?1 AND m.row < ?2 "
+        "AND NOT EXISTS (SELECT 1 FROM messages n WHERE n.run_id = ?1 AND n.row = m.row + 1)",
+        (run_id, bound),
+    ).fetchone()
+    has_first = conn.execute(
+        "SELECT 1 FROM messages WHERE run_id = ? AND row = 1 LIMIT 1", (run_id,)
+    ).fetchone()
+    return 1 if has_first is None else int(row[0])
 
 
 def _max_row(conn: sqlite3.Connection, run_id: int) -> int:

@@ -425,3 +425,28 @@ def test_an_in_doubt_message_refused_on_resume_keeps_the_spend_it_may_have_cost(
     report = send(campaign, store_path, FakeProvider(deduplicates=False), run_key="k")
     assert states(store_path) == {1: "suppressed", 2: "sent"}
     assert report.spend_micros == 20_000  # the first attempt may have been charged
+
+
+def test_a_chunk_missing_from_the_journal_is_not_skipped_by_the_resume(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    """A chunk's admission failed (the disk full for a moment) while the chunks after it, already
+    on their way to the writer, went in: the run stopped with rows 11-15 missing from the journal
+    and 16-60 pending. The resume must read from the first row the journal lacks, not from the
+    first open row after it (which skipped rows 11-15 for good and called the run done)."""
+    rows = [[f"c{i}", f"Name{i}", "12", f"person{i}@example.com"] for i in range(1, 11)]
+    campaign = make_campaign(rows + people(50, start=11))
+    first = send(campaign, store_path, FakeProvider(), run_key="k", limit=10)
+    assert first.counts == {"invalid": 10}
+    conn = sqlite3.connect(store_path)
+    runs.admit(conn, first.run_id, [
+        runs.Admit(row, row + 1, "sms", f"c{row}", f"+1201200{row:04d}", "pending")
+        for row in range(16, 61)
+    ], True, "2026-01-01T00:00:00Z")
+    conn.commit()
+    conn.close()
+
+    provider = FakeProvider()
+    report = send(campaign, store_path, provider, run_key="k")
+    assert report.counts == {"invalid": 10, "sent": 50}
+    assert sorted(m.row for m in provider.accepted) == list(range(11, 61))
