@@ -5,6 +5,7 @@
     ├── InputError                     exit 2  a bad file: names file, line and field
     │   └── ConfigError                exit 2  the campaign YAML (or a template it names)
     ├── StoreError                     exit 2  the store cannot be opened or is too new
+    ├── JournalError                   exit 1  writing the journal failed mid-run
     ├── RunLockedError                 exit 5  another process drives this run
     └── ProviderError                  raised by provider adapters; the pipeline decides by class
         ├── TransientError             retry with backoff (5xx, 408, resets before sending)
@@ -78,6 +79,13 @@ class ConfigError(InputError):
 
 class StoreError(CampaignError):
     exit_code = ExitCode.USAGE
+
+
+class JournalError(CampaignError):
+    """The journal writer's transaction failed while a run was sending (a full disk, an I/O
+    error): messages may have gone out, so this is not a "nothing sent" exit 2."""
+
+    exit_code = ExitCode.INTERNAL
 
 
 class RunLockedError(CampaignError):

@@ -51,6 +51,7 @@ from campaign_cli.errors import (
     ExitCode,
     InDoubtError,
     InputError,
+    JournalError,
     PermanentError,
     ProviderAuthError,
     ProviderError,
@@ -624,6 +625,8 @@ class Runner:
             ticker.cancel()
             await asyncio.gather(ticker, return_exceptions=True)
             await writer.flush()
+        except JournalError as exc:
+            self._crashed(exc)  # the run ends here, and is finished below like any abort
         finally:
             unique = {r.name: r for channel_routes in routes.values() for r in channel_routes}
             for route in unique.values():
@@ -631,22 +634,32 @@ class Runner:
                     await route.provider.aclose()
                 except Exception as exc:  # noqa: BLE001 - closing must not hide the outcome
                     self.warnings.append(f"closing provider {route.provider.name}: {exc}")
-            await asyncio.to_thread(writer.close)
+            try:
+                await asyncio.to_thread(writer.close)
+            except JournalError as exc:
+                self._crashed(exc)
             policy_conn = getattr(policy, "_conn", None)
             if policy_conn is not None:
                 policy_conn.close()
 
         # Rows still `sending` had their send cut off: the outcome is unknown.
         now = iso(self.clock.now())
-        runs.mark_in_doubt(store.conn, run.id, now)
-        by_channel = runs.counts(store.conn, run.id)
-        spend = runs.committed_spend(store.conn, run.id)
-        failed = sum(s.get(State.FAILED.value, 0) for s in by_channel.values())
-        exit_code, status, stopped = self._outcome(failed)
-        if self._abort is not None:
-            error = redact(str(self._abort), self.secrets)
-        runs.finish_run(store.conn, run.id, status=status, exit_code=int(exit_code), now=now,
-                        total_rows=total_rows, last_error=error)
+        try:
+            runs.mark_in_doubt(store.conn, run.id, now)
+            by_channel = runs.counts(store.conn, run.id)
+            spend = runs.committed_spend(store.conn, run.id)
+            failed = sum(s.get(State.FAILED.value, 0) for s in by_channel.values())
+            exit_code, status, stopped = self._outcome(failed)
+            if self._abort is not None:
+                error = redact(str(self._abort), self.secrets)
+            runs.finish_run(store.conn, run.id, status=status, exit_code=int(exit_code), now=now,
+                            total_rows=total_rows, last_error=error)
+        except sqlite3.Error as exc:
+            cause = "" if self._abort is None else f"{self._abort}; "
+            raise JournalError(
+                f"run {run.name} stopped: {cause}finishing the journal failed: {exc}; messages "
+                "in flight are in doubt and the rest pending when it resumes"
+            ) from None
         return RunReport(
             run_id=run.id, run_name=run.name, campaign=run.campaign, run_key=run.run_key,
             dry_run=self.options.dry_run, resumed=resumed, by_channel=by_channel,

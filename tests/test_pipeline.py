@@ -450,3 +450,45 @@ def test_a_chunk_missing_from_the_journal_is_not_skipped_by_the_resume(
     report = send(campaign, store_path, provider, run_key="k")
     assert report.counts == {"invalid": 10, "sent": 50}
     assert sorted(m.row for m in provider.accepted) == list(range(11, 61))
+
+
+def test_a_journal_that_fails_mid_run_stops_the_run_with_exit_1_and_a_consistent_store(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    """The journal writer's transaction fails mid-run (here a trigger refuses row 5's `sent`, as a
+    full disk would refuse any write): the run stops with exit 1 (not 2, "nothing sent": four
+    messages went out), the run is finished in the store rather than left `running`, nothing is
+    counted sent that the journal does not hold, and the run resumes once the store is fixed."""
+    campaign = make_campaign(people(30))
+    from campaign_cli.store.db import Store
+
+    Store.open(store_path).close()
+    conn = sqlite3.connect(store_path)
+    conn.execute(
+        "CREATE TRIGGER disk_full BEFORE UPDATE OF state ON messages "
+        "WHEN NEW.state = 'sent' AND NEW.row = 5 BEGIN SELECT RAISE(ABORT, 'disk is full'); END"
+    )
+    conn.commit()
+    conn.close()
+
+    first = FakeProvider()
+    report = send(campaign, store_path, first, run_key="k")
+    assert report.exit_code == ExitCode.INTERNAL
+    assert report.status == "aborted"
+    assert report.error is not None and "writing the journal failed: disk is full" in report.error
+    assert query(store_path, "SELECT status, exit_code FROM runs") == [("aborted", 1)]
+    journaled = states(store_path)
+    assert len(journaled) == 30 and "sending" not in journaled.values()
+    # Sent only where the journal says so; the rest of what left is in doubt, never pending.
+    sent_rows = {row for row, state in journaled.items() if state == "sent"}
+    assert report.counts.get("sent", 0) == len(sent_rows)
+    for message in first.accepted:
+        assert journaled[message.row] in ("sent", "in_doubt")
+
+    conn = sqlite3.connect(store_path)
+    conn.execute("DROP TRIGGER disk_full")
+    conn.commit()
+    conn.close()
+    report = send(campaign, store_path, FakeProvider(), run_key="k")
+    assert report.exit_code == ExitCode.OK
+    assert report.counts == {"sent": 30}

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from campaign_cli.errors import StoreError
+from campaign_cli.errors import JournalError, StoreError
 from campaign_cli.store.db import connect
 
 T = TypeVar("T")
@@ -96,7 +96,7 @@ class JournalWriter:
 
     def check(self) -> None:
         if self._failure is not None:
-            raise StoreError(f"writing the journal failed: {self._failure}") from self._failure
+            raise JournalError(f"writing the journal failed: {self._failure}") from self._failure
 
     # -- API for the event loop ------------------------------------------------------------
 
@@ -164,7 +164,7 @@ class JournalWriter:
                 continue
             if failure is not None:
                 future.set_exception(
-                    StoreError(f"writing the journal failed: {failure}")
+                    JournalError(f"writing the journal failed: {failure}")
                 )
             else:
                 future.set_result(None)
@@ -248,7 +248,8 @@ class JournalWriter:
                 conn.execute("ROLLBACK")
             except sqlite3.Error:
                 pass
-            done = [(call, None, exc) for call in (i for i in batch if isinstance(i, _Call))]
+            failed = JournalError(f"writing the journal failed: {exc}")
+            done = [(call, None, failed) for call in (i for i in batch if isinstance(i, _Call))]
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Call, Any, BaseException | None]]] = {}
         for entry in done:
             by_loop.setdefault(entry[0].loop, []).append(entry)
