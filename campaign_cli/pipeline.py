@@ -1027,8 +1027,11 @@ class Runner:
                 # or the campaign accepts a possible duplicate.
                 channel = _CHANNELS[a.channel]
                 routes = self._routes_by_channel[channel]
-                route = next((r for r in routes if r.name == provider), routes[0])
-                if route.provider.deduplicates or resend_policy:
+                route = next((r for r in routes if r.name == provider), None)
+                # A provider that replaced it in the campaign never saw the key: its
+                # deduplication cannot stop a second copy, so the policy decides.
+                if (route is not None and route.provider.deduplicates) or resend_policy:
+                    route = route or routes[0]
                     ahash = address_hash(a.address)
                     hashes.setdefault(a.channel, []).append(ahash)
                     open_rows.append((recipients[a.row], channel, a.address, ahash, route.name))

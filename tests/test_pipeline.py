@@ -492,3 +492,29 @@ def test_a_journal_that_fails_mid_run_stops_the_run_with_exit_1_and_a_consistent
     report = send(campaign, store_path, FakeProvider(), run_key="k")
     assert report.exit_code == ExitCode.OK
     assert report.counts == {"sent": 30}
+
+
+def test_an_in_doubt_message_is_not_resent_through_a_provider_that_replaced_its_own(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    """Row 2 was in flight at provider `old` when the run died; the operator then moved the
+    channel to provider `new`, which deduplicates by idempotency key. `new` has never seen that
+    key, so its deduplication cannot stop a second copy: the marketing campaign's `skip` policy
+    decides, and the row stays in doubt."""
+    old = {"old": {"type": "outbox", "dir": "outbox"}}
+    campaign = make_campaign(people(4), purpose="marketing", providers=old,
+                             channels={"sms": {**MARKETING_SMS["sms"], "provider": "old"}})
+    send(campaign, store_path, FakeProvider(deduplicates=False), run_key="k")
+    conn = sqlite3.connect(store_path)
+    conn.execute("UPDATE messages SET state = 'sending' WHERE row = 2")
+    conn.commit()
+    conn.close()
+    new = {"new": {"type": "outbox", "dir": "outbox"}}
+    campaign = make_campaign(people(4), purpose="marketing", providers=new,
+                             channels={"sms": {**MARKETING_SMS["sms"], "provider": "new"}})
+
+    provider = FakeProvider(deduplicates=True)
+    report = send(campaign, store_path, provider, run_key="k")
+    assert provider.history == []
+    assert (report.in_doubt_found, report.in_doubt_resent) == (1, 0)
+    assert report.counts == {"in_doubt": 1, "sent": 3}
