@@ -518,3 +518,20 @@ def test_an_in_doubt_message_is_not_resent_through_a_provider_that_replaced_its_
     assert provider.history == []
     assert (report.in_doubt_found, report.in_doubt_resent) == (1, 0)
     assert report.counts == {"in_doubt": 1, "sent": 3}
+
+
+def test_the_run_lock_holds_whatever_path_names_the_store(
+    make_campaign: CampaignFactory, store_path: Path, tmp_path: Path
+) -> None:
+    """Two cron jobs naming the same store by different paths (one through a symlink) drive the
+    same run: the second must be refused, not race the first."""
+    campaign = make_campaign(people(2))
+    send(campaign, store_path, FakeProvider(), run_key="held")  # the store exists
+    link = tmp_path / "link.db"
+    link.symlink_to(store_path)
+    lock = runs.RunLock.acquire(store_path, "test-campaign", "held", "now")
+    try:
+        with pytest.raises(RunLockedError, match=r"pid \d+"):
+            send(campaign, link, FakeProvider(), run_key="held")
+    finally:
+        lock.release()

@@ -375,7 +375,8 @@ class RunLock:
 
     @classmethod
     def acquire(cls, store_path: Path, campaign: str, run_key: str, started: str) -> RunLock:
-        lock_dir = Path(f"{store_path}.locks")
+        # Beside the store's real file: another path to it (a symlink) must meet the same lock.
+        lock_dir = Path(f"{Path(store_path).resolve()}.locks")
         lock_dir.mkdir(mode=0o700, exist_ok=True)
         digest = hashlib.sha256(f"{campaign}\0{run_key}".encode()).hexdigest()[:16]
         path = lock_dir / f"{digest}.lock"
