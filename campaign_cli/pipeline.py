@@ -1561,7 +1561,8 @@ def _max_row(conn: sqlite3.Connection, run_id: int) -> int:
 def _snapshot_store(source: Path, target: Path) -> Path:
     """A private copy of the store for a dry run: the real one is only read."""
     if source.exists():
-        src = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
+        # as_uri() escapes '#', '?' and '%', which a bare "file:" URI would take as its syntax.
+        src = sqlite3.connect(f"{source.resolve().as_uri()}?mode=ro", uri=True)
         try:
             dst = sqlite3.connect(target)
             try:

@@ -277,6 +277,26 @@ def test_dry_run_sends_nothing_and_leaves_the_store_untouched(
         assert query(store_path, "SELECT count(*) FROM suppressions") == [(0,)]
 
 
+@pytest.mark.parametrize("folder", ["a#b", "c?d", "e%41f"])
+def test_a_dry_run_reads_the_store_whatever_characters_its_path_holds(
+    make_campaign: CampaignFactory, tmp_path: Path, folder: str
+) -> None:
+    """The dry run copies the store through a read-only SQLite URI: a '#', '?' or '%' in the path
+    must not make it open (and create) another file, or a store that is not there."""
+    store = tmp_path / folder / "store.db"
+    store.parent.mkdir()
+    campaign = make_campaign(people(3))
+    send(campaign, store, FakeProvider(), run_key="k")
+    before = sorted(p.name for p in tmp_path.iterdir())
+
+    provider = FakeProvider()
+    report = send(campaign, store, provider, run_key="k", dry_run=True)
+    assert provider.history == []
+    assert report.resumed  # it saw the real run: nothing left to send
+    assert report.counts == {"sent": 3} and report.sent_this_session == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
 def test_limit_takes_only_the_first_rows(make_campaign: CampaignFactory, store_path: Path) -> None:
     report = send(make_campaign(people(10)), store_path, FakeProvider(), limit=3)
     assert report.counts == {"sent": 3}
