@@ -48,6 +48,7 @@ from campaign_cli.addresses import address_hash
 from campaign_cli.clock import Clock, Stamper, SystemClock, iso
 from campaign_cli.config import LoadedCampaign
 from campaign_cli.errors import (
+    CampaignError,
     ExitCode,
     InDoubtError,
     InputError,
@@ -597,10 +598,16 @@ class Runner:
         in_doubt_found: int,
         started_mono: float,
     ) -> RunReport:
+        context = ProviderContext(clock=self.clock, run_name=run.name, stdout=self.stdout)
+        try:
+            routes = self._routes(context)
+        except CampaignError as exc:  # a provider's configuration, checked as it is built
+            runs.finish_run(store.conn, run.id, status="aborted", exit_code=int(exc.exit_code),
+                            now=iso(self.clock.now()), total_rows=total_rows,
+                            last_error=redact(str(exc), self.secrets))
+            raise
         writer = JournalWriter(store.path).start()
         budget = Budget(self._max_spend_micros(), committed)
-        context = ProviderContext(clock=self.clock, run_name=run.name, stdout=self.stdout)
-        routes = self._routes(context)
         concurrency = self.campaign.limits.concurrency
         queue: asyncio.Queue[_Job | None] = asyncio.Queue(
             self.options.queue_size or max(2 * concurrency, 64)
@@ -790,8 +797,6 @@ class Runner:
                     helper.cancel()
 
     def _crashed(self, exc: BaseException) -> None:
-        from campaign_cli.errors import CampaignError
-
         if isinstance(exc, CampaignError):
             self._fail_run(_Abort(exc.exit_code, "error", redact(str(exc), self.secrets)))
         else:

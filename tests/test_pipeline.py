@@ -555,3 +555,34 @@ def test_the_run_lock_holds_whatever_path_names_the_store(
             send(campaign, link, FakeProvider(), run_key="held")
     finally:
         lock.release()
+
+
+def test_a_provider_that_cannot_be_built_leaves_no_run_running(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    """A provider whose configuration fails only when it is built (an FCM service-account file
+    that is not JSON): exit 2 and one line, as before; but the run it had started is finished
+    with that error, not left `running` for `campaign status`, and no writer thread is left."""
+    import threading
+
+    from campaign_cli.errors import ConfigError
+    from campaign_cli.providers.base import ProviderRegistry
+
+    def factory(name: str, config: Any, context: Any) -> Any:
+        raise ConfigError("key.json", None, None, "service account file: not JSON")
+
+    registry = ProviderRegistry()
+    registry.register("outbox", factory)
+    def writers() -> int:
+        return sum(t.name == "journal-writer" for t in threading.enumerate())
+
+    loaded = load_campaign(make_campaign(people(3)), {})
+    before = writers()
+    with pytest.raises(ConfigError, match="not JSON"):
+        run_campaign(loaded, store_path, SendOptions(run_key="k"), clock=FakeClock(),
+                     registry=registry)
+    [(status, exit_code, last_error)] = query(
+        store_path, "SELECT status, exit_code, last_error FROM runs")
+    assert (status, exit_code) == ("aborted", 2)
+    assert "key.json: service account file: not JSON" in last_error
+    assert writers() == before
