@@ -366,3 +366,28 @@ def test_webhook_entries_of_an_older_store_are_respelt(tmp_path: Path) -> None:
         assert consents == [(ahash,)]
     finally:
         store.close()
+
+
+
+@pytest.mark.parametrize("volume_exists", [True, False])
+def test_the_store_and_its_wal_files_are_0600_also_through_a_dangling_symlink(
+    tmp_path: Path, volume_exists: bool
+) -> None:
+    """The store holds addresses and the unsubscribe secret: created 0600, and SQLite gives its
+    -wal and -shm files the same mode. A store path that is a symlink to a file not made yet
+    (a store kept on another volume) must be created the same way: not 0644 by the umask, and
+    not "unable to open" when the folder it names is missing too."""
+    if volume_exists:
+        (tmp_path / "volume").mkdir()
+    link = tmp_path / "link.db"
+    link.symlink_to(tmp_path / "volume" / "real.db")
+    for path in (tmp_path / "plain.db", link):
+        store = Store.open(path)
+        try:
+            add(store.conn, PHONE)
+            files = list(path.resolve().parent.glob(path.resolve().name + "*"))
+            assert len(files) == 3  # the store, -wal, -shm
+            for file in files:
+                assert file.stat().st_mode & 0o777 == 0o600, file
+        finally:
+            store.close()

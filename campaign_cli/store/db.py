@@ -286,9 +286,12 @@ def connect(path: Path, *, create: bool = True, readonly: bool = False) -> sqlit
             raise StoreError(
                 f"{path}: no store here (it is created by the first command that writes)"
             )
+        # A dangling symlink names the file to create: O_EXCL refuses to follow it, and SQLite
+        # would then create that file itself, with the umask's mode (0644).
+        target = path.resolve()
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
             os.close(fd)
         except FileExistsError:
             pass
