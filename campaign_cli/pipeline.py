@@ -985,10 +985,10 @@ class Runner:
 
     async def _admit(
         self, admits: list[runs.Admit]
-    ) -> dict[tuple[int, str], tuple[str, str | None]]:
+    ) -> dict[tuple[int, str], tuple[str, str | None, str | None]]:
         run_id = self._run.id
         now = iso(self.clock.now())
-        states: dict[tuple[int, str], tuple[str, str | None]] = await self._writer.call(
+        states: dict[tuple[int, str], tuple[str, str | None, str | None]] = await self._writer.call(
             lambda conn: runs.admit(conn, run_id, admits, True, now)
         )
         # Count what this session added, for progress (rows journaled earlier are baseline).
@@ -1021,7 +1021,7 @@ class Runner:
         for a in admits:
             if a.address is None:
                 continue
-            state, provider = states.get((a.row, a.channel), (None, None))
+            state, provider, rkey = states.get((a.row, a.channel), (None, None, None))
             if state == pending:
                 ahash = address_hash(a.address)
                 hashes.setdefault(a.channel, []).append(ahash)
@@ -1033,9 +1033,11 @@ class Runner:
                 channel = _CHANNELS[a.channel]
                 routes = self._routes_by_channel[channel]
                 route = next((r for r in routes if r.name == provider), None)
-                # A provider that replaced it in the campaign never saw the key: its
+                # A provider that replaced it in the campaign never saw the key, nor did any
+                # provider see the key made from another key column (recipients.key changed):
                 # deduplication cannot stop a second copy, so the policy decides.
-                if (route is not None and route.provider.deduplicates) or resend_policy:
+                dedupes = route is not None and route.provider.deduplicates and rkey == a.rkey
+                if dedupes or resend_policy:
                     route = route or routes[0]
                     ahash = address_hash(a.address)
                     hashes.setdefault(a.channel, []).append(ahash)

@@ -586,3 +586,29 @@ def test_a_provider_that_cannot_be_built_leaves_no_run_running(
     assert (status, exit_code) == ("aborted", 2)
     assert "key.json: service account file: not JSON" in last_error
     assert writers() == before
+
+
+def test_an_in_doubt_message_is_not_resent_under_a_key_from_another_key_column(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    """Row 2 was in flight when the run died; the operator then changed `recipients.key` (id to
+    email). The idempotency key is made from the recipient key, so a resend would carry a key the
+    provider never saw and its deduplication could not stop a second copy: the marketing
+    campaign's `skip` policy decides, and the row stays in doubt."""
+    import yaml
+
+    campaign = make_campaign(people(4), purpose="marketing", channels=MARKETING_SMS)
+    send(campaign, store_path, FakeProvider(), run_key="k")
+    conn = sqlite3.connect(store_path)
+    conn.execute("UPDATE messages SET state = 'sending' WHERE row = 2")
+    conn.commit()
+    conn.close()
+    data = yaml.safe_load(campaign.read_text())
+    data["recipients"]["key"] = "email"
+    campaign.write_text(yaml.safe_dump(data))
+
+    provider = FakeProvider(deduplicates=True)
+    report = send(campaign, store_path, provider, run_key="k")
+    assert provider.history == []
+    assert (report.in_doubt_found, report.in_doubt_resent) == (1, 0)
+    assert report.counts == {"in_doubt": 1, "sent": 3}

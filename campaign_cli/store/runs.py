@@ -263,8 +263,10 @@ class Admit(NamedTuple):
 
 def admit(
     conn: sqlite3.Connection, run_id: int, items: Sequence[Admit], dedupe_address: bool, now: str
-) -> dict[tuple[int, str], tuple[str, str | None]]:
-    """Insert a chunk's rows (INSERT OR IGNORE) and return every row's (state, provider) after.
+) -> dict[tuple[int, str], tuple[str, str | None, str | None]]:
+    """Insert a chunk's rows (INSERT OR IGNORE) and return every row's (state, provider, rkey)
+    after: the recipient key is the one journaled, which an earlier session may have read from
+    another key column.
 
     The database decides: a row already journaled by an earlier session keeps its state; a row whose
     recipient key (or address, when ``dedupe_address``) is already taken in this run becomes a
@@ -286,7 +288,7 @@ def admit(
     )
     if conn.total_changes - before == len(items):
         # Every row went in as given (the usual case: a fresh chunk, no duplicates).
-        return {(a.row, a.channel): (a.state, None) for a in items}
+        return {(a.row, a.channel): (a.state, None, a.rkey) for a in items}
     # A claim refused by a unique index (same key or address as an earlier row) is a duplicate;
     # a row already journaled by an earlier session is left as it is (primary key).
     conn.executemany(
@@ -302,9 +304,9 @@ def admit(
     lo = min(a.row for a in items)
     hi = max(a.row for a in items)
     return {
-        (row, channel): (state, provider)
-        for row, channel, state, provider in conn.execute(
-            "SELECT row, channel, state, provider FROM messages "
+        (row, channel): (state, provider, rkey)
+        for row, channel, state, provider, rkey in conn.execute(
+            "SELECT row, channel, state, provider, rkey FROM messages "
             "WHERE run_id = ? AND row BETWEEN ? AND ?",
             (run_id, lo, hi),
         )
