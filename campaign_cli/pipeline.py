@@ -525,6 +525,13 @@ class Runner:
                     template_hashes=renderer.template_hashes,
                     now=now,
                 )
+                kept = run.max_spend_micros if self._max_spend_micros() is None else None
+                if resumed and kept is not None:
+                    self.warnings.append(
+                        f"run {run.name} keeps its spend cap of "
+                        f"{from_micros(kept)} {run.currency} from an earlier "
+                        "session (give --max-spend to change it)"
+                    )
                 runs.mark_in_doubt(store.conn, run.id, now)
                 if self.options.retry_failed:
                     self.retried = runs.reopen_transient_failures(store.conn, run.id, now)
@@ -607,7 +614,7 @@ class Runner:
                             last_error=redact(str(exc), self.secrets))
             raise
         writer = JournalWriter(store.path).start()
-        budget = Budget(self._max_spend_micros(), committed)
+        budget = Budget(run.max_spend_micros, committed)  # this session's, or the run's own
         concurrency = self.campaign.limits.concurrency
         queue: asyncio.Queue[_Job | None] = asyncio.Queue(
             self.options.queue_size or max(2 * concurrency, 64)

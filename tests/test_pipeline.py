@@ -226,6 +226,25 @@ def test_spend_cap_is_never_exceeded_and_resume_with_a_larger_cap_finishes(
     assert not {m.row for m in more.accepted} & {m.row for m in provider.accepted}
 
 
+def test_a_resume_that_gives_no_cap_keeps_the_one_the_run_was_given(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    """`send --max-spend 0.055`, stopped at the cap, then resumed by a command that left the
+    option out (the campaign file has no cap): the run used to go on uncapped."""
+    campaign = make_campaign(people(12))
+    first = send(campaign, store_path, FakeProvider(), run_key="k", max_spend=Decimal("0.055"))
+    assert (first.exit_code, first.spend_micros) == (ExitCode.SPEND_CAP, 50_000)
+
+    provider = FakeProvider()
+    again = send(campaign, store_path, provider, run_key="k")
+    assert again.exit_code == ExitCode.SPEND_CAP
+    assert provider.accepted == [] and again.max_spend_micros == 55_000
+    assert any("keeps its spend cap of 0.055 USD" in w for w in again.warnings)
+
+    raised = send(campaign, store_path, FakeProvider(), run_key="k", max_spend=Decimal("1"))
+    assert raised.exit_code == ExitCode.OK and raised.counts == {"sent": 12}
+
+
 def test_suppressed_and_unconsented_recipients_are_refused(
     make_campaign: CampaignFactory, store_path: Path, tmp_path: Path
 ) -> None:

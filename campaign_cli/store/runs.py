@@ -111,7 +111,9 @@ def start_run(
     """Create the run, or resume it. Returns (run, resumed).
 
     Resuming requires the same recipient file contents: journal rows are keyed by record number,
-    so a changed file would silently skip or repeat people."""
+    so a changed file would silently skip or repeat people. A resume without a cap of its own
+    (``max_spend_micros`` None) keeps the run's cap: a cap given on an earlier session's command
+    line must not vanish because the resume command left it out."""
     conn.execute("BEGIN IMMEDIATE")
     try:
         existing = find_run(conn, campaign, run_key)
@@ -140,6 +142,8 @@ def start_run(
                     f"{', '.join(existing.channels)}; the campaign now has {', '.join(channels)}: "
                     "start a new run with another --run-key"
                 )
+            if max_spend_micros is None:
+                max_spend_micros = existing.max_spend_micros
             conn.execute(
                 "UPDATE runs SET status = 'running', exit_code = NULL, finished_at = NULL, "
                 "started_at = ?, sessions = sessions + 1, max_spend_micros = ?, "
