@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from campaign_cli import recipients
 from campaign_cli.clock import Stamper, SystemClock, iso
 from campaign_cli.config import load_campaign
-from campaign_cli.errors import InputError
+from campaign_cli.errors import InputError, JournalError
 from campaign_cli.models import Channel
 from campaign_cli.pipeline import SendOptions, run_campaign
 from campaign_cli.recipients import (
@@ -180,6 +180,48 @@ def test_barrier_fails_when_the_journal_breaks(tmp_path: Path) -> None:
 
     with pytest.raises(Exception, match="writing the journal failed"):
         asyncio.run(scenario())
+
+
+def test_the_writer_waits_for_another_process_s_write_lock_instead_of_failing(
+    tmp_path: Path,
+) -> None:
+    """A long write from elsewhere (`suppress import` of a big list is one transaction) used to
+    fail the run's journal after one busy timeout. The writer tries again, within a bound."""
+    path = tmp_path / "s.db"
+    Store.open(path).close()
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # held like a long import
+    writer = JournalWriter(path, busy_timeout_ms=20, lock_wait=60).start()
+    try:
+        writer.submit("INSERT INTO settings (key, value) VALUES (?, ?)", ("waited", "v"))
+        deadline = time.monotonic() + 30
+        while writer.busy_waits < 3:  # a condition, not a sleep: it has found the lock taken
+            assert time.monotonic() < deadline, "the writer never met the lock"
+            time.sleep(0.01)
+        other.execute("COMMIT")
+    finally:
+        writer.close()  # raises if the write failed
+        other.close()
+    check = sqlite3.connect(path)
+    try:
+        assert check.execute("SELECT value FROM settings WHERE key = 'waited'").fetchone() == ("v",)
+    finally:
+        check.close()
+
+
+def test_the_writer_gives_up_on_a_lock_held_past_its_bound(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    Store.open(path).close()
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    writer = JournalWriter(path, busy_timeout_ms=10, lock_wait=0).start()
+    try:
+        writer.submit("INSERT INTO settings (key, value) VALUES (?, ?)", ("never", "v"))
+        with pytest.raises(JournalError, match="database is locked"):
+            writer.close()
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
 
 
 def test_stamper_formats_exactly_as_iso() -> None:

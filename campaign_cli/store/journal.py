@@ -21,6 +21,7 @@ import collections
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -29,6 +30,11 @@ from campaign_cli.errors import JournalError, StoreError
 from campaign_cli.store.db import connect
 
 T = TypeVar("T")
+
+#: How long a transaction may wait for another process's write lock (a large `suppress import`
+#: is one transaction) before the run stops with a journal error: SQLite's busy timeout (10 s)
+#: is one attempt of it. Meanwhile sends wait at their intent barrier: nothing goes unjournaled.
+LOCK_WAIT = 300.0
 
 _STOP = object()
 _NOOP = object()  # wakes the writer so that it reports a commit
@@ -55,9 +61,13 @@ class _Many:
 
 
 class JournalWriter:
-    def __init__(self, path: Path, *, max_batch: int = 2000) -> None:
+    def __init__(self, path: Path, *, max_batch: int = 2000, lock_wait: float = LOCK_WAIT,
+                 busy_timeout_ms: int | None = None) -> None:
         self._path = path
         self._max_batch = max_batch
+        self._lock_wait = lock_wait
+        self._busy_timeout_ms = busy_timeout_ms
+        self.busy_waits = 0  # how often a transaction found the store locked and tried again
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="journal-writer", daemon=True)
         self._failure: BaseException | None = None
@@ -182,6 +192,8 @@ class JournalWriter:
             self._failure = exc
             self._ready.set()
             return
+        if self._busy_timeout_ms is not None:
+            self._conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
         self._ready.set()
         conn = self._conn
         stopping = False
@@ -206,7 +218,7 @@ class JournalWriter:
             return
         done: list[tuple[_Call, Any, BaseException | None]] = []
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            self._begin(conn)
             run_sql: str | None = None
             run_params: list[Sequence[Any]] = []
             for item in batch:
@@ -270,12 +282,32 @@ class JournalWriter:
             except RuntimeError:
                 pass
 
+    def _begin(self, conn: sqlite3.Connection) -> None:
+        """BEGIN IMMEDIATE, trying again while another process holds the write lock, up to
+        ``lock_wait`` seconds in all (each try waits the connection's busy timeout)."""
+        deadline = time.monotonic() + self._lock_wait
+        while True:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc) or time.monotonic() >= deadline:
+                    raise
+                self.busy_waits += 1
+
     def _resolve_and_release(
         self, entries: list[tuple[_Call, Any, BaseException | None]], taken: int,
         failure: BaseException | None,
     ) -> None:
         _resolve(entries)
         self._on_commit(taken, failure)
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+; maybe an extended code
+    if isinstance(code, int):
+        return (code & 0xFF) in (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED
+    return "locked" in str(exc) or "busy" in str(exc)
 
 
 def _resolve(entries: list[tuple[_Call, Any, BaseException | None]]) -> None:
