@@ -115,6 +115,27 @@ def test_sigkill_mid_run_then_resume_sends_everyone_exactly_once(
     assert summary["in_doubt_resent"] == resent == summary["in_doubt_found"]
 
 
+def test_status_tells_a_live_run_from_one_whose_process_was_killed(
+    paced: Path, store_path: Path
+) -> None:
+    """A killed run stays `running` in the store until it is resumed; status says whether a
+    process still drives it (and who), so an operator is not left waiting for a dead one."""
+    proc = start(store_path, "send", str(paced), "--run-key", "live")
+    wait_for(lambda: sent_rows(store_path) >= 5, proc, "5 messages sent")
+    live = json.loads(run(store_path, "status", "test-campaign/live", "--json").stdout)
+    assert live["status"] == "running"
+    assert live["holder"] is not None and live["holder"].startswith(f"pid {proc.pid} on ")
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+
+    dead = json.loads(run(store_path, "status", "test-campaign/live", "--json").stdout)
+    assert (dead["status"], dead["holder"]) == ("running", None)
+    shown = run(store_path, "status", "test-campaign/live")
+    assert "running (stopped: no process)" in shown.stdout
+    assert "the same `campaign send` command resumes it" in shown.stdout
+    assert "running (stopped: no process)" in run(store_path, "status").stdout
+
+
 def test_sigkill_with_a_provider_that_cannot_deduplicate_reports_doubts_instead_of_resending(
     make_campaign: CampaignFactory, store_path: Path, tmp_path: Path
 ) -> None:

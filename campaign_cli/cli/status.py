@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import typer
 
 from campaign_cli.cli.context import app_context, command
 from campaign_cli.models import from_micros
-from campaign_cli.pipeline import run_status
+from campaign_cli.pipeline import RunReport, run_status
 from campaign_cli.store import runs
 
 
@@ -52,7 +53,8 @@ def status(
             out.table(
                 ["id", "run", "status", "rows", "sent", "skipped", "failed", "in doubt",
                  "pending", "spend", "started", "finished"],
-                [[r.run_id, r.run_name, r.status, r.total_rows, r.sent, r.skipped, r.failed,
+                [[r.run_id, r.run_name, _shown_status(app.store_path, r), r.total_rows, r.sent,
+                  r.skipped, r.failed,
                   r.counts.get("in_doubt", 0), r.counts.get("pending", 0),
                   f"{from_micros(r.spend_micros)} {r.currency}", r.started_at or "",
                   r.finished_at or ""] for r in reports],
@@ -68,10 +70,15 @@ def status(
             ]
             payload["last_errors"] = runs.last_errors(conn, record.id)
             payload["attempts"] = runs.attempt_summary(conn, record.id)
+            payload["holder"] = _holder(app.store_path, report)
             out.json(payload)
             return
-        out.result(f"run {report.run_name} (id {report.run_id}): {report.status}"
+        out.result(f"run {report.run_name} (id {report.run_id}): "
+                   f"{_shown_status(app.store_path, report)}"
                    + (f", exit {report.exit_code}" if report.exit_code is not None else ""))
+        if report.status == "running" and _holder(app.store_path, report) is None:
+            out.result("no process holds this run: it was stopped without finishing (killed, or "
+                       "the machine went down); the same `campaign send` command resumes it")
         out.result(f"started {record.started_at}  finished {record.finished_at or '-'}  "
                    f"sessions {record.sessions}  rows {report.total_rows}")
         channels = list(report.by_channel)
@@ -99,3 +106,16 @@ def status(
                         e["detail"], e["at"]] for e in errors], title="last errors")
         if record.last_error:
             out.result(f"last error: {record.last_error}")
+
+
+def _holder(store_path: Path, report: RunReport) -> str | None:
+    """Who drives a `running` run now (`pid N on HOST since ...`), None if no live process."""
+    if report.status != "running":
+        return None
+    return runs.RunLock.holder(store_path, report.campaign, report.run_key)
+
+
+def _shown_status(store_path: Path, report: RunReport) -> str:
+    if report.status == "running" and _holder(store_path, report) is None:
+        return "running (stopped: no process)"
+    return report.status

@@ -10,6 +10,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import socket
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
@@ -396,6 +397,30 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {started}".encode(), 0)
         return cls(path, fd)
+
+    @staticmethod
+    def holder(store_path: Path, campaign: str, run_key: str) -> str | None:
+        """Who holds the run, as its lock file names it; None when no live process does (never
+        started here, finished, or killed: the kernel dropped its lock). Read without taking the
+        lock, so that asking never makes a starting `send` fail with exit 5."""
+        digest = hashlib.sha256(f"{campaign}\0{run_key}".encode()).hexdigest()[:16]
+        path = Path(f"{Path(store_path).resolve()}.locks") / f"{digest}.lock"
+        try:
+            text = path.read_text("utf-8", "replace").strip()
+        except OSError:
+            return None
+        found = re.fullmatch(r"pid (\d+) on (\S+) since .*", text)
+        if found is None:
+            return text or None
+        if found[2] != socket.gethostname():
+            return text  # another machine's process: cannot tell from here
+        try:
+            os.kill(int(found[1]), 0)
+        except ProcessLookupError:
+            return None  # killed without releasing it (the kernel did)
+        except PermissionError:
+            pass  # alive, another user's
+        return text
 
     def release(self) -> None:
         if self._fd >= 0:
