@@ -47,6 +47,7 @@ def campaign(
     purpose: str = "transactional",
     vars: dict[str, Any] | None = None,
     files: dict[str, str] | None = None,
+    providers: dict[str, Any] | None = None,
 ) -> Campaign:
     for name, text in (files or {}).items():
         (tmp_path / name).write_text(text, encoding="utf-8")
@@ -58,7 +59,7 @@ def campaign(
             "columns": {"phone": "phone", "email": "email", "push_token": "token"},
         },
         "channels": {name: {"provider": "box", **config} for name, config in channels.items()},
-        "providers": {"box": {"type": "outbox", "dir": "out"}},
+        "providers": {"box": {"type": "outbox", "dir": "out"}, **(providers or {})},
         "vars": vars or {},
     }
     return Campaign.model_validate(data, context={"base_dir": tmp_path})
@@ -602,6 +603,40 @@ def test_webhook_keeps_its_text(tmp_path: Path) -> None:
     assert render(c, Channel.WEBHOOK) == WebhookContent("New order from Ann\n  details")
 
 
+_SLACK = {"team": {"type": "slack", "url": "https://hooks.slack.example/services/T0/B0/x"}}
+_HOSTILE = "<!channel> Tom & <@U123> <https://evil.example|click>"
+_ESCAPED = "&lt;!channel&gt; Tom &amp; &lt;@U123&gt; &lt;https://evil.example|click&gt;"
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        # plain substitution (the fast path) and a template Jinja renders
+        ("<!here> New order from {{ first_name }}", f"<!here> New order from {_ESCAPED}"),
+        ("<https://shop.example/o/{{ id }}|{{ first_name | trim }}> {% if id %}ok{% endif %}",
+         f"<https://shop.example/o/c1|{_ESCAPED}> ok"),
+        ("{% set n = first_name %}{{ n ~ '!' }}", _ESCAPED + "!"),
+        ("{% macro m(x) %}*{{ x }}*{% endmacro %}{{ m(first_name) }}", f"*{_ESCAPED}*"),
+        # the operator may still print markup on purpose
+        ("{{ ping | safe }} {{ first_name }}", f"<!subteam^S1> {_ESCAPED}"),
+    ],
+)
+@pytest.mark.parametrize("provider", ["team", ["team", "box"]])
+def test_slack_text_escapes_what_templates_print_but_not_their_markup(
+    tmp_path: Path, body: str, expected: str, provider: Any
+) -> None:
+    c = campaign(tmp_path, {"webhook": {"body": body, "provider": provider}}, providers=_SLACK,
+                 vars={"ping": "<!subteam^S1>"})
+    assert render(c, Channel.WEBHOOK, person(first_name=_HOSTILE)) == WebhookContent(expected)
+
+
+def test_generic_webhook_text_is_not_slack_escaped(tmp_path: Path) -> None:
+    c = campaign(tmp_path, {"webhook": {"body": "From {{ first_name }}"}}, providers=_SLACK)
+    assert render(c, Channel.WEBHOOK, person(first_name=_HOSTILE)) == WebhookContent(
+        f"From {_HOSTILE}"
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Compile-time errors and metadata
 
@@ -745,22 +780,23 @@ _VALUES = st.one_of(st.text(max_size=12), st.integers(), st.none(),
     tail=_TEXT,
     values=st.dictionaries(st.sampled_from(["a", "b", "row", "first_name"]), _VALUES),
     base=st.dictionaries(st.sampled_from(["a", "zz"]), _VALUES),
-    html=st.booleans(),
+    mode=st.sampled_from(["text", "html", "slack"]),
 )
 def test_simple_templates_render_exactly_as_jinja_does(
     pieces: list[tuple[str, str]], tail: str, values: dict[str, Any], base: dict[str, Any],
-    html: bool,
+    mode: str,
 ) -> None:
     import jinja2
 
     from campaign_cli.render import engine
 
     source = "".join(f"{text}{{{{ {name} }}}}" for text, name in pieces) + tail
-    env = engine._environment(html)
+    html, slack = mode == "html", mode == "slack"
+    env = engine._environment(html or slack, engine.slack_text if slack else None)
     template = env.from_string(source)
     tree = env.parse(source)
     part = engine._Part("sms body", "channels.sms.body", template, None, False,
-                        frozenset(), engine._simple(tree), html)
+                        frozenset(), engine._simple(tree), html, slack)
     assert part.simple is not None
     try:
         context = template.new_context(base, shared=True)

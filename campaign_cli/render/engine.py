@@ -3,7 +3,10 @@
 `Renderer.compile` reads and compiles every template of a campaign in a Jinja2 sandbox that
 refuses unknown names (``StrictUndefined``) and unsafe attributes, and whose values cannot be
 mutated from a template (so one recipient's render cannot change what the next one sees). HTML
-email bodies are autoescaped; text, SMS, push, webhook bodies and subjects are not. A syntax error
+email bodies are autoescaped; text, SMS, push, webhook bodies and subjects are not, except that a
+webhook body that goes to Slack has Slack's control characters (``&``, ``<``, ``>``) escaped in
+everything it prints (`slack_text`), so recipient data cannot mention, ping or link while the
+template's own markup (``<!here>``, ``<url|text>``) still works. A syntax error
 is a `ConfigError` naming the file, line and key; anything that goes wrong while rendering one
 recipient is a `RenderError`, which fails that recipient (``render_failed``), not the run.
 
@@ -154,6 +157,7 @@ class _Part:
     #: without Jinja's machinery (`_substitute`); None for anything else.
     simple: tuple[tuple[str, str | None], ...] | None = None
     html: bool = False
+    slack: bool = False  # what it prints is escaped for Slack (`slack_text`)
 
 
 class Renderer:
@@ -241,7 +245,10 @@ class Renderer:
                         unsub.mailto,
                     )
             else:
-                found["body"] = compiler.body(f"{channel.value} body", loc, config)
+                slack = isinstance(config, WebhookChannel) and any(
+                    campaign.providers[name].type == "slack" for name in config.provider_names
+                )
+                found["body"] = compiler.body(f"{channel.value} body", loc, config, slack)
                 if isinstance(config, PushChannel):
                     found["title"] = compiler.inline("push title", (*loc, "title"), config.title)
                     for key, value in config.data.items():
@@ -415,6 +422,9 @@ class _Compiler:
         self.hashes: dict[str, str] = {}
         self.text_env = _environment(autoescape=False)
         self.html_env = _environment(autoescape=True)
+        # Autoescaped so that macros and block sets yield Markup, which is never escaped twice;
+        # `slack_text` escapes everything else first, so HTML escaping adds nothing to it.
+        self.slack_env = _environment(autoescape=True, finalize=slack_text)
 
     def where(self, loc: tuple[str, ...]) -> tuple[str, int | None]:
         if self.source is None:
@@ -431,10 +441,14 @@ class _Compiler:
                 message = message.replace(secret, "***")
         return ConfigError(file, line, ".".join(loc), message)
 
-    def inline(self, label: str, loc: tuple[str, ...], text: str, html: bool = False) -> _Part:
-        return self._compile(label, loc, text, None, html)
+    def inline(
+        self, label: str, loc: tuple[str, ...], text: str, html: bool = False, slack: bool = False
+    ) -> _Part:
+        return self._compile(label, loc, text, None, html, slack)
 
-    def file(self, label: str, loc: tuple[str, ...], path: Path, html: bool = False) -> _Part:
+    def file(
+        self, label: str, loc: tuple[str, ...], path: Path, html: bool = False, slack: bool = False
+    ) -> _Part:
         try:
             text = path.read_text(encoding="utf-8-sig")
         except UnicodeDecodeError as exc:
@@ -443,22 +457,32 @@ class _Compiler:
             raise self.error(
                 loc, f"cannot read template: {exc.strerror or exc}", str(path)
             ) from None
-        return self._compile(label, loc, text, path, html)
+        return self._compile(label, loc, text, path, html, slack)
 
     def body(
-        self, label: str, loc: tuple[str, ...], config: SmsChannel | PushChannel | WebhookChannel
+        self,
+        label: str,
+        loc: tuple[str, ...],
+        config: SmsChannel | PushChannel | WebhookChannel,
+        slack: bool = False,
     ) -> _Part:
         if config.template is not None:
-            return self.file(label, (*loc, "template"), config.template)
+            return self.file(label, (*loc, "template"), config.template, slack=slack)
         assert config.body is not None
-        return self.inline(label, (*loc, "body"), config.body)
+        return self.inline(label, (*loc, "body"), config.body, slack=slack)
 
     def _compile(
-        self, label: str, loc: tuple[str, ...], text: str, path: Path | None, html: bool
+        self,
+        label: str,
+        loc: tuple[str, ...],
+        text: str,
+        path: Path | None,
+        html: bool,
+        slack: bool = False,
     ) -> _Part:
         field = ".".join(loc)
         self.hashes[field] = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
-        env = self.html_env if html else self.text_env
+        env = self.html_env if html else self.slack_env if slack else self.text_env
         try:
             tree = env.parse(text)
             template = env.from_string(tree)
@@ -478,7 +502,7 @@ class _Compiler:
         names = frozenset(meta.find_undeclared_variables(tree))
         constant = template.render() if _is_constant(tree) else None
         return _Part(label, field, template, constant, "\n" in text.rstrip("\n"), names,
-                     _simple(tree), html)
+                     _simple(tree), html, slack)
 
     def check_email(self, config: EmailChannel) -> None:
         loc = ("channels", "email")
@@ -509,10 +533,24 @@ class _Compiler:
         raise self.error(key, _OPT_OUT_MESSAGE)
 
 
-def _environment(autoescape: bool) -> ImmutableSandboxedEnvironment:
+def slack_text(value: Any) -> markupsafe.Markup:
+    """``value`` as Slack text that formats nothing: ``&``, ``<`` and ``>`` (its only control
+    characters) as ``&amp;``, ``&lt;``, ``&gt;``, as Slack's "formatting text" guide asks (not
+    quotes: Slack would show ``&#39;`` as it is). Markup (``| safe``, a macro's output) is the
+    template's own and is left as it is."""
+    if isinstance(value, markupsafe.Markup):
+        return value
+    text = str(value).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return markupsafe.Markup(text)  # noqa: S704 - escaped for Slack on the line above
+
+
+def _environment(
+    autoescape: bool, finalize: Callable[[Any], Any] | None = None
+) -> ImmutableSandboxedEnvironment:
     return ImmutableSandboxedEnvironment(
         undefined=jinja2.StrictUndefined,
         autoescape=autoescape,
+        finalize=finalize,
         keep_trailing_newline=False,
         auto_reload=False,
     )
@@ -550,12 +588,13 @@ _MISSING = object()
 
 
 def _substitute(part: _Part, local: dict[str, Any], base: dict[str, Any]) -> str | None:
-    """What Jinja's code for a simple template yields (`str` of each value, or markupsafe's
-    `escape` where the template autoescapes; names resolved in the render's variables, then the
-    base context), without building a Context. None when a name is missing or a value will not
-    convert: the caller then renders with Jinja, which raises the error it always raised."""
+    """What Jinja's code for a simple template yields (`str` of each value, markupsafe's
+    `escape` where the template autoescapes HTML, `slack_text` for Slack; names resolved in the
+    render's variables, then the base context), without building a Context. None when a name is
+    missing or a value will not convert: the caller then renders with Jinja, which raises the
+    error it always raised."""
     assert part.simple is not None
-    convert = markupsafe.escape if part.html else str
+    convert = markupsafe.escape if part.html else slack_text if part.slack else str
     out: list[str] = []
     try:
         for text, name in part.simple:
