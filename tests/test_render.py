@@ -630,6 +630,41 @@ def test_slack_text_escapes_what_templates_print_but_not_their_markup(
     assert render(c, Channel.WEBHOOK, person(first_name=_HOSTILE)) == WebhookContent(expected)
 
 
+def test_an_emoji_escaped_as_a_surrogate_pair_in_yaml_is_one_character(tmp_path: Path) -> None:
+    # YAML's "\\u" escapes are UTF-16 code units: PyYAML gives the two halves of the pair.
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "name: c\n"
+        "purpose: transactional\n"
+        "recipients: {key: id, columns: {phone: phone}}\n"
+        "channels:\n"
+        '  sms: {provider: box, body: "Hi {{ first_name }} \\ud83d\\ude00 {{ sig }}"}\n'
+        '  webhook: {provider: box, body: "{{ sig }}"}\n'
+        "providers: {box: {type: outbox, dir: out}}\n"
+        'vars: {sig: "\\ud83c\\udf38"}\n',
+        encoding="utf-8",
+    )
+    loaded = load_campaign(path)
+    renderer = Renderer.compile(loaded.campaign, SECRET, source=loaded)
+    assert renderer.render(Channel.SMS, person(), "+14155550100") == SmsContent(
+        "Hi Ann \U0001f600 \U0001f338", "UCS-2", 1
+    )
+    assert renderer.render(Channel.WEBHOOK, person(), "x") == WebhookContent("\U0001f338")
+
+
+def test_a_lone_surrogate_is_refused_not_a_crash(tmp_path: Path) -> None:
+    c = campaign(tmp_path, {"sms": {"body": "Hi {{ sig }}"}, "webhook": {"body": "{{ sig }}!"}},
+                 vars={"sig": "\ud83d"})
+    renderer = Renderer.compile(c, SECRET)
+    for channel in (Channel.SMS, Channel.WEBHOOK):
+        with pytest.raises(RenderError, match="lone UTF-16 surrogate"):
+            renderer.render(channel, person(), "+14155550100")
+    with pytest.raises(ConfigError, match="lone UTF-16 surrogate") as info:
+        Renderer.compile(campaign(tmp_path, {"sms": {"body": "Hi \udc00 {{ first_name }}"}}),
+                         SECRET)
+    assert info.value.field == "channels.sms.body"
+
+
 def test_generic_webhook_text_is_not_slack_escaped(tmp_path: Path) -> None:
     c = campaign(tmp_path, {"webhook": {"body": "From {{ first_name }}"}}, providers=_SLACK)
     assert render(c, Channel.WEBHOOK, person(first_name=_HOSTILE)) == WebhookContent(

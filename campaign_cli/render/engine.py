@@ -77,6 +77,10 @@ _OPT_OUT_MESSAGE = (
     "marketing SMS must tell the recipient how to opt out (e.g. 'Reply STOP to opt out')"
 )
 _BREAKS = re.compile(r"[\r\n\0]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_LONE_SURROGATE = (
+    "holds a lone UTF-16 surrogate (half of an escaped character such as \\ud83d), not text"
+)
 _URI = re.compile(r"[!-+\--;=?-~]+")  # printable ASCII but space, "<", ">" and ","
 # Headers a campaign's `headers:` may not set: the message's own, and the unsubscribe pair that
 # list_unsubscribe writes.
@@ -316,14 +320,15 @@ class Renderer:
         if part.simple is not None:
             text = _substitute(part, local, self._base)
             if text is not None:
-                return text
+                return text if text.isascii() else _whole_characters(part, text)
         template = part.template
         context = template.new_context(self._base, shared=True)
         context.vars.update(local)
         try:
-            return "".join(template.root_render_func(context))
+            text = "".join(template.root_render_func(context))
         except Exception as exc:  # any failure of one template fails one recipient
             raise RenderError(_describe(part, exc), part.label) from None
+        return text if text.isascii() else _whole_characters(part, text)
 
     def _sms(self, local: dict[str, Any]) -> SmsContent:
         parts = self._parts[Channel.SMS]
@@ -482,6 +487,12 @@ class _Compiler:
     ) -> _Part:
         field = ".".join(loc)
         self.hashes[field] = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+        if not text.isascii() and _SURROGATE.search(text):
+            # YAML's "\\u" escapes are UTF-16 code units: "\\ud83d\\ude00" is one emoji.
+            try:
+                text = _join_surrogates(text)
+            except UnicodeDecodeError:
+                raise self.error(loc, f"the template {_LONE_SURROGATE}") from None
         env = self.html_env if html else self.slack_env if slack else self.text_env
         try:
             tree = env.parse(text)
@@ -617,6 +628,23 @@ def _email_static(
     if config is None:
         return "", None, ()
     return config.sender, config.reply_to, tuple(config.headers.items())
+
+
+def _join_surrogates(text: str) -> str:
+    """Each UTF-16 surrogate pair of ``text`` as the one character it encodes (what YAML's and
+    Jinja's ``\\uD83D\\uDE00`` escapes give); `UnicodeDecodeError` for a lone surrogate."""
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le")
+
+
+def _whole_characters(part: _Part, text: str) -> str:
+    """``text`` with its surrogate pairs joined (values from YAML ``vars`` may hold them); a lone
+    surrogate cannot be encoded for any provider, so it fails the recipient, not the run."""
+    if not _SURROGATE.search(text):
+        return text
+    try:
+        return _join_surrogates(text)
+    except UnicodeDecodeError:
+        raise RenderError(f"{part.label}: {_LONE_SURROGATE}", part.label) from None
 
 
 def _uri(part: _Part, value: str) -> str:
