@@ -124,6 +124,9 @@ class PushContent:
 @dataclass(frozen=True, slots=True)
 class WebhookContent:
     text: str
+    #: The template is a JSON object (decided when it was compiled, never from the values): the
+    #: `webhook` provider sends it as ``data``; otherwise the text is sent as ``text``.
+    json: bool = False
 
 
 Content = SmsContent | EmailContent | PushContent | WebhookContent

@@ -179,15 +179,17 @@ def test_webhook_without_a_provider_url_uses_recipient_urls_and_fails_others() -
     assert len(rec.requests) == 1
 
 
-def test_webhook_json_text_is_sent_as_data() -> None:
+def test_webhook_json_content_is_sent_as_data() -> None:
     rec = Recorder()
-    run(webhook(rec), message('  {"order": 17, "items": ["tea"]}\n'))
+    run(webhook(rec), message(content=WebhookContent('  {"order": 17, "items": ["tea"]}\n',
+                                                     json=True)))
     body = json.loads(rec.requests[0].content)
     assert body["data"] == {"order": 17, "items": ["tea"]}
     assert "text" not in body
 
 
-@pytest.mark.parametrize("text", ['{"broken": ', "[1, 2]", "plain {braces}"])
+@pytest.mark.parametrize("text", ['{"broken": ', "[1, 2]", "plain {braces}",
+                                  '{"admin": true}'])
 def test_webhook_text_that_is_not_a_json_object_stays_text(text: str) -> None:
     rec = Recorder()
     run(webhook(rec), message(text))

@@ -603,6 +603,54 @@ def test_webhook_keeps_its_text(tmp_path: Path) -> None:
     assert render(c, Channel.WEBHOOK) == WebhookContent("New order from Ann\n  details")
 
 
+_INJECT = 'x", "amount": 1000000, "admin": true, "y": "'
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        '{"event": "order", "name": "{{ first_name }}", "amount": 5}',  # the fast path
+        '{"event": "order", "name": "{{ first_name | trim }}", "amount": 5}',  # Jinja's
+        '\n  {"event": "order",{% if id %} "name": "{{ first_name }}",{% endif %} "amount": 5}',
+    ],
+)
+def test_a_json_webhook_body_cannot_be_rewritten_by_a_recipient_s_value(
+    tmp_path: Path, body: str
+) -> None:
+    """A JSON template with values printed inside its strings: a name that closes its string
+    used to add or override keys of the payload (here the amount, and an admin flag)."""
+    c = campaign(tmp_path, {"webhook": {"body": body}})
+    content = render(c, Channel.WEBHOOK, person(first_name=_INJECT))
+    assert content.json
+    assert json.loads(content.text) == {"event": "order", "name": _INJECT, "amount": 5}
+
+
+def test_a_json_webhook_body_broken_by_a_value_fails_that_recipient(tmp_path: Path) -> None:
+    c = campaign(tmp_path, {"webhook": {"body": '{"amount": {{ amount }}}'}})
+    assert json.loads(render(c, Channel.WEBHOOK, person(amount="12")).text) == {"amount": 12}
+    with pytest.raises(RenderError, match="made it invalid JSON"):
+        render(c, Channel.WEBHOOK, person(amount='1, "admin": true'))
+
+
+@pytest.mark.parametrize(
+    ("body", "is_json"),
+    [
+        ("{{ {'event': 'x', 'name': first_name} | tojson }}", True),
+        ("{{ note }}", False),  # text, whatever a recipient's note looks like
+        ("Order {{ id }}: {\"a\": 1}", False),
+        ("{% if id %}{\"a\": 1}{% endif %}", False),
+    ],
+)
+def test_whether_a_webhook_body_is_json_is_decided_by_the_template_alone(
+    tmp_path: Path, body: str, is_json: bool
+) -> None:
+    c = campaign(tmp_path, {"webhook": {"body": body}})
+    content = render(c, Channel.WEBHOOK, person(note='{"admin": true}'))
+    assert content.json is is_json
+    if is_json:
+        assert json.loads(content.text) == {"event": "x", "name": "Ann"}
+
+
 _SLACK = {"team": {"type": "slack", "url": "https://hooks.slack.example/services/T0/B0/x"}}
 _HOSTILE = "<!channel> Tom & <@U123> <https://evil.example|click>"
 _ESCAPED = "&lt;!channel&gt; Tom &amp; &lt;@U123&gt; &lt;https://evil.example|click&gt;"
@@ -815,7 +863,7 @@ _VALUES = st.one_of(st.text(max_size=12), st.integers(), st.none(),
     tail=_TEXT,
     values=st.dictionaries(st.sampled_from(["a", "b", "row", "first_name"]), _VALUES),
     base=st.dictionaries(st.sampled_from(["a", "zz"]), _VALUES),
-    mode=st.sampled_from(["text", "html", "slack"]),
+    mode=st.sampled_from(["text", "html", "slack", "json"]),
 )
 def test_simple_templates_render_exactly_as_jinja_does(
     pieces: list[tuple[str, str]], tail: str, values: dict[str, Any], base: dict[str, Any],
@@ -826,12 +874,14 @@ def test_simple_templates_render_exactly_as_jinja_does(
     from campaign_cli.render import engine
 
     source = "".join(f"{text}{{{{ {name} }}}}" for text, name in pieces) + tail
-    html, slack = mode == "html", mode == "slack"
-    env = engine._environment(html or slack, engine.slack_text if slack else None)
+    html, slack, json_escape = mode == "html", mode == "slack", mode == "json"
+    finalize = engine.slack_text if slack else engine.json_text if json_escape else None
+    env = engine._environment(html or slack or json_escape, finalize)
     template = env.from_string(source)
     tree = env.parse(source)
     part = engine._Part("sms body", "channels.sms.body", template, None, False,
-                        frozenset(), engine._simple(tree), html, slack)
+                        frozenset(), engine._simple(tree), html, slack,
+                        json_escape=json_escape)
     assert part.simple is not None
     try:
         context = template.new_context(base, shared=True)

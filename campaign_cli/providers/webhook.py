@@ -161,10 +161,9 @@ class WebhookAdapter:
             "recipient": message.recipient_key,
             "channel": message.channel.value,
         }
-        data = _json_object(content.text)
-        if data is not None:
-            payload["data"] = data
-        else:
+        if content.json:  # rendered from a JSON template and checked to be an object
+            payload["data"] = json.loads(content.text)
+        else:  # text, however much it looks like JSON: a recipient's value is not a payload
             payload["text"] = content.text
         return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
@@ -203,17 +202,6 @@ class WebhookAdapter:
             raise ProviderAuthError(f"the webhook refused our signature or headers ({text})",
                                     code=code, status=status)
         raise PermanentError(text, code=code, status=status)
-
-
-def _json_object(text: str) -> dict[str, Any] | None:
-    stripped = text.strip()
-    if not (stripped.startswith("{") and stripped.endswith("}")):
-        return None
-    try:
-        data = json.loads(stripped)
-    except ValueError:
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def _answer_id(response: httpx.Response) -> str | None:

@@ -24,6 +24,7 @@ for channels whose templates use it.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -162,6 +163,10 @@ class _Part:
     simple: tuple[tuple[str, str | None], ...] | None = None
     html: bool = False
     slack: bool = False  # what it prints is escaped for Slack (`slack_text`)
+    #: A webhook body that is a JSON object (`_json_kind`): it must render to one, and it is sent
+    #: as the payload's ``data``; anything else is sent as ``text``, never parsed.
+    json_body: bool = False
+    json_escape: bool = False  # what it prints is escaped as JSON string content (`json_text`)
 
 
 class Renderer:
@@ -252,7 +257,8 @@ class Renderer:
                 slack = isinstance(config, WebhookChannel) and any(
                     campaign.providers[name].type == "slack" for name in config.provider_names
                 )
-                found["body"] = compiler.body(f"{channel.value} body", loc, config, slack)
+                found["body"] = compiler.body(f"{channel.value} body", loc, config, slack,
+                                              webhook=isinstance(config, WebhookChannel))
                 if isinstance(config, PushChannel):
                     found["title"] = compiler.inline("push title", (*loc, "title"), config.title)
                     for key, value in config.data.items():
@@ -408,10 +414,23 @@ class Renderer:
         return PushContent(title, body, data)
 
     def _webhook(self, local: dict[str, Any]) -> WebhookContent:
-        text = self._run(self._parts[Channel.WEBHOOK]["body"], local)
+        part = self._parts[Channel.WEBHOOK]["body"]
+        text = self._run(part, local)
         if not text.strip():
             raise RenderError("webhook body: rendered to nothing", "webhook body")
-        return WebhookContent(text)
+        if part.json_body:
+            try:
+                data = json.loads(text)
+            except ValueError as exc:
+                raise RenderError(
+                    f"webhook body: the template is a JSON object but this recipient's values "
+                    f"made it invalid JSON ({exc}); print values inside quotes or with | tojson",
+                    "webhook body",
+                ) from None
+            if not isinstance(data, dict):
+                raise RenderError("webhook body: rendered to JSON that is not an object",
+                                  "webhook body")
+        return WebhookContent(text, part.json_body)
 
 
 # --------------------------------------------------------------------------------------------
@@ -430,6 +449,8 @@ class _Compiler:
         # Autoescaped so that macros and block sets yield Markup, which is never escaped twice;
         # `slack_text` escapes everything else first, so HTML escaping adds nothing to it.
         self.slack_env = _environment(autoescape=True, finalize=slack_text)
+        # The same for a JSON webhook body: every value printed is JSON string content.
+        self.json_env = _environment(autoescape=True, finalize=json_text)
 
     def where(self, loc: tuple[str, ...]) -> tuple[str, int | None]:
         if self.source is None:
@@ -470,11 +491,23 @@ class _Compiler:
         loc: tuple[str, ...],
         config: SmsChannel | PushChannel | WebhookChannel,
         slack: bool = False,
+        webhook: bool = False,
     ) -> _Part:
         if config.template is not None:
-            return self.file(label, (*loc, "template"), config.template, slack=slack)
-        assert config.body is not None
-        return self.inline(label, (*loc, "body"), config.body, slack=slack)
+            part = self.file(label, (*loc, "template"), config.template, slack=slack)
+        else:
+            assert config.body is not None
+            part = self.inline(label, (*loc, "body"), config.body, slack=slack)
+        if not webhook or slack:  # (Slack takes text: its bodies stay text)
+            return part
+        kind = _json_kind(part.template.environment.parse(_source_of(part, config)))
+        if kind is None:
+            return part
+        if kind == "literal":  # compiled again, with every printed value escaped for JSON
+            source = _source_of(part, config)
+            part = self._compile(label, (*loc, "template" if config.template else "body"),
+                                 source, config.template, False, json_escape=True)
+        return dataclasses.replace(part, json_body=True)
 
     def _compile(
         self,
@@ -484,6 +517,7 @@ class _Compiler:
         path: Path | None,
         html: bool,
         slack: bool = False,
+        json_escape: bool = False,
     ) -> _Part:
         field = ".".join(loc)
         self.hashes[field] = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
@@ -493,7 +527,8 @@ class _Compiler:
                 text = _join_surrogates(text)
             except UnicodeDecodeError:
                 raise self.error(loc, f"the template {_LONE_SURROGATE}") from None
-        env = self.html_env if html else self.slack_env if slack else self.text_env
+        env = (self.html_env if html else self.slack_env if slack
+               else self.json_env if json_escape else self.text_env)
         try:
             tree = env.parse(text)
             template = env.from_string(tree)
@@ -513,7 +548,7 @@ class _Compiler:
         names = frozenset(meta.find_undeclared_variables(tree))
         constant = template.render() if _is_constant(tree) else None
         return _Part(label, field, template, constant, "\n" in text.rstrip("\n"), names,
-                     _simple(tree), html, slack)
+                     _simple(tree), html, slack, json_escape=json_escape)
 
     def check_email(self, config: EmailChannel) -> None:
         loc = ("channels", "email")
@@ -553,6 +588,43 @@ def slack_text(value: Any) -> markupsafe.Markup:
         return value
     text = str(value).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
     return markupsafe.Markup(text)  # noqa: S704 - escaped for Slack on the line above
+
+
+def json_text(value: Any) -> markupsafe.Markup:
+    """``value`` as the inside of a JSON string (quotes, backslashes and control characters
+    escaped), for a webhook body written as a JSON object: a recipient's name cannot close its
+    string and add keys. Markup (``| tojson``, ``| safe``, a macro's output) is left as it is."""
+    if isinstance(value, markupsafe.Markup):
+        return value
+    return markupsafe.Markup(json.dumps(str(value), ensure_ascii=False)[1:-1])  # noqa: S704
+
+
+def _json_kind(tree: nodes.Template) -> str | None:
+    """Whether a webhook body is a JSON object, from its template alone (never from what a
+    recipient's values render to): ``"literal"`` when its text starts with ``{`` (a JSON object
+    written out, its values printed into it), ``"tojson"`` when it is one expression ending in
+    ``| tojson``, None for text."""
+    body = list(tree.body)
+    if not body or not isinstance(body[0], nodes.Output):
+        return None
+    items = [n for n in body[0].nodes
+             if not (isinstance(n, nodes.TemplateData) and not n.data.strip())]
+    if not items:
+        return None
+    head = items[0]
+    if isinstance(head, nodes.TemplateData):
+        return "literal" if head.data.lstrip().startswith("{") else None
+    if len(body) == 1 and len(items) == 1 and isinstance(head, nodes.Filter) \
+            and head.name == "tojson":
+        return "tojson"
+    return None
+
+
+def _source_of(part: _Part, config: SmsChannel | PushChannel | WebhookChannel) -> str:
+    if config.template is not None:
+        return config.template.read_text(encoding="utf-8-sig")
+    assert config.body is not None
+    return config.body
 
 
 def _environment(
@@ -605,7 +677,8 @@ def _substitute(part: _Part, local: dict[str, Any], base: dict[str, Any]) -> str
     missing or a value will not convert: the caller then renders with Jinja, which raises the
     error it always raised."""
     assert part.simple is not None
-    convert = markupsafe.escape if part.html else slack_text if part.slack else str
+    convert = (markupsafe.escape if part.html else slack_text if part.slack
+               else json_text if part.json_escape else str)
     out: list[str] = []
     try:
         for text, name in part.simple:
