@@ -1226,25 +1226,38 @@ class Runner:
             return
         # Intent before action, as in `_deliver`: every row of the batch is `sending`, committed.
         self._writer.submit_many(runs.SQL_INTENT, intents)
-        await self._writer.barrier()
         provider = route.batcher  # (isinstance on a runtime Protocol costs ~40 us: once, above)
         assert provider is not None
         loop = asyncio.get_running_loop()
-        async with route.semaphore:
-            started = loop.time()
-            try:
-                outcomes = await provider.send_batch([job.message for job in sending])
-                if len(outcomes) != len(sending):
-                    raise RuntimeError(f"send_batch answered {len(outcomes)} outcomes for "
-                                       f"{len(sending)} messages")
-            except asyncio.CancelledError:
-                raise  # the rows stay `sending`; they become `in_doubt` when the run ends
-            except ProviderError as exc:  # the provider's answer for every message of the batch
-                outcomes = [exc] * len(sending)
-            except Exception as exc:  # noqa: BLE001 - which of them left is unknown: all in doubt
-                keys = [(run_id, job.message.row, job.message.channel._value_) for job in sending]
-                self._provider_crashed(keys, 1, name, exc, started)
-                return
+        left = False
+        try:
+            await self._writer.barrier()
+            async with route.semaphore:
+                if self.stop.stopping or self._abort is not None:
+                    for job in sending:  # as in `_deliver`: it never left
+                        self._unsend((run_id, job.message.row, job.message.channel._value_))
+                        self._budget.release(job.reserved)
+                    return
+                left = True
+                started = loop.time()
+                try:
+                    outcomes = await provider.send_batch([job.message for job in sending])
+                    if len(outcomes) != len(sending):
+                        raise RuntimeError(f"send_batch answered {len(outcomes)} outcomes for "
+                                           f"{len(sending)} messages")
+                except ProviderError as exc:  # the provider's answer for every message
+                    outcomes = [exc] * len(sending)
+                except Exception as exc:  # noqa: BLE001 - which of them left is unknown
+                    keys = [(run_id, job.message.row, job.message.channel._value_)
+                            for job in sending]
+                    self._provider_crashed(keys, 1, name, exc, started)
+                    return
+        except asyncio.CancelledError:
+            # Sent: the rows stay `sending` and become `in_doubt` when the run ends.
+            if not left:
+                for job in sending:
+                    self._unsend((run_id, job.message.row, job.message.channel._value_))
+            raise
         done_at = self._stamp()
         latency = round((loop.time() - started) * 1000, 2)
         attempts: list[tuple[Any, ...]] = []
@@ -1310,33 +1323,39 @@ class Runner:
                       self._stamp(), *key)
             # Intent before action: the `sending` row is committed before the request leaves.
             self._writer.submit(runs.SQL_INTENT, intent)
-            await self._writer.barrier()
             route.breaker.attempt()
             error: ProviderError | None = None
-            async with route.semaphore:
-                try:
+            left = False
+            try:
+                await self._writer.barrier()
+                async with route.semaphore:
                     await route.pacer.gate()
-                except asyncio.CancelledError:
-                    # Stopped at once before the request left: not in doubt, just not sent.
-                    self._writer.submit(
-                        "UPDATE messages SET state = 'pending', attempts = attempts - 1 "
-                        "WHERE run_id = ? AND row = ? AND channel = ?", key,
-                    )
-                    raise
-                started = loop.time()
-                try:
-                    result = await route.provider.send(message)
-                except ProviderError as exc:
-                    self._attempt(key, attempt, route.name, _outcome_of(exc), exc, None, started)
-                    error = exc
-                except asyncio.CancelledError:
-                    raise  # the row stays `sending`; it becomes `in_doubt` when the run ends
-                except Exception as exc:  # noqa: BLE001 - a bug in an adapter: stop, keep journal
-                    self._provider_crashed([key], attempt, route.name, exc, started)
-                    return
-                else:
-                    done_at = self._attempt(key, attempt, route.name, "sent", None, result,
-                                            started)
+                    if self.stop.stopping or self._abort is not None:
+                        # Stopped (or a 401 came) while this one waited for its commit, the
+                        # provider's slot or its bucket: it never left.
+                        self._unsend(key)
+                        self._budget.release(job.reserved)
+                        return
+                    left = True
+                    started = loop.time()
+                    try:
+                        result = await route.provider.send(message)
+                    except ProviderError as exc:
+                        self._attempt(key, attempt, route.name, _outcome_of(exc), exc, None,
+                                      started)
+                        error = exc
+                    except Exception as exc:  # noqa: BLE001 - a bug in an adapter: stop
+                        self._provider_crashed([key], attempt, route.name, exc, started)
+                        return
+                    else:
+                        done_at = self._attempt(key, attempt, route.name, "sent", None, result,
+                                                started)
+            except asyncio.CancelledError:
+                # Stopped at once. Sent: the row stays `sending`, and becomes `in_doubt` when
+                # the run ends. Not yet sent: not in doubt, just not sent.
+                if not left:
+                    self._unsend(key)
+                raise
             if error is None:
                 route.breaker.success()
                 route.pacer.succeeded()
@@ -1384,11 +1403,7 @@ class Runner:
             return False, pinned
         if isinstance(error, ProviderAuthError):
             self._budget.release(job.reserved)
-            self._writer.submit(
-                "UPDATE messages SET state = 'pending', attempts = attempts - 1, "
-                "updated_at = ? WHERE run_id = ? AND row = ? AND channel = ?",
-                (self._stamp(), *key),
-            )
+            self._unsend(key)
             self._fail_run(_Abort(
                 ExitCode.PROVIDER_AUTH, "provider_auth",
                 f"provider {route.name} refused our credentials or configuration: "
@@ -1405,6 +1420,15 @@ class Runner:
                 self._suppress(job.message, job.address_hash, error)
             self._record(key, State.FAILED, error.code or "rejected", error)
         return False, pinned
+
+    def _unsend(self, key: tuple[int, int, str]) -> None:
+        """Put back a row whose request did not leave (or was refused outright) as it was
+        before its intent."""
+        self._writer.submit(
+            "UPDATE messages SET state = 'pending', attempts = attempts - 1, "
+            "updated_at = ? WHERE run_id = ? AND row = ? AND channel = ?",
+            (self._stamp(), *key),
+        )
 
     def _provider_crashed(self, keys: list[tuple[int, int, str]], attempt: int, provider: str,
                           exc: Exception, started: float) -> None:

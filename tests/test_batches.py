@@ -137,6 +137,20 @@ def test_an_auth_error_in_a_batch_aborts_with_exit_6_and_leaves_the_rest_pending
     assert sum(states.values()) == 30
 
 
+def test_no_batch_leaves_after_the_first_401_and_the_waiting_ones_stay_pending(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    """Batches whose intents were committed while the first one was answered 401 are put back:
+    the run is aborting, so they never leave."""
+    provider = FakeBatchProvider(
+        batch_size=16, handler=lambda m: ProviderAuthError("bad credentials", status=401))
+    report = send(make_campaign(people(400), limits={"concurrency": 64}), store_path, provider)
+    assert report.exit_code == ExitCode.PROVIDER_AUTH
+    assert len(provider.batches) == 1
+    assert report.counts == {"pending": 400}
+    assert max(r["attempts"] for r in journal(store_path)) == 0
+
+
 def test_a_batch_that_raises_leaves_its_rows_in_doubt_and_stops_the_run(
     make_campaign: CampaignFactory, store_path: Path
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from decimal import Decimal
 from pathlib import Path
@@ -631,3 +632,83 @@ def test_an_in_doubt_message_is_not_resent_under_a_key_from_another_key_column(
     assert provider.history == []
     assert (report.in_doubt_found, report.in_doubt_resent) == (1, 0)
     assert report.counts == {"in_doubt": 1, "sent": 3}
+
+
+@pytest.mark.parametrize("provider_limits", [{}, {"concurrency": 2}, {"rate": "1000/s"}],
+                         ids=["unthrottled", "provider-concurrency", "paced"])
+def test_no_request_leaves_after_the_first_401_even_with_64_workers_waiting(
+    make_campaign: CampaignFactory, store_path: Path, provider_limits: dict[str, Any]
+) -> None:
+    """Workers already past their intent (waiting on its commit, the provider's slot or its
+    bucket) re-check the abort before the request leaves, and put their row back as it was."""
+    refused: list[int] = []
+    after_first: list[int] = []
+
+    def handler(m: OutboundMessage) -> BaseException:
+        if refused:
+            after_first.append(m.row)
+        refused.append(m.row)
+        return ProviderAuthError("401 bad key", status=401)
+
+    providers = {"box": {"type": "outbox", "dir": "outbox", "price_per_segment": "0.01",
+                         **provider_limits}}
+    campaign = make_campaign(people(300), providers=providers, limits={"concurrency": 64})
+    report = send(campaign, store_path, FakeProvider(handler=handler), run_key="a")
+    assert report.exit_code == ExitCode.PROVIDER_AUTH
+    assert after_first == []  # nothing left once the first 401 was in
+    assert set(report.counts) == {"pending"}
+    assert query(store_path, "SELECT MAX(attempts), SUM(cost_micros > 0 AND state != 'pending') "
+                 "FROM messages") == [(0, 0)]
+    good = FakeProvider()
+    report = send(campaign, store_path, good, run_key="a")
+    assert report.counts == {"sent": 300}
+    assert sorted(m.row for m in good.accepted) == list(range(1, 301))
+
+
+def test_a_stop_reaches_workers_waiting_to_send_before_their_request_leaves(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    stop = StopController()
+    after_stop: list[int] = []
+
+    def handler(m: OutboundMessage) -> None:
+        if stop.stopping:
+            after_stop.append(m.row)
+        stop.request()
+
+    provider = FakeProvider(handler=handler)
+    campaign = make_campaign(people(200), limits={"concurrency": 64})
+    report = send(campaign, store_path, provider, stop=stop, run_key="s")
+    assert report.exit_code == ExitCode.INTERRUPTED
+    assert after_stop == []
+    assert report.counts == {"sent": 1, "pending": 199}
+    again = FakeProvider()
+    report = send(campaign, store_path, again, run_key="s")
+    assert report.counts == {"sent": 200}
+    assert sorted(m.row for m in provider.accepted + again.accepted) == list(range(1, 201))
+
+
+def test_an_immediate_stop_leaves_rows_waiting_for_the_provider_pending_not_in_doubt(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    """Only the request that left is in doubt; the rows whose intent was committed but which
+    were still waiting for the provider's one slot never left."""
+    stop = StopController()
+
+    class Hanging(FakeProvider):
+        async def send(self, message: OutboundMessage) -> SendResult:
+            self.history.append(message)
+            stop.request()
+            stop.request()  # the second: stop at once, cutting this send off
+            await asyncio.Event().wait()
+            raise AssertionError("unreachable")
+
+    provider = Hanging()
+    providers = {"box": {"type": "outbox", "dir": "outbox", "price_per_segment": "0.01",
+                         "concurrency": 1}}
+    campaign = make_campaign(people(20), providers=providers, limits={"concurrency": 8})
+    report = send(campaign, store_path, provider, stop=stop, run_key="i")
+    assert report.exit_code == ExitCode.INTERRUPTED
+    assert len(provider.history) == 1
+    assert report.counts == {"in_doubt": 1, "pending": 19}
+    assert query(store_path, "SELECT SUM(attempts) FROM messages") == [(1,)]
