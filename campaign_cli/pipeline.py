@@ -316,6 +316,12 @@ class _Job:
     resend: bool
     costs: dict[str, int]  # per provider of the channel (they may price differently)
     reserved: int  # the most of those: what the budget holds for this message
+    doubted: bool = False  # answered ambiguously this session (then retried with the same key)
+
+    @property
+    def ambiguous(self) -> bool:
+        """An earlier attempt may have been delivered: the row is never `pending` again."""
+        return self.resend or self.doubted
 
 
 @dataclass
@@ -1235,7 +1241,8 @@ class Runner:
             async with route.semaphore:
                 if self.stop.stopping or self._abort is not None:
                     for job in sending:  # as in `_deliver`: it never left
-                        self._unsend((run_id, job.message.row, job.message.channel._value_))
+                        self._unsend((run_id, job.message.row, job.message.channel._value_),
+                                     job)
                         self._budget.release(job.reserved)
                     return
                 left = True
@@ -1256,7 +1263,8 @@ class Runner:
             # Sent: the rows stay `sending` and become `in_doubt` when the run ends.
             if not left:
                 for job in sending:
-                    self._unsend((run_id, job.message.row, job.message.channel._value_))
+                    self._unsend((run_id, job.message.row, job.message.channel._value_),
+                                 job)
             raise
         done_at = self._stamp()
         latency = round((loop.time() - started) * 1000, 2)
@@ -1333,7 +1341,7 @@ class Runner:
                     if self.stop.stopping or self._abort is not None:
                         # Stopped (or a 401 came) while this one waited for its commit, the
                         # provider's slot or its bucket: it never left.
-                        self._unsend(key)
+                        self._unsend(key, job)
                         self._budget.release(job.reserved)
                         return
                     left = True
@@ -1354,7 +1362,7 @@ class Runner:
                 # Stopped at once. Sent: the row stays `sending`, and becomes `in_doubt` when
                 # the run ends. Not yet sent: not in doubt, just not sent.
                 if not left:
-                    self._unsend(key)
+                    self._unsend(key, job)
                 raise
             if error is None:
                 route.breaker.success()
@@ -1385,16 +1393,20 @@ class Runner:
             route.breaker.failure()  # a definite failure: failover may move the message
             if isinstance(error, RateLimitedError):
                 route.pacer.rate_limited(error.retry_after)
-            verdict = await self._retry(route, attempt, error, key, error.retry_after)
+            verdict = await self._retry(route, attempt, error, key, error.retry_after,
+                                        job.ambiguous)
             if verdict == "retry":
                 return True, pinned
             self._budget.release(job.reserved)
             if verdict == "give_up":
                 self._record(key, State.FAILED, "retries_exhausted", error)
-            return False, pinned  # "stop": left pending for the resume
+            elif job.ambiguous:
+                self._unsend(key, job, undo_attempt=False)
+            return False, pinned  # "stop": left pending (or in doubt) for the resume
         if isinstance(error, InDoubtError):
             pinned = route.name  # never move an ambiguous message to another provider
             if route.provider.deduplicates and attempt < route.attempts:
+                job.doubted = True
                 await self._backoff(route, attempt, None)
                 return True, pinned  # same idempotency key: the provider drops a second copy
             self._budget.settle(job.reserved, cost)  # it may have been charged
@@ -1403,7 +1415,7 @@ class Runner:
             return False, pinned
         if isinstance(error, ProviderAuthError):
             self._budget.release(job.reserved)
-            self._unsend(key)
+            self._unsend(key, job)
             self._fail_run(_Abort(
                 ExitCode.PROVIDER_AUTH, "provider_auth",
                 f"provider {route.name} refused our credentials or configuration: "
@@ -1421,13 +1433,25 @@ class Runner:
             self._record(key, State.FAILED, error.code or "rejected", error)
         return False, pinned
 
-    def _unsend(self, key: tuple[int, int, str]) -> None:
+    def _unsend(self, key: tuple[int, int, str], job: _Job, undo_attempt: bool = True) -> None:
         """Put back a row whose request did not leave (or was refused outright) as it was
-        before its intent."""
+        before its intent: `pending`, or `in_doubt` if an earlier attempt was ambiguous (a
+        resend, or a timeout this session), still pinned to its provider by the journal.
+
+        What an earlier session's attempt may have cost was banked in ``doubt_micros`` by the
+        resend's intent (`runs.BANK_DOUBT`); this attempt's ``cost_micros`` comes off it again,
+        unless a timeout this session may have charged it."""
+        if not job.ambiguous:
+            state, unbank = _PENDING, 0
+        else:
+            state, unbank = _IN_DOUBT, int(not job.doubted)
+            if not job.resend:
+                self._count(State.IN_DOUBT)
         self._writer.submit(
-            "UPDATE messages SET state = 'pending', attempts = attempts - 1, "
-            "updated_at = ? WHERE run_id = ? AND row = ? AND channel = ?",
-            (self._stamp(), *key),
+            "UPDATE messages SET state = ?, attempts = attempts - ?, "
+            "doubt_micros = doubt_micros - ? * cost_micros, updated_at = ? "
+            "WHERE run_id = ? AND row = ? AND channel = ?",
+            (state, int(undo_attempt), unbank, self._stamp(), *key),
         )
 
     def _provider_crashed(self, keys: list[tuple[int, int, str]], attempt: int, provider: str,
@@ -1465,18 +1489,21 @@ class Runner:
 
     async def _retry(
         self, route: _Route, attempt: int, exc: ProviderError, key: tuple[int, int, str],
-        retry_after: float | None,
+        retry_after: float | None, ambiguous: bool = False,
     ) -> str:
         """"retry" after a backoff, "give_up" (attempts exhausted: a dead letter), or "stop" (the
-        run is stopping: the row is left pending, since the provider definitely did not take it)."""
+        run is stopping: the row is left pending, since the provider definitely did not take it,
+        or in doubt if an earlier attempt may have been delivered)."""
         if attempt >= route.attempts:
             return "give_up"
         # Definitely not accepted: the row is `pending` again while we wait, so a crash during
-        # the backoff resumes it instead of doubting it.
+        # the backoff resumes it instead of doubting it. Unless an earlier attempt was
+        # ambiguous: then it stays `sending`, and a crash leaves it in doubt.
         self._writer.submit(
-            "UPDATE messages SET state = 'pending', error_code = ?, detail = ?, status_code = ?, "
+            "UPDATE messages SET state = CASE WHEN ? THEN state ELSE 'pending' END, "
+            "error_code = ?, detail = ?, status_code = ?, "
             "updated_at = ? WHERE run_id = ? AND row = ? AND channel = ?",
-            (exc.code, redact(exc.text, self.secrets)[:500], exc.status,
+            (int(ambiguous), exc.code, redact(exc.text, self.secrets)[:500], exc.status,
              iso(self.clock.now()), *key),
         )
         if self.stop.stopping or self._abort is not None:

@@ -712,3 +712,70 @@ def test_an_immediate_stop_leaves_rows_waiting_for_the_provider_pending_not_in_d
     assert len(provider.history) == 1
     assert report.counts == {"in_doubt": 1, "pending": 19}
     assert query(store_path, "SELECT SUM(attempts) FROM messages") == [(1,)]
+
+
+def _one_in_doubt(campaign: Path, store_path: Path) -> None:
+    """Session 1 of run "d": row 1 is answered ambiguously (in doubt), row 2 is sent."""
+    first = FakeProvider(deduplicates=False)
+    first.enqueue(InDoubtError("read timeout after the request was written"))
+    report = send(campaign, store_path, first, run_key="d")
+    assert states(store_path) == {1: "in_doubt", 2: "sent"}
+    assert report.spend_micros == 20_000
+
+
+def test_a_resend_refused_401_stays_in_doubt_not_pending(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    """The 401 says nothing about the earlier attempt, which may have been delivered: the row
+    goes back to `in_doubt` (pinned to its provider, reported), not to `pending`."""
+    campaign = make_campaign(people(2), limits={"concurrency": 1})
+    _one_in_doubt(campaign, store_path)
+    refused = FakeProvider(handler=lambda m: ProviderAuthError("401 bad key", status=401))
+    report = send(campaign, store_path, refused, run_key="d")
+    assert report.exit_code == ExitCode.PROVIDER_AUTH
+    assert states(store_path) == {1: "in_doubt", 2: "sent"}
+    assert report.spend_micros == 20_000  # what the first attempt may have cost, once
+    assert query(store_path, "SELECT attempts FROM messages WHERE row = 1") == [(1,)]
+    good = FakeProvider(deduplicates=False)
+    report = send(campaign, store_path, good, run_key="d")
+    assert [m.row for m in good.accepted] == [1]
+    assert (report.in_doubt_found, report.in_doubt_resent) == (1, 1)
+    assert report.spend_micros == 30_000
+
+
+def test_a_stop_during_the_backoff_of_a_resend_leaves_it_in_doubt_not_pending(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    campaign = make_campaign(people(2), limits={"concurrency": 1})
+    _one_in_doubt(campaign, store_path)
+    stop = StopController()
+
+    def busy(m: OutboundMessage) -> BaseException:
+        stop.request()
+        return TransientError("503", status=503)
+
+    report = send(campaign, store_path, FakeProvider(handler=busy), stop=stop, run_key="d")
+    assert report.exit_code == ExitCode.INTERRUPTED
+    assert states(store_path) == {1: "in_doubt", 2: "sent"}
+    assert report.spend_micros == 20_000  # the 503 cost nothing; the first attempt may have
+
+
+def test_a_stop_during_a_retry_after_an_ambiguous_answer_leaves_the_row_in_doubt(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    """A deduplicating provider's timeout is retried with the same key; a 503 on the retry
+    does not settle whether the first one was delivered."""
+    stop = StopController()
+    provider = FakeProvider(deduplicates=True)
+
+    def then_busy(m: OutboundMessage) -> BaseException:
+        stop.request()
+        return TransientError("503", status=503)
+
+    provider.enqueue(InDoubtError("read timeout after the request was written"))
+    provider.handler = then_busy
+    report = send(make_campaign(people(1)), store_path, provider, stop=stop)
+    assert len(provider.history) == 2
+    assert report.exit_code == ExitCode.INTERRUPTED
+    assert report.counts == {"in_doubt": 1}
+    assert report.spend_micros == 10_000  # the first attempt may have been charged
