@@ -363,9 +363,17 @@ class Breaker:
             return True
         return self.clock.monotonic() >= self.open_until and not self.probing
 
-    def attempt(self) -> None:
+    def attempt(self) -> bool:
+        """Taken as the provider is picked, before any wait: True if this send is the probe."""
         if self.open_until is not None:
             self.probing = True
+            return True
+        return False
+
+    def release(self, probe: bool) -> None:
+        """The probe never reached the provider (a stop, an opt-out): the next send may probe."""
+        if probe:
+            self.probing = False
 
     def success(self) -> None:
         self.failures = 0
@@ -1315,12 +1323,17 @@ class Runner:
         loop = asyncio.get_running_loop()
         while True:
             route = self._pick(channel, pinned)
+            # Half-open: the probe is taken now, so other workers pick the next provider
+            # instead of all waiting for this one's bucket and then all sending to it.
+            probe = route.breaker.attempt()
             await route.pacer.acquire()
             if self.stop.stopping or self._abort is not None:
+                route.breaker.release(probe)
                 self._budget.release(job.reserved)
                 return
             refused = self._policy.refused_now(channel._value_, job.address_hash)
             if refused is not None:
+                route.breaker.release(probe)
                 self._budget.release(job.reserved)
                 self._final(message.row, channel, refused[0], refused[1], None,
                             self._stamp(), message.content_hash)
@@ -1331,7 +1344,6 @@ class Runner:
                       self._stamp(), *key)
             # Intent before action: the `sending` row is committed before the request leaves.
             self._writer.submit(runs.SQL_INTENT, intent)
-            route.breaker.attempt()
             error: ProviderError | None = None
             left = False
             try:
@@ -1341,6 +1353,7 @@ class Runner:
                     if self.stop.stopping or self._abort is not None:
                         # Stopped (or a 401 came) while this one waited for its commit, the
                         # provider's slot or its bucket: it never left.
+                        route.breaker.release(probe)
                         self._unsend(key, job)
                         self._budget.release(job.reserved)
                         return
@@ -1378,13 +1391,14 @@ class Runner:
                 if job.resend:
                     self._in_doubt_resent += 1
                 return
-            retry, pinned = await self._after_error(job, route, attempt, error, key, pinned)
+            retry, pinned = await self._after_error(job, route, attempt, error, key, pinned,
+                                                    probe)
             if not retry:
                 return
 
     async def _after_error(
         self, job: _Job, route: _Route, attempt: int, error: ProviderError,
-        key: tuple[int, int, str], pinned: str | None,
+        key: tuple[int, int, str], pinned: str | None, probe: bool = False,
     ) -> tuple[bool, str | None]:
         """What a failed attempt leads to: (True, pinned) to try again (the backoff is already
         slept), or (False, _) once the row's outcome is journaled or left for the resume."""

@@ -7,8 +7,15 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from campaign_cli.config import load_campaign
-from campaign_cli.errors import ExitCode, InDoubtError, PermanentError, TransientError
+from campaign_cli.errors import (
+    ExitCode,
+    InDoubtError,
+    PermanentError,
+    TransientError,
+)
 from campaign_cli.models import OutboundMessage
 from campaign_cli.pacing import Pacer
 from campaign_cli.pipeline import Breaker, RunReport, SendOptions, run_campaign
@@ -206,3 +213,44 @@ def test_an_unthrottled_provider_is_paced_after_a_429_and_unthrottled_again() ->
         loop.close()
     assert slowed is not None and 900 <= slowed <= 1100  # about half of what it was doing
     assert recovered is None
+
+
+def _clocked(clock: FakeClock, primary_handler: Any) -> tuple[FakeProvider, FakeProvider]:
+    """A primary answering with ``primary_handler``, and a healthy secondary on which each
+    message takes 10 ms of the fake clock (so cool-downs pass while traffic flows)."""
+
+    def up(m: OutboundMessage) -> None:
+        clock.advance(0.01)
+
+    return (FakeProvider("primary", handler=primary_handler),
+            FakeProvider("secondary", handler=up))
+
+
+def test_a_half_open_breaker_lets_one_probe_through_with_64_workers(
+    make_campaign: CampaignFactory, store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers that picked a provider wait for its bucket (here: one turn of the event loop)
+    before their request leaves. When the circuit half-opens, the first to pick the primary
+    takes the probe at once: the others go to the secondary instead of all waiting for the
+    primary's bucket and then all sending to a provider that is still down."""
+    original = Pacer.acquire
+
+    async def waiting_acquire(self: Pacer) -> None:
+        await original(self)
+        await asyncio.sleep(0)
+
+    monkeypatch.setattr(Pacer, "acquire", waiting_acquire)
+    clock = FakeClock()
+    primary, secondary = _clocked(clock, lambda m: TransientError("503", status=503))
+    campaign = make_campaign(people(2000), channels=FAILOVER_SMS, providers=TWO_PROVIDERS,
+                             limits={"concurrency": 64,
+                                     "circuit_breaker": {"threshold": 1, "cooldown": 5}})
+    report = run_campaign(load_campaign(campaign, {}), store_path, SendOptions(), clock=clock,
+                          registry=two(primary, secondary))
+    assert report.counts == {"sent": 2000}
+    windows = clock.monotonic() / 5
+    assert windows >= 3  # the primary was probed again several times
+    # The first wave (up to 64 sends picked while the circuit was still closed), then one probe
+    # per cool-down, not one per worker.
+    assert len(primary.history) <= 64 + windows + 1
+
