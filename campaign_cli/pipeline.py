@@ -375,6 +375,13 @@ class Breaker:
         if probe:
             self.probing = False
 
+    def inconclusive(self, probe: bool) -> None:
+        """An ambiguous answer (a timeout after the request was written) does not count toward
+        opening the circuit, but a probe that did not succeed opens it again."""
+        if probe and self.probing:
+            self.open_until = self.clock.monotonic() + self.cooldown
+            self.probing = False
+
     def success(self) -> None:
         self.failures = 0
         self.open_until = None
@@ -1419,6 +1426,7 @@ class Runner:
             return False, pinned  # "stop": left pending (or in doubt) for the resume
         if isinstance(error, InDoubtError):
             pinned = route.name  # never move an ambiguous message to another provider
+            route.breaker.inconclusive(probe)
             if route.provider.deduplicates and attempt < route.attempts:
                 job.doubted = True
                 await self._backoff(route, attempt, None)

@@ -254,3 +254,22 @@ def test_a_half_open_breaker_lets_one_probe_through_with_64_workers(
     # per cool-down, not one per worker.
     assert len(primary.history) <= 64 + windows + 1
 
+
+def test_an_ambiguous_probe_opens_the_circuit_again_and_a_later_probe_closes_it(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    clock = FakeClock()
+    answers: list[BaseException | None] = [
+        TransientError("503", status=503), InDoubtError("timeout after write")]
+
+    def recovering(m: OutboundMessage) -> BaseException | None:
+        return answers.pop(0) if answers else None
+
+    primary, secondary = _clocked(clock, recovering)
+    campaign = make_campaign(people(2000), channels=FAILOVER_SMS, providers=TWO_PROVIDERS,
+                             limits={"concurrency": 1,
+                                     "circuit_breaker": {"threshold": 1, "cooldown": 5}})
+    report = run_campaign(load_campaign(campaign, {}), store_path, SendOptions(), clock=clock,
+                          registry=two(primary, secondary))
+    assert report.counts == {"in_doubt": 1, "sent": 1999}
+    assert len(primary.accepted) > 1000  # back on the primary once a probe succeeded
