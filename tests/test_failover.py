@@ -273,3 +273,58 @@ def test_an_ambiguous_probe_opens_the_circuit_again_and_a_later_probe_closes_it(
                           registry=two(primary, secondary))
     assert report.counts == {"in_doubt": 1, "sent": 1999}
     assert len(primary.accepted) > 1000  # back on the primary once a probe succeeded
+
+
+
+def _only(provider: FakeProvider) -> ProviderRegistry:
+    registry = ProviderRegistry()
+    registry.register("outbox", lambda name, config, context: provider)
+    return registry
+
+
+def test_retry_failed_never_redrives_a_dead_letter_whose_first_attempt_was_in_doubt(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    """Row 1 timed out on a deduplicating provider; its same-key retries then ran out on 503s.
+    The timed-out attempt may have been delivered: --retry-failed must not send it again (as
+    `pending` it would not even be pinned to the provider that may have it). Row 2 only ever
+    had definite 503s: it is re-driven."""
+    seen: list[int] = []
+
+    def handler(m: OutboundMessage) -> BaseException | None:
+        seen.append(m.row)
+        if m.row == 1 and seen.count(1) == 1:
+            return InDoubtError("timeout after write")
+        if m.row in (1, 2):
+            return TransientError("503", code="503", status=503)
+        return None
+
+    campaign = make_campaign(people(3), limits={"concurrency": 1})
+    report = send(campaign, store_path, _only(FakeProvider(deduplicates=True, handler=handler)),
+                  run_key="r")
+    assert report.counts == {"failed": 2, "sent": 1}
+    again = FakeProvider(deduplicates=True)
+    report = send(campaign, store_path, _only(again), run_key="r", retry_failed=True)
+    assert [m.row for m in again.history] == [2]
+    assert report.counts == {"failed": 1, "sent": 2}
+
+
+def test_retry_failed_never_redrives_an_in_doubt_resend_whose_retries_ran_out(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    providers = {"p": {**TWO_PROVIDERS["primary"], "retry": {"attempts": 2}}}
+    campaign = make_campaign(people(2), providers=providers,
+                             channels={"sms": {"provider": "p", "body": "x"}},
+                             limits={"concurrency": 1})
+    first = FakeProvider()
+    first.enqueue(InDoubtError("timeout after write"))
+    assert send(campaign, store_path, _only(first), run_key="r").counts == {
+        "in_doubt": 1, "sent": 1}
+    busy = FakeProvider(handler=lambda m: TransientError("503", code="503", status=503))
+    report = send(campaign, store_path, _only(busy), run_key="r")
+    assert len(busy.history) == 2  # the resend, and its retry
+    assert report.counts == {"failed": 1, "sent": 1}
+    again = FakeProvider()
+    report = send(campaign, store_path, _only(again), run_key="r", retry_failed=True)
+    assert again.history == []
+    assert report.counts == {"failed": 1, "sent": 1}

@@ -184,10 +184,15 @@ def mark_in_doubt(conn: sqlite3.Connection, run_id: int, now: str) -> int:
 
 def reopen_transient_failures(conn: sqlite3.Connection, run_id: int, now: str) -> int:
     """Dead letters of transient failures (retries ran out) go back to `pending`; dead letters of
-    permanent refusals stay put: sending them again would be refused again."""
+    permanent refusals stay put: sending them again would be refused again. So do those with an
+    ambiguous attempt (an in-doubt resend, a timeout, a crash mid-send): it may have been
+    delivered, and as `pending` the row could even fail over to another provider."""
     cur = conn.execute(
         "UPDATE messages SET state = 'pending', reason = 'retry_failed', updated_at = ? "
-        "WHERE run_id = ? AND state = 'failed' AND reason = 'retries_exhausted'",
+        "WHERE run_id = ? AND state = 'failed' AND reason = 'retries_exhausted' "
+        "AND resent_in_doubt = 0 AND NOT EXISTS (SELECT 1 FROM attempts a "
+        "WHERE a.run_id = messages.run_id AND a.row = messages.row "
+        "AND a.channel = messages.channel AND a.outcome IN ('in_doubt', 'error'))",
         (now, run_id),
     )
     return cur.rowcount
