@@ -1418,8 +1418,16 @@ class Runner:
                                         job.ambiguous)
             if verdict == "retry":
                 return True, pinned
-            self._budget.release(job.reserved)
-            if verdict == "give_up":
+            if job.doubted:  # a timeout this session may have been charged: it stays spent
+                self._budget.settle(job.reserved, cost)
+                self._spent += cost
+            else:
+                self._budget.release(job.reserved)
+            if verdict == "give_up" and job.ambiguous:
+                # Retries ran out after an ambiguous attempt, which may have arrived: the row
+                # stays in doubt (reported, pinned, never re-driven), not a dead letter.
+                self._unsend(key, job, undo_attempt=False, error=error)
+            elif verdict == "give_up":
                 self._record(key, State.FAILED, "retries_exhausted", error)
             elif job.ambiguous:
                 self._unsend(key, job, undo_attempt=False)
@@ -1455,10 +1463,12 @@ class Runner:
             self._record(key, State.FAILED, error.code or "rejected", error)
         return False, pinned
 
-    def _unsend(self, key: tuple[int, int, str], job: _Job, undo_attempt: bool = True) -> None:
+    def _unsend(self, key: tuple[int, int, str], job: _Job, undo_attempt: bool = True,
+                error: ProviderError | None = None) -> None:
         """Put back a row whose request did not leave (or was refused outright) as it was
         before its intent: `pending`, or `in_doubt` if an earlier attempt was ambiguous (a
-        resend, or a timeout this session), still pinned to its provider by the journal.
+        resend, or a timeout this session), still pinned to its provider by the journal. With
+        ``error`` (its retries ran out) the row says so in its reason and detail.
 
         What an earlier session's attempt may have cost was banked in ``doubt_micros`` by the
         resend's intent (`runs.BANK_DOUBT`); this attempt's ``cost_micros`` comes off it again,
@@ -1475,6 +1485,14 @@ class Runner:
             "WHERE run_id = ? AND row = ? AND channel = ?",
             (state, int(undo_attempt), unbank, self._stamp(), *key),
         )
+        if error is not None:
+            self._writer.submit(
+                "UPDATE messages SET reason = 'in_doubt', error_code = ?, status_code = ?, "
+                "detail = ? WHERE run_id = ? AND row = ? AND channel = ?",
+                (error.code, error.status,
+                 redact(f"retries ran out after an ambiguous attempt: {error.text}",
+                        self.secrets)[:500], *key),
+            )
 
     def _provider_crashed(self, keys: list[tuple[int, int, str]], attempt: int, provider: str,
                           exc: Exception, started: float) -> None:

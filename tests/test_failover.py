@@ -282,13 +282,13 @@ def _only(provider: FakeProvider) -> ProviderRegistry:
     return registry
 
 
-def test_retry_failed_never_redrives_a_dead_letter_whose_first_attempt_was_in_doubt(
+def test_retries_that_run_out_after_an_ambiguous_attempt_leave_the_row_in_doubt(
     make_campaign: CampaignFactory, store_path: Path
 ) -> None:
     """Row 1 timed out on a deduplicating provider; its same-key retries then ran out on 503s.
-    The timed-out attempt may have been delivered: --retry-failed must not send it again (as
-    `pending` it would not even be pinned to the provider that may have it). Row 2 only ever
-    had definite 503s: it is re-driven."""
+    The timed-out attempt may have been delivered (and charged): the row stays `in_doubt`, its
+    cost counted, not a dead letter that --retry-failed would re-drive as `pending` (unpinned).
+    Row 2 only ever had definite 503s: a dead letter, re-driven."""
     seen: list[int] = []
 
     def handler(m: OutboundMessage) -> BaseException | None:
@@ -302,29 +302,38 @@ def test_retry_failed_never_redrives_a_dead_letter_whose_first_attempt_was_in_do
     campaign = make_campaign(people(3), limits={"concurrency": 1})
     report = send(campaign, store_path, _only(FakeProvider(deduplicates=True, handler=handler)),
                   run_key="r")
-    assert report.counts == {"failed": 2, "sent": 1}
+    assert report.counts == {"failed": 1, "in_doubt": 1, "sent": 1}
+    assert report.spend_micros == 20_000  # row 3, and row 1's timed-out attempt
+    row1 = next(r for r in journal(store_path) if r["row"] == 1)
+    assert (row1["reason"], row1["error_code"]) == ("in_doubt", "503")
+    assert "retries ran out after an ambiguous attempt" in row1["detail"]
     again = FakeProvider(deduplicates=True)
     report = send(campaign, store_path, _only(again), run_key="r", retry_failed=True)
-    assert [m.row for m in again.history] == [2]
-    assert report.counts == {"failed": 1, "sent": 2}
+    # Row 2 re-driven; row 1 resent as any in-doubt row is to a provider that deduplicates:
+    # with its same idempotency key.
+    assert sorted(m.row for m in again.history) == [1, 2]
+    assert report.counts == {"sent": 3}
 
 
-def test_retry_failed_never_redrives_an_in_doubt_resend_whose_retries_ran_out(
+def test_an_in_doubt_resend_whose_retries_run_out_stays_in_doubt(
     make_campaign: CampaignFactory, store_path: Path
 ) -> None:
     providers = {"p": {**TWO_PROVIDERS["primary"], "retry": {"attempts": 2}}}
     campaign = make_campaign(people(2), providers=providers,
-                             channels={"sms": {"provider": "p", "body": "x"}},
-                             limits={"concurrency": 1})
+                             channels={"sms": {"provider": "p",
+                                               "body": "x. Reply STOP to opt out"}},
+                             limits={"concurrency": 1}, purpose="marketing",
+                             compliance={"consent": "not_required"})
     first = FakeProvider()
     first.enqueue(InDoubtError("timeout after write"))
     assert send(campaign, store_path, _only(first), run_key="r").counts == {
         "in_doubt": 1, "sent": 1}
-    busy = FakeProvider(handler=lambda m: TransientError("503", code="503", status=503))
+    busy = FakeProvider(deduplicates=True,
+                        handler=lambda m: TransientError("503", code="503", status=503))
     report = send(campaign, store_path, _only(busy), run_key="r")
     assert len(busy.history) == 2  # the resend, and its retry
-    assert report.counts == {"failed": 1, "sent": 1}
-    again = FakeProvider()
+    assert report.counts == {"in_doubt": 1, "sent": 1}
+    again = FakeProvider()  # cannot deduplicate; marketing: in doubt rows are not resent
     report = send(campaign, store_path, _only(again), run_key="r", retry_failed=True)
     assert again.history == []
-    assert report.counts == {"failed": 1, "sent": 1}
+    assert report.counts == {"in_doubt": 1, "sent": 1}
