@@ -7,6 +7,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from campaign_cli.addresses import AddressError, address_hash
 from campaign_cli.errors import InputError
@@ -391,3 +393,20 @@ def test_the_store_and_its_wal_files_are_0600_also_through_a_dangling_symlink(
                 assert file.stat().st_mode & 0o777 == 0o600, file
         finally:
             store.close()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="hHtTpPsS:/[]@?#.:80443aB-_ ", min_size=0, max_size=40)
+       | st.from_regex(r"https?://[A-Za-z0-9.@:\[\]-]{1,20}(:[0-9]{0,5})?(/[A-Za-z0-9?#=]*)?",
+                       fullmatch=True))
+def test_migration_3_spells_webhook_urls_as_version_3_did(raw: str) -> None:
+    """Migration 3 keeps its own frozen copy of the spelling rule: today it must agree with
+    `normalize_webhook_url` (a later change to that must not change what the migration does)."""
+    from campaign_cli.addresses import normalize_webhook_url
+    from campaign_cli.store.db import _v3_webhook_spelling
+
+    try:
+        expected: str | None = normalize_webhook_url(raw)
+    except AddressError:
+        expected = None
+    assert _v3_webhook_spelling(raw) == expected

@@ -11,6 +11,7 @@ migrations than this one knows) is refused rather than misread.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import sqlite3
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -184,19 +185,17 @@ def _m002_attempts(conn: sqlite3.Connection) -> None:
 def _m003_webhook_spelling(conn: sqlite3.Connection) -> None:
     """Webhook URLs are normalised with a lower-case scheme and host since this version: entries
     written before are re-spelt (and re-hashed) so that they keep matching. An entry that now
-    equals one already held goes; an erased entry (no address) cannot be re-hashed."""
-    from campaign_cli.addresses import AddressError, normalize_webhook_url
+    equals one already held goes; an erased entry (no address) cannot be re-hashed.
 
+    The spelling rule is frozen here as it was in version 3 (a migration must do the same thing
+    whenever it runs, whatever `normalize_webhook_url` becomes later)."""
     for table in ("suppressions", "consents"):
         rows = conn.execute(
             f"SELECT id, address FROM {table} WHERE address LIKE 'http%'"
         ).fetchall()
         for row_id, address in rows:
-            try:
-                spelt = normalize_webhook_url(address)
-            except AddressError:
-                continue
-            if spelt == address:
+            spelt = _v3_webhook_spelling(address)
+            if spelt is None or spelt == address:
                 continue
             cursor = conn.execute(
                 f"UPDATE OR IGNORE {table} SET address = ?, address_hash = ? "
@@ -205,6 +204,28 @@ def _m003_webhook_spelling(conn: sqlite3.Connection) -> None:
             )
             if cursor.rowcount == 0:
                 conn.execute(f"DELETE FROM {table} WHERE id = ?", (row_id,))
+
+
+_V3_URL = re.compile(
+    r"(https?)://([^\s/?#@]*@)?(\[[^\s/?#\]]*\]|[^\s/?#:@]+)(:[0-9]*)?([/?#][^\s]*)?",
+    re.IGNORECASE,
+)
+
+
+def _v3_webhook_spelling(raw: str) -> str | None:
+    """Version 3's webhook URL spelling: scheme and host lower-case, a default port dropped; None
+    for what was not a webhook URL then."""
+    text = raw.strip()
+    if not text or not re.fullmatch(r"https?://[^\s/?#]+[^\s]*", text, re.IGNORECASE):
+        return None
+    match = _V3_URL.fullmatch(text)
+    if match is None:
+        return text
+    scheme, userinfo, host, port, rest = match.groups()
+    scheme = scheme.lower()
+    if port == {"http": ":80", "https": ":443"}[scheme]:
+        port = ""
+    return f"{scheme}://{userinfo or ''}{host.lower()}{port or ''}{rest or ''}"
 
 
 def _m004_doubt_micros(conn: sqlite3.Connection) -> None:
