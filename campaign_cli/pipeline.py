@@ -472,6 +472,7 @@ class Runner:
         self.warnings: list[str] = []
         # Set during execution
         self._abort: _Abort | None = None
+        self._halted = asyncio.Event()  # set with `_abort`: wakes backoff sleeps
         self._cap_hit = False
         self._session_counts: Counter[str] = Counter()
         self._baseline: Counter[str] = Counter()
@@ -1556,7 +1557,22 @@ class Runner:
         delay = self.rng.uniform(0, ceiling)  # full jitter
         if retry_after is not None:
             delay = max(delay, min(retry_after, route.max_backoff))
-        await self.clock.sleep(delay)
+        await self._sleep_unless_stopped(delay)
+
+    async def _sleep_unless_stopped(self, delay: float) -> None:
+        """A backoff on the run's clock that ends early when the run is asked to stop or is
+        aborted: a message waiting to retry must not hold the exit for the whole grace period
+        (the caller then sees the stop and leaves the row as the resume needs it)."""
+        if self.stop.stopping or self._abort is not None:
+            return
+        sleeper = asyncio.ensure_future(self.clock.sleep(delay))
+        stopper = asyncio.ensure_future(self.stop.wait_graceful())
+        halted = asyncio.ensure_future(self._halted.wait())
+        try:
+            await asyncio.wait((sleeper, stopper, halted), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (sleeper, stopper, halted):
+                task.cancel()
 
     def _record(self, key: tuple[int, int, str], state: State, reason: str,
                 exc: BaseException) -> None:
@@ -1589,6 +1605,7 @@ class Runner:
     def _fail_run(self, abort: _Abort) -> None:
         if self._abort is None:
             self._abort = abort
+            self._halted.set()
 
 
 # --------------------------------------------------------------------------------------------

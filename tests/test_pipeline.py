@@ -688,6 +688,35 @@ def test_a_stop_reaches_workers_waiting_to_send_before_their_request_leaves(
     assert sorted(m.row for m in provider.accepted + again.accepted) == list(range(1, 201))
 
 
+def test_a_stop_wakes_a_message_waiting_out_its_retry_backoff(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    """Ctrl-C while a message waits to retry: the backoff ends at once and the row is left
+    pending. It used to sleep on, holding the exit for the whole grace period (here an hour)."""
+    import threading
+
+    stop = StopController()
+
+    class StoppedDuringBackoff(FakeClock):
+        async def sleep(self, seconds: float) -> None:
+            self.sleeps.append(seconds)
+            asyncio.get_running_loop().call_soon(stop.request)
+            await asyncio.Event().wait()  # a backoff that outlasts the test
+
+    provider = FakeProvider(handler=lambda m: TransientError("503", code="503", status=503))
+    campaign = make_campaign(people(1))
+    reports: list[RunReport] = []
+    runner = threading.Thread(target=lambda: reports.append(send(
+        campaign, store_path, provider, clock=StoppedDuringBackoff(), stop=stop,
+        grace_seconds=3600.0)), daemon=True)
+    runner.start()
+    runner.join(timeout=60)  # a guard against a hang, not a wait for time to pass
+    assert not runner.is_alive(), "the backoff held the stop"
+    [report] = reports
+    assert report.exit_code == ExitCode.INTERRUPTED
+    assert report.counts == {"pending": 1} and len(provider.history) == 1
+
+
 def test_an_immediate_stop_leaves_rows_waiting_for_the_provider_pending_not_in_doubt(
     make_campaign: CampaignFactory, store_path: Path
 ) -> None:
