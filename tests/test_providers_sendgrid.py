@@ -315,3 +315,37 @@ def test_timeout_after_sending_is_in_doubt() -> None:
 
 def test_spec_copy_matches_shared() -> None:
     check_spec_copy(SPEC_FILE, "4ba24d0feb8a6b347f60528161d1cf0e7591987d2b3a64a6533685dc2b39d19f")
+
+
+@pytest.mark.parametrize(
+    ("sender", "expected"),
+    [
+        ("Shop, Inc. <news@shop.example.com>",
+         {"email": "news@shop.example.com", "name": "Shop, Inc."}),
+        ("Shop: News <news@shop.example.com>",
+         {"email": "news@shop.example.com", "name": "Shop: News"}),
+        ("Shop @ Home <news@shop.example.com>",
+         {"email": "news@shop.example.com", "name": "Shop @ Home"}),
+        ("Shop [UK]; Sales <news@shop.example.com>",
+         {"email": "news@shop.example.com", "name": "Shop [UK]; Sales"}),
+        ("Café, Ünï <news@shop.example.com>",
+         {"email": "news@shop.example.com", "name": "Café, Ünï"}),
+        ('"Sh\\"op" <news@shop.example.com>', {"email": "news@shop.example.com", "name": 'Sh"op'}),
+        ("<news@shop.example.com>", {"email": "news@shop.example.com"}),
+    ],
+)
+def test_sender_is_read_as_the_campaign_check_and_smtp_read_it(
+        spec: OpenAPI, sender: str, expected: dict[str, str]) -> None:
+    """The campaign check (format_mailbox) accepts a display name with specials unquoted, and
+    SMTP quotes it; SendGrid's adapter read it with email.utils.parseaddr instead, which
+    splits at the comma or colon: "Shop, Inc. <news@...>" became the address "Shop" (every
+    message refused before sending: the whole list dead-lettered), "Shop @ Home <...>" the
+    address "Shop@Home" (sent, and refused by SendGrid), "Shop: News" the name "News"."""
+    from campaign_cli.render.email import format_mailbox
+
+    format_mailbox(sender, "From")  # what `campaign check` accepts
+    rec = Recorder()
+    send(provider(rec), mail(sender=sender, reply_to=sender))
+    body = validate(spec, rec.requests[0])
+    assert body["from"] == expected
+    assert body["reply_to"] == expected

@@ -16,7 +16,6 @@ Answers:
 
 from __future__ import annotations
 
-import email.utils
 import json
 import re
 from datetime import datetime, timezone
@@ -36,6 +35,7 @@ from campaign_cli.providers.http import (
     raise_for_generic_status,
     retry_after,
 )
+from campaign_cli.render.email import split_mailbox
 
 DEFAULT_BASE_URL = "https://api.sendgrid.com"
 
@@ -130,9 +130,13 @@ class SendGridAdapter:
         found = self._mailboxes.get(value)
         if found is None:
             _clean(field, value)
-            name, address = email.utils.parseaddr(value)
-            if not address or "@" not in address:
-                raise PermanentError(f"{field}: not an email address", code="bad_address")
+            # Read as the campaign check and the SMTP provider read it: parseaddr would split
+            # an unquoted "Shop, Inc. <news@...>" at the comma.
+            try:
+                name, address = split_mailbox(value, field)
+            except ValueError:
+                raise PermanentError(f"{field}: not an email address",
+                                     code="bad_address") from None
             found = {"email": address, "name": name} if name else {"email": address}
             self._mailboxes[value] = found
         return found

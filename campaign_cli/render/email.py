@@ -224,6 +224,23 @@ def format_mailbox(value: str, header: str = "From") -> str:
     return _address(value, header)
 
 
+def split_mailbox(value: str, header: str = "From") -> tuple[str, str]:
+    """The display name (unquoted; "" when there is none) and the address of one mailbox, read
+    exactly as `format_mailbox` reads it: for APIs that take the two apart (SendGrid's
+    ``{"email", "name"}``). Raises `ValueError` naming ``header`` when it is not one mailbox."""
+    _check(header, value)
+    value = value.strip()
+    m = _NAME_ADDR.fullmatch(value)
+    if m is None:
+        if _SIMPLE_ADDRESS.fullmatch(value):  # a bare address
+            return "", value
+        raise ValueError(f"header {header}: not an email address: {value!r}")
+    quoted, display, addr = m.groups()
+    if quoted is not None:
+        display = re.sub(r"\\(.)", r"\1", quoted)
+    return display, addr
+
+
 def _address(value: str, name: str) -> str:
     _check(name, value)
     value = value.strip()
