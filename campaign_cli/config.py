@@ -88,6 +88,20 @@ ExistingFile = Annotated[Path, AfterValidator(_relative_to_campaign), AfterValid
 Money = Annotated[Decimal, Field(ge=0, max_digits=18, decimal_places=6)]
 
 
+def _callback_url(v: str) -> str:
+    """A URL Twilio takes as ``StatusCallback``; it answers 21609 to every message otherwise:
+    http(s), a host name without underscores, no spaces, at most 4000 characters."""
+    m = re.match(r"https?://([^/?#@\s]*@)?(\[[0-9A-Fa-f:.]+\]|[^/?#:\s]+)(:[0-9]+)?"
+                r"([/?#]\S*)?$", v)
+    if m is None or "_" in m[2] or len(v) > 4000 or not v.isprintable():
+        raise ValueError("must be a full http:// or https:// URL (a host name without "
+                         "underscores, no spaces, at most 4000 characters)")
+    return v
+
+
+CallbackUrl = Annotated[str, AfterValidator(_callback_url)]
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -297,7 +311,7 @@ class TwilioProviderConfig(_HttpProvider):
     api_key_sid: str | None = Field(default=None, pattern=r"^SK[0-9a-fA-F]{32}$")
     sender: str | None = Field(default=None, alias="from")
     messaging_service_sid: str | None = Field(default=None, pattern=r"^MG[0-9a-fA-F]{32}$")
-    status_callback: str | None = None
+    status_callback: CallbackUrl | None = None
 
     @model_validator(mode="after")
     def _one_sender(self) -> TwilioProviderConfig:

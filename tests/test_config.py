@@ -643,3 +643,40 @@ def test_a_rate_below_one_message_per_1000_seconds_is_refused(project: Path, rat
 def test_the_slowest_rate_allowed_loads(project: Path) -> None:
     loaded = load_campaign(write(project, edit("rate: 5/s", "rate: 3.6/h")), {})
     assert loaded.campaign.providers["p"].rate == pytest.approx(0.001)
+
+
+TWILIO = (
+    "  tw:\n"
+    "    type: twilio\n"
+    "    account_sid: AC0123456789abcdef0123456789abcdef\n"
+    "    auth_token: t0ken\n"
+    "    from: '+12015550100'\n"
+)
+
+
+@pytest.mark.parametrize("url", [
+    "hooks.example.com/twilio",  # no scheme
+    "ftp://hooks.example.com/twilio",
+    "https://",
+    "https:///twilio",
+    "https://hooks_1.example.com/twilio",  # Twilio refuses underscores in the host name
+    "https://hooks.example.com/a b",
+    "https://hooks.example.com/" + "x" * 4000,  # Twilio's limit is 4000 characters
+])
+def test_a_status_callback_twilio_would_refuse_is_a_config_error(project: Path, url: str) -> None:
+    # Twilio answers 21609 (Invalid 'StatusCallback') to every message that carries such a URL:
+    # without this check the whole list ended `failed`, one request at a time.
+    path = write(project, BASE + TWILIO + f"    status_callback: '{url}'\n")
+    err = error_of(path)
+    assert_error(err, path, 27, "providers.tw.status_callback")
+    assert "http:// or https:// URL" in err.message
+
+
+@pytest.mark.parametrize("url", [
+    "https://hooks.example.com/twilio",
+    "http://127.0.0.1:8080/cb?campaign=spring%20sale&x=1",
+    "https://hooks.example.com",
+])
+def test_a_status_callback_twilio_takes_loads(project: Path, url: str) -> None:
+    loaded = load_campaign(write(project, BASE + TWILIO + f"    status_callback: '{url}'\n"), {})
+    assert loaded.campaign.providers["tw"].status_callback == url  # type: ignore[union-attr]
