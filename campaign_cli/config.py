@@ -429,6 +429,10 @@ class Compliance(_Model):
     consent_records: list[ExistingFile] = []
 
 
+#: Data keys FCM refuses (400 INVALID_ARGUMENT), besides those starting with "google" or "gcm".
+_FCM_RESERVED_KEYS = frozenset({"from", "message_type"})
+
+
 class Campaign(_Model):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
     purpose: Purpose
@@ -461,6 +465,17 @@ class Campaign(_Model):
                         ("channels", channel.value, "provider"),
                         f"provider {name!r} (type {kind}) cannot send {channel.value}",
                     )
+            push = self.channels.push
+            if channel is Channel.PUSH and push is not None and any(
+                self.providers[name].type == "fcm" for name in names
+            ):
+                for key in push.data:
+                    if not key or key in _FCM_RESERVED_KEYS or key.startswith(("google", "gcm")):
+                        raise _Located(
+                            ("channels", "push", "data", key),
+                            "FCM reserves this data key (from, message_type, anything starting "
+                            "with google or gcm) and refuses every message that uses it",
+                        )
             column = self.recipients.columns.for_channel(channel)
             if column is None and channel is not Channel.WEBHOOK:
                 field = {Channel.SMS: "phone", Channel.EMAIL: "email", Channel.PUSH: "push_token"}

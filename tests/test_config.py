@@ -680,3 +680,40 @@ def test_a_status_callback_twilio_would_refuse_is_a_config_error(project: Path, 
 def test_a_status_callback_twilio_takes_loads(project: Path, url: str) -> None:
     loaded = load_campaign(write(project, BASE + TWILIO + f"    status_callback: '{url}'\n"), {})
     assert loaded.campaign.providers["tw"].status_callback == url  # type: ignore[union-attr]
+
+
+def _push_campaign(data_key: str, provider: str = "f") -> str:
+    text = edit("  columns: {phone: phone, email: email}",
+                "  columns: {phone: phone, email: email, push_token: token}")
+    text = edit("providers:\n",
+                "  push:\n"
+                f"    provider: {provider}\n"
+                "    title: Sale\n"
+                "    body: Hi {{ first_name }}\n"
+                "    data:\n"
+                "      screen: sale\n"
+                f"      '{data_key}': x\n"
+                "providers:\n", text)
+    return text + ("  f:\n"
+                   "    type: fcm\n"
+                   "    project_id: shop-app\n"
+                   "    access_token: tok\n")
+
+
+@pytest.mark.parametrize("key", ["from", "message_type", "google.sent_time", "googleId",
+                                 "gcm.notification.title", "gcmx", ""])
+def test_a_data_key_fcm_reserves_is_a_config_error(project: Path, key: str) -> None:
+    # FCM answers 400 INVALID_ARGUMENT to every message whose data holds a reserved key ("from",
+    # "message_type", anything starting with "google" or "gcm"): without this check the whole
+    # push list ended `failed`, one request at a time.
+    path = write(project, _push_campaign(key))
+    err = error_of(path)
+    assert_error(err, path, 23, f"channels.push.data.{key}")
+    assert "FCM" in err.message and "reserve" in err.message
+
+
+def test_a_data_key_fcm_reserves_is_fine_elsewhere_and_others_load(project: Path) -> None:
+    load_campaign(write(project, _push_campaign("from", provider="p")), {})  # the outbox
+    loaded = load_campaign(write(project, _push_campaign("sender")), {})
+    assert loaded.campaign.channels.push is not None
+    assert loaded.campaign.channels.push.data == {"screen": "sale", "sender": "x"}
