@@ -21,6 +21,7 @@ from campaign_cli.errors import ConfigError
 from campaign_cli.models import (
     Channel,
     EmailContent,
+    OutboundMessage,
     PushContent,
     Recipient,
     SmsContent,
@@ -900,3 +901,46 @@ def test_templates_beyond_plain_substitution_are_left_to_jinja() -> None:
                    "{{ a ~ b }}", "{% set a = 1 %}{{ a }}"):
         assert engine._simple(env.parse(source)) is None, source
     assert engine._simple(env.parse("Hi {{ a }}!")) == (("Hi ", "a"), ("!", None))
+
+
+def test_an_emoji_escaped_as_a_surrogate_pair_in_the_email_reply_to_or_headers(
+        tmp_path: Path) -> None:
+    """reply_to and extra headers are not templates, so the surrogate-pair fix for templates
+    missed them: "Help \\ud83c\\udf38 <help@...>" reached the providers as two lone surrogates.
+    SendGrid's request could not be encoded (UnicodeEncodeError: the run stopped with exit 1
+    and the message in doubt) and SMTP wrote the halves as invalid UTF-8 in an encoded word.
+    (``from`` has a length constraint, and pydantic refuses such a string there: exit 2.)"""
+    from campaign_cli.providers.sendgrid import SendGridAdapter
+
+    (tmp_path / "t.txt").write_text("Hi\n", encoding="utf-8")
+    c = campaign(tmp_path, {"email": {
+        "from": "Shop <news@shop.example.com>",
+        "reply_to": "Help \ud83c\udf38 <help@shop.example.com>",
+        "subject": "Hi", "text": "t.txt", "headers": {"X-Note": "spring \ud83c\udf38"},
+    }})
+    content = render(c, Channel.EMAIL)
+    assert content.reply_to == "Help \U0001f338 <help@shop.example.com>"
+    assert content.headers == (("X-Note", "spring \U0001f338"),)
+    message = OutboundMessage(run_id=1, row=7, channel=Channel.EMAIL, recipient_key="c1",
+                              address="ann@example.com", idempotency_key="k", content=content,
+                              content_hash="h")
+    body = json.loads(SendGridAdapter(api_key="k").build(message).content)
+    assert body["reply_to"] == {"email": "help@shop.example.com", "name": "Help \U0001f338"}
+    assert body["headers"] == {"X-Note": "spring \U0001f338"}
+    parsed = message_from_bytes(build_email(content, "ann@example.com", "<k@shop.example.com>",
+                                            DATE), policy=policy.default)
+    assert str(parsed["Reply-To"]) == "Help \U0001f338 <help@shop.example.com>"
+    assert str(parsed["X-Note"]) == "spring \U0001f338"
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("reply_to", "Help \udc00 <help@shop.example.com>"),
+    ("headers", {"X-Note": "spring \ud83c"}),
+])
+def test_a_lone_surrogate_in_the_email_reply_to_or_headers_is_a_config_error(
+        tmp_path: Path, key: str, value: Any) -> None:
+    (tmp_path / "t.txt").write_text("Hi\n", encoding="utf-8")
+    email = {"from": "news@shop.example.com", "subject": "Hi", "text": "t.txt", key: value}
+    with pytest.raises(ConfigError, match="lone UTF-16 surrogate") as info:
+        Renderer.compile(campaign(tmp_path, {"email": email}), SECRET)
+    assert info.value.field is not None and info.value.field.startswith(f"channels.email.{key}")

@@ -552,6 +552,17 @@ class _Compiler:
 
     def check_email(self, config: EmailChannel) -> None:
         loc = ("channels", "email")
+        # Not templates, so not joined when compiled: `_email_static` joins them.
+        values: list[tuple[tuple[str, ...], str]] = [(("from",), config.sender)]
+        if config.reply_to is not None:
+            values.append((("reply_to",), config.reply_to))
+        values += [(("headers", name), value) for name, value in config.headers.items()]
+        for key, value in values:
+            if not value.isascii() and _SURROGATE.search(value):
+                try:
+                    _join_surrogates(value)
+                except UnicodeDecodeError:
+                    raise self.error((*loc, *key), f"the value {_LONE_SURROGATE}") from None
         try:
             format_mailbox(config.sender, "From")
         except ValueError as exc:
@@ -700,7 +711,17 @@ def _email_static(
 ) -> tuple[str, str | None, tuple[tuple[str, str], ...]]:
     if config is None:
         return "", None, ()
-    return config.sender, config.reply_to, tuple(config.headers.items())
+    # YAML's "\\u" escapes are UTF-16 code units: "\\ud83d\\ude00" is one emoji (lone halves
+    # were refused by `_Compiler.check_email`).
+    return (
+        _whole(config.sender),
+        None if config.reply_to is None else _whole(config.reply_to),
+        tuple((name, _whole(value)) for name, value in config.headers.items()),
+    )
+
+
+def _whole(text: str) -> str:
+    return _join_surrogates(text) if not text.isascii() and _SURROGATE.search(text) else text
 
 
 def _join_surrogates(text: str) -> str:
