@@ -341,6 +341,9 @@ _CHANNELS = {channel.value: channel for channel in Channel}
 #: Batches one local provider may have on their way at once: one being written while the next
 #: one's intents commit, and a little slack.
 BATCHES_IN_FLIGHT = 4
+#: Identical permanent refusals in a row after which a provider that answers for every message
+#: (`refusals_mean_config`) is taken to refuse our configuration, not the recipients.
+SAME_REFUSALS = 10
 
 
 class Breaker:
@@ -411,6 +414,11 @@ class _Route:
     batch_slots: asyncio.Semaphore = field(
         default_factory=lambda: asyncio.Semaphore(BATCHES_IN_FLIGHT)
     )
+    #: The provider's own endpoint answers for every message (`refusals_mean_config`): the
+    #: messages refused in a row with one same code since its last success (`_note_refusal`).
+    refusal_guard: bool = False
+    refusal_code: str | None = None
+    refusals: list[tuple[int, int, str]] = field(default_factory=list)
 
 
 class _Abort(Exception):
@@ -748,7 +756,9 @@ class Runner:
                                  f"providers.{name}.type", str(exc.args[0])) from None
             rate = self.options.rate if self.options.rate is not None else config.rate
         batcher = provider if isinstance(provider, BatchProvider) else None
+        guard = bool(getattr(provider, "refusals_mean_config", False))
         return _Route(
+            refusal_guard=guard,
             name=name,
             provider=provider,
             pacer=Pacer(rate, config.burst if self.options.rate is None else None),
@@ -1313,6 +1323,7 @@ class Runner:
             counts[_IN_DOUBT] -= resent
             self._in_doubt_resent += resent
             self._sent_this_session += len(sent)
+            route.refusals.clear()
             route.breaker.success()
             route.pacer.succeeded(len(sent))
         for job, error in failures:
@@ -1386,6 +1397,7 @@ class Runner:
                     self._unsend(key, job)
                 raise
             if error is None:
+                route.refusals.clear()
                 route.breaker.success()
                 route.pacer.succeeded()
                 self._budget.settle(job.reserved, cost)
@@ -1462,7 +1474,41 @@ class Runner:
             if error.action == "suppress":
                 self._suppress(job.message, job.address_hash, error)
             self._record(key, State.FAILED, error.code or "rejected", error)
+            if error.action is None:
+                self._note_refusal(route, key, error)
         return False, pinned
+
+    def _note_refusal(self, route: _Route, key: tuple[int, int, str],
+                      error: PermanentError) -> None:
+        """A provider whose own endpoint refuses `SAME_REFUSALS` messages in a row with the same
+        code, none accepted in between, is refusing our configuration (a sender it does not
+        know, an account that cannot send there), not the recipients: stop before the list
+        burns into dead letters, with exit 6, and put the refused rows back to `pending`."""
+        if not route.refusal_guard:
+            return
+        code = error.code or f"http_{error.status}"
+        if code != route.refusal_code:
+            route.refusal_code, route.refusals = code, []
+        route.refusals.append(key)
+        if len(route.refusals) < SAME_REFUSALS:
+            return
+        stamp = self._stamp()
+        for refused in route.refusals:
+            self._writer.submit(
+                "UPDATE messages SET state = 'pending', reason = NULL, detail = NULL, "
+                "error_code = NULL, status_code = NULL, updated_at = ? "
+                "WHERE run_id = ? AND row = ? AND channel = ? AND state = 'failed'",
+                (stamp, *refused),
+            )
+            self._count(State.PENDING, State.FAILED)
+        route.refusals = []
+        self._fail_run(_Abort(
+            ExitCode.PROVIDER_AUTH, "provider_auth",
+            f"provider {route.name} refused {SAME_REFUSALS} messages in a row with the same "
+            f"error and accepted none in between ({code}: "
+            f"{redact(error.text, self.secrets)[:200]}): its configuration (sender, account, "
+            "region) is likely wrong; those messages and the rest are left pending",
+        ))
 
     def _unsend(self, key: tuple[int, int, str], job: _Job, undo_attempt: bool = True,
                 error: ProviderError | None = None) -> None:

@@ -246,6 +246,45 @@ def test_a_resume_that_gives_no_cap_keeps_the_one_the_run_was_given(
     assert raised.exit_code == ExitCode.OK and raised.counts == {"sent": 12}
 
 
+class _SenderRefused(FakeProvider):
+    refusals_mean_config = True  # as Twilio, SendGrid, FCM: its endpoint answers for every one
+
+
+def test_the_same_refusal_ten_times_in_a_row_stops_the_run_before_the_list_burns(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    """Twilio 21606 (the From number cannot send) refuses every message alike: the run used to
+    turn the whole list into dead letters, one request each. Ten in a row, none accepted, stop
+    it with exit 6; those ten go back to pending with the rest, and a resume sends them all."""
+    campaign = make_campaign(people(50), limits={"concurrency": 1})
+    refusing = _SenderRefused(handler=lambda m: PermanentError(
+        "The From phone number is not a valid, SMS-capable number", code="21606", status=400))
+    report = send(campaign, store_path, refusing, run_key="k")
+    assert report.exit_code == ExitCode.PROVIDER_AUTH
+    assert len(refusing.history) == 10
+    assert report.counts == {"pending": 50}
+    assert "refused 10 messages in a row with the same error" in (report.error or "")
+    fixed = FakeProvider()
+    assert send(campaign, store_path, fixed, run_key="k").counts == {"sent": 50}
+    assert len(fixed.accepted) == 50
+
+
+def test_refusals_of_recipients_or_interrupted_by_a_success_do_not_stop_the_run(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    def handler(m: OutboundMessage) -> BaseException | None:
+        if m.row % 10 == 0:
+            return None  # an accepted message between the refusals
+        if m.row % 2:
+            return PermanentError("not a mobile", code="21614", status=400, action="invalid")
+        return PermanentError("unreachable", code="30003", status=400)
+
+    report = send(make_campaign(people(60), limits={"concurrency": 1}), store_path,
+                  _SenderRefused(handler=handler))
+    assert report.exit_code == ExitCode.FAILURES
+    assert report.counts == {"failed": 24, "invalid": 30, "sent": 6}
+
+
 def test_suppressed_and_unconsented_recipients_are_refused(
     make_campaign: CampaignFactory, store_path: Path, tmp_path: Path
 ) -> None:

@@ -24,6 +24,10 @@ class Provider(Protocol):
     #: True when a resend with the same idempotency key can never deliver twice. The pipeline
     #: re-sends in-doubt messages only to such providers (or when the campaign says `resend`).
     deduplicates: bool
+    # Optional, read with getattr (default False): ``refusals_mean_config = True`` says that the
+    # provider's own endpoint answers for every message (Twilio, SendGrid, FCM), so the same
+    # permanent refusal ten times in a row is our configuration, not the recipients: the
+    # pipeline stops the run with exit 6 instead of dead-lettering the whole list.
 
     async def send(self, message: OutboundMessage) -> SendResult: ...
 

@@ -334,6 +334,10 @@ def _json_object(response: httpx.Response) -> dict[str, Any]:
 class FcmProvider:
     """FCM as a `Provider`: the adapter, a client, and where access tokens come from."""
 
+    #: Its own endpoint answers for every message: ten identical refusals in a row mean our
+    #: configuration is refused (the pipeline stops the run, exit 6).
+    refusals_mean_config = True
+
     channels = frozenset({Channel.PUSH})
     deduplicates = False
 

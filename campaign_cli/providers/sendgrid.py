@@ -160,6 +160,10 @@ class SendGridAdapter:
 
 
 class SendGridProvider(HttpProvider):
+    #: Its own endpoint answers for every message: ten identical refusals in a row mean our
+    #: configuration is refused (the pipeline stops the run, exit 6).
+    refusals_mean_config = True
+
     @classmethod
     def from_config(
         cls, name: str, config: SendGridProviderConfig, context: ProviderContext

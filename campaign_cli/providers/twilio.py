@@ -143,6 +143,10 @@ class TwilioAdapter:
 
 
 class TwilioProvider(HttpProvider):
+    #: Its own endpoint answers for every message: ten identical refusals in a row mean our
+    #: configuration is refused (the pipeline stops the run, exit 6).
+    refusals_mean_config = True
+
     @classmethod
     def from_config(
         cls, name: str, config: TwilioProviderConfig, context: ProviderContext
