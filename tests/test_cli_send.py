@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -253,3 +254,24 @@ def test_an_empty_or_malformed_run_key_is_refused_not_replaced(
     assert code == 2, err
     assert err.startswith("error: --run-key") and len(err.strip().splitlines()) == 1
     assert not store_path.exists() or query(store_path, "SELECT count(*) FROM messages") == [(0,)]
+
+
+def test_the_resume_command_after_the_cap_keeps_limit_and_rate(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    """`send --limit 10` stopped at the cap: the printed resume command, run as printed (with a
+    larger budget in place of its placeholder), finishes those 10 and no one else. It used to
+    leave out --limit (and --rate), so the resume sent to the whole file: money spent on people
+    the operator had not chosen."""
+    campaign = make_campaign(people(20), limits={"concurrency": 1, "max_spend": "0.05"})
+    code, _, err = invoke(store_path, "send", str(campaign), "--limit", "10", "--rate", "500")
+    assert code == 3, err
+    [hint] = [line for line in err.splitlines() if "To resume" in line]
+    command = hint.split(": ", 1)[1].replace("<more than 0.05>", "1")
+    args = shlex.split(command)
+    assert args[0] == "campaign"
+    code, out, err = invoke(store_path, *args[1:], "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["counts"] == {"sent": 10} and summary["total_rows"] == 10
+    assert args[args.index("--rate") + 1] == "500.0"

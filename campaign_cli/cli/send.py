@@ -136,7 +136,7 @@ def send(
         out.json(report.to_json())
     elif not out.quiet:
         _print_summary(app, report)
-    hint = _resume_hint(app, report, campaign_file, recipients, max_spend)
+    hint = _resume_hint(app, report, campaign_file, recipients, max_spend, limit, rate)
     if hint:
         out.info(hint)
     raise typer.Exit(int(report.exit_code or 0))
@@ -190,7 +190,8 @@ def _print_summary(app: AppContext, report: RunReport) -> None:
 
 
 def _resume_hint(app: AppContext, report: RunReport, campaign_file: Path,
-                 recipients: Path | None, max_spend: str | None) -> str | None:
+                 recipients: Path | None, max_spend: str | None, limit: int | None,
+                 rate: float | None) -> str | None:
     if report.dry_run or report.exit_code not in (ExitCode.SPEND_CAP, ExitCode.INTERRUPTED,
                                                    ExitCode.PROVIDER_AUTH):
         return None
@@ -200,6 +201,11 @@ def _resume_hint(app: AppContext, report: RunReport, campaign_file: Path,
     parts += ["send", str(campaign_file), "--run-key", report.run_key]
     if recipients is not None:
         parts += ["--recipients", str(recipients)]
+    # The run as it was started: without --limit the resume would go on to the whole file.
+    if limit is not None:
+        parts += ["--limit", str(limit)]
+    if rate is not None:
+        parts += ["--rate", str(rate)]
     if report.exit_code == ExitCode.SPEND_CAP:
         cap = from_micros(report.max_spend_micros or 0)
         parts += ["--max-spend", "<more than " + str(cap) + ">"]
