@@ -275,3 +275,21 @@ def test_the_resume_command_after_the_cap_keeps_limit_and_rate(
     summary = json.loads(out)
     assert summary["counts"] == {"sent": 10} and summary["total_rows"] == 10
     assert args[args.index("--rate") + 1] == "500.0"
+
+
+@pytest.mark.parametrize("mode", [("--quiet", "send"), ("send", "--json")])
+def test_why_a_run_was_aborted_is_on_stderr_also_with_quiet_or_json(
+    make_campaign: CampaignFactory, store_path: Path, tmp_path: Path, mode: tuple[str, str]
+) -> None:
+    """--quiet is "only errors and results", and --json leaves stderr for people: a run aborted
+    by its provider (exit 6) used to say nothing at all with --quiet, and with --json only the
+    resume command, never why."""
+    (tmp_path / "not-a-folder").write_text("")
+    campaign = make_campaign(people(3), providers={"box": {
+        "type": "outbox", "dir": "not-a-folder/outbox", "price_per_segment": "0.01"}})
+    first, second = mode
+    code, out, err = invoke(store_path, first, second, str(campaign), "--run-key", "k")
+    assert code == 6, err
+    [line] = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert "provider box refused our credentials or configuration" in line
+    assert "not-a-folder" in line

@@ -136,6 +136,8 @@ def send(
         out.json(report.to_json())
     elif not out.quiet:
         _print_summary(app, report)
+    if report.error:  # also with --quiet ("only errors and results") and --json
+        out.error(report.error)
     hint = _resume_hint(app, report, campaign_file, recipients, max_spend, limit, rate)
     if hint:
         out.info(hint)
@@ -185,8 +187,6 @@ def _print_summary(app: AppContext, report: RunReport) -> None:
         out.warn(f"{report.in_doubt_found} message(s) were in doubt from an earlier session "
                  f"(in flight when it stopped, or never answered); {report.in_doubt_resent} "
                  "re-sent with the same idempotency key; see `campaign status`")
-    if report.error:
-        out.error(report.error)
 
 
 def _resume_hint(app: AppContext, report: RunReport, campaign_file: Path,
