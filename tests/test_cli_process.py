@@ -374,3 +374,45 @@ def test_no_command_at_all_still_shows_the_help(store_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "campaign_cli"], capture_output=True, text=True,
                           timeout=DEADLINE)
     assert done.returncode == 2 and "COMMAND [ARGS]" in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(("key", "expected"), [(b"\x03", 130), (b"\x04", 2)])
+def test_ctrl_c_or_ctrl_d_at_the_confirmation_prompt_is_not_an_internal_error(
+    make_campaign: CampaignFactory, store_path: Path, key: bytes, expected: int
+) -> None:
+    """`send` through a real provider asks first. Ctrl-C there exited 1 ("internal error: a bug")
+    with "error: aborted"; it is an interruption by a signal (130). Ctrl-D, no answer, is the
+    answer no (2, as typing n). Either way nothing is sent."""
+    import pty
+    import select
+
+    campaign = make_campaign(people(2), providers={"hook": {
+        "type": "webhook", "url": "http://127.0.0.1:9/never-contacted"}},
+        channels={"webhook": {"provider": "hook", "body": "Hi {{ first_name }}"}})
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the CLI, with the pty as its terminal
+        os.execv(sys.executable, campaign_cmd(store_path, "send", str(campaign)))
+    seen = b""
+    deadline = time.monotonic() + DEADLINE
+    try:
+        while b"[y/N]" not in seen:
+            assert time.monotonic() < deadline, f"no prompt: {seen!r}"
+            if select.select([fd], [], [], 0.1)[0]:
+                seen += os.read(fd, 1024)
+        os.write(fd, key)
+        while time.monotonic() < deadline:
+            if not select.select([fd], [], [], 0.1)[0]:
+                continue
+            try:
+                chunk = os.read(fd, 1024)
+            except OSError:  # the child closed the terminal: it has exited
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        _, status = os.waitpid(pid, 0)
+        os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == expected, seen
+    assert b"Traceback" not in seen
+    assert not store_path.exists() or journal(store_path) == []

@@ -12,6 +12,7 @@ import typer
 from campaign_cli import __version__
 from campaign_cli.cli.context import AppContext
 from campaign_cli.cli.output import Output
+from campaign_cli.errors import ExitCode
 from campaign_cli.streams import whole_writes
 
 EXIT_CODES_HELP = """
@@ -90,9 +91,13 @@ def _run() -> int:
     block (four lines in a cron log, the error last)."""
     try:
         result = app(standalone_mode=False)
-    except typer.Abort:
+    except typer.Abort as exc:
+        # Ctrl-C (outside a run's own handlers, e.g. at the confirmation prompt) is an
+        # interruption by a signal, not a bug; Ctrl-D at a prompt is no answer, so no.
         print("error: aborted", file=sys.stderr)
-        return 1
+        if isinstance(exc.__cause__ or exc.__context__, KeyboardInterrupt):
+            return int(ExitCode.INTERRUPTED)
+        return int(ExitCode.USAGE)
     except Exception as exc:
         # click's ClickException family (typer vendors click; only these carry both).
         message = getattr(exc, "format_message", None)
