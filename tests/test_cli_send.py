@@ -293,3 +293,26 @@ def test_why_a_run_was_aborted_is_on_stderr_also_with_quiet_or_json(
     [line] = [line for line in err.splitlines() if line.startswith("error: ")]
     assert "provider box refused our credentials or configuration" in line
     assert "not-a-folder" in line
+
+
+def test_the_plain_progress_line_shows_spend_exactly_in_the_runs_currency() -> None:
+    """Off a terminal, progress is a plain line every few seconds. Its spend was a float printed
+    with four decimals: 0.00395 USD showed as 0.0040, 12 JPY as 12.0000; the summary and
+    `status` print the exact amount."""
+    import io
+
+    from campaign_cli.cli.output import Output, ProgressDisplay
+    from campaign_cli.pipeline import Progress
+
+    err = io.StringIO()
+    with ProgressDisplay(Output(stdout=io.StringIO(), stderr=err), "t", plain_every=5) as shown:
+        for spend, currency, elapsed in ((3950, "USD", 5.0), (12_000_000, "JPY", 10.0),
+                                         (1_234_567_890_123, "EUR", 15.0)):
+            shown.update(Progress(total=10, done=1, sent=1, skipped=0, failed=0, pending=9,
+                                  spend_micros=spend, elapsed_s=elapsed, rate_per_s=0.2,
+                                  currency=currency))
+    lines = err.getvalue().splitlines()
+    assert len(lines) == 3
+    assert "spend 0.00395 USD" in lines[0]
+    assert "spend 12 JPY" in lines[1]
+    assert "spend 1,234,567.890123 EUR" in lines[2]

@@ -18,6 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from campaign_cli.errors import CampaignError, ExitCode, redact
+from campaign_cli.models import from_micros
 
 
 @dataclass
@@ -145,7 +146,7 @@ class ProgressDisplay:
         if self._output.quiet:
             return
         detail = (f"sent {p.sent:,}  skipped {p.skipped:,}  failed {p.failed:,}  "
-                  f"{p.rate_per_s:,.0f}/s  spend {p.spend_micros / 1_000_000:,.4f} {p.currency}")
+                  f"{p.rate_per_s:,.0f}/s  spend {from_micros(p.spend_micros):,} {p.currency}")
         if self._progress is not None:
             self._progress.update(self._task, total=p.total, completed=p.done, detail=detail)
             return
