@@ -316,3 +316,24 @@ def test_the_plain_progress_line_shows_spend_exactly_in_the_runs_currency() -> N
     assert "spend 0.00395 USD" in lines[0]
     assert "spend 12 JPY" in lines[1]
     assert "spend 1,234,567.890123 EUR" in lines[2]
+
+
+def test_the_resume_command_names_a_store_given_by_campaign_store(
+    make_campaign: CampaignFactory, store_path: Path, tmp_path: Path
+) -> None:
+    """A cron job sets CAMPAIGN_STORE; the operator pastes the printed resume command into a
+    shell that does not. The command left the store out, so it opened the default store, found
+    no such run and started it afresh: everyone already sent got the message again."""
+    campaign = make_campaign(people(10), limits={"concurrency": 1, "max_spend": "0.05"})
+    cron = {"CAMPAIGN_STORE": str(store_path), "XDG_DATA_HOME": str(tmp_path / "cron-home")}
+    result = CliRunner().invoke(get_app(), ["send", str(campaign), "--run-key", "nightly"],
+                                env=cron)
+    assert result.exit_code == 3, result.stderr
+    [hint] = [line for line in result.stderr.splitlines() if "To resume" in line]
+    args = shlex.split(hint.split(": ", 1)[1].replace("<more than 0.05>", "1"))
+    shell = {"CAMPAIGN_STORE": "", "XDG_DATA_HOME": str(tmp_path / "operator-home")}
+    result = CliRunner().invoke(get_app(), [*args[1:], "--json"], env=shell)
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["resumed"] is True and summary["counts"] == {"sent": 10}
+    assert not (tmp_path / "operator-home").exists()

@@ -196,8 +196,11 @@ def _resume_hint(app: AppContext, report: RunReport, campaign_file: Path,
                                                    ExitCode.PROVIDER_AUTH):
         return None
     parts = ["campaign"]
-    if app.store_option is not None:
-        parts += ["--store", str(app.store_option)]
+    # The store named as this run found it: pasted into a shell without CAMPAIGN_STORE, the
+    # command would otherwise open another store and start the run afresh (sending again).
+    store = app.store_option if app.store_option is not None else app.env.get("CAMPAIGN_STORE")
+    if store:
+        parts += ["--store", str(store)]
     parts += ["send", str(campaign_file), "--run-key", report.run_key]
     if recipients is not None:
         parts += ["--recipients", str(recipients)]
