@@ -337,3 +337,33 @@ def test_the_resume_command_names_a_store_given_by_campaign_store(
     summary = json.loads(result.stdout)
     assert summary["resumed"] is True and summary["counts"] == {"sent": 10}
     assert not (tmp_path / "operator-home").exists()
+
+
+def test_json_output_stays_json_when_a_value_from_the_environment_is_a_number(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    """Every ${ENV} value is redacted from output. --json redacted the serialized text, so with
+    `max_spend: "${MAX_SPEND}"` = 100 and 100 recipients it printed `"sent": ***` and
+    `"spend_micros": ***0000`: not JSON, and a script reading it failed on a good run."""
+    campaign = make_campaign(people(100), limits={"concurrency": 4, "max_spend": "${MAX_SPEND}"})
+    code, out, err = invoke(store_path, "send", str(campaign), "--json",
+                            env={"MAX_SPEND": "100"})
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["counts"] == {"sent": 100} and summary["total_rows"] == 100
+    assert summary["spend_micros"] == 1_000_000
+    assert summary["max_spend"] == "***"  # the value itself is still never shown
+
+
+def test_json_output_redacts_a_secret_that_json_escapes() -> None:
+    """A secret with a quote or a backslash is written escaped inside a JSON string, so the
+    serialized text never contained it verbatim and it went out unredacted."""
+    import io
+
+    from campaign_cli.cli.output import Output
+
+    secret = 'pa"ss\\word'
+    stdout = io.StringIO()
+    Output(stdout=stdout, stderr=io.StringIO(), secrets={secret}).json(
+        {"error": f"login failed for {secret}", "n": [secret]})
+    assert json.loads(stdout.getvalue()) == {"error": "login failed for ***", "n": ["***"]}

@@ -63,8 +63,19 @@ class Output:
         (self.err if err else self.out).print(self.redact(message), markup=False)
 
     def json(self, payload: Any) -> None:
-        self.stdout.write(self.redact(json.dumps(payload, default=str, ensure_ascii=False)) + "\n")
+        # Redact the values, not the serialized text: a secret such as "100" would turn numbers
+        # into `***` (not JSON), and one with a quote or backslash is escaped in the text.
+        self.stdout.write(json.dumps(self._redacted(payload), ensure_ascii=False) + "\n")
         self.stdout.flush()
+
+    def _redacted(self, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {str(k): self._redacted(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self._redacted(v) for v in value]
+        if value is None or isinstance(value, (bool, int, float)):
+            return value
+        return self.redact(value if isinstance(value, str) else str(value))  # Decimal, Path
 
     def table(
         self, columns: Sequence[str], rows: Iterable[Sequence[Any]], *, title: str | None = None,
