@@ -367,3 +367,25 @@ def test_json_output_redacts_a_secret_that_json_escapes() -> None:
     Output(stdout=stdout, stderr=io.StringIO(), secrets={secret}).json(
         {"error": f"login failed for {secret}", "n": [secret]})
     assert json.loads(stdout.getvalue()) == {"error": "login failed for ***", "n": ["***"]}
+
+
+def test_the_resume_command_works_from_another_directory(
+    make_campaign: CampaignFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run started with relative paths (`campaign --store s.db send c.yaml`) printed them as
+    given: pasted in another directory, the command found no store there, made a new one and
+    started the run afresh, sending everyone their message again. The paths are absolute now."""
+    campaign = make_campaign(people(10), limits={"concurrency": 1, "max_spend": "0.05"})
+    monkeypatch.chdir(campaign.parent)
+    code, _, err = invoke(Path("store.db"), "send", campaign.name, "--run-key", "r")
+    assert code == 3, err
+    [hint] = [line for line in err.splitlines() if "To resume" in line]
+    args = shlex.split(hint.split(": ", 1)[1].replace("<more than 0.05>", "1"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    result = CliRunner().invoke(get_app(), [*args[1:], "--json"])
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["resumed"] is True and summary["counts"] == {"sent": 10}
+    assert list(elsewhere.iterdir()) == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import shlex
 import signal
 import sys
@@ -193,17 +194,16 @@ def _resume_hint(app: AppContext, report: RunReport, campaign_file: Path,
                  recipients: Path | None, max_spend: str | None, limit: int | None,
                  rate: float | None) -> str | None:
     if report.dry_run or report.exit_code not in (ExitCode.SPEND_CAP, ExitCode.INTERRUPTED,
-                                                   ExitCode.PROVIDER_AUTH):
+                                                   ExitCode.PROVIDER_AUTH, ExitCode.INTERNAL):
         return None
     parts = ["campaign"]
-    # The store named as this run found it: pasted into a shell without CAMPAIGN_STORE, the
-    # command would otherwise open another store and start the run afresh (sending again).
-    store = app.store_option if app.store_option is not None else app.env.get("CAMPAIGN_STORE")
-    if store:
-        parts += ["--store", str(store)]
-    parts += ["send", str(campaign_file), "--run-key", report.run_key]
+    # The store this run used, always and as an absolute path, as are the files: pasted into
+    # another shell (no CAMPAIGN_STORE, another working directory), the command would otherwise
+    # open another store and start the run afresh, sending everyone their message again.
+    parts += ["--store", os.path.abspath(app.store_path)]
+    parts += ["send", os.path.abspath(campaign_file), "--run-key", report.run_key]
     if recipients is not None:
-        parts += ["--recipients", str(recipients)]
+        parts += ["--recipients", os.path.abspath(recipients)]
     # The run as it was started: without --limit the resume would go on to the whole file.
     if limit is not None:
         parts += ["--limit", str(limit)]
