@@ -32,7 +32,7 @@ from campaign_cli.models import Channel, OutboundMessage, SmsContent
 from campaign_cli.pipeline import RunReport, SendOptions, StopController, run_campaign
 from campaign_cli.providers import console, outbox
 from campaign_cli.testing import FakeBatchProvider, FakeClock, FakeProvider, fake_registry
-from tests.conftest import CampaignFactory, journal, people
+from tests.conftest import CampaignFactory, journal, people, phone
 
 
 def send(campaign: Path, store: Path, provider: FakeProvider, **options: Any) -> RunReport:
@@ -378,12 +378,13 @@ def test_a_console_sms_line_is_what_the_json_encoder_writes(
     address: str, key: str, idempotency: str, body: str, encoding: str, segments: int
 ) -> None:
     """The SMS fast path of the console provider prints the very text `json.dumps` (with
-    ensure_ascii=False) prints for the same payload: quotes, backslashes, control characters,
-    non-ASCII and lone surrogates included."""
+    ensure_ascii=False; with its default, for a stream that is not UTF-8) prints for the same
+    payload: quotes, backslashes, control characters, non-ASCII and lone surrogates included."""
     message = OutboundMessage(1, 1, Channel.SMS, key, address, idempotency,
                               SmsContent(body, encoding, segments), "h")
     assert console._line(message) == json.dumps(
         outbox._payload(message), ensure_ascii=False) + "\n"
+    assert console._ascii_line(message) == json.dumps(outbox._payload(message)) + "\n"
 
 
 @pytest.mark.parametrize("rate", [None, "1000/s"])  # batches, and one message at a time
@@ -405,3 +406,33 @@ def test_an_outbox_folder_that_cannot_be_made_stops_the_run_before_anything_is_s
     (tmp_path / "outbox").unlink()
     assert send_to_outbox(campaign, store_path).counts == {"sent": 40}
     assert outbox_keys(tmp_path) == sorted(f"c{i}" for i in range(1, 41))
+
+
+@pytest.mark.parametrize("encoding", ["ascii", "latin-1", "cp1252"])
+@pytest.mark.parametrize("rate", [None, "1000/s"])  # batches, and one message at a time
+def test_console_lines_reach_a_stream_that_cannot_encode_every_character(
+    make_campaign: CampaignFactory, store_path: Path, encoding: str, rate: str | None
+) -> None:
+    """Standard output on a terminal or pipe that is not UTF-8 (PYTHONIOENCODING=ascii, a
+    Latin-1 locale, a Windows console). A name like "Zoë Łukasz 🎉" made the stream raise
+    UnicodeEncodeError: the whole batch in doubt, the run aborted with exit 1, and every resume
+    aborted again. JSON can say any character in ASCII (\\u escapes): every line is printed and
+    reads back as the same text."""
+    rows = [[f"c{i}", "Zoë Łukasz 🎉" if i % 3 == 0 else f"Name{i}", phone(i), ""]
+            for i in range(1, 31)]
+    provider: dict[str, Any] = {"type": "console", "price_per_segment": "0.01"}
+    if rate:
+        provider["rate"] = rate
+    campaign = make_campaign(rows, providers={"box": provider},
+                             channels={"sms": {"provider": "box", "body": "Hi {{ first_name }}"}})
+    raw = io.BytesIO()
+    out = io.TextIOWrapper(raw, encoding=encoding, newline="\n")
+    report = run_campaign(load_campaign(campaign, {}), store_path, SendOptions(run_key="k"),
+                          clock=FakeClock(), stdout=out)
+    assert report.exit_code == ExitCode.OK, report.error
+    assert report.counts == {"sent": 30}
+    out.flush()
+    lines = raw.getvalue().decode(encoding).splitlines()
+    bodies = {json.loads(line)["recipient_key"]: json.loads(line)["body"] for line in lines}
+    assert len(lines) == 30 and len(bodies) == 30
+    assert bodies["c3"] == "Hi Zoë Łukasz 🎉" and bodies["c4"] == "Hi Name4"
