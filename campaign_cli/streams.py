@@ -10,7 +10,10 @@ sent that the reading program never saw. A buffered writer finishes every write 
 
 from __future__ import annotations
 
+import codecs
 import io
+import re
+from json.encoder import encode_basestring_ascii
 from typing import IO
 
 
@@ -29,3 +32,25 @@ def whole_writes(stream: IO[str]) -> IO[str]:
         fd, "w", buffering=1, encoding=getattr(stream, "encoding", None) or "utf-8",
         errors=getattr(stream, "errors", None) or "strict", closefd=False,
     )
+
+
+def writes_unicode(stream: IO[str]) -> bool:
+    """Whether ``stream`` can write any character: a UTF encoding, or none (an in-memory one).
+    Elsewhere (``PYTHONIOENCODING=ascii``, a Latin-1 locale, a Windows console) a character it
+    cannot encode makes the write raise `UnicodeEncodeError`."""
+    encoding = getattr(stream, "encoding", None)
+    if not encoding:
+        return True
+    try:
+        return codecs.lookup(encoding).name.startswith("utf")
+    except LookupError:
+        return False
+
+
+def ascii_json(text: str) -> str:
+    """JSON text with every non-ASCII character written as a ``\\u`` escape (there are none
+    outside strings): the same JSON, fit for any stream. Redact before this, not after."""
+    return _NON_ASCII.sub(lambda m: encode_basestring_ascii(m[0])[1:-1], text)
+
+
+_NON_ASCII = re.compile(r"[^\x00-\x7f]")

@@ -416,3 +416,28 @@ def test_ctrl_c_or_ctrl_d_at_the_confirmation_prompt_is_not_an_internal_error(
     assert os.waitstatus_to_exitcode(status) == expected, seen
     assert b"Traceback" not in seen
     assert not store_path.exists() or journal(store_path) == []
+
+
+def test_json_output_on_a_standard_output_that_is_not_utf8(
+    make_campaign: CampaignFactory, tmp_path: Path
+) -> None:
+    """`--json` where standard output is ASCII (PYTHONIOENCODING=ascii, a C locale on an old
+    system, a Windows console): a summary holding a character outside it (here the error names a
+    folder "campañas") made the last write raise UnicodeEncodeError, so the run's exit 6 became
+    an "internal error" exit 1 and the summary was lost. It is printed as ASCII JSON instead."""
+    folder = tmp_path / "campañas"
+    folder.mkdir()
+    campaign = make_campaign(people(5), providers={"box": {
+        "type": "outbox", "dir": str(folder / "outbox"), "price_per_segment": "0.01"}})
+    (folder / "outbox").write_text("a file where the outbox folder should be")
+    store = tmp_path / "store.db"
+    done = subprocess.run(campaign_cmd(store, "send", str(campaign), "--json"),
+                          capture_output=True, timeout=DEADLINE,
+                          env={**os.environ, "PYTHONIOENCODING": "ascii"})
+    err = done.stderr.decode("ascii", "replace")
+    assert done.returncode == 6, err
+    summary = json.loads(done.stdout.decode("ascii"))
+    assert summary["exit_code"] == 6 and "campañas" in summary["error"]
+    assert "Traceback" not in err
+    status = run(store, "status", "test-campaign/" + summary["run_key"], "--json")
+    assert json.loads(status.stdout)["exit_code"] == 6

@@ -19,6 +19,7 @@ from rich.text import Text
 
 from campaign_cli.errors import CampaignError, ExitCode, redact
 from campaign_cli.models import from_micros
+from campaign_cli.streams import writes_unicode
 
 
 @dataclass
@@ -64,8 +65,10 @@ class Output:
 
     def json(self, payload: Any) -> None:
         # Redact the values, not the serialized text: a secret such as "100" would turn numbers
-        # into `***` (not JSON), and one with a quote or backslash is escaped in the text.
-        self.stdout.write(json.dumps(self._redacted(payload), ensure_ascii=False) + "\n")
+        # into `***` (not JSON), and one with a quote or backslash is escaped in the text. An
+        # ASCII or Latin-1 standard output gets JSON's escapes, not an encoding error.
+        text = json.dumps(self._redacted(payload), ensure_ascii=not writes_unicode(self.stdout))
+        self.stdout.write(text + "\n")
         self.stdout.flush()
 
     def _redacted(self, value: Any) -> Any:

@@ -11,7 +11,6 @@ the same text, where a character the stream cannot encode would fail the whole b
 
 from __future__ import annotations
 
-import codecs
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -23,7 +22,7 @@ from campaign_cli.errors import ProviderError
 from campaign_cli.models import Channel, EmailContent, OutboundMessage, SendResult, SmsContent
 from campaign_cli.providers.base import ProviderContext
 from campaign_cli.providers.outbox import _payload
-from campaign_cli.streams import whole_writes
+from campaign_cli.streams import whole_writes, writes_unicode
 
 
 class ConsoleProvider:
@@ -35,7 +34,7 @@ class ConsoleProvider:
         self.name = name
         self._stream = stream
         self._count = 0
-        self._ascii = not _writes_unicode(stream)
+        self._ascii = not writes_unicode(stream)
 
     @classmethod
     def from_config(
@@ -63,17 +62,6 @@ class ConsoleProvider:
 
     async def aclose(self) -> None:
         self._stream.flush()
-
-
-def _writes_unicode(stream: IO[str]) -> bool:
-    """Whether ``stream`` can write any character: a UTF encoding, or none (an in-memory one)."""
-    encoding = getattr(stream, "encoding", None)
-    if not encoding:
-        return True
-    try:
-        return codecs.lookup(encoding).name.startswith("utf")
-    except LookupError:
-        return False
 
 
 # `json.dumps` with any option builds a new encoder per call; one is enough.
