@@ -11,6 +11,8 @@ import io
 import json
 import os
 import sqlite3
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -436,3 +438,31 @@ def test_console_lines_reach_a_stream_that_cannot_encode_every_character(
     bodies = {json.loads(line)["recipient_key"]: json.loads(line)["body"] for line in lines}
     assert len(lines) == 30 and len(bodies) == 30
     assert bodies["c3"] == "Hi Zoë Łukasz 🎉" and bodies["c4"] == "Hi Name4"
+
+
+def test_temporary_files_of_a_writer_that_died_are_removed_on_resume(
+    make_campaign: CampaignFactory, store_path: Path, tmp_path: Path
+) -> None:
+    """A `campaign send` killed (SIGKILL, a power cut) while the outbox writes a batch leaves
+    ``.<key>.json.<pid>.tmp`` files: about one kill in two did, measured. Each holds a message,
+    personal data, and nothing ever removed them: the resume wrote the messages again under new
+    names. The resume now removes the temporary files of writers that are gone; one of a live
+    process (another run's folder of the same name) is left alone."""
+    campaign = make_campaign(people(20))
+    report = run_campaign(load_campaign(campaign, {}), store_path,
+                          SendOptions(run_key="k", limit=10), clock=FakeClock())
+    assert report.counts == {"sent": 10}  # the rest: as if the process had died
+    folder = tmp_path / "outbox" / "test-campaign_k"
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead_pid = int(gone.stdout)
+    stale = [folder / f".{n:032x}.json.{dead_pid}.tmp" for n in range(3)]
+    for path in stale:
+        path.write_bytes(b'{"to": "+12012000001", "body": "Hi Na')  # cut off mid-write
+    live = folder / f".{9:032x}.json.{os.getppid()}.tmp"
+    live.write_bytes(b"{}")
+
+    assert send_to_outbox(campaign, store_path).counts == {"sent": 20}  # the resume
+    assert not any(path.exists() for path in stale)
+    assert live.exists()
+    assert outbox_keys(tmp_path) == sorted(f"c{i}" for i in range(1, 21))

@@ -2,7 +2,8 @@
 
 Files are named by the message's idempotency key and written atomically (temporary file, then
 rename), so a resend of an in-doubt message replaces the same file: the outbox deduplicates, and a
-crash never leaves half a message behind. Unthrottled runs hand it batches (`send_batch`): a
+crash never leaves half a message behind (the temporary files of a process killed mid-write are
+removed when the next session opens the folder). Unthrottled runs hand it batches (`send_batch`): a
 batch's files are written by one thread hop instead of one each.
 """
 
@@ -117,6 +118,37 @@ def _usable_directory(directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     if not os.access(directory, os.W_OK | os.X_OK):
         raise PermissionError(13, "not writable", str(directory))
+    _remove_stale_temporaries(directory)
+
+
+def _remove_stale_temporaries(directory: Path) -> None:
+    """Remove the temporary files of writers that died mid-write (SIGKILL, a power cut). Each
+    holds a message (personal data) whose row was left in doubt, and this session writes it
+    again under its own name. A live process's file is left alone: another run whose folder has
+    the same name may be writing it."""
+    try:
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                found = _TEMPORARY.fullmatch(entry.name)
+                if found is not None and not _alive(int(found[1])):
+                    Path(entry.path).unlink(missing_ok=True)
+    except OSError:
+        pass  # a leftover is untidy, not a reason to stop: the folder is usable
+
+
+_TEMPORARY = re.compile(r"\..+\.(\d+)\.tmp")  # as `_write_atomically` names them
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's process (or no pid at all): leave it be
+    return True
 
 
 def _write_all(files: Sequence[tuple[Path, bytes]]) -> None:
