@@ -435,8 +435,12 @@ def _exit_status(code: int) -> str:
     return f"exit code {code}"
 
 
+# `-c` puts the working directory ('') first on the path: drop it before importing anything, or
+# a user's pickle.py (struct.py, re.py, ...) there would be imported instead of the library's.
 _CHILD_CODE = (
-    "import pickle, sys\n"
+    "import sys\n"
+    "sys.path[:] = [p for p in sys.path if p]\n"
+    "import pickle\n"
     "args = pickle.load(sys.stdin.buffer)\n"
     "sys.path[:] = args['sys_path']\n"
     "from campaign_cli.recipients import _child_main\n"

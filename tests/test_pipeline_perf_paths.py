@@ -470,3 +470,21 @@ def test_a_pipe_or_a_device_is_refused_as_a_recipient_file(tmp_path: Path) -> No
                 scan_recipients(spec_for(path))
     finally:
         os.close(writer)
+
+
+@pytest.mark.parametrize("module", ["pickle", "struct", "re"])
+def test_the_reader_child_does_not_import_modules_from_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, module: str
+) -> None:
+    """`python -c` puts the working directory first on the module path, and the child imported
+    pickle (and through it struct, re, ...) before it set the parent's path: a `pickle.py` in
+    the folder `campaign send` ran from made every run of 20,000 rows or more stop with "the
+    recipient reader process ended unexpectedly (exit code 1)", while smaller runs worked."""
+    path = tmp_path / "r.csv"
+    path.write_text(MIXED, encoding="utf-8")
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / f"{module}.py").write_text("raise ImportError('a file of the user, not ours')\n")
+    monkeypatch.chdir(work)
+    expected = drain(InlineChunkReader(spec_for(path)))
+    assert drain(ProcessChunkReader(spec_for(path))) == expected
