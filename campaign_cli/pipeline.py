@@ -541,6 +541,7 @@ class Runner:
                     )
                 if not self.options.dry_run:
                     lock = runs.RunLock.acquire(self.store_path, self.campaign.name, run_key, now)
+                before = runs.find_run(store.conn, self.campaign.name, run_key)
                 run, resumed = runs.start_run(
                     store.conn,
                     campaign=self.campaign.name,
@@ -555,6 +556,17 @@ class Runner:
                     template_hashes=renderer.template_hashes,
                     now=now,
                 )
+                changed = sorted(
+                    field for field in {*renderer.template_hashes, *(
+                        before.template_hashes if before is not None else {})}
+                    if before is not None and before.template_hashes
+                    and before.template_hashes.get(field) != renderer.template_hashes.get(field)
+                )
+                if resumed and changed:
+                    self.warnings.append(
+                        f"run {run.name}: templates changed since it started "
+                        f"({', '.join(changed)}): the messages not sent yet get the new text"
+                    )
                 kept = run.max_spend_micros if self._max_spend_micros() is None else None
                 if resumed and kept is not None:
                     self.warnings.append(

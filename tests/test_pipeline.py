@@ -93,6 +93,35 @@ def test_a_changed_recipient_file_cannot_resume_the_same_run(
         send(campaign, store_path, FakeProvider(), run_key="fixed")
 
 
+def test_a_changed_purpose_cannot_resume_the_same_run(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    """Marketing needs consent and skips in-doubt rows; transactional does neither. Resuming a
+    marketing run as transactional would have sent to people without consent."""
+    marketing = make_campaign(people(3), purpose="marketing", channels=MARKETING_SMS,
+                              compliance={"consent": "not_required"})
+    send(marketing, store_path, FakeProvider(), run_key="k", limit=1)
+    transactional = make_campaign(people(3), purpose="transactional", channels=MARKETING_SMS)
+    with pytest.raises(UsageError, match="was started as marketing; the campaign now says "
+                                         "transactional"):
+        send(transactional, store_path, FakeProvider(), run_key="k")
+
+
+def test_a_resume_with_changed_templates_says_so(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    first = make_campaign(people(4),
+                          channels={"sms": {"provider": "box", "body": "Hi {{ first_name }}"}})
+    send(first, store_path, FakeProvider(), run_key="k", limit=2)
+    same = send(first, store_path, FakeProvider(), run_key="k", limit=3)
+    assert not any("templates changed" in w for w in same.warnings)
+    edited = make_campaign(people(4), channels={"sms": {"provider": "box",
+                                                        "body": "Hello {{ first_name }}"}})
+    report = send(edited, store_path, FakeProvider(), run_key="k")
+    assert any("templates changed since it started (channels.sms.body)" in w
+               for w in report.warnings)
+
+
 def test_resume_continues_pending_and_reports_in_doubt(
     make_campaign: CampaignFactory, store_path: Path
 ) -> None:

@@ -137,6 +137,12 @@ def start_run(
                     "resuming would skip or repeat recipients; restore that file, or start a new "
                     "run with another --run-key"
                 )
+            if existing.purpose != purpose:
+                raise UsageError(
+                    f"run {existing.name} was started as {existing.purpose}; the campaign now "
+                    f"says {purpose}, which changes who may be sent to (consent) and what an "
+                    "in-doubt message becomes: start a new run with another --run-key"
+                )
             if tuple(existing.channels) != tuple(channels):
                 raise UsageError(
                     f"run {existing.name} was started with channels "
