@@ -389,3 +389,29 @@ def test_the_resume_command_works_from_another_directory(
     summary = json.loads(result.stdout)
     assert summary["resumed"] is True and summary["counts"] == {"sent": 10}
     assert list(elsewhere.iterdir()) == []
+
+
+def test_json_still_prints_one_summary_when_the_run_cannot_start(
+    make_campaign: CampaignFactory, store_path: Path, tmp_path: Path
+) -> None:
+    """`campaign send --json | jq .exit_code` in a cron job: a locked run (exit 5) or a bad
+    campaign file (exit 2) printed nothing on stdout, and the script choked on empty input."""
+    from campaign_cli.store import runs
+
+    campaign = make_campaign(people(2))
+    invoke(store_path, "send", str(campaign), "--run-key", "held", "--limit", "1")
+    lock = runs.RunLock.acquire(store_path, "test-campaign", "held", "now")
+    try:
+        code, out, err = invoke(store_path, "send", str(campaign), "--run-key", "held", "--json")
+    finally:
+        lock.release()
+    assert code == 5, err
+    locked = json.loads(out)
+    assert (locked["exit_code"], locked["status"], locked["counts"]) == (5, "not_started", {})
+    assert "held" in locked["error"] and set(locked) >= {"run", "spend", "total_rows"}
+
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: [\n")
+    code, out, err = invoke(store_path, "send", str(broken), "--json")
+    assert code == 2 and json.loads(out)["exit_code"] == 2
+    assert err.startswith(f"error: {broken}:")

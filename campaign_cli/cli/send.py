@@ -17,7 +17,7 @@ import typer
 from campaign_cli.cli.context import AppContext, app_context, command
 from campaign_cli.cli.output import ProgressDisplay
 from campaign_cli.config import load_campaign
-from campaign_cli.errors import ExitCode, UsageError
+from campaign_cli.errors import CampaignError, ExitCode, JournalError, UsageError
 from campaign_cli.models import from_micros
 from campaign_cli.pipeline import Runner, RunReport, SendOptions, StopController
 
@@ -77,6 +77,18 @@ def send(
     ),
 ) -> None:
     app = app_context(ctx)
+    try:
+        _send(app, campaign_file, recipients, dry_run, limit, run_key, rate, max_spend,
+              as_json, yes, retry_failed, grace)
+    except CampaignError as exc:
+        if as_json:  # the one JSON object a script reads, also when the run could not start
+            app.output.json(_not_started(app, campaign_file, run_key, dry_run, exc))
+        raise
+
+
+def _send(app: AppContext, campaign_file: Path, recipients: Path | None, dry_run: bool,
+          limit: int | None, run_key: str | None, rate: float | None, max_spend: str | None,
+          as_json: bool, yes: bool, retry_failed: str | None, grace: float) -> None:
     out = app.output
     loaded = load_campaign(campaign_file, app.env)
     out.secrets.update(loaded.secrets)
@@ -143,6 +155,23 @@ def send(
     if hint:
         out.info(hint)
     raise typer.Exit(int(report.exit_code or 0))
+
+
+def _not_started(app: AppContext, campaign_file: Path, run_key: str | None, dry_run: bool,
+                 exc: CampaignError) -> dict[str, object]:
+    """The `--json` summary's shape for a run that never started (bad input, exit 2; locked by
+    another process, exit 5; ...): status ``not_started``, nothing counted, the error."""
+    return {
+        "run": None, "run_id": None, "campaign": None, "campaign_file": str(campaign_file),
+        "run_key": run_key, "dry_run": dry_run, "resumed": False,
+        # (a journal that failed even to record the end: the run did start, and was cut short)
+        "status": "aborted" if isinstance(exc, JournalError) else "not_started",
+        "counts": {}, "by_channel": {}, "total_rows": 0, "spend": "0", "spend_micros": 0,
+        "max_spend": None, "currency": None, "duration_s": 0.0, "rate_per_s": 0.0,
+        "in_doubt_found": 0, "in_doubt_resent": 0, "stopped": None,
+        "error": app.output.redact(str(exc)), "started_at": None, "finished_at": None,
+        "exit_code": int(exc.exit_code),
+    }
 
 
 # Ctrl-C, `kill`/a supervisor, and a terminal or SSH session that went away: each stops the run
