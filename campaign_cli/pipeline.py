@@ -349,8 +349,9 @@ SAME_REFUSALS = 10
 class Breaker:
     """A circuit breaker for one provider of a channel with failovers.
 
-    Closed: traffic flows. After ``threshold`` consecutive definite failures (transient errors,
-    connection errors) it opens for ``cooldown`` seconds and traffic goes to the next provider.
+    Closed: traffic flows. After ``threshold`` consecutive failures (transient errors, connection
+    errors, and timeouts after the request was written) it opens for ``cooldown`` seconds and
+    the traffic not sent yet goes to the next provider (a message in doubt stays pinned).
     Then it lets one probe through (half-open): success closes it, failure opens it again."""
 
     def __init__(self, threshold: int, cooldown: float, clock: Clock) -> None:
@@ -379,10 +380,14 @@ class Breaker:
             self.probing = False
 
     def inconclusive(self, probe: bool) -> None:
-        """An ambiguous answer (a timeout after the request was written) does not count toward
-        opening the circuit, but a probe that did not succeed opens it again."""
-        if probe and self.probing:
+        """An ambiguous answer (a timeout after the request was written) counts toward opening
+        the circuit like a failure: a provider that keeps timing out is down for the messages
+        not sent yet, which may go to the next provider. The ambiguous message itself never
+        moves (it stays pinned to this provider); a probe that did not succeed opens it again."""
+        self.failures += 1
+        if (probe and self.probing) or self.failures >= self.threshold:
             self.open_until = self.clock.monotonic() + self.cooldown
+        if probe:
             self.probing = False
 
     def success(self) -> None:

@@ -75,6 +75,25 @@ def test_an_ambiguous_failure_never_moves_to_another_provider(
     assert {r["provider"] for r in journal(store_path)} == {"primary"}
 
 
+def test_a_primary_that_keeps_timing_out_sends_the_rest_to_the_secondary(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    """Timeouts counted for nothing: a hanging primary took every message of the list, each one
+    ending in doubt (a marketing list skipped whole). They now open its breaker like failures:
+    the messages in doubt stay on the primary, the ones not sent yet go to the secondary."""
+    primary = FakeProvider("primary", handler=lambda m: InDoubtError("timeout after write"))
+    secondary = FakeProvider("secondary")
+    campaign = make_campaign(people(30), channels=FAILOVER_SMS, providers=TWO_PROVIDERS,
+                             limits={"concurrency": 1,
+                                     "circuit_breaker": {"threshold": 3, "cooldown": 1000}})
+    report = send(campaign, store_path, two(primary, secondary))
+    assert report.counts == {"in_doubt": 3, "sent": 27}
+    doubted = {m.row for m in primary.history}
+    assert doubted == {1, 2, 3}
+    assert not doubted & {m.row for m in secondary.history}
+    assert sorted(m.row for m in secondary.accepted) == list(range(4, 31))
+
+
 def test_every_attempt_is_journaled_with_provider_outcome_and_latency(
     make_campaign: CampaignFactory, store_path: Path
 ) -> None:
