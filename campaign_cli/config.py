@@ -584,7 +584,7 @@ def load_campaign(path: Path | str, env: Mapping[str, str] | None = None) -> Loa
                         f"environment variable {name} is not set",
                     )
                 secret = env[name]
-                if secret:
+                if secret and (not loc or loc[-1] not in _PLAIN_SETTINGS):
                     secrets.add(secret)
                 return secret
 
@@ -604,6 +604,15 @@ def load_campaign(path: Path | str, env: Mapping[str, str] | None = None) -> Loa
 
 
 _MAX_DEPTH = 100
+
+#: Keys whose values are settings, not credentials: a `${VAR}` there is not redacted from output
+#: (a `max_spend: ${MAX_SPEND}` of 100 would otherwise turn every "100" printed into "***").
+#: Anything not named here (tokens, keys, passwords, URLs, headers, ...) is a secret.
+_PLAIN_SETTINGS = frozenset({
+    "rate", "burst", "concurrency", "timeout", "price_per_message", "price_per_segment",
+    "max_spend", "currency", "attempts", "backoff", "max_backoff", "threshold", "cooldown",
+    "default_region", "purpose", "strategy", "in_doubt", "consent", "port", "security",
+})
 
 
 class _DepthLimitedLoader(yaml.SafeLoader):

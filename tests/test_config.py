@@ -250,6 +250,18 @@ def test_env_values_are_substituted_and_remembered_as_secrets(project: Path) -> 
     assert loaded.secrets == {"tok-123", "Acme"}
 
 
+def test_env_values_of_plain_settings_are_not_secrets(project: Path) -> None:
+    """A rate or a cap taken from the environment is a setting: redacting it turned every "5" or
+    "100" the tool printed (counts, times, spend) into "***". A key, token, password or URL is
+    still a secret, and so is any value of a key not known to be a plain setting."""
+    text = BASE.replace("    rate: 5/s", '    rate: "${RATE}"') + (
+        'limits: {max_spend: "${CAP}", concurrency: "${CONC}"}\nvars: {key: "${KEY}"}\n')
+    loaded = load_campaign(write(project, text),
+                           {"RATE": "5/s", "CAP": "100", "CONC": "8", "KEY": "k-9"})
+    assert loaded.campaign.providers["p"].rate == 5.0
+    assert loaded.secrets == {"k-9"}
+
+
 def test_double_dollar_is_a_literal_dollar(project: Path) -> None:
     text = BASE + 'vars:\n  price: "$$5 off"\n  literal: "$${HOME} and $$$$"\n'
     loaded = load_campaign(write(project, text), {})  # HOME unset: not a reference
