@@ -376,45 +376,57 @@ def test_no_command_at_all_still_shows_the_help(store_path: Path) -> None:
     assert done.returncode == 2 and "COMMAND [ARGS]" in done.stdout + done.stderr
 
 
-@pytest.mark.parametrize(("key", "expected"), [(b"\x03", 130), (b"\x04", 2)])
+@pytest.mark.parametrize(("key", "expected"), [("SIGINT", 130), (b"\x04", 2)])
 def test_ctrl_c_or_ctrl_d_at_the_confirmation_prompt_is_not_an_internal_error(
-    make_campaign: CampaignFactory, store_path: Path, key: bytes, expected: int
+    make_campaign: CampaignFactory, store_path: Path, key: str | bytes, expected: int
 ) -> None:
     """`send` through a real provider asks first. Ctrl-C there exited 1 ("internal error: a bug")
     with "error: aborted"; it is an interruption by a signal (130). Ctrl-D, no answer, is the
-    answer no (2, as typing n). Either way nothing is sent."""
+    answer no (2, as typing n). Either way nothing is sent.
+
+    The prompt reads a pseudo-terminal. The child is started by subprocess (fork and exec in C):
+    `pty.fork()` runs Python in a child forked from this multi-threaded test process, which can
+    deadlock before exec (seen under load). Ctrl-C is therefore the SIGINT the terminal would
+    send; Ctrl-D is the byte itself, which the terminal turns into end of input."""
     import pty
     import select
 
     campaign = make_campaign(people(2), providers={"hook": {
         "type": "webhook", "url": "http://127.0.0.1:9/never-contacted"}},
         channels={"webhook": {"provider": "hook", "body": "Hi {{ first_name }}"}})
-    pid, fd = pty.fork()
-    if pid == 0:  # the child: the CLI, with the pty as its terminal
-        os.execv(sys.executable, campaign_cmd(store_path, "send", str(campaign)))
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(campaign_cmd(store_path, "send", str(campaign)), stdin=slave,
+                            stdout=slave, stderr=slave, close_fds=True)
+    os.close(slave)
     seen = b""
     deadline = time.monotonic() + DEADLINE
     try:
         while b"[y/N]" not in seen:
             assert time.monotonic() < deadline, f"no prompt: {seen!r}"
-            if select.select([fd], [], [], 0.1)[0]:
-                seen += os.read(fd, 1024)
-        os.write(fd, key)
-        while time.monotonic() < deadline:
-            if not select.select([fd], [], [], 0.1)[0]:
-                continue
+            assert proc.poll() is None, f"exited before the prompt: {seen!r}"
+            if select.select([master], [], [], 0.1)[0]:
+                seen += os.read(master, 1024)
+        if key == "SIGINT":
+            proc.send_signal(signal.SIGINT)
+        else:
+            assert isinstance(key, bytes)
+            os.write(master, key)
+        code = proc.wait(timeout=DEADLINE)
+        while select.select([master], [], [], 0.1)[0]:
             try:
-                chunk = os.read(fd, 1024)
-            except OSError:  # the child closed the terminal: it has exited
+                chunk = os.read(master, 1024)
+            except OSError:  # the other side is closed: all read
                 break
             if not chunk:
                 break
             seen += chunk
     finally:
-        _, status = os.waitpid(pid, 0)
-        os.close(fd)
-    assert os.waitstatus_to_exitcode(status) == expected, seen
-    assert b"Traceback" not in seen
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+    assert code == expected, seen
+    assert b"Traceback" not in seen and b"error: aborted" in seen
     assert not store_path.exists() or journal(store_path) == []
 
 
