@@ -268,3 +268,16 @@ def test_region_is_any_case_and_a_typo_is_exit_2(cli: Cli, tmp_path: Path) -> No
     assert cli.addresses() == {("+442079460018", "sms")}
     with pytest.raises(typer.BadParameter, match="'UK' is not a region code"):
         suppress.region_value("UK")
+
+
+def test_consent_at_out_of_range_in_utc_is_exit_2(cli: Cli, tmp_path: Path) -> None:
+    r = cli("consent", "grant", "ann@example.com", "--at", "0001-01-01T00:00:00+01:00")
+    assert r.exit_code == 2
+    assert r.err.startswith("error: --at: ") and "out of range" in r.err
+    path = tmp_path / "c.csv"
+    path.write_text("email,status,recorded_at\nann@example.com,granted,0001-01-01T00:00:00+01:00\n"
+                    "bob@example.com,granted,2024-01-01\n")
+    r = cli("consent", "import", str(path))
+    assert r.exit_code == 0
+    assert r.out.strip() == "recorded 1, already present 0, invalid 1"
+    assert f"{path}:2: recorded_at: " in r.err

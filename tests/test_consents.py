@@ -260,3 +260,10 @@ def test_list_consents_shows_effective_state(conn: sqlite3.Connection) -> None:
     assert by_channel["all"]["status"] == "revoked"
     assert all(e["address"] == PHONE for e in entries)
     assert len(list(list_consents(conn))) == 3
+
+
+@pytest.mark.parametrize("text", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-05:00"])
+def test_parse_timestamp_out_of_range_in_utc_is_a_value_error(text: str) -> None:
+    """A time that exists in its own offset but not in UTC is bad input, not a crash."""
+    with pytest.raises(ValueError, match="out of range"):
+        parse_timestamp(text)

@@ -76,7 +76,10 @@ def parse_timestamp(text: str) -> str:
         raise ValueError(f"not an ISO 8601 date or time: {text!r}") from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)
-    return iso(moment)
+    try:
+        return iso(moment)
+    except OverflowError:  # year 1 east of UTC, year 9999 west of it
+        raise ValueError(f"out of range once converted to UTC: {text!r}") from None
 
 
 def _check_not_future(recorded_at: str, now: str) -> None:
