@@ -627,14 +627,14 @@ class Runner:
                 default_region=region, now=now,
             )
             for line, value, reason in result.invalid:
-                self.warnings.append(f"{path}:{line}: address: {reason} ({value!r}); not imported")
+                self.warnings.append(f"{path}:{line}: {reason} ({value!r}); not imported")
         for path in self.campaign.compliance.consent_records:
             result = consent_store.import_csv(
                 conn, path, channel_default=None, purpose_default=self.campaign.purpose.value,
                 source=f"list:{path.name}", default_region=region, now=now,
             )
             for line, value, reason in result.invalid:
-                self.warnings.append(f"{path}:{line}: address: {reason} ({value!r}); not imported")
+                self.warnings.append(f"{path}:{line}: {reason} ({value!r}); not imported")
 
     # -- the asyncio part ------------------------------------------------------------------
 

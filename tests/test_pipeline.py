@@ -337,6 +337,36 @@ def test_suppressed_and_unconsented_recipients_are_refused(
     assert report.exit_code == ExitCode.OK
 
 
+def test_bad_lines_of_the_campaign_lists_name_the_field_at_fault(
+    make_campaign: CampaignFactory, store_path: Path, tmp_path: Path
+) -> None:
+    """A bad line of a suppression list or consent list is a warning naming file, line and the
+    field at fault (not 'address' for every problem)."""
+    (tmp_path / "optout.csv").write_text("address,channel\nnot-a-number,sms\n+12012000002,bogus\n")
+    (tmp_path / "consent.csv").write_text(
+        "address,channel,status,recorded_at\n"
+        "+12012000001,sms,maybe,2024-01-01\n"
+        "+12012000001,sms,granted,2099-01-01\n"
+    )
+    campaign = make_campaign(
+        people(2), purpose="marketing",
+        channels={"sms": {"provider": "box", "body": "Hi {{ first_name }}. Reply STOP to opt out"}},
+        compliance={"consent": "required", "suppression_lists": ["optout.csv"],
+                    "consent_records": ["consent.csv"]},
+    )
+    report = send(campaign, store_path, FakeProvider())
+    optout, consent = tmp_path / "optout.csv", tmp_path / "consent.csv"
+    assert report.warnings == [
+        f"{optout}:2: address: not a phone number: 'not-a-number' ((1) The string supplied did "
+        "not seem to be a phone number.) ('not-a-number'); not imported",
+        f"{optout}:3: channel: unknown channel 'bogus' ('+12012000002'); not imported",
+        f"{consent}:2: status: expected granted or revoked, not 'maybe' ('+12012000001'); "
+        "not imported",
+        f"{consent}:3: recorded_at: 2099-01-01T00:00:00.000Z is in the future ('+12012000001'); "
+        "not imported",
+    ]
+
+
 def test_render_failure_ends_the_row_not_the_run(make_campaign: CampaignFactory, store_path: Path) -> None:
     campaign = make_campaign(
         people(3), channels={"sms": {"provider": "box",
