@@ -11,6 +11,7 @@ import pytest
 import typer  # noqa: TID251 - a CLI test
 from typer.testing import CliRunner  # noqa: TID251
 
+from campaign_cli.addresses import address_hash
 from campaign_cli.cli import consent, suppress
 from campaign_cli.cli.context import AppContext
 from campaign_cli.cli.output import Output
@@ -117,6 +118,34 @@ def test_remove(cli: Cli) -> None:
     assert "still suppressed on every channel" in r.err
     r = cli("suppress", "remove", "+1 415 555 0100")
     assert (r.exit_code, r.out.strip()) == (0, "removed 1")
+    assert cli.addresses() == set()
+
+
+def test_removing_a_provider_or_list_opt_out_warns(cli: Cli, tmp_path: Path) -> None:
+    """A STOP the provider reported is the recipient's own opt-out, and an entry of a campaign's
+    suppression list comes back with the next run: removing either must not pass in silence."""
+    with Store.open(cli.store_path) as store:
+        store.conn.executemany(
+            "INSERT INTO suppressions (address_hash, address, channel, reason, source, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            [(address_hash("+14155550100"), "+14155550100", "sms", "provider 21610", "provider",
+              "2024-04-01T00:00:00.000Z"),
+             (address_hash("ann@example.com"), "ann@example.com", "email", "list",
+              "list:optout.csv", "2024-04-02T00:00:00.000Z")],
+        )
+    cli("suppress", "add", "bob@example.com")
+    r = cli("suppress", "remove", "(415) 555-0100")
+    assert (r.exit_code, r.out.strip()) == (0, "removed 1")
+    assert r.err.startswith(
+        "warning: +14155550100: the sms entry was an opt-out the provider reported "
+        "(provider 21610, 2024-04-01T00:00:00.000Z)"
+    )
+    r = cli("suppress", "remove", "ann@example.com", "bob@example.com")
+    assert (r.exit_code, r.out.strip()) == (0, "removed 2")
+    assert r.err.startswith(
+        "warning: ann@example.com: the email entry came from the list optout.csv"
+    )
+    assert "bob@example.com" not in r.err  # an entry added by hand goes without a word
     assert cli.addresses() == set()
 
 

@@ -143,7 +143,10 @@ def remove(
     removed = 0
     with app_ctx.open_store() as store:
         for address in normalised:
-            removed += suppressions.remove_suppression(store.conn, address, wanted)
+            entries = suppressions.remove_entries(store.conn, address, wanted)
+            removed += len(entries)
+            for entry in entries:
+                _warn_removed(app_ctx.output, address, entry)
             if wanted is not None and wanted != "all":
                 if any(e["channel"] == "all" for e in
                        suppressions.is_suppressed(store.conn, address, wanted)):
@@ -152,6 +155,24 @@ def remove(
                         "(remove it with --channel all)"
                     )
     app_ctx.output.result(f"removed {removed}")
+
+
+def _warn_removed(output: Output, address: str, entry: dict[str, Any]) -> None:
+    """Removing an opt-out the recipient gave the provider (a STOP), or one a campaign's own list
+    holds, is allowed but never silent."""
+    source = str(entry["source"])
+    where = f"{address}: the {entry['channel']} entry"
+    if source == "provider":
+        output.warn(
+            f"{where} was an opt-out the provider reported ({entry['reason']}, "
+            f"{entry['created_at']}): the recipient opted out themselves; the provider may keep "
+            "refusing until they opt in again with it (e.g. reply START)"
+        )
+    elif source.startswith("list:"):
+        output.warn(
+            f"{where} came from the list {source[len('list:'):]}: while the file holds it, a "
+            "campaign naming that list imports it again before its next run"
+        )
 
 
 @app.command("list")

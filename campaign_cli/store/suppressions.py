@@ -330,9 +330,21 @@ def remove_suppression(conn: sqlite3.Connection, address: str, channel: str | No
     """Remove the entries for a normalised address: for that exact channel, or every channel
     when ``channel`` is None. An ``'all'`` entry is only removed by channel ``'all'`` or None.
     Returns how many entries went."""
+    return len(remove_entries(conn, address, channel))
+
+
+def remove_entries(
+    conn: sqlite3.Connection, address: str, channel: str | None
+) -> list[dict[str, Any]]:
+    """`remove_suppression`, returning the entries that went (their source says whether the
+    recipient opted out with the provider, or a campaign's list will bring the entry back)."""
     where, params = _hash_filter(address, channel, with_all=False)
     with write_transaction(conn):
-        return conn.execute(f"DELETE FROM suppressions WHERE {where}", params).rowcount
+        rows = conn.execute(
+            f"SELECT {_COLUMNS} FROM suppressions WHERE {where} ORDER BY id", params
+        ).fetchall()
+        conn.execute(f"DELETE FROM suppressions WHERE {where}", params)
+    return [_as_dict(row) for row in rows]
 
 
 _FIELDS = ("id", "address_hash", "address", "channel", "reason", "source", "created_at")
