@@ -310,3 +310,39 @@ def test_consent_at_out_of_range_in_utc_is_exit_2(cli: Cli, tmp_path: Path) -> N
     assert r.exit_code == 0
     assert r.out.strip() == "recorded 1, already present 0, invalid 1"
     assert f"{path}:2: recorded_at: " in r.err
+
+
+def test_a_revocation_a_later_grant_outranks_is_not_reported_as_done_in_silence(
+    cli: Cli,
+) -> None:
+    """The clock says 12:00. A grant dated 12:30 (within the clock-skew tolerance) outranks a
+    revocation recorded now: the revocation is kept as evidence but is not in force, and the
+    operator must be told, with the record that decides."""
+    r = cli("consent", "grant", "ann@example.com", "--at", "2024-05-01T12:30:00Z")
+    assert (r.exit_code, r.err) == (0, "")
+    r = cli("consent", "revoke", "ann@example.com")
+    assert (r.exit_code, r.out.strip()) == (
+        0, "revoked marketing consent: recorded 1, already present 0"
+    )
+    assert r.err.startswith(
+        "warning: ann@example.com: not in force on email: the granted record of "
+        "2024-05-01T12:30:00.000Z (cli, via email) decides"
+    )
+    r = cli("consent", "list", "ann@example.com", "--json")
+    assert [e["status"] for e in json.loads(r.out)] == ["granted"]
+    # Dated no earlier than the grant, the revocation decides (a tie goes to revoked).
+    r = cli("consent", "revoke", "ann@example.com", "--at", "2024-05-01T12:30:00Z")
+    assert (r.exit_code, r.err) == (0, "")
+    r = cli("consent", "list", "ann@example.com", "--json")
+    assert [e["status"] for e in json.loads(r.out)] == ["revoked"]
+
+
+def test_a_revocation_for_all_channels_warns_per_channel_a_later_grant_keeps(cli: Cli) -> None:
+    cli("consent", "grant", "+14155550100", "--channel", "sms", "--at", "2024-03-01")
+    r = cli("consent", "revoke", "+14155550100", "--channel", "all", "--at", "2024-02-01")
+    assert r.exit_code == 0
+    assert r.err.startswith(
+        "warning: +14155550100: not in force on sms: the granted record of "
+        "2024-03-01T00:00:00.000Z (cli, via sms) decides"
+    )
+    assert r.err.count("warning:") == 1  # on every other channel the revocation is in force

@@ -75,6 +75,16 @@ def _record(
             )
         except ValueError as exc:
             raise UsageError(f"--at: {exc}") from None
+        for address, item_channel in items:
+            # Kept as evidence either way, but a later record may decide: say so.
+            for where, deciding in consents.outranked(
+                store.conn, address, item_channel, purpose.value, status
+            ):
+                app_ctx.output.warn(
+                    f"{address}: not in force on {where}: the {deciding['status']} record of "
+                    f"{deciding['recorded_at']} ({deciding['source']}, via {deciding['via']}) "
+                    "decides (a record dated no earlier than it would)"
+                )
     app_ctx.output.result(
         f"{status} {purpose.value} consent: recorded {result.added}, "
         f"already present {result.already}"

@@ -46,6 +46,7 @@ __all__ = [
     "import_csv",
     "list_consents",
     "max_consent_id",
+    "outranked",
     "parse_timestamp",
     "record_consent",
     "record_consents",
@@ -317,6 +318,31 @@ def import_csv(
 
 # --------------------------------------------------------------------------------------------
 # Reading.
+
+
+def outranked(
+    conn: sqlite3.Connection, address: str, channel: str, purpose: str, status: str
+) -> list[tuple[str, dict[str, str]]]:
+    """Where a ``status`` just recorded for (normalised ``address``, ``channel``, ``purpose``) is
+    not in force: ``[(channel, deciding record)]``, the record having ``status``,
+    ``recorded_at``, ``source`` and ``via``. For ``'all'``: 'all' itself and every channel that
+    has records of its own (a later record for one channel outranks an 'all' record there)."""
+    rows = conn.execute(
+        "SELECT recorded_at, status, channel, source FROM consents "
+        "WHERE address_hash = ? AND purpose = ?",
+        (address_hash(address), purpose),
+    ).fetchall()
+    records: list[_Record] = [(str(a), str(b), str(c), str(d)) for a, b, c, d in rows]
+    channels = [channel]
+    if channel == "all":
+        channels += [c for c in CONCRETE_CHANNELS if any(r[2] == c for r in records)]
+    found: list[tuple[str, dict[str, str]]] = []
+    for name in channels:
+        deciding = _effective(records, name)
+        if deciding is not None and deciding[1] != status:
+            found.append((name, {"status": deciding[1], "recorded_at": deciding[0],
+                                 "source": deciding[3], "via": deciding[2]}))
+    return found
 
 
 def list_consents(
