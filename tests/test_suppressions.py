@@ -410,3 +410,48 @@ def test_migration_3_spells_webhook_urls_as_version_3_did(raw: str) -> None:
     except AddressError:
         expected = None
     assert _v3_webhook_spelling(raw) == expected
+
+
+def test_an_opt_out_waits_for_another_process_long_write_instead_of_failing(
+    tmp_path: Path,
+) -> None:
+    """A run importing a big suppression list (or a `suppress import`) holds the write lock
+    longer than SQLite's busy timeout: a `suppress add` meanwhile must wait its turn, not fail
+    with 'database is locked' (the opt-out unrecorded)."""
+    import threading
+
+    path = tmp_path / "store.db"
+    holder = Store.open(path)
+    adder = Store.open(path)
+    adder.conn.execute("PRAGMA busy_timeout = 20")  # one try of the wait: 20 ms, not 10 s
+    tries: list[str] = []
+    tried_twice = threading.Event()
+    outcome: list[object] = []
+
+    def trace(sql: str) -> None:
+        if sql.startswith("BEGIN IMMEDIATE"):
+            tries.append(sql)
+            if len(tries) >= 2:
+                tried_twice.set()
+
+    def add_now() -> None:
+        try:
+            outcome.append(add(adder.conn, PHONE))
+        except sqlite3.Error as exc:
+            outcome.append(exc)
+        tried_twice.set()
+
+    adder.conn.set_trace_callback(trace)
+    holder.conn.execute("BEGIN IMMEDIATE")  # the other process's long transaction
+    thread = threading.Thread(target=add_now)
+    thread.start()
+    try:
+        assert tried_twice.wait(30)  # a condition: the adder found the lock taken, twice
+        assert outcome == []  # still waiting, not failed
+    finally:
+        holder.conn.execute("COMMIT")
+        thread.join(30)
+    assert outcome == [(1, 0)]
+    assert is_suppressed(holder.conn, PHONE, "sms")
+    holder.close()
+    adder.close()

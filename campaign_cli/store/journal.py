@@ -291,7 +291,7 @@ class JournalWriter:
                 conn.execute("BEGIN IMMEDIATE")
                 return
             except sqlite3.OperationalError as exc:
-                if not _is_busy(exc) or time.monotonic() >= deadline:
+                if not is_busy(exc) or time.monotonic() >= deadline:
                     raise
                 self.busy_waits += 1
 
@@ -303,7 +303,7 @@ class JournalWriter:
         self._on_commit(taken, failure)
 
 
-def _is_busy(exc: sqlite3.OperationalError) -> bool:
+def is_busy(exc: sqlite3.OperationalError) -> bool:
     code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+; maybe an extended code
     if isinstance(code, int):
         return (code & 0xFF) in (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED
