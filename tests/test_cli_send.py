@@ -186,7 +186,8 @@ def test_every_command_has_help_and_the_readme_shows_it() -> None:
     runner = CliRunner()
     commands = [["send"], ["status"]] + [
         [group, sub] for group in ("suppress", "consent")
-        for sub in {"suppress": ["add", "remove", "list", "check", "import", "export"],
+        for sub in {"suppress": ["add", "remove", "list", "check", "import", "export",
+                                 "erase"],
                     "consent": ["grant", "revoke", "import", "list"]}[group]
     ]
     for command in commands:

@@ -17,6 +17,7 @@ from campaign_cli.cli.context import AppContext
 from campaign_cli.cli.output import Output
 from campaign_cli.store.db import Store
 from campaign_cli.testing import FakeClock
+from tests.conftest import CampaignFactory
 
 
 @dataclass
@@ -346,3 +347,38 @@ def test_a_revocation_for_all_channels_warns_per_channel_a_later_grant_keeps(cli
         "2024-03-01T00:00:00.000Z (cli, via sms) decides"
     )
     assert r.err.count("warning:") == 1  # on every other channel the revocation is in force
+
+
+def test_erase_forgets_the_address_but_never_the_opt_out(
+    cli: Cli, tmp_path: Path, make_campaign: CampaignFactory
+) -> None:
+    """A data-protection request: the address must go from the store, and the person must never
+    be sent to again (DESIGN §5: suppressions survive erasure, kept as a hash). There was no
+    command for it: `suppress remove` would have dropped the opt-out with the address."""
+    from campaign_cli.config import load_campaign
+    from campaign_cli.pipeline import SendOptions, run_campaign
+
+    ann = "ann@example.com"
+    assert cli("suppress", "add", "+1 415 555 0100", "--channel", "sms").exit_code == 0
+    assert cli("consent", "grant", ann, "--channel", "email", "--purpose", "marketing",
+               "--source", "web form").exit_code == 0
+    campaign = make_campaign([["c1", "Ann", "+14155550199", ann]])
+    first = run_campaign(load_campaign(campaign, {}), cli.store_path, SendOptions(),
+                         clock=FakeClock())
+    assert first.counts.get("sent", 0) >= 1
+
+    erased = cli("suppress", "erase", ann, "+14155550100", "+14155550199")
+    assert erased.exit_code == 0, erased.err
+    assert "erased ann@example.com: suppressed on every channel by hash (added)" in erased.out
+    assert "erased +14155550199: suppressed on every channel by hash (added); blanked in 0 " \
+        "suppression, 0 consent and 1 journal entries" in erased.out
+    raw = cli.store_path.read_bytes() + b"".join(  # free space and the log included
+        p.read_bytes() for p in tmp_path.glob("store.db-wal"))
+    for text in (b"ann@example.com", b"4155550100", b"4155550199"):
+        assert text not in raw.lower()
+
+    check = json.loads(cli("suppress", "check", ann, "--json").out)
+    assert check["suppressed"] and check["entries"][0]["address"] is None
+    again = run_campaign(load_campaign(campaign, {}), cli.store_path,
+                         SendOptions(run_key="after-erasure"), clock=FakeClock())
+    assert again.counts == {"suppressed": 1}  # the phone: never sent to again

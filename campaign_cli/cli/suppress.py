@@ -202,6 +202,30 @@ def list_(
     app_ctx.output.info(f"{len(entries)} entries")
 
 
+@app.command("erase")
+@command
+def erase(
+    ctx: typer.Context,
+    addresses: Addresses,
+    region: RegionOpt = "US",
+) -> None:
+    """Erase addresses (a data-protection request) and keep them from ever being sent to: each
+    becomes a suppression on every channel kept only as a hash, and its text is blanked from the
+    store's suppressions, consent records and run journals. Files outside the store (outboxes,
+    exports, recipient files) are yours to delete."""
+    app_ctx = app_context(ctx)
+    normalised = normalize_all(addresses, None, region)
+    with app_ctx.open_store() as store:
+        for address, _ in normalised:
+            done = suppressions.erase_address(store.conn, address, iso(app_ctx.clock.now()))
+            app_ctx.output.result(
+                f"erased {address}: suppressed on every channel by hash"
+                f"{' (added)' if done.suppressed_now else ''}; blanked in "
+                f"{done.suppressions} suppression, {done.consents} consent and "
+                f"{done.journal_rows} journal entries"
+            )
+
+
 @app.command("check")
 @command
 def check(

@@ -364,6 +364,55 @@ def remove_entries(
     return [_as_dict(row) for row in rows]
 
 
+@dataclass(frozen=True)
+class EraseResult:
+    suppressed_now: bool  # an `all` entry was added (there was none)
+    suppressions: int  # entries whose address was blanked (the hash stays)
+    consents: int
+    journal_rows: int
+
+
+def erase_address(conn: sqlite3.Connection, address: str, now: str) -> EraseResult:
+    """Erase a normalised address (a data-protection request) without forgetting the opt-out:
+    in one transaction the address becomes an `all` suppression kept by hash only, and its text
+    is blanked wherever the store holds it (suppressions, consent records, run journals with
+    their error texts). Matching by hash keeps working: the person is never sent to again."""
+    hashed = address_hash(address)
+    # Overwrite what is deleted or replaced with zeros, so that the old text does not linger in
+    # free space; the checkpoint below moves it out of the write-ahead log.
+    conn.execute("PRAGMA secure_delete = ON")
+    with write_transaction(conn):
+        added = conn.execute(
+            "INSERT OR IGNORE INTO suppressions "
+            "(address_hash, address, channel, reason, source, created_at) "
+            "VALUES (?, NULL, 'all', 'erased', 'erasure', ?)",
+            (hashed, now),
+        ).rowcount
+        blanked = conn.execute(
+            "UPDATE suppressions SET address = NULL WHERE address_hash = ? AND address IS NOT NULL",
+            (hashed,),
+        ).rowcount
+        consents = conn.execute(
+            "UPDATE consents SET address = NULL WHERE address_hash = ? AND address IS NOT NULL",
+            (hashed,),
+        ).rowcount
+        conn.execute(
+            "UPDATE attempts SET error_text = NULL WHERE (run_id, row, channel) IN "
+            "(SELECT run_id, row, channel FROM messages WHERE address = ?)",
+            (address,),
+        )
+        journal = conn.execute(
+            "UPDATE messages SET address = NULL, dedupe_addr = NULL, detail = NULL "
+            "WHERE address = ?",
+            (address,),
+        ).rowcount
+    try:  # best effort: a reader still on an older snapshot keeps the log until it is done
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    except sqlite3.Error:
+        pass
+    return EraseResult(added == 1, blanked, consents, journal)
+
+
 _FIELDS = ("id", "address_hash", "address", "channel", "reason", "source", "created_at")
 _COLUMNS = ", ".join(_FIELDS)
 
