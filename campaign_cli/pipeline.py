@@ -619,22 +619,22 @@ class Runner:
 
     def _import_compliance_lists(self, conn: sqlite3.Connection, now: str) -> None:
         """The campaign's own opt-out lists and consent records go into the store before anyone
-        is checked, so a list kept beside the campaign can never be forgotten."""
+        is checked, so a list kept beside the campaign can never be forgotten. They are read
+        whole: a line that cannot be read may be an opt-out or a revocation, so it stops the run
+        (exit 2, nothing sent) until it is fixed or removed; the lines read are kept."""
         region = self.campaign.recipients.default_region
         for path in self.campaign.compliance.suppression_lists:
             result = suppression_store.import_csv(
                 conn, path, channel_default=None, reason="list", source=f"list:{path.name}",
                 default_region=region, now=now,
             )
-            for line, value, reason in result.invalid:
-                self.warnings.append(f"{path}:{line}: {reason} ({value!r}); not imported")
+            _refuse_unread_lines(path, result.invalid)
         for path in self.campaign.compliance.consent_records:
             result = consent_store.import_csv(
                 conn, path, channel_default=None, purpose_default=self.campaign.purpose.value,
                 source=f"list:{path.name}", default_region=region, now=now,
             )
-            for line, value, reason in result.invalid:
-                self.warnings.append(f"{path}:{line}: {reason} ({value!r}); not imported")
+            _refuse_unread_lines(path, result.invalid)
 
     # -- the asyncio part ------------------------------------------------------------------
 
@@ -1681,6 +1681,17 @@ SQL_DRY_RUN = (
     "attempts = attempts + 1, cost_micros = ?, content_hash = ?, updated_at = ? "
     "WHERE run_id = ? AND row = ? AND channel = ?"
 )
+
+
+def _refuse_unread_lines(path: Path, invalid: list[tuple[int, str, str]]) -> None:
+    if not invalid:
+        return
+    line, value, reason = invalid[0]
+    field, _, message = reason.partition(": ")
+    more = f" (and {len(invalid) - 1} more such lines)" if len(invalid) > 1 else ""
+    raise InputError(str(path), line, field or None,
+                     f"{message or reason} ({value!r}){more}: a campaign's opt-out and consent "
+                     "lists are read whole; fix or remove the line")
 
 
 def _outcome_of(exc: ProviderError) -> str:

@@ -15,6 +15,7 @@ from campaign_cli.config import load_campaign
 from campaign_cli.errors import (
     ExitCode,
     InDoubtError,
+    InputError,
     PermanentError,
     ProviderAuthError,
     RateLimitedError,
@@ -337,34 +338,44 @@ def test_suppressed_and_unconsented_recipients_are_refused(
     assert report.exit_code == ExitCode.OK
 
 
-def test_bad_lines_of_the_campaign_lists_name_the_field_at_fault(
-    make_campaign: CampaignFactory, store_path: Path, tmp_path: Path
+@pytest.mark.parametrize(
+    ("optout", "consent", "expected"),
+    [
+        ("address,channel\nnot-a-number,sms\n+12012000002,bogus\n", None,
+         r"optout.csv:2: address: not a phone number: .* \(and 1 more such lines\): a campaign's "
+         r"opt-out and consent lists are read whole; fix or remove the line"),
+        ("address,channel\n+12012000002,bogus\n", None,
+         r"optout.csv:2: channel: unknown channel 'bogus' \('\+12012000002'\)"),
+        (None, "address,channel,status,recorded_at\n+12012000001,sms,maybe,2024-01-01\n",
+         r"consent.csv:2: status: expected granted or revoked, not 'maybe'"),
+        (None, "address,channel,status,recorded_at\n+12012000001,sms,revoked,2099-01-01\n",
+         r"consent.csv:2: recorded_at: 2099-01-01T00:00:00.000Z is in the future"),
+    ],
+)
+def test_a_line_of_the_campaign_lists_that_cannot_be_read_stops_the_run(
+    make_campaign: CampaignFactory, store_path: Path, tmp_path: Path,
+    optout: str | None, consent: str | None, expected: str,
 ) -> None:
-    """A bad line of a suppression list or consent list is a warning naming file, line and the
-    field at fault (not 'address' for every problem)."""
-    (tmp_path / "optout.csv").write_text("address,channel\nnot-a-number,sms\n+12012000002,bogus\n")
-    (tmp_path / "consent.csv").write_text(
-        "address,channel,status,recorded_at\n"
-        "+12012000001,sms,maybe,2024-01-01\n"
-        "+12012000001,sms,granted,2099-01-01\n"
-    )
+    """A line of the campaign's own opt-out or consent list that cannot be read may be an
+    opt-out or a revocation (`+12012000002,bogus`: the channel meant "sms"): it was a warning,
+    and the run went on sending to that person. Now it is bad input naming file, line and the
+    field at fault; nothing is sent."""
+    lists: dict[str, list[str]] = {"suppression_lists": [], "consent_records": []}
+    if optout is not None:
+        (tmp_path / "optout.csv").write_text(optout)
+        lists["suppression_lists"].append("optout.csv")
+    if consent is not None:
+        (tmp_path / "consent.csv").write_text(consent)
+        lists["consent_records"].append("consent.csv")
     campaign = make_campaign(
         people(2), purpose="marketing",
         channels={"sms": {"provider": "box", "body": "Hi {{ first_name }}. Reply STOP to opt out"}},
-        compliance={"consent": "required", "suppression_lists": ["optout.csv"],
-                    "consent_records": ["consent.csv"]},
+        compliance={"consent": "not_required", **lists},
     )
-    report = send(campaign, store_path, FakeProvider())
-    optout, consent = tmp_path / "optout.csv", tmp_path / "consent.csv"
-    assert report.warnings == [
-        f"{optout}:2: address: not a phone number: 'not-a-number' ((1) The string supplied did "
-        "not seem to be a phone number.) ('not-a-number'); not imported",
-        f"{optout}:3: channel: unknown channel 'bogus' ('+12012000002'); not imported",
-        f"{consent}:2: status: expected granted or revoked, not 'maybe' ('+12012000001'); "
-        "not imported",
-        f"{consent}:3: recorded_at: 2099-01-01T00:00:00.000Z is in the future ('+12012000001'); "
-        "not imported",
-    ]
+    provider = FakeProvider()
+    with pytest.raises(InputError, match=expected):
+        send(campaign, store_path, provider)
+    assert provider.history == []
 
 
 def test_render_failure_ends_the_row_not_the_run(make_campaign: CampaignFactory, store_path: Path) -> None:
