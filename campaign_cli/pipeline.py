@@ -72,7 +72,7 @@ from campaign_cli.models import (
     to_micros,
 )
 from campaign_cli.pacing import Budget, Pacer
-from campaign_cli.policy import Policy
+from campaign_cli.policy import Policy, Refusal
 from campaign_cli.providers.base import (
     BatchProvider,
     Provider,
@@ -1288,6 +1288,19 @@ class Runner:
                                      job)
                         self._budget.release(job.reserved)
                     return
+                # Opt-outs polled while the batch waited for its commit and its slot.
+                kept: list[_Job] = []
+                for job in sending:
+                    channel_name = job.message.channel._value_
+                    refused = self._policy.refused_now(channel_name, job.address_hash)
+                    if refused is None:
+                        kept.append(job)
+                    else:
+                        self._refuse_unsent((run_id, job.message.row, channel_name), job,
+                                            refused)
+                sending = kept
+                if not sending:
+                    return
                 left = True
                 started = loop.time()
                 try:
@@ -1392,6 +1405,13 @@ class Runner:
                         route.breaker.release(probe)
                         self._unsend(key, job)
                         self._budget.release(job.reserved)
+                        return
+                    # An opt-out polled while it waited (for its commit, a slot held by slow
+                    # sends, a Retry-After pause) is honoured too: it has not left yet.
+                    refused = self._policy.refused_now(channel._value_, job.address_hash)
+                    if refused is not None:
+                        route.breaker.release(probe)
+                        self._refuse_unsent(key, job, refused)
                         return
                     left = True
                     started = loop.time()
@@ -1557,6 +1577,15 @@ class Runner:
                  redact(f"retries ran out after an ambiguous attempt: {error.text}",
                         self.secrets)[:500], *key),
             )
+
+    def _refuse_unsent(self, key: tuple[int, int, str], job: _Job, refused: Refusal) -> None:
+        """The policy refuses a message whose intent is committed but which has not left: the
+        row is put back as it was before the intent (`_unsend`), then refused."""
+        self._unsend(key, job)
+        self._budget.release(job.reserved)
+        message = job.message
+        self._final(message.row, message.channel, refused[0], refused[1], None, self._stamp(),
+                    message.content_hash, State.IN_DOUBT if job.ambiguous else State.PENDING)
 
     def _provider_crashed(self, keys: list[tuple[int, int, str]], attempt: int, provider: str,
                           exc: Exception, started: float) -> None:

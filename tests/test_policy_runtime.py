@@ -1,0 +1,138 @@
+"""Policy at run time: opt-outs and revocations recorded while a run is going are honoured by
+every message not yet sent, whatever it is waiting for (a provider's slot, a Retry-After pause,
+a backoff, a batch)."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from campaign_cli.addresses import normalize_phone
+from campaign_cli.config import load_campaign
+from campaign_cli.errors import ProviderError
+from campaign_cli.models import OutboundMessage, SendResult
+from campaign_cli.pipeline import Progress, RunReport, SendOptions, run_campaign
+from campaign_cli.store.suppressions import add_suppressions
+from campaign_cli.testing import FakeBatchProvider, FakeClock, FakeProvider, fake_registry
+from tests.conftest import CampaignFactory, journal, people, phone
+
+
+def states(store: Path) -> dict[int, str]:
+    return {r["row"]: r["state"] for r in journal(store)}
+
+
+class Ticks:
+    """Counts the ticker's rounds (it reports progress after each policy poll)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, progress: Progress) -> None:
+        self.count += 1
+
+    async def two_more(self) -> None:
+        """Until a poll has certainly started after now (the one running may have read before)."""
+        target = self.count + 2
+        while self.count < target:
+            await asyncio.sleep(0.005)
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    deadline = asyncio.get_running_loop().time() + 20
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition never met"
+        await asyncio.sleep(0.005)
+
+
+def suppress(store: Path, raw: str, channel: str = "sms") -> None:
+    conn = sqlite3.connect(store, isolation_level=None)
+    try:
+        add_suppressions(conn, [(normalize_phone(raw), channel)], "cli", "cli", "2026-01-01")
+    finally:
+        conn.close()
+
+
+def row_state(store: Path, row: int) -> str:
+    conn = sqlite3.connect(store)
+    try:
+        found = conn.execute("SELECT state FROM messages WHERE row = ?", (row,)).fetchone()
+        return "" if found is None else str(found[0])
+    finally:
+        conn.close()
+
+
+def run(campaign: Path, store: Path, provider: FakeProvider, ticks: Ticks,
+        **options: Any) -> RunReport:
+    loaded = load_campaign(campaign, {})
+    return run_campaign(loaded, store, SendOptions(poll_interval=0.01, **options),
+                        clock=FakeClock(), registry=fake_registry(provider), on_progress=ticks)
+
+
+def test_an_opt_out_while_a_message_waits_for_the_providers_slot_is_honoured(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    """Row 2 passed the policy and committed its intent, then waited for the provider's only
+    slot (row 1 holds it). The opt-out arrives and is polled in that wait: row 2 must not go."""
+    ticks = Ticks()
+
+    class Slow(FakeProvider):
+        async def send(self, message: OutboundMessage) -> SendResult:
+            if message.row == 1:
+                await until(lambda: row_state(store_path, 2) == "sending")
+                suppress(store_path, phone(2))
+                await ticks.two_more()
+            return await super().send(message)
+
+    campaign = make_campaign(
+        people(2), limits={"concurrency": 2},
+        providers={"box": {"type": "outbox", "dir": "outbox", "concurrency": 1}},
+    )
+    provider = Slow()
+    run(campaign, store_path, provider, ticks)
+    assert [m.row for m in provider.accepted] == [1]
+    assert states(store_path) == {1: "sent", 2: "suppressed"}
+
+
+def sending_rows(store: Path) -> set[int]:
+    conn = sqlite3.connect(store)
+    try:
+        return {r[0] for r in conn.execute("SELECT row FROM messages WHERE state = 'sending'")}
+    finally:
+        conn.close()
+
+
+def test_an_opt_out_while_a_batch_waits_for_the_providers_slot_is_honoured(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    """The same for a batch: its intents are committed, it waits for the slot the first batch
+    holds, an opt-out for one of its rows is polled meanwhile: that row must not go."""
+    ticks = Ticks()
+    late: set[int] = set()
+
+    class Slow(FakeBatchProvider):
+        async def send_batch(
+            self, messages: Sequence[OutboundMessage]
+        ) -> list[SendResult | ProviderError]:
+            if not self.batches:
+                mine = {m.row for m in messages}
+                await until(lambda: bool(sending_rows(store_path) - mine))
+                late.update(sending_rows(store_path) - mine)
+                for row in late:
+                    suppress(store_path, phone(row))
+                await ticks.two_more()
+            return await super().send_batch(messages)
+
+    campaign = make_campaign(
+        people(20), limits={"concurrency": 2},
+        providers={"box": {"type": "outbox", "dir": "outbox", "concurrency": 1}},
+    )
+    provider = Slow()
+    run(campaign, store_path, provider, ticks, chunk_size=5)
+    assert late
+    assert not late & {m.row for m in provider.accepted}
+    final = states(store_path)
+    assert {final[row] for row in late} == {"suppressed"}
+    assert len(provider.accepted) == 20 - len(late)
