@@ -862,14 +862,26 @@ class Runner:
             ))
 
     async def _ticker(self, policy: Policy, total: int, started: float) -> None:
-        """Once per interval: pick up opt-outs recorded since the run began; report progress."""
+        """Once per interval: pick up opt-outs recorded since the run began; report progress.
+
+        Opt-outs that cannot be read can no longer be honoured: the run stops (exit 1, the rest
+        pending). A progress display that fails is dropped with a warning; the poll goes on."""
         while True:
             # Loop time, not the injected clock: this is a background poll, not a wait in a test.
             await asyncio.sleep(self.options.poll_interval)
-            updates = await asyncio.to_thread(policy.fetch_updates)
+            try:
+                updates = await asyncio.to_thread(policy.fetch_updates)
+            except Exception as exc:  # noqa: BLE001 - the run's outcome, decided by _crashed
+                self._crashed(exc)
+                return
             policy.apply(updates)
             if self.on_progress is not None:
-                self.on_progress(self._progress(total, started))
+                try:
+                    self.on_progress(self._progress(total, started))
+                except Exception as exc:  # noqa: BLE001 - a display must not stop the poll
+                    self.on_progress = None
+                    self.warnings.append(f"progress display stopped: {type(exc).__name__}: "
+                                         f"{redact(str(exc), self.secrets)}")
 
     def _progress(self, total: int, started: float) -> Progress:
         counts = self._baseline + self._session_counts

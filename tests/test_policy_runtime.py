@@ -10,11 +10,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from campaign_cli.addresses import normalize_phone
 from campaign_cli.config import load_campaign
-from campaign_cli.errors import ProviderError
+from campaign_cli.errors import ExitCode, ProviderError
 from campaign_cli.models import OutboundMessage, SendResult
-from campaign_cli.pipeline import Progress, RunReport, SendOptions, run_campaign
+from campaign_cli.pipeline import Progress, Runner, RunReport, SendOptions, run_campaign
+from campaign_cli.policy import Policy
 from campaign_cli.store.suppressions import add_suppressions
 from campaign_cli.testing import FakeBatchProvider, FakeClock, FakeProvider, fake_registry
 from tests.conftest import CampaignFactory, journal, people, phone
@@ -41,7 +44,7 @@ class Ticks:
 
 
 async def until(condition: Callable[[], bool]) -> None:
-    deadline = asyncio.get_running_loop().time() + 20
+    deadline = asyncio.get_running_loop().time() + 10
     while not condition():
         assert asyncio.get_running_loop().time() < deadline, "condition never met"
         await asyncio.sleep(0.005)
@@ -136,3 +139,81 @@ def test_an_opt_out_while_a_batch_waits_for_the_providers_slot_is_honoured(
     final = states(store_path)
     assert {final[row] for row in late} == {"suppressed"}
     assert len(provider.accepted) == 20 - len(late)
+
+
+def test_a_failing_progress_display_does_not_stop_the_opt_out_poll(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    """The ticker both polls opt-outs and reports progress: a display that raises (stderr gone
+    away) must not take the poll with it, silently, for the rest of the run."""
+    polls = 0
+    real_fetch = Policy.fetch_updates
+
+    def counting_fetch(self: Policy) -> Any:
+        nonlocal polls
+        polls += 1
+        return real_fetch(self)
+
+    def display(progress: Progress) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    async def two_more_polls() -> None:
+        target = polls + 2
+        await until(lambda: polls >= target)
+
+    class Slow(FakeProvider):
+        async def send(self, message: OutboundMessage) -> SendResult:
+            if message.row == 1:
+                await two_more_polls()  # the display has failed by now
+                suppress(store_path, phone(2))
+                await two_more_polls()
+            return await super().send(message)
+
+    campaign = make_campaign(people(2), limits={"concurrency": 1})
+    provider = Slow()
+    loaded = load_campaign(campaign, {})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Policy, "fetch_updates", counting_fetch)
+        report = run_campaign(loaded, store_path, SendOptions(poll_interval=0.01),
+                              clock=FakeClock(), registry=fake_registry(provider),
+                              on_progress=display)
+    assert [m.row for m in provider.accepted] == [1]
+    assert states(store_path) == {1: "sent", 2: "suppressed"}
+    assert report.exit_code == ExitCode.OK
+    assert any("progress" in w for w in report.warnings)
+
+
+def test_an_opt_out_poll_that_fails_stops_the_run(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    """Opt-outs that cannot be read can no longer be honoured: the run stops (exit 1, the rest
+    left pending for a resume), instead of sending on without the poll."""
+    runner_aborted = False
+    real_fail_run = Runner._fail_run
+
+    def failing_fetch(self: Policy) -> Any:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    def fail_run(self: Runner, abort: Any) -> None:
+        nonlocal runner_aborted
+        runner_aborted = True
+        real_fail_run(self, abort)
+
+    class Slow(FakeProvider):
+        async def send(self, message: OutboundMessage) -> SendResult:
+            if message.row == 1:
+                await until(lambda: runner_aborted)
+            return await super().send(message)
+
+    campaign = make_campaign(people(3), limits={"concurrency": 1})
+    provider = Slow()
+    loaded = load_campaign(campaign, {})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Policy, "fetch_updates", failing_fetch)
+        patch.setattr(Runner, "_fail_run", fail_run)
+        report = run_campaign(loaded, store_path, SendOptions(poll_interval=0.01),
+                              clock=FakeClock(), registry=fake_registry(provider))
+    assert report.exit_code == ExitCode.INTERNAL
+    assert "disk I/O error" in (report.error or "")
+    assert [m.row for m in provider.accepted] == [1]
+    assert states(store_path) == {1: "sent", 2: "pending", 3: "pending"}
