@@ -1308,8 +1308,8 @@ class Runner:
                     if refused is None:
                         kept.append(job)
                     else:
-                        self._refuse_unsent((run_id, job.message.row, channel_name), job,
-                                            refused)
+                        self._refuse((run_id, job.message.row, channel_name), job, refused,
+                                     job.costs[name], intent=True)
                 sending = kept
                 if not sending:
                     return
@@ -1395,9 +1395,7 @@ class Runner:
             refused = self._policy.refused_now(channel._value_, job.address_hash)
             if refused is not None:
                 route.breaker.release(probe)
-                self._budget.release(job.reserved)
-                self._final(message.row, channel, refused[0], refused[1], None,
-                            self._stamp(), message.content_hash)
+                self._refuse(key, job, refused, job.costs[route.name], intent=False)
                 return
             attempt += 1
             cost = job.costs[route.name]
@@ -1423,7 +1421,7 @@ class Runner:
                     refused = self._policy.refused_now(channel._value_, job.address_hash)
                     if refused is not None:
                         route.breaker.release(probe)
-                        self._refuse_unsent(key, job, refused)
+                        self._refuse(key, job, refused, cost, intent=True)
                         return
                     left = True
                     started = loop.time()
@@ -1590,11 +1588,19 @@ class Runner:
                         self.secrets)[:500], *key),
             )
 
-    def _refuse_unsent(self, key: tuple[int, int, str], job: _Job, refused: Refusal) -> None:
-        """The policy refuses a message whose intent is committed but which has not left: the
-        row is put back as it was before the intent (`_unsend`), then refused."""
-        self._unsend(key, job)
-        self._budget.release(job.reserved)
+    def _refuse(self, key: tuple[int, int, str], job: _Job, refused: Refusal, cost: int,
+                intent: bool) -> None:
+        """The policy refuses a message before this attempt left (an opt-out polled meanwhile):
+        the row is put back as it was before the attempt's intent (`_unsend`), then refused.
+        If an earlier attempt this session may have arrived (``doubted``), the row is refused
+        as a resume refuses an in-doubt row: what that attempt may have cost stays spent."""
+        if intent or job.doubted:
+            self._unsend(key, job, undo_attempt=intent)
+        if job.doubted:
+            self._budget.settle(job.reserved, cost)
+            self._spent += cost
+        else:
+            self._budget.release(job.reserved)
         message = job.message
         self._final(message.row, message.channel, refused[0], refused[1], None, self._stamp(),
                     message.content_hash, State.IN_DOUBT if job.ambiguous else State.PENDING)

@@ -14,7 +14,7 @@ import pytest
 
 from campaign_cli.addresses import normalize_phone
 from campaign_cli.config import load_campaign
-from campaign_cli.errors import ExitCode, ProviderError
+from campaign_cli.errors import ExitCode, InDoubtError, ProviderError
 from campaign_cli.models import OutboundMessage, SendResult
 from campaign_cli.pipeline import Progress, Runner, RunReport, SendOptions, run_campaign
 from campaign_cli.policy import Policy
@@ -217,3 +217,33 @@ def test_an_opt_out_poll_that_fails_stops_the_run(
     assert "disk I/O error" in (report.error or "")
     assert [m.row for m in provider.accepted] == [1]
     assert states(store_path) == {1: "sent", 2: "pending", 3: "pending"}
+
+
+def test_an_opt_out_before_the_retry_of_an_ambiguous_send_keeps_its_cost(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    """The first attempt timed out after the request was written (it may have been delivered,
+    and charged); the provider deduplicates, so it would be retried with the same key. The
+    opt-out polled before the retry stops the retry, and the row is refused, as a resume would
+    refuse it; but what the first attempt may have cost stays spent (it was lost: the spend
+    cap of a resume would then allow more than the cap)."""
+    ticks = Ticks()
+
+    class Doubtful(FakeProvider):
+        async def send(self, message: OutboundMessage) -> SendResult:
+            if message.row == 1 and len(self.history) == 0:
+                self.history.append(message)
+                suppress(store_path, phone(1))
+                await ticks.two_more()
+                raise InDoubtError("read timed out", code="timeout")
+            return await super().send(message)
+
+    campaign = make_campaign(
+        people(2), limits={"concurrency": 1},
+        providers={"box": {"type": "outbox", "dir": "outbox", "price_per_message": "0.05"}},
+    )
+    provider = Doubtful(deduplicates=True)
+    report = run(campaign, store_path, provider, ticks)
+    assert [m.row for m in provider.history] == [1, 2]
+    assert states(store_path) == {1: "suppressed", 2: "sent"}
+    assert report.spend_micros == 100_000  # row 2, and row 1's attempt that may have arrived
