@@ -1158,14 +1158,16 @@ class Runner:
             channel_name = channel._value_
             refused = refusals[channel_name].get(ahash) or policy.refused_now(channel_name, ahash)
             if refused is not None:
-                self._final(recipient.row, channel, refused[0], refused[1], None, now)
+                self._final(recipient.row, channel, refused[0], refused[1], None, now,
+                            was=State.IN_DOUBT if resend else State.PENDING)
                 continue
             routes = self._routes_by_channel[channel]
             try:
                 content = renderer.render(channel, recipient, address)
             except RenderError as exc:
                 self._final(recipient.row, channel, State.RENDER_FAILED, "render_failed",
-                            redact(str(exc), self.secrets), now)
+                            redact(str(exc), self.secrets), now,
+                            was=State.IN_DOUBT if resend else State.PENDING)
                 continue
             if len(routes) == 1:
                 route = routes[0]
@@ -1278,7 +1280,8 @@ class Runner:
             if refused is not None:
                 self._budget.release(job.reserved)
                 self._final(message.row, message.channel, refused[0], refused[1], None, stamp,
-                            message.content_hash)
+                            message.content_hash,
+                            State.IN_DOUBT if job.resend else State.PENDING)
                 continue
             sending.append(job)
             intents.append((name, job.costs[name], message.content_hash, 1 if job.resend else 0,

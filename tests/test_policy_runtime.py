@@ -247,3 +247,37 @@ def test_an_opt_out_before_the_retry_of_an_ambiguous_send_keeps_its_cost(
     assert [m.row for m in provider.history] == [1, 2]
     assert states(store_path) == {1: "suppressed", 2: "sent"}
     assert report.spend_micros == 100_000  # row 2, and row 1's attempt that may have arrived
+
+
+def test_progress_counts_a_refused_resend_once(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    """A row in doubt from an earlier session, suppressed since, is refused when the run resumes:
+    it leaves `in_doubt`, not `pending`. Counted as leaving `pending`, it stayed among the
+    failed (in doubt) and was added to the skipped: progress said 3 of 2 done."""
+    campaign = make_campaign(people(2), limits={"concurrency": 1},
+                             compliance={"consent": "not_required", "in_doubt": "resend"})
+    first = FakeProvider()
+    first.enqueue(InDoubtError("read timed out", code="timeout"))
+    run(campaign, store_path, first, Ticks(), limit=1)
+    assert states(store_path) == {1: "in_doubt"}
+    suppress(store_path, phone(1))
+
+    seen: list[Progress] = []
+    ticks = Ticks()
+
+    def display(progress: Progress) -> None:
+        ticks(progress)
+        seen.append(progress)
+
+    class Slow(FakeProvider):
+        async def send(self, message: OutboundMessage) -> SendResult:
+            await ticks.two_more()  # row 1 was refused before row 2 was queued
+            return await super().send(message)
+
+    loaded = load_campaign(campaign, {})
+    run_campaign(loaded, store_path, SendOptions(poll_interval=0.01), clock=FakeClock(),
+                 registry=fake_registry(Slow()), on_progress=display)
+    assert states(store_path) == {1: "suppressed", 2: "sent"}
+    last = seen[-1]
+    assert (last.done, last.skipped, last.failed, last.total) == (1, 1, 0, 2)
