@@ -423,7 +423,7 @@ class _Route:
     #: messages refused in a row with one same code since its last success (`_note_refusal`).
     refusal_guard: bool = False
     refusal_code: str | None = None
-    refusals: list[tuple[int, int, str]] = field(default_factory=list)
+    refusals: list[tuple[tuple[int, int, str], bool]] = field(default_factory=list)
 
 
 class _Abort(Exception):
@@ -1525,32 +1525,38 @@ class Runner:
                 self._suppress(job.message, job.address_hash, error)
             self._record(key, State.FAILED, error.code or "rejected", error)
             if error.action is None:
-                self._note_refusal(route, key, error)
+                self._note_refusal(route, key, error, job.resend)
         return False, pinned
 
     def _note_refusal(self, route: _Route, key: tuple[int, int, str],
-                      error: PermanentError) -> None:
+                      error: PermanentError, resend: bool) -> None:
         """A provider whose own endpoint refuses `SAME_REFUSALS` messages in a row with the same
         code, none accepted in between, is refusing our configuration (a sender it does not
         know, an account that cannot send there), not the recipients: stop before the list
-        burns into dead letters, with exit 6, and put the refused rows back to `pending`."""
+        burns into dead letters, with exit 6, and put the refused rows back as they were:
+        `pending`, or `in_doubt` for an in-doubt resend (an earlier copy may have arrived: it
+        stays pinned to its provider, and the resume reports it again)."""
         if not route.refusal_guard:
             return
         code = error.code or f"http_{error.status}"
         if code != route.refusal_code:
             route.refusal_code, route.refusals = code, []
-        route.refusals.append(key)
+        route.refusals.append((key, resend))
         if len(route.refusals) < SAME_REFUSALS:
             return
         stamp = self._stamp()
-        for refused in route.refusals:
+        for refused, was_in_doubt in route.refusals:
+            # As `_unsend`: what the earlier attempt may have cost was banked by the resend's
+            # intent; the refused attempt's own cost comes off it again.
             self._writer.submit(
-                "UPDATE messages SET state = 'pending', reason = NULL, detail = NULL, "
-                "error_code = NULL, status_code = NULL, updated_at = ? "
+                "UPDATE messages SET state = ?, reason = ?, detail = NULL, "
+                "error_code = NULL, status_code = NULL, "
+                "doubt_micros = doubt_micros - ? * cost_micros, updated_at = ? "
                 "WHERE run_id = ? AND row = ? AND channel = ? AND state = 'failed'",
-                (stamp, *refused),
+                (_IN_DOUBT if was_in_doubt else _PENDING, "in_doubt" if was_in_doubt else None,
+                 int(was_in_doubt), stamp, *refused),
             )
-            self._count(State.PENDING, State.FAILED)
+            self._count(State.IN_DOUBT if was_in_doubt else State.PENDING, State.FAILED)
         route.refusals = []
         self._fail_run(_Abort(
             ExitCode.PROVIDER_AUTH, "provider_auth",

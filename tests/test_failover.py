@@ -356,3 +356,42 @@ def test_an_in_doubt_resend_whose_retries_run_out_stays_in_doubt(
     report = send(campaign, store_path, _only(again), run_key="r", retry_failed=True)
     assert again.history == []
     assert report.counts == {"in_doubt": 1, "sent": 1}
+
+
+class _RefusalsMeanConfig(FakeProvider):
+    refusals_mean_config = True  # as Twilio, SendGrid, FCM
+
+
+def test_in_doubt_rows_refused_ten_in_a_row_stay_in_doubt_and_never_fail_over(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    """Found by the run-invariants harness. Rows in doubt at the primary (a timeout after the
+    request was written) are resent to it on resume (transactional: `resend`); it refuses ten in
+    a row with one code (its sender was suspended), which stops the run and used to put all ten
+    back to `pending`. The next resume then took them for never sent: not reported as in-doubt
+    resends, and free to fail over, so the secondary sent a second copy of messages the primary
+    may have delivered."""
+    limits = {"concurrency": 1, "circuit_breaker": {"threshold": 1, "cooldown": 1000}}
+    timing_out = _RefusalsMeanConfig("primary", handler=lambda m: InDoubtError("timeout"))
+    breaker_off = {**limits, "circuit_breaker": {"threshold": 1000, "cooldown": 1000}}
+    campaign = make_campaign(people(10), channels=FAILOVER_SMS, providers=TWO_PROVIDERS,
+                             limits=breaker_off)
+    first = send(campaign, store_path, two(timing_out, FakeProvider("secondary")))
+    assert first.counts == {"in_doubt": 10}
+
+    refusing = _RefusalsMeanConfig("primary", handler=lambda m: PermanentError(
+        "The From phone number is not a valid, SMS-capable number", code="21606", status=400))
+    second = send(campaign, store_path, two(refusing, FakeProvider("secondary")))
+    assert second.exit_code == ExitCode.PROVIDER_AUTH
+    assert len(refusing.history) == 10
+    # They may have arrived at the primary: still in doubt, pinned to it, not pending.
+    assert second.counts == {"in_doubt": 10}
+    assert second.spend_micros == first.spend_micros  # the refused resends cost nothing
+
+    campaign = make_campaign(people(10), channels=FAILOVER_SMS, providers=TWO_PROVIDERS,
+                             limits=limits)
+    down = _RefusalsMeanConfig("primary", handler=lambda m: TransientError("503", status=503))
+    secondary = FakeProvider("secondary")
+    send(campaign, store_path, two(down, secondary))
+    assert secondary.history == []
+    assert {r["provider"] for r in journal(store_path)} == {"primary"}
