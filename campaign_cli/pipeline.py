@@ -1563,7 +1563,7 @@ class Runner:
             f"provider {route.name} refused {SAME_REFUSALS} messages in a row with the same "
             f"error and accepted none in between ({code}: "
             f"{redact(error.text, self.secrets)[:200]}): its configuration (sender, account, "
-            "region) is likely wrong; those messages and the rest are left pending",
+            "region) is likely wrong; those messages and the rest are left to resume",
         ))
 
     def _unsend(self, key: tuple[int, int, str], job: _Job, undo_attempt: bool = True,
