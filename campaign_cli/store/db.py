@@ -14,6 +14,7 @@ import os
 import re
 import secrets
 import sqlite3
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -296,6 +297,36 @@ def insert_rows(conn: sqlite3.Connection, head: str, rows: Sequence[Sequence[Any
     for part in batched(rows, per):
         sql = full if len(part) == per else f"{head} VALUES {', '.join([one] * len(part))}"
         conn.execute(sql, [value for row in part for value in row])
+
+
+#: How long a write may wait for another process's write lock (a large `suppress import`, a run
+#: importing a big list: one transaction each) before it gives up: SQLite's busy timeout (10 s)
+#: is one try of it. A run's sends wait at their intent barrier meanwhile: nothing unjournaled.
+LOCK_WAIT = 300.0
+
+
+def begin_immediate(conn: sqlite3.Connection, wait: float = LOCK_WAIT,
+                    on_busy: Callable[[], None] | None = None) -> None:
+    """BEGIN IMMEDIATE, trying again while another process holds the write lock, up to ``wait``
+    seconds in all (each try waits the connection's busy timeout); ``on_busy`` is told of each
+    try that found the lock taken."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError as exc:
+            if not is_busy(exc) or time.monotonic() >= deadline:
+                raise
+            if on_busy is not None:
+                on_busy()
+
+
+def is_busy(exc: sqlite3.OperationalError) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+; maybe an extended code
+    if isinstance(code, int):
+        return (code & 0xFF) in (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED
+    return "locked" in str(exc) or "busy" in str(exc)
 
 
 def connect(path: Path, *, create: bool = True, readonly: bool = False) -> sqlite3.Connection:

@@ -21,20 +21,14 @@ import collections
 import queue
 import sqlite3
 import threading
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 from campaign_cli.errors import JournalError, StoreError
-from campaign_cli.store.db import connect
+from campaign_cli.store.db import LOCK_WAIT, begin_immediate, connect
 
 T = TypeVar("T")
-
-#: How long a transaction may wait for another process's write lock (a large `suppress import`
-#: is one transaction) before the run stops with a journal error: SQLite's busy timeout (10 s)
-#: is one attempt of it. Meanwhile sends wait at their intent barrier: nothing goes unjournaled.
-LOCK_WAIT = 300.0
 
 _STOP = object()
 _NOOP = object()  # wakes the writer so that it reports a commit
@@ -283,17 +277,10 @@ class JournalWriter:
                 pass
 
     def _begin(self, conn: sqlite3.Connection) -> None:
-        """BEGIN IMMEDIATE, trying again while another process holds the write lock, up to
-        ``lock_wait`` seconds in all (each try waits the connection's busy timeout)."""
-        deadline = time.monotonic() + self._lock_wait
-        while True:
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                return
-            except sqlite3.OperationalError as exc:
-                if not is_busy(exc) or time.monotonic() >= deadline:
-                    raise
-                self.busy_waits += 1
+        begin_immediate(conn, self._lock_wait, self._met_lock)
+
+    def _met_lock(self) -> None:
+        self.busy_waits += 1
 
     def _resolve_and_release(
         self, entries: list[tuple[_Call, Any, BaseException | None]], taken: int,
@@ -301,13 +288,6 @@ class JournalWriter:
     ) -> None:
         _resolve(entries)
         self._on_commit(taken, failure)
-
-
-def is_busy(exc: sqlite3.OperationalError) -> bool:
-    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+; maybe an extended code
-    if isinstance(code, int):
-        return (code & 0xFF) in (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED
-    return "locked" in str(exc) or "busy" in str(exc)
 
 
 def _resolve(entries: list[tuple[_Call, Any, BaseException | None]]) -> None:

@@ -24,7 +24,6 @@ import csv
 import os
 import re
 import sqlite3
-import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,8 +39,7 @@ from campaign_cli.addresses import (
 )
 from campaign_cli.errors import InputError
 from campaign_cli.models import Channel
-from campaign_cli.store.db import MAX_PARAMS, batched
-from campaign_cli.store.journal import LOCK_WAIT, is_busy
+from campaign_cli.store.db import MAX_PARAMS, batched, begin_immediate
 
 #: Channels a suppression or a consent record may name: every channel, or all of them at once.
 CHANNELS: tuple[str, ...] = tuple(c.value for c in Channel) + ("all",)
@@ -80,28 +78,15 @@ def write_transaction(conn: sqlite3.Connection) -> Iterator[None]:
     if conn.in_transaction:
         yield
         return
-    _begin_immediate(conn)
+    # Waits for another process's long write (up to LOCK_WAIT): an opt-out being recorded must
+    # not give up after SQLite's 10 s busy timeout.
+    begin_immediate(conn)
     try:
         yield
     except BaseException:
         conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
-
-
-def _begin_immediate(conn: sqlite3.Connection) -> None:
-    """BEGIN IMMEDIATE, trying again while another process holds the write lock (a run importing
-    a big list, a `suppress import`: one transaction each), up to `LOCK_WAIT` seconds as the
-    journal does. SQLite's busy timeout (10 s) is one try: an opt-out being recorded must not
-    give up after it."""
-    deadline = time.monotonic() + LOCK_WAIT
-    while True:
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            return
-        except sqlite3.OperationalError as exc:
-            if not is_busy(exc) or time.monotonic() >= deadline:
-                raise
 
 
 @contextlib.contextmanager
