@@ -67,6 +67,24 @@ def test_latest_recorded_at_wins_not_insertion_order(conn: sqlite3.Connection) -
     assert granted(conn)
 
 
+def test_a_record_speaks_from_no_later_than_when_it_was_learned(
+    conn: sqlite3.Connection,
+) -> None:
+    """A grant dated 12:30 by a skewed clock, learned at 12:00 (NOW), then a revocation at
+    12:10 learned at 12:10: the revocation decides, for a run (consented_among) and for the
+    run-time poll (revocations_since) alike. It used to wait until 12:30 to count."""
+    from campaign_cli.store.consents import record_consents, revocations_since
+
+    record_consents(conn, [(PHONE, "sms")], "marketing", "granted", "crm",
+                    "2024-05-01T12:30:00Z", NOW)
+    assert granted(conn)
+    mark = max_consent_id(conn)
+    later = "2024-05-01T12:10:00.000Z"
+    record_consents(conn, [(PHONE, "sms")], "marketing", "revoked", "STOP reply", later, later)
+    assert not granted(conn)
+    assert revocations_since(conn, mark)[1] == [(H, "sms", "marketing")]
+
+
 def test_a_tie_goes_to_revoked(conn: sqlite3.Connection) -> None:
     rec(conn, "revoked", "2024-01-01T10:00:00Z", source="a")
     rec(conn, "granted", "2024-01-01T10:00:00Z", source="b")

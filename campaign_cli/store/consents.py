@@ -3,7 +3,9 @@
 The consents table is append only: a grant or a revocation adds a record and nothing is ever
 updated, so the history is the evidence. The *effective* state for (address, channel, purpose)
 is the record with the latest ``recorded_at`` (when the person gave or withdrew consent, not when
-we learned of it); on a tie, ``revoked`` wins. A record for channel ``'all'`` speaks for every
+we learned of it), except that a record never speaks from later than when we learned of it
+(``created_at``): a grant dated an hour ahead by a skewed clock does not outrank a revocation
+recorded in between. On a tie, ``revoked`` wins. A record for channel ``'all'`` speaks for every
 channel: the effective state on, say, SMS is the latest record for SMS or for ``'all'``.
 
 ``recorded_at`` is stored as ISO 8601 UTC with millisecond precision (`campaign_cli.clock.iso`),
@@ -61,7 +63,12 @@ CONCRETE_CHANNELS: tuple[str, ...] = tuple(c.value for c in Channel)
 #: refused: a grant dated next year would otherwise outrank every revocation until then.
 FUTURE_TOLERANCE = timedelta(hours=1)
 
-# (recorded_at, status, channel, source) of one record.
+#: The time a record speaks from: when the person gave or withdrew consent, but never later than
+#: when we learned of it. A grant dated ahead (clock skew, within FUTURE_TOLERANCE) would
+#: otherwise outrank a revocation recorded after it arrived, for up to that long.
+_AT = "MIN(recorded_at, created_at)"
+
+# (effective time, status, channel, source) of one record.
 _Record = tuple[str, str, str, str]
 
 
@@ -122,7 +129,7 @@ def consented_among(
     for batch in batched(unique, MAX_PARAMS - 2):
         marks = ",".join("?" * len(batch))
         rows = conn.execute(
-            f"SELECT address_hash, recorded_at, status FROM consents "
+            f"SELECT address_hash, {_AT}, status FROM consents "
             f"WHERE purpose = ? AND channel IN (?, 'all') AND address_hash IN ({marks})",
             (purpose, channel, *batch),
         )
@@ -165,7 +172,7 @@ def revocations_since(
         for batch in batched(hashes, MAX_PARAMS):
             marks = ",".join("?" * len(batch))
             for hashed, channel, purpose, status, recorded_at, source in conn.execute(
-                f"SELECT address_hash, channel, purpose, status, recorded_at, source "
+                f"SELECT address_hash, channel, purpose, status, {_AT}, source "
                 f"FROM consents WHERE address_hash IN ({marks})",
                 tuple(batch),
             ):
@@ -328,7 +335,7 @@ def outranked(
     ``recorded_at``, ``source`` and ``via``. For ``'all'``: 'all' itself and every channel that
     has records of its own (a later record for one channel outranks an 'all' record there)."""
     rows = conn.execute(
-        "SELECT recorded_at, status, channel, source FROM consents "
+        f"SELECT {_AT}, status, channel, source FROM consents "
         "WHERE address_hash = ? AND purpose = ?",
         (address_hash(address), purpose),
     ).fetchall()
@@ -352,7 +359,7 @@ def list_consents(
     ``status``, ``recorded_at`` and ``source`` of the deciding record, ``via`` the channel that
     record names (``'all'`` when a record for every channel decides), ``records`` the number of
     records for this very channel. ``address`` (normalised) restricts the list to one address."""
-    sql = ("SELECT address_hash, purpose, channel, status, recorded_at, source, address "
+    sql = (f"SELECT address_hash, purpose, channel, status, {_AT}, source, address "
            "FROM consents")
     params: tuple[str, ...] = ()
     if address is not None:
