@@ -30,7 +30,7 @@ from pydantic import (
     model_validator,
 )
 
-from campaign_cli.errors import ConfigError
+from campaign_cli.errors import ConfigError, redact
 from campaign_cli.models import Channel, Purpose
 
 # --------------------------------------------------------------------------------------------
@@ -738,8 +738,7 @@ def _config_error(
             message += f" (YAML read this value as {kind}: write it in quotes)"
     if first["type"] in ("union_tag_invalid", "union_tag_not_found"):
         loc = (*loc, str(ctx.get("discriminator", "type")).strip("'"))
-    for secret in secrets:
-        message = message.replace(secret, "***")
+    message = redact(message, secrets)
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
     return ConfigError(shown, _line_for(lines, loc), ".".join(loc) or None, message)

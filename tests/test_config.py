@@ -729,3 +729,21 @@ def test_a_data_key_fcm_reserves_is_fine_elsewhere_and_others_load(project: Path
     loaded = load_campaign(write(project, _push_campaign("sender")), {})
     assert loaded.campaign.channels.push is not None
     assert loaded.campaign.channels.push.data == {"screen": "sale", "sender": "x"}
+
+
+def test_error_redaction_hides_a_secret_that_contains_another_and_skips_tiny_values(
+    project: Path,
+) -> None:
+    """The message of a campaign error is redacted as every other output is (`errors.redact`):
+    the longest secret first, so a password that contains the user name is not shown as
+    "***-2026-secret", and values shorter than three characters are not secrets, so a one-letter
+    `${VAR}` does not turn the message into "Inp***t tag ..."."""
+    text = edit("type: outbox", 'type: "${SMTP_PASSWORD}"')
+    text = edit("from: shop@example.com", 'from: "${SMTP_USER}@example.com"', text)
+    text += 'vars: {initial: "${INITIAL}"}\n'
+    path = write(project, text)
+    err = error_of(path, {"SMTP_PASSWORD": "mailer-2026-secret", "SMTP_USER": "mailer",
+                          "INITIAL": "e"})
+    assert "2026" not in err.message
+    assert "'***'" in err.message
+    assert "does not match any of the expected tags" in err.message
