@@ -944,3 +944,33 @@ def test_a_lone_surrogate_in_the_email_reply_to_or_headers_is_a_config_error(
     with pytest.raises(ConfigError, match="lone UTF-16 surrogate") as info:
         Renderer.compile(campaign(tmp_path, {"email": email}), SECRET)
     assert info.value.field is not None and info.value.field.startswith(f"channels.email.{key}")
+
+
+def test_template_error_redacts_a_secret_containing_another_and_skips_tiny_values(
+    tmp_path: Path,
+) -> None:
+    """As the campaign file's own errors: `errors.redact`'s rule (longest first, three or more
+    characters), so a token containing another secret is not half shown and a one-letter
+    `${VAR}` does not star every letter of the message."""
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "name: c\n"
+        "purpose: transactional\n"
+        "recipients: {key: id, columns: {phone: phone}}\n"
+        "channels:\n"
+        '  sms: {provider: box, body: "Hi {{ first_name ${TOKEN} }}"}\n'
+        '  webhook: {provider: hook, body: "{{ first_name }}"}\n'
+        "providers:\n"
+        '  box: {type: outbox, dir: out}\n'
+        '  hook: {type: webhook, url: "https://example.com/h", secret: "${USER}"}\n'
+        'vars: {initial: "${INITIAL}"}\n',
+        encoding="utf-8",
+    )
+    loaded = load_campaign(path, {"TOKEN": "mailer_2026_secret", "USER": "mailer",
+                                  "INITIAL": "e"})
+    with pytest.raises(ConfigError) as info:
+        Renderer.compile(loaded.campaign, SECRET, source=loaded)
+    message = info.value.message
+    assert "2026" not in message
+    assert "'***'" in message
+    assert "expected token 'end of print statement'" in message

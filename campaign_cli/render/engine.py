@@ -47,7 +47,7 @@ from campaign_cli.config import (
     SmsChannel,
     WebhookChannel,
 )
-from campaign_cli.errors import ConfigError
+from campaign_cli.errors import ConfigError, redact
 from campaign_cli.models import (
     Channel,
     Content,
@@ -463,8 +463,7 @@ class _Compiler:
         if file is None:
             file, line = self.where(loc)
         if self.source is not None:
-            for secret in self.source.secrets:
-                message = message.replace(secret, "***")
+            message = redact(message, self.source.secrets)
         return ConfigError(file, line, ".".join(loc), message)
 
     def inline(
