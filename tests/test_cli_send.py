@@ -416,3 +416,28 @@ def test_json_still_prints_one_summary_when_the_run_cannot_start(
     code, out, err = invoke(store_path, "send", str(broken), "--json")
     assert code == 2 and json.loads(out)["exit_code"] == 2
     assert err.startswith(f"error: {broken}:")
+
+
+def test_the_readme_names_every_option_of_send_and_status_and_the_help_every_exit_code() -> None:
+    """An operator reads the README for what `send` and `status` take: an option it does not
+    name (a prompt `--yes` silences, a `--limit` on the run list) is one they never find. The
+    top-level help's exit codes say what the README's table says."""
+    import typer.main
+
+    readme = (ROOT / "README.md").read_text()
+    group = typer.main.get_command(get_app())
+    ctx = group.make_context("campaign", ["--help"], resilient_parsing=True)
+    sections = {
+        "send": readme.split("### `campaign send")[1].split("### `campaign status")[0],
+        "status": readme.split("### `campaign status")[1].split("### `campaign suppress")[0],
+    }
+    for name, section in sections.items():
+        command = group.get_command(ctx, name)  # type: ignore[attr-defined]
+        for param in command.params:
+            for opt in param.opts:
+                if opt.startswith("--") and opt != "--help":
+                    assert re.search(rf"{re.escape(opt)}\b", section), (name, opt)
+    top = " ".join(CliRunner().invoke(get_app(), ["--help"]).stdout.split())
+    assert "the store failing mid-run" in top
+    assert "the same refusal ten times in a row" in top
+
