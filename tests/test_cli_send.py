@@ -441,3 +441,19 @@ def test_the_readme_names_every_option_of_send_and_status_and_the_help_every_exi
     assert "the store failing mid-run" in top
     assert "the same refusal ten times in a row" in top
 
+
+def test_the_commands_the_example_campaigns_show_exist() -> None:
+    """Each example file's comment shows how to run it: every command it names must be one."""
+    import typer.main
+
+    group = typer.main.get_command(get_app())
+    ctx = group.make_context("campaign", ["--help"], resilient_parsing=True)
+    known = set(group.list_commands(ctx))  # type: ignore[attr-defined]
+    shown = 0
+    for path in sorted((ROOT / "campaigns").glob("*.yaml")):
+        for line in path.read_text().splitlines():
+            found = re.match(r"#\s+campaign\s+(?:--store\s+\S+\s+)?([a-z-]+)", line)
+            if found:
+                shown += 1
+                assert found[1] in known, (path.name, line)
+    assert shown >= 3
