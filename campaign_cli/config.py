@@ -42,10 +42,14 @@ def _parse_rate(value: Any) -> Any:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if isinstance(value, str):
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*", value)
+        # The unit is optional: a bare number is per second, also as a string (from `${ENV}`).
+        m = re.fullmatch(
+            r"\s*([0-9]*\.?[0-9]+)\s*(?:/\s*(s|sec|second|m|min|minute|h|hour)\s*)?", value
+        )
         if not m:
             raise ValueError("a rate looks like 30/s, 100/min or 3600/h")
-        per = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60}.get(m[2], 3600)
+        per = {None: 1, "s": 1, "sec": 1, "second": 1, "m": 60, "min": 60,
+               "minute": 60}.get(m[2], 3600)
         return float(m[1]) / per
     raise ValueError("a rate looks like 30/s, 100/min or 3600/h")
 

@@ -747,3 +747,20 @@ def test_error_redaction_hides_a_secret_that_contains_another_and_skips_tiny_val
     assert "2026" not in err.message
     assert "'***'" in err.message
     assert "does not match any of the expected tags" in err.message
+
+
+@pytest.mark.parametrize(("written", "env", "per_second"), [
+    ("${RATE}", {"RATE": "50"}, 50.0),
+    ('"${RATE}"', {"RATE": "2.5"}, 2.5),
+    ('"12"', {}, 12.0),
+])
+def test_a_rate_that_is_a_bare_number_in_a_string_is_per_second(
+    project: Path, written: str, env: dict[str, str], per_second: float
+) -> None:
+    """README: a rate is `30/s`, `100/min`, `3600/h` "or a number per second", and `rate` is a
+    plain setting meant to come from `${ENV}`. A value from the environment is always a string:
+    `rate: ${RATE}` with RATE=50 was refused ("a rate looks like 30/s, ...") while the same
+    number written in the file loaded."""
+    loaded = load_campaign(write(project, edit("rate: 5/s", f"rate: {written}")), env)
+    assert loaded.campaign.providers["p"].rate == pytest.approx(per_second)
+    assert not loaded.secrets
