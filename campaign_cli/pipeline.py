@@ -560,6 +560,7 @@ class Runner:
                     max_spend_micros=self._max_spend_micros(),
                     template_hashes=renderer.template_hashes,
                     now=now,
+                    cap_given=self.options.max_spend is not None,
                 )
                 changed = sorted(
                     field for field in {*renderer.template_hashes, *(
@@ -572,8 +573,9 @@ class Runner:
                         f"run {run.name}: templates changed since it started "
                         f"({', '.join(changed)}): the messages not sent yet get the new text"
                     )
-                kept = run.max_spend_micros if self._max_spend_micros() is None else None
-                if resumed and kept is not None:
+                kept = run.max_spend_micros
+                if (resumed and kept is not None and self.options.max_spend is None
+                        and kept != self._max_spend_micros()):
                     self.warnings.append(
                         f"run {run.name} keeps its spend cap of "
                         f"{from_micros(kept)} {run.currency} from an earlier "

@@ -315,6 +315,23 @@ def test_refusals_of_recipients_or_interrupted_by_a_success_do_not_stop_the_run(
     assert report.counts == {"failed": 24, "invalid": 30, "sent": 6}
 
 
+def test_a_resume_without_max_spend_never_lifts_the_run_s_cap_to_the_file_s(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    """The file says 5; the first session was given --max-spend 0.055 and stopped there. A
+    resume without the option (a cron job re-fired) used the file's 5 and sent the whole list."""
+    campaign = make_campaign(people(12), limits={"max_spend": "5"})
+    first = send(campaign, store_path, FakeProvider(), run_key="k", max_spend=Decimal("0.055"))
+    assert first.exit_code == ExitCode.SPEND_CAP
+    provider = FakeProvider()
+    again = send(campaign, store_path, provider, run_key="k")
+    assert again.exit_code == ExitCode.SPEND_CAP and provider.accepted == []
+    assert again.max_spend_micros == 55_000
+    assert any("keeps its spend cap of 0.055 USD" in w for w in again.warnings)
+    raised = send(campaign, store_path, FakeProvider(), run_key="k", max_spend=Decimal("1"))
+    assert raised.counts == {"sent": 12}
+
+
 def test_suppressed_and_unconsented_recipients_are_refused(
     make_campaign: CampaignFactory, store_path: Path, tmp_path: Path
 ) -> None:

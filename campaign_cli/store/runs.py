@@ -108,13 +108,14 @@ def start_run(
     max_spend_micros: int | None,
     template_hashes: dict[str, str],
     now: str,
+    cap_given: bool = False,
 ) -> tuple[RunRecord, bool]:
     """Create the run, or resume it. Returns (run, resumed).
 
     Resuming requires the same recipient file contents: journal rows are keyed by record number,
-    so a changed file would silently skip or repeat people. A resume without a cap of its own
-    (``max_spend_micros`` None) keeps the run's cap: a cap given on an earlier session's command
-    line must not vanish because the resume command left it out."""
+    so a changed file would silently skip or repeat people. Only a cap given on the command line
+    (``cap_given``) replaces the run's cap on a resume; otherwise the run keeps the smaller of its
+    own and the file's (none given: its own), so that leaving out --max-spend never lifts it."""
     conn.execute("BEGIN IMMEDIATE")
     try:
         existing = find_run(conn, campaign, run_key)
@@ -149,8 +150,11 @@ def start_run(
                     f"{', '.join(existing.channels)}; the campaign now has {', '.join(channels)}: "
                     "start a new run with another --run-key"
                 )
-            if max_spend_micros is None:
-                max_spend_micros = existing.max_spend_micros
+            if not cap_given and existing.max_spend_micros is not None:
+                # Only a cap given on this command line replaces the run's: the file's (or none)
+                # never raises it (a cron job re-fired, an operator resuming by hand).
+                max_spend_micros = (existing.max_spend_micros if max_spend_micros is None
+                                    else min(max_spend_micros, existing.max_spend_micros))
             conn.execute(
                 "UPDATE runs SET status = 'running', exit_code = NULL, finished_at = NULL, "
                 "started_at = ?, sessions = sessions + 1, max_spend_micros = ?, "
