@@ -711,7 +711,10 @@ class Runner:
             runs.mark_in_doubt(store.conn, run.id, now)
             by_channel = runs.counts(store.conn, run.id)
             spend = runs.committed_spend(store.conn, run.id)
-            failed = sum(s.get(State.FAILED.value, 0) for s in by_channel.values())
+            # Dead letters, and messages whose template failed for this recipient: either way
+            # someone was not sent to for a reason the operator must look at (exit 4).
+            failed = sum(s.get(State.FAILED.value, 0) + s.get(State.RENDER_FAILED.value, 0)
+                         for s in by_channel.values())
             exit_code, status, stopped = self._outcome(failed)
             if self._abort is not None:
                 error = redact(str(self._abort), self.secrets)

@@ -403,6 +403,8 @@ def test_render_failure_ends_the_row_not_the_run(make_campaign: CampaignFactory,
     report = send(campaign, store_path, FakeProvider())
     assert report.counts == {"render_failed": 3}
     assert "division" in journal(store_path)[0]["detail"]
+    # Nobody was sent to: exit 4, not "done, nothing failed" (0), which a cron job would trust.
+    assert report.exit_code == ExitCode.FAILURES
 
 
 def test_dry_run_sends_nothing_and_leaves_the_store_untouched(
