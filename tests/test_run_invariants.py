@@ -324,7 +324,8 @@ def check_session(plan: Plan, world: World, report: RunReport,
                    if (row, channel) not in rows)
     if report.exit_code in (0, 4):
         assert not pending and not report.stopped, (report.exit_code, counted, expected)
-        assert (report.exit_code == 4) == bool(counted.get("failed")), report
+        assert (report.exit_code == 4) == bool(
+            counted.get("failed") or counted.get("render_failed")), report
     if report.exit_code == 3:
         assert report.max_spend_micros is not None
     assert report.in_doubt_found == start_in_doubt

@@ -19,9 +19,10 @@ EXIT_CODES_HELP = """
 Exit codes: 0 done, nothing failed; 1 internal error (a bug, or output cut off: a broken pipe,
 a provider that failed in a way it cannot classify, the store failing mid-run; resumable); 2
 usage, configuration or input error, nothing sent; 3 stopped at the spend cap (resumable); 4
-done, but some messages failed (dead letters, or a template that failed to render); 5 the run is locked by another process; 6 a provider refused
-our credentials or configuration, or gave the same refusal ten times in a row (resumable once
-fixed); 130 interrupted by a signal (resumable).
+done, but some messages failed (dead letters, or a template that failed to render); 5 the run
+is locked by another process; 6 a provider refused our credentials or configuration, or gave
+the same refusal ten times in a row (resumable once fixed); 130 interrupted by a signal
+(resumable).
 """
 
 app = typer.Typer(
