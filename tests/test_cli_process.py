@@ -134,6 +134,8 @@ def test_status_tells_a_live_run_from_one_whose_process_was_killed(
     assert "running (stopped: no process)" in shown.stdout
     assert "the same `campaign send` command resumes it" in shown.stdout
     assert "running (stopped: no process)" in run(store_path, "status").stdout
+    [listed] = json.loads(run(store_path, "status", "--json").stdout)
+    assert (listed["status"], listed["holder"]) == ("running", None)
 
 
 def test_sigkill_with_a_provider_that_cannot_deduplicate_reports_doubts_instead_of_resending(

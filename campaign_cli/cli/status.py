@@ -45,7 +45,8 @@ def status(
             records = runs.list_runs(conn, limit)
             reports = [run_status(conn, r) for r in records]
             if as_json:
-                out.json([r.to_json() for r in reports])
+                out.json([{**r.to_json(), "holder": _holder(app.store_path, r)}
+                          for r in reports])
                 return
             if not reports:
                 out.result("no runs yet")
