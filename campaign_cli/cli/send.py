@@ -160,18 +160,20 @@ def _send(app: AppContext, campaign_file: Path, recipients: Path | None, dry_run
 def _not_started(app: AppContext, campaign_file: Path, run_key: str | None, dry_run: bool,
                  exc: CampaignError) -> dict[str, object]:
     """The `--json` summary's shape for a run that never started (bad input, exit 2; locked by
-    another process, exit 5; ...): status ``not_started``, nothing counted, the error."""
-    return {
-        "run": None, "run_id": None, "campaign": None, "campaign_file": str(campaign_file),
-        "run_key": run_key, "dry_run": dry_run, "resumed": False,
+    another process, exit 5; ...): status ``not_started``, nothing counted, the error. Built by
+    `RunReport.to_json` itself, so that its keys can never drift from a started run's."""
+    empty = RunReport(
+        run_id=0, run_name="", campaign="", run_key="", dry_run=dry_run, resumed=False,
+        by_channel={}, total_rows=0, spend_micros=0, max_spend_micros=None, currency="",
+        duration_s=0.0, sent_this_session=0, exit_code=int(exc.exit_code),
         # (a journal that failed even to record the end: the run did start, and was cut short)
-        "status": "aborted" if isinstance(exc, JournalError) else "not_started",
-        "counts": {}, "by_channel": {}, "total_rows": 0, "spend": "0", "spend_micros": 0,
-        "max_spend": None, "currency": None, "duration_s": 0.0, "rate_per_s": 0.0,
-        "in_doubt_found": 0, "in_doubt_resent": 0, "stopped": None,
-        "error": app.output.redact(str(exc)), "started_at": None, "finished_at": None,
-        "exit_code": int(exc.exit_code),
-    }
+        status="aborted" if isinstance(exc, JournalError) else "not_started",
+        error=app.output.redact(str(exc)),
+    ).to_json()
+    # What is not known before a run starts is null, not an empty stand-in.
+    empty.update(run=None, run_id=None, campaign=None, run_key=run_key, currency=None,
+                 campaign_file=str(campaign_file))
+    return empty
 
 
 # Ctrl-C, `kill`/a supervisor, and a terminal or SSH session that went away: each stops the run

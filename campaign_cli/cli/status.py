@@ -74,10 +74,11 @@ def status(
             payload["holder"] = _holder(app.store_path, report)
             out.json(payload)
             return
-        out.result(f"run {report.run_name} (id {report.run_id}): "
-                   f"{_shown_status(app.store_path, report)}"
+        stopped = report.status == "running" and _holder(app.store_path, report) is None
+        shown = "running (stopped: no process)" if stopped else report.status
+        out.result(f"run {report.run_name} (id {report.run_id}): {shown}"
                    + (f", exit {report.exit_code}" if report.exit_code is not None else ""))
-        if report.status == "running" and _holder(app.store_path, report) is None:
+        if stopped:
             out.result("no process holds this run: it was stopped without finishing (killed, or "
                        "the machine went down); the same `campaign send` command resumes it")
         out.result(f"started {record.started_at}  finished {record.finished_at or '-'}  "
