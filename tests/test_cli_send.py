@@ -457,3 +457,11 @@ def test_the_commands_the_example_campaigns_show_exist() -> None:
                 shown += 1
                 assert found[1] in known, (path.name, line)
     assert shown >= 3
+
+
+def test_status_of_a_run_without_any_store_is_one_error_line_and_exit_2(tmp_path: Path) -> None:
+    # It printed "no store at ... yet" on stdout and exited 2 with nothing on stderr.
+    code, out, err = invoke(tmp_path / "none.db", "status", "nope")
+    assert code == 2 and out == ""
+    assert err.strip() == f"error: no run 'nope': no store at {tmp_path / 'none.db'} yet"
+    assert not (tmp_path / "none.db").exists()

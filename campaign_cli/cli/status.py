@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from campaign_cli.cli.context import app_context, command
+from campaign_cli.errors import UsageError
 from campaign_cli.models import from_micros
 from campaign_cli.pipeline import RunReport, run_status
 from campaign_cli.store import runs
@@ -34,10 +35,10 @@ def status(
     if not app.store_path.exists():
         if as_json:
             out.json([] if run is None else None)
-        else:
+        if run is not None:  # asked for a run that cannot exist: an error, on stderr
+            raise UsageError(f"no run {run!r}: no store at {app.store_path} yet")
+        if not as_json:
             out.result(f"no store at {app.store_path} yet: nothing has been sent")
-        if run is not None:
-            raise typer.Exit(2)
         return
     with app.open_store(create=False) as store:
         conn = store.conn
