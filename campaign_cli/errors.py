@@ -6,6 +6,7 @@
     │   └── ConfigError                exit 2  the campaign YAML (or a template it names)
     ├── StoreError                     exit 2  the store cannot be opened or is too new
     ├── JournalError                   exit 1  writing the journal failed mid-run
+    ├── NotSentError                   exit 1  a provider cannot take messages any more
     ├── RunLockedError                 exit 5  another process drives this run
     └── ProviderError                  raised by provider adapters; the pipeline decides by class
         ├── TransientError             retry with backoff (5xx, 408, resets before sending)
@@ -84,6 +85,13 @@ class StoreError(CampaignError):
 class JournalError(CampaignError):
     """The journal writer's transaction failed while a run was sending (a full disk, an I/O
     error): messages may have gone out, so this is not a "nothing sent" exit 2."""
+
+    exit_code = ExitCode.INTERNAL
+
+
+class NotSentError(CampaignError):
+    """A provider could not take a message at all (its sending process is gone): nothing left.
+    The run stops (exit 1) and the row stays as it was before the attempt, for the resume."""
 
     exit_code = ExitCode.INTERNAL
 

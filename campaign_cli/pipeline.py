@@ -42,7 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal
 
 from campaign_cli.addresses import address_hash
 from campaign_cli.clock import Clock, Stamper, SystemClock, iso
@@ -53,6 +53,7 @@ from campaign_cli.errors import (
     InDoubtError,
     InputError,
     JournalError,
+    NotSentError,
     PermanentError,
     ProviderAuthError,
     ProviderError,
@@ -74,6 +75,7 @@ from campaign_cli.models import (
 from campaign_cli.pacing import Budget, Pacer
 from campaign_cli.policy import Policy, Refusal
 from campaign_cli.providers.base import (
+    HTTP_TYPES,
     BatchProvider,
     Provider,
     ProviderContext,
@@ -93,6 +95,9 @@ from campaign_cli.store import runs
 from campaign_cli.store import suppressions as suppression_store
 from campaign_cli.store.db import Store
 from campaign_cli.store.journal import JournalWriter
+
+if TYPE_CHECKING:
+    from campaign_cli.providers.process import HttpProcess
 
 #: States counted as "sent" in progress displays (the provider accepted the message).
 SENT_STATES = frozenset({State.SENT, State.DELIVERED, State.UNDELIVERED, State.BOUNCED})
@@ -122,6 +127,9 @@ class SendOptions:
     #: ``process_reader_min_rows`` rows to read, below that starting one costs more than it saves.
     reader: Literal["auto", "inline", "process"] = "auto"
     process_reader_min_rows: int = 20_000
+    #: Send HTTP providers' requests from a second process, on another core
+    #: (`campaign_cli.providers.process`); False keeps them in this one.
+    http_process: bool = True
 
 
 class StopController:
@@ -477,6 +485,7 @@ class Runner:
         self.options = options
         self.clock = clock
         self.registry = registry or default_registry()
+        self._default_registry = registry is None
         self.stop = stop
         self.on_progress = on_progress
         self.stdout = stdout
@@ -654,10 +663,19 @@ class Runner:
         in_doubt_found: int,
         started_mono: float,
     ) -> RunReport:
-        context = ProviderContext(clock=self.clock, run_name=run.name, stdout=self.stdout)
+        http: HttpProcess | None = None
         try:
+            if self._wants_http_process():
+                # Imported here: httpx costs an outbox or console run ~0.1 s to import.
+                from campaign_cli.providers.process import HttpProcess
+
+                http = await HttpProcess.start()
+            context = ProviderContext(clock=self.clock, run_name=run.name, stdout=self.stdout,
+                                      transports=None if http is None else http.transport)
             routes = self._routes(context)
         except CampaignError as exc:  # a provider's configuration, checked as it is built
+            if http is not None:
+                await http.aclose()
             runs.finish_run(store.conn, run.id, status="aborted", exit_code=int(exc.exit_code),
                             now=iso(self.clock.now()), total_rows=total_rows,
                             last_error=redact(str(exc), self.secrets))
@@ -697,6 +715,8 @@ class Runner:
                     await route.provider.aclose()
                 except Exception as exc:  # noqa: BLE001 - closing must not hide the outcome
                     self.warnings.append(f"closing provider {route.provider.name}: {exc}")
+            if http is not None:
+                await http.aclose()
             try:
                 await asyncio.to_thread(writer.close)
             except JournalError as exc:
@@ -762,6 +782,16 @@ class Runner:
                                                 breaker.cooldown)
                 routes.setdefault(channel, []).append(by_name[name])
         return routes
+
+    def _wants_http_process(self) -> bool:
+        """Whether this run sends its HTTP requests from a second process: a real run (not a
+        dry run) of the default registry's providers with an HTTP one among them, unless the
+        options say no. (A registry of one's own, a test's, builds its own transports.)"""
+        if self.options.dry_run or not self.options.http_process or not self._default_registry:
+            return False
+        names = {name for channel in self.campaign.channels.enabled()
+                 for name in self.campaign.channels.get(channel).provider_names}
+        return any(self.campaign.providers[name].type in HTTP_TYPES for name in names)
 
     def _route(self, name: str, context: ProviderContext, threshold: int,
                cooldown: float) -> _Route:
@@ -1439,6 +1469,15 @@ class Runner:
                         self._attempt(key, attempt, route.name, _outcome_of(exc), exc, None,
                                       started)
                         error = exc
+                    except NotSentError as exc:  # it never left, and nothing more can
+                        route.breaker.release(probe)
+                        self._unsend(key, job)
+                        self._budget.release(job.reserved)
+                        self._fail_run(_Abort(
+                            ExitCode.INTERNAL, "internal_error",
+                            f"provider {route.name}: {redact(str(exc), self.secrets)}",
+                        ))
+                        return
                     except Exception as exc:  # noqa: BLE001 - a bug in an adapter: stop
                         self._provider_crashed([key], attempt, route.name, exc, started)
                         return

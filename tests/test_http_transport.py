@@ -26,6 +26,7 @@ from campaign_cli.providers.http import (
     make_client,
     map_aiohttp_error,
 )
+from campaign_cli.providers.process import HttpProcess
 
 T = TypeVar("T")
 
@@ -112,14 +113,32 @@ async def sink() -> AsyncIterator[Sink]:
         await server.stop()
 
 
+@pytest.fixture(params=["inline", "process"])
+def where(request: pytest.FixtureRequest) -> str:
+    """Every exchange test runs twice: over `AiohttpTransport` in this process, and over
+    `ProcessTransport` (the same pool in an `HttpProcess` child, as `campaign send` uses it)."""
+    return str(request.param)
+
+
 @asynccontextmanager
-async def client(concurrency: int = 4, timeout: float = 10.0) -> AsyncIterator[httpx.AsyncClient]:
-    c = make_client(base_url="http://127.0.0.1", timeout=timeout, concurrency=concurrency)
-    assert isinstance(c._transport, AiohttpTransport)  # the default is the fast transport
+async def client(where: str, concurrency: int = 4,
+                 timeout: float = 10.0) -> AsyncIterator[httpx.AsyncClient]:
+    if where == "inline":
+        c = make_client(base_url="http://127.0.0.1", timeout=timeout, concurrency=concurrency)
+        assert isinstance(c._transport, AiohttpTransport)  # the default is the fast transport
+        try:
+            yield c
+        finally:
+            await c.aclose()
+        return
+    host = await HttpProcess.start()
+    c = make_client(base_url="http://127.0.0.1", timeout=timeout, concurrency=concurrency,
+                    transport=host.transport(concurrency))
     try:
         yield c
     finally:
         await c.aclose()
+        await host.aclose()
 
 
 def post(url: str, timeout: dict[str, float] | None = None) -> httpx.Request:
@@ -142,9 +161,9 @@ async def failure(c: httpx.AsyncClient, request: httpx.Request) -> httpx.HTTPErr
 # (d) a normal answer
 
 
-def test_answer_and_request_as_built() -> None:
+def test_answer_and_request_as_built(where: str) -> None:
     async def scenario() -> None:
-        async with sink() as s, client() as c:
+        async with sink() as s, client(where) as c:
             first = await c.send(post(s.url))
             second = await c.send(post(s.url))
             assert first.status_code == second.status_code == 201
@@ -163,9 +182,9 @@ def test_answer_and_request_as_built() -> None:
     run(scenario())
 
 
-def test_compressed_answer_is_decoded_by_httpx() -> None:
+def test_compressed_answer_is_decoded_by_httpx(where: str) -> None:
     async def scenario() -> None:
-        async with sink() as s, client() as c:
+        async with sink() as s, client(where) as c:
             s.body = gzip.compress(b'{"sid": "SMgz"}')
             s.headers = [("Content-Type", "application/json"), ("Content-Encoding", "gzip")]
             response = await c.send(post(s.url))
@@ -174,9 +193,9 @@ def test_compressed_answer_is_decoded_by_httpx() -> None:
     run(scenario())
 
 
-def test_many_concurrent_requests_share_a_bounded_pool() -> None:
+def test_many_concurrent_requests_share_a_bounded_pool(where: str) -> None:
     async def scenario() -> None:
-        async with sink() as s, client(concurrency=3) as c:
+        async with sink() as s, client(where, concurrency=3) as c:
             answers = await asyncio.gather(*(c.send(post(s.url)) for _ in range(30)))
             assert [a.status_code for a in answers] == [201] * 30
             assert len(s.requests) == 30
@@ -189,14 +208,14 @@ def test_many_concurrent_requests_share_a_bounded_pool() -> None:
 # Before the request was written: transient
 
 
-def test_refused_connection_is_connect_error_and_transient() -> None:
+def test_refused_connection_is_connect_error_and_transient(where: str) -> None:
     probe = socket.socket()
     probe.bind(("127.0.0.1", 0))
     port = probe.getsockname()[1]
     probe.close()  # nothing listens there now
 
     async def scenario() -> None:
-        async with client() as c:
+        async with client(where) as c:
             exc = await failure(c, post(f"http://127.0.0.1:{port}"))
             assert isinstance(exc, httpx.ConnectError)
             assert type(classify_transport_error(exc)) is TransientError
@@ -204,7 +223,7 @@ def test_refused_connection_is_connect_error_and_transient() -> None:
     run(scenario())
 
 
-def test_connect_timeout_is_transient() -> None:
+def test_connect_timeout_is_transient(where: str) -> None:
     # A listener that never accepts, its backlog filled: the kernel drops further SYNs, so the
     # connection is never made (Linux). The request cannot have been written.
     listener = socket.socket()
@@ -219,7 +238,7 @@ def test_connect_timeout_is_transient() -> None:
         fillers.append(f)
 
     async def scenario() -> None:
-        async with client() as c:
+        async with client(where) as c:
             timeout = {"connect": 0.2, "read": 5.0, "write": 5.0, "pool": 5.0}
             exc = await failure(c, post(f"http://127.0.0.1:{port}", timeout))
             assert isinstance(exc, httpx.ConnectTimeout)
@@ -233,9 +252,9 @@ def test_connect_timeout_is_transient() -> None:
         listener.close()
 
 
-def test_no_free_slot_is_pool_timeout_and_transient() -> None:
+def test_no_free_slot_is_pool_timeout_and_transient(where: str) -> None:
     async def scenario() -> None:
-        async with sink() as s, client(concurrency=1) as c:
+        async with sink() as s, client(where, concurrency=1) as c:
             s.mode = "withhold"
             first = asyncio.create_task(c.send(post(s.url)))
             await s.received.wait()  # the only slot is taken
@@ -247,9 +266,11 @@ def test_no_free_slot_is_pool_timeout_and_transient() -> None:
             first.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await first
-            # The cancelled request gave its slot back.
+            # The cancelled request gave its slot back at once (not when its read timed out:
+            # in the process transport, the cancel crosses to the child).
             s.mode = "ok"
-            assert (await c.send(post(s.url))).status_code == 201
+            quick = {"connect": 5.0, "read": 5.0, "write": 5.0, "pool": 2.0}
+            assert (await c.send(post(s.url, quick))).status_code == 201
 
     run(scenario())
 
@@ -258,9 +279,9 @@ def test_no_free_slot_is_pool_timeout_and_transient() -> None:
 # After the request was written: in doubt
 
 
-def test_reset_after_the_request_was_read_is_in_doubt() -> None:
+def test_reset_after_the_request_was_read_is_in_doubt(where: str) -> None:
     async def scenario() -> None:
-        async with sink() as s, client() as c:
+        async with sink() as s, client(where) as c:
             s.mode = "reset"
             exc = await failure(c, post(s.url))
             assert isinstance(exc, (httpx.ReadError, httpx.RemoteProtocolError))
@@ -270,9 +291,9 @@ def test_reset_after_the_request_was_read_is_in_doubt() -> None:
     run(scenario())
 
 
-def test_close_without_an_answer_is_in_doubt() -> None:
+def test_close_without_an_answer_is_in_doubt(where: str) -> None:
     async def scenario() -> None:
-        async with sink() as s, client() as c:
+        async with sink() as s, client(where) as c:
             s.mode = "close"
             exc = await failure(c, post(s.url))
             assert isinstance(exc, httpx.RemoteProtocolError)
@@ -281,9 +302,9 @@ def test_close_without_an_answer_is_in_doubt() -> None:
     run(scenario())
 
 
-def test_withheld_answer_is_read_timeout_per_request_timeout() -> None:
+def test_withheld_answer_is_read_timeout_per_request_timeout(where: str) -> None:
     async def scenario() -> None:
-        async with sink() as s, client(timeout=60.0) as c:
+        async with sink() as s, client(where, timeout=60.0) as c:
             s.mode = "withhold"
             # The request's own timeout wins over the client's 60 s.
             timeout = {"connect": 5.0, "read": 0.1, "write": 5.0, "pool": 5.0}
@@ -295,7 +316,7 @@ def test_withheld_answer_is_read_timeout_per_request_timeout() -> None:
     run(scenario())
 
 
-def test_an_answer_trickled_byte_by_byte_is_bounded_by_the_request_timeouts() -> None:
+def test_an_answer_trickled_byte_by_byte_is_bounded_by_the_request_timeouts(where: str) -> None:
     """The read timeout bounds each wait for a piece of the answer, not the answer: a peer that
     sends a byte just inside it, again and again (a recipient's webhook URL that streams, a
     stalled proxy), held the send and its worker for ever, and a few of them stalled the run."""
@@ -319,7 +340,7 @@ def test_an_answer_trickled_byte_by_byte_is_bounded_by_the_request_timeouts() ->
         server = await asyncio.start_server(trickle, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         try:
-            async with client(timeout=60.0) as c:
+            async with client(where, timeout=60.0) as c:
                 request = post(f"http://127.0.0.1:{port}",
                                {"connect": 0.5, "read": 0.5, "write": 0.5, "pool": 0.5})
                 exc = await asyncio.wait_for(failure(c, request), 20)

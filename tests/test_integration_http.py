@@ -19,6 +19,7 @@ from tests.fakeserver import (  # noqa: F401 - pytest fixtures
     fake_server_fixture,
 )
 from tests.test_cli_process import DEADLINE, campaign_cmd, sent_rows, start, wait_for
+from tests.test_http_process import gone, http_children, wait_until
 
 CHAOS_ROWS = 5_000
 
@@ -29,10 +30,15 @@ def run_to_end(store: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def kill_when(store: Path, campaign: Path, key: str, at_least: int) -> None:
+    """SIGKILL `campaign send` once ``at_least`` messages are sent. Its HTTP process (which
+    holds the requests in flight) must not outlive it: it ends on its own."""
     proc = start(store, "send", str(campaign), "--run-key", key)
     wait_for(lambda: sent_rows(store) >= at_least, proc, f"{at_least} messages sent")
+    children = http_children(proc.pid)
+    assert len(children) == 1
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
+    wait_until(lambda: gone(children[0]), "the HTTP process to end with its parent")
 
 
 @pytest.mark.slow

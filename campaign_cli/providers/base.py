@@ -59,12 +59,15 @@ class BatchProvider(Provider, Protocol):
 @dataclass
 class ProviderContext:
     """What a provider factory may use: the clock, the run's name (for file and id naming),
-    and the stream the console provider writes to."""
+    the stream the console provider writes to, and where HTTP exchanges happen."""
 
     clock: Clock
     run_name: str
     stdout: IO[str] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    #: Makes an HTTP provider's transport for a pool of that many connections, when the run
+    #: sends HTTP from another process (`campaign_cli.providers.process`); None: in process.
+    transports: Callable[[int], Any] | None = None
 
 
 ProviderFactory = Callable[[str, Any, ProviderContext], Provider]
@@ -93,6 +96,10 @@ class ProviderRegistry:
     def types(self) -> list[str]:
         return sorted(self._factories)
 
+
+#: The provider types that send over HTTP (`campaign_cli.providers.http`): a run that uses one
+#: sends their requests from a second process (`campaign_cli.providers.process`).
+HTTP_TYPES = frozenset({"twilio", "sendgrid", "fcm", "slack", "webhook"})
 
 #: Provider types and where their classes live. Imported only when a run uses the type, so an
 #: outbox run never pays for aiohttp, aiosmtplib or PyJWT.

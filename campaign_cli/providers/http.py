@@ -27,7 +27,7 @@ import asyncio
 import email.utils
 import re
 import ssl
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -180,12 +180,16 @@ def client_for(
     default_concurrency: int = DEFAULT_CONCURRENCY,
 ) -> httpx.AsyncClient:
     """`make_client` for a provider's config: its timeout and pool size, and the transport a
-    test may put in the context's extras."""
+    test may put in the context's extras, else the run's process transport if it has one."""
+    concurrency = config.concurrency or default_concurrency
+    transport = context.extras.get("transport")
+    if transport is None and context.transports is not None:
+        transport = context.transports(concurrency)
     return make_client(
         base_url=base_url,
         timeout=config.timeout,
-        concurrency=config.concurrency or default_concurrency,
-        transport=context.extras.get("transport"),
+        concurrency=concurrency,
+        transport=transport,
     )
 
 
@@ -291,6 +295,76 @@ class _Session:
             self.timeouts[(connect, read, write)] = found
         return found
 
+    async def request(
+        self, method: str, url: str, headers: list[tuple[str, str]], body: bytes,
+        timeouts: Mapping[str, float | None], sni_hostname: str | None,
+    ) -> RawAnswer:
+        """One exchange: a free slot (or `httpx.PoolTimeout` after the ``pool`` timeout), the
+        request, the whole answer. aiohttp's failures are raised as httpx's (`map_aiohttp_error`),
+        without their request (the caller sets it)."""
+        slots = self.slots
+        if slots.locked():
+            pool = timeouts.get("pool")
+            try:
+                await asyncio.wait_for(slots.acquire(), pool)
+            except asyncio.TimeoutError:
+                raise httpx.PoolTimeout(f"no free connection within {pool} s") from None
+        else:
+            await slots.acquire()  # free: returns at once
+        try:
+            async with self.session.request(
+                method,
+                self.url(url),
+                headers=headers,
+                data=body or None,
+                timeout=self.timeout(timeouts),
+                allow_redirects=False,
+                server_hostname=sni_hostname,
+            ) as answer:
+                content = await answer.read()
+                return answer.status, answer.raw_headers, answer.reason, content
+        except self.failures as exc:
+            raise map_aiohttp_error(exc) from exc
+        finally:
+            slots.release()
+
+
+#: An answer read whole: status, raw header pairs, reason phrase, body.
+RawAnswer = tuple[int, Sequence[tuple[bytes, bytes]], str | None, bytes]
+
+
+def raw_request(request: httpx.Request) -> tuple[str, str, list[tuple[str, str]],
+                                                  Mapping[str, float | None], str | None]:
+    """What a transport sends of an httpx request, its body aside: method, URL (already
+    encoded), headers as text, the timeouts, the TLS server name."""
+    encoding = request.headers.encoding
+    headers = [(k.decode(encoding), v.decode(encoding)) for k, v in request.headers.raw]
+    return (request.method, str(request.url), headers, request.extensions.get("timeout", {}),
+            request.extensions.get("sni_hostname"))
+
+
+async def request_body(request: httpx.Request) -> bytes:
+    try:
+        return request.content
+    except httpx.RequestNotRead:
+        return await request.aread()
+
+
+def to_response(request: httpx.Request, answer: RawAnswer) -> httpx.Response:
+    """An httpx response for an answer read whole."""
+    status, raw, reason, content = answer
+    extensions: dict[str, object] = {"http_version": b"HTTP/1.1"}
+    if reason:
+        extensions["reason_phrase"] = reason.encode("latin-1", "replace")
+    # A stream read here rather than content=: the body is whole and its headers are the
+    # server's, so httpx need not compute content headers (and decodes Content-Encoding).
+    response = httpx.Response(
+        status, headers=list(raw), stream=httpx.ByteStream(content), request=request,
+        extensions=extensions,
+    )
+    response.read()
+    return response
+
 
 class AiohttpTransport(httpx.AsyncBaseTransport):
     """httpx requests sent over one aiohttp `ClientSession` with a keep-alive pool.
@@ -331,52 +405,14 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             if self._closed:
                 raise RuntimeError("the transport is closed")
             live = self._live = _Session(self.concurrency, self.keepalive, self._ssl)
-        timeouts: Mapping[str, float | None] = request.extensions.get("timeout", {})
-        slots = live.slots
-        if slots.locked():
-            pool = timeouts.get("pool")
-            try:
-                await asyncio.wait_for(slots.acquire(), pool)
-            except asyncio.TimeoutError:
-                raise httpx.PoolTimeout(
-                    f"no free connection within {pool} s", request=request
-                ) from None
-        else:
-            await slots.acquire()  # free: returns at once
+        method, url, headers, timeouts, sni = raw_request(request)
+        body = await request_body(request)
         try:
-            try:
-                body = request.content
-            except httpx.RequestNotRead:
-                body = await request.aread()
-            encoding = request.headers.encoding
-            headers = [(k.decode(encoding), v.decode(encoding)) for k, v in request.headers.raw]
-            try:
-                async with live.session.request(
-                    request.method,
-                    live.url(str(request.url)),
-                    headers=headers,
-                    data=body or None,
-                    timeout=live.timeout(timeouts),
-                    allow_redirects=False,
-                    server_hostname=request.extensions.get("sni_hostname"),
-                ) as answer:
-                    content = await answer.read()
-                    status, raw, reason = answer.status, answer.raw_headers, answer.reason
-            except live.failures as exc:
-                raise map_aiohttp_error(exc, request) from exc
-        finally:
-            slots.release()
-        extensions: dict[str, object] = {"http_version": b"HTTP/1.1"}
-        if reason:
-            extensions["reason_phrase"] = reason.encode("latin-1", "replace")
-        # A stream read here rather than content=: the body is whole and its headers are the
-        # server's, so httpx need not compute content headers (and decodes Content-Encoding).
-        response = httpx.Response(
-            status, headers=raw, stream=httpx.ByteStream(content), request=request,
-            extensions=extensions,
-        )
-        response.read()
-        return response
+            answer = await live.request(method, url, headers, body, timeouts, sni)
+        except httpx.TransportError as exc:
+            exc.request = request
+            raise
+        return to_response(request, answer)
 
     async def aclose(self) -> None:
         self._closed = True

@@ -1,0 +1,401 @@
+"""HTTP exchanges in a second process, on another core.
+
+One HTTP send costs ~250 us of Python (aiohttp's request and answer, the httpx objects around
+them), and the pipeline ~110 us more per message (policy, render, journal, pacing). In one process
+both share one interpreter lock, so `campaign send` reached about half of what the bare client
+reaches alone (bench/README.md). `HttpProcess` moves the exchange itself to a child interpreter:
+a provider still builds its request and reads its answer here (`HttpProvider`, the adapters, FCM's
+token, every error class), and the pipeline keeps every decision (the intent committed before the
+send, pacing, breaker, retries, failover). The child only holds the connection pools (one
+`_Session` per provider, as `AiohttpTransport` has) and turns each request into an answer or
+into the httpx exception that says when it failed (`map_aiohttp_error`).
+
+`ProcessTransport` is the httpx transport a provider's client uses for it; a provider cannot tell
+it from `AiohttpTransport`. Requests cross a pipe as length-prefixed pickles, several per write:
+up to `FRAME` sends that queue up in one turn of the event loop go together, and the answers come
+back the same way.
+
+What each side sees when the other fails:
+
+- The child dies (killed, out of memory, a bug): every request it was given may have left, so
+  each waiting exchange raises `HttpProcessError`. That is not a provider's answer: the pipeline
+  keeps those rows `sending` (the run ends them `in_doubt`) and stops the run with exit 1. Later
+  requests raise it at once, before anything leaves.
+- The parent dies (SIGKILL, a crash): the child reads the end of its input, cancels what is in
+  flight and exits. A frame still in the pipe is not sent: the child checks before each frame that
+  its parent is alive. The rows it held are `sending` in the journal, so the resume reports them
+  `in_doubt`.
+- Ctrl-C and SIGTERM are the parent's to handle (a graceful stop finishes the sends in flight): the
+  child ignores both and ends when the parent closes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+import os
+import pickle
+import signal
+import struct
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import httpx
+
+from campaign_cli.errors import CampaignError, NotSentError
+from campaign_cli.providers.http import (
+    RawAnswer,
+    raw_request,
+    request_body,
+    to_response,
+)
+
+_HEADER = struct.Struct("!I")
+#: At most this many requests (or answers) wait for the end of the event loop's turn; more are
+#: written at once, so the other process starts on the first ones while this one makes the rest.
+#: With whole turns the two fell into lock step (every message in flight crossing together, each
+#: process idle while the other worked: one core of two used; bench/README.md, session 6).
+FRAME = 8
+#: How long `start` waits for the child to be ready, and `aclose` for it to finish and exit.
+START_TIMEOUT = 60.0
+CLOSE_TIMEOUT = 10.0
+
+#: Answer tags on the pipe.
+_OK, _FAILED, _CRASHED = 0, 1, 2
+#: The httpx exceptions an exchange may end with (`map_aiohttp_error`, the pool timeout).
+_TRANSPORT_ERRORS: dict[str, type[httpx.TransportError]] = {
+    cls.__name__: cls for cls in (
+        httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol,
+        httpx.ReadTimeout, httpx.RemoteProtocolError, httpx.WriteError, httpx.ReadError,
+        httpx.WriteTimeout, httpx.ProxyError,
+    )
+}
+
+
+class HttpProcessError(CampaignError):
+    """The HTTP process failed while it held this request: it may have left (exit 1)."""
+
+
+class HttpProcessGone(NotSentError):
+    """The HTTP process had already failed, or failed before this request was handed to it:
+    the request never left (exit 1, the row stays as it was)."""
+
+
+class HttpProcess:
+    """The child process and the pipe to it. `start` it, make each provider's `transport`, and
+    `aclose` it once the providers are closed."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self._process = process
+        assert process.stdin is not None and process.stdout is not None
+        self._stdin = process.stdin
+        self._stdout = process.stdout
+        self._ids = itertools.count(1)
+        self._pools = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future[Any]] = {}
+        self._outgoing: list[tuple[Any, ...]] = []
+        self._flush_scheduled = False
+        self._failure: str | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @classmethod
+    async def start(cls) -> HttpProcess:
+        """Start the child; return once it is ready to send."""
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _CHILD_CODE,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        host = cls(process)
+        try:
+            host._write(("init", {"sys_path": list(sys.path), "parent": os.getpid()}))
+            kind, payload = await asyncio.wait_for(host._read(), START_TIMEOUT)
+            if kind != "ready":
+                raise RuntimeError(str(payload))
+        except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError,
+                asyncio.IncompleteReadError, asyncio.TimeoutError) as exc:
+            await host._kill()
+            raise HttpProcessError(
+                f"the HTTP process did not start ({type(exc).__name__}: {exc})"
+            ) from None
+        host._reader = asyncio.create_task(host._read_answers())
+        return host
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    def transport(self, concurrency: int, keepalive: float = 15.0) -> ProcessTransport:
+        """A transport with its own pool of ``concurrency`` connections in the child."""
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        pool = next(self._pools)
+        self._outgoing.append(("open", pool, concurrency, keepalive))
+        return ProcessTransport(self, pool)
+
+    # -- the exchange ------------------------------------------------------------------------
+
+    async def exchange(self, item: tuple[Any, ...]) -> tuple[Any, ...]:
+        """Hand one request to the child and wait for its answer. Cancelling the wait cancels
+        the exchange in the child too (its connection slot is freed, as in process)."""
+        if self._failure is not None:
+            raise HttpProcessGone(self._failure)
+        loop = asyncio.get_running_loop()
+        request_id = next(self._ids)
+        future: asyncio.Future[Any] = loop.create_future()
+        self._waiting[request_id] = future
+        self._queue((request_id, *item))
+        try:
+            answer: tuple[Any, ...] = await future
+        except asyncio.CancelledError:
+            if self._waiting.pop(request_id, None) is not None and self._failure is None:
+                self._queue(("cancel", request_id))
+            raise
+        return answer
+
+    def _queue(self, item: tuple[Any, ...]) -> None:
+        outgoing = self._outgoing
+        outgoing.append(item)
+        if len(outgoing) >= FRAME:
+            self._flush()
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        batch, self._outgoing = self._outgoing, []
+        if not batch or self._failure is not None:
+            return
+        try:
+            self._write(("send", batch))
+        except (OSError, RuntimeError) as exc:  # the pipe is closed: the child is gone
+            self._outgoing = batch + self._outgoing  # not handed over
+            self._fail(f"the HTTP process stopped reading its requests ({exc})")
+
+    def _write(self, item: object) -> None:
+        data = pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
+        self._stdin.write(_HEADER.pack(len(data)) + data)
+
+    async def _read(self) -> Any:
+        size = _HEADER.unpack(await self._stdout.readexactly(_HEADER.size))[0]
+        return pickle.loads(await self._stdout.readexactly(size))  # noqa: S301 - our own child
+
+    async def _read_answers(self) -> None:
+        try:
+            while True:
+                answers = await self._read()
+                waiting = self._waiting
+                for request_id, answer in answers:
+                    future = waiting.pop(request_id, None)
+                    if future is not None and not future.done():  # else: an immediate stop
+                        future.set_result(answer)
+        except (asyncio.IncompleteReadError, OSError, EOFError, ValueError,
+                pickle.UnpicklingError) as exc:
+            if not self._closed:
+                code = await self._exit_code()
+                why = (type(exc).__name__ if code is None else
+                       f"exit code {code}" if code >= 0 else f"killed by signal {-code}")
+                self._fail(f"the HTTP process ended unexpectedly ({why}); requests it was "
+                           "sending may have reached the provider")
+
+    async def _exit_code(self) -> int | None:
+        try:
+            return await asyncio.wait_for(self._process.wait(), 2.0)
+        except asyncio.TimeoutError:
+            return None
+
+    def _fail(self, reason: str) -> None:
+        """Fail every exchange still waiting: in doubt if the child had its request, not sent
+        if the request was still queued here."""
+        if self._failure is None:
+            self._failure = reason
+        unsent = {item[0] for item in self._outgoing if isinstance(item[0], int)}
+        self._outgoing = []
+        waiting, self._waiting = self._waiting, {}
+        for request_id, future in waiting.items():
+            if not future.done():
+                cls = HttpProcessGone if request_id in unsent else HttpProcessError
+                future.set_exception(cls(reason))
+
+    # -- closing -----------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Ask the child to finish and exit; kill it if it does not within `CLOSE_TIMEOUT`
+        seconds, or at once when exchanges are still waiting (an immediate stop: those messages
+        are in doubt whatever the child does now)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._flush()
+        if self._failure is not None or any(not f.done() for f in self._waiting.values()):
+            await self._kill()
+        else:
+            try:
+                self._write(("close",))
+                await self._stdin.drain()
+                self._stdin.close()
+                await asyncio.wait_for(self._process.wait(), CLOSE_TIMEOUT)
+            except (OSError, RuntimeError, asyncio.TimeoutError):
+                await self._kill()
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+        self._fail("the HTTP process is closed")
+
+    async def _kill(self) -> None:
+        if self._process.returncode is None:
+            try:
+                self._process.kill()
+            except ProcessLookupError:
+                pass
+        await self._process.wait()
+
+
+class ProcessTransport(httpx.AsyncBaseTransport):
+    """An httpx transport whose exchanges happen in an `HttpProcess`: the same answers and the
+    same exceptions as `AiohttpTransport`, whose pool it has in the child."""
+
+    def __init__(self, host: HttpProcess, pool: int) -> None:
+        self._host = host
+        self._pool = pool
+        self._closed = False
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if self._closed:
+            raise RuntimeError("the transport is closed")
+        method, url, headers, timeouts, sni = raw_request(request)
+        body = await request_body(request)
+        answer = await self._host.exchange((self._pool, method, url, headers, body,
+                                            dict(timeouts), sni))
+        tag = answer[0]
+        if tag == _OK:
+            return to_response(request, answer[1:])
+        if tag == _FAILED:
+            raise _TRANSPORT_ERRORS[answer[1]](answer[2], request=request)
+        raise HttpProcessError(f"the HTTP process failed: {answer[1]}")
+
+    async def aclose(self) -> None:
+        self._closed = True  # the pool closes with the process
+
+
+# ------------------------------------------------------------------------------------------
+# The child
+
+# `-c` puts the working directory ('') first on the path: drop it before importing anything, or
+# a user's pickle.py (struct.py, ...) there would be imported instead of the library's.
+_CHILD_CODE = (
+    "import sys\n"
+    "sys.path[:] = [p for p in sys.path if p]\n"
+    "from campaign_cli.providers.process import _child_main\n"
+    "_child_main()\n"
+)
+
+
+def _child_main() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        asyncio.run(_serve())
+    except BaseException:  # noqa: BLE001 - the parent reports the end of the pipe
+        os._exit(1)
+
+
+async def _serve() -> None:
+    from campaign_cli.providers.http import _Session
+
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=2**31)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    out = os.fdopen(sys.stdout.fileno(), "wb", closefd=False)
+    transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, out)
+    writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+
+    def write(item: object) -> None:
+        data = pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
+        writer.write(_HEADER.pack(len(data)) + data)
+
+    async def read() -> Any:
+        size = _HEADER.unpack(await reader.readexactly(_HEADER.size))[0]
+        return pickle.loads(await reader.readexactly(size))  # noqa: S301 - our parent
+
+    _, init = await read()
+    sys.path[:] = init["sys_path"]
+    parent: int = init["parent"]
+    write(("ready", None))
+
+    pools: dict[int, _Session] = {}
+    answers: list[tuple[int, tuple[Any, ...]]] = []
+    scheduled = False
+    tasks: dict[int, asyncio.Task[None]] = {}
+
+    def forget(request_id: int, _: object) -> None:
+        tasks.pop(request_id, None)
+
+    def flush() -> None:
+        nonlocal scheduled, answers
+        scheduled = False
+        batch, answers = answers, []
+        if batch:
+            write(batch)
+
+    async def exchange(request_id: int, session: _Session, method: str, url: str,
+                       headers: list[tuple[str, str]], body: bytes,
+                       timeouts: Mapping[str, float | None], sni: str | None) -> None:
+        nonlocal scheduled
+        answer: tuple[Any, ...]
+        try:
+            raw: RawAnswer = await session.request(method, url, headers, body, timeouts, sni)
+            answer = (_OK, *raw)
+        except httpx.TransportError as exc:
+            name = type(exc).__name__
+            answer = ((_FAILED, name, str(exc)) if name in _TRANSPORT_ERRORS
+                      else (_FAILED, "ReadError", str(exc)))
+        except Exception as exc:  # noqa: BLE001 - a bug: the parent stops the run
+            answer = (_CRASHED, f"{type(exc).__name__}: {exc}")
+        answers.append((request_id, answer))
+        if len(answers) >= FRAME:
+            flush()
+        elif not scheduled:
+            scheduled = True
+            loop.call_soon(flush)
+
+    closing = False
+    try:
+        while True:
+            try:
+                frame = await read()
+            except (asyncio.IncompleteReadError, EOFError):
+                break  # the parent is gone: nothing more leaves
+            if frame[0] == "close":
+                closing = True
+                break
+            if os.getppid() != parent:
+                break  # a frame the dead parent left in the pipe: not sent
+            for item in frame[1]:
+                if item[0] == "open":
+                    _, pool, concurrency, keepalive = item
+                    pools[pool] = _Session(concurrency, keepalive, True)
+                elif item[0] == "cancel":
+                    cancelled = tasks.get(item[1])
+                    if cancelled is not None:
+                        cancelled.cancel()
+                else:
+                    request_id, pool, *request = item
+                    task = loop.create_task(exchange(request_id, pools[pool], *request))
+                    tasks[request_id] = task
+                    task.add_done_callback(functools.partial(forget, request_id))
+        if closing:
+            if tasks:
+                await asyncio.gather(*tasks.values(), return_exceptions=True)
+            flush()
+            await writer.drain()
+        else:
+            for task in tasks.values():
+                task.cancel()
+    finally:
+        for session in pools.values():
+            await session.session.close()

@@ -1,0 +1,281 @@
+"""`HttpProcess`: HTTP exchanges in a child process. What each side does when the other fails,
+and that a run uses it only when it sends over HTTP.
+
+The exchanges themselves (answers, every transport failure and what it classifies as) are
+tested over both transports in tests/test_http_transport.py; the chaos tests in
+tests/test_integration_http.py SIGKILL `campaign send` while its child holds requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from campaign_cli.providers.http import make_client
+from campaign_cli.providers.process import (
+    _CHILD_CODE,
+    _HEADER,
+    HttpProcess,
+    HttpProcessError,
+    HttpProcessGone,
+)
+from tests.conftest import CampaignFactory, journal, people
+from tests.fakeserver import (  # noqa: F401 - pytest fixtures
+    FakeProviderServer,
+    fake_server_fixture,
+)
+from tests.test_cli_process import DEADLINE, sent_rows, start, wait_for
+from tests.test_http_transport import post, run, sink
+
+
+def http_children(pid: int) -> list[int]:
+    """The HTTP processes `campaign send` (process ``pid``) has started."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == pid and b"campaign_cli.providers.process" in cmdline:
+            found.append(int(entry))
+    return found
+
+
+def gone(pid: int) -> bool:
+    """The process has exited (reaped, or a zombie waiting for its new parent)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return True
+    return state in ("Z", "X")
+
+
+def wait_until(condition: object, what: str, deadline: float = DEADLINE) -> None:
+    end = time.monotonic() + deadline
+    while not condition():  # type: ignore[operator]
+        if time.monotonic() > end:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+# --------------------------------------------------------------------------------------------
+# The child fails
+
+
+def test_a_killed_child_leaves_what_it_held_in_doubt_and_takes_nothing_more() -> None:
+    async def scenario() -> None:
+        async with sink() as s:
+            s.mode = "withhold"
+            host = await HttpProcess.start()
+            client = make_client(base_url=s.url, timeout=30.0, concurrency=2,
+                                 transport=host.transport(2))
+            try:
+                held = asyncio.create_task(client.send(post(s.url)))
+                await asyncio.wait_for(s.received.wait(), 10)
+                os.kill(host.pid, signal.SIGKILL)
+                with pytest.raises(HttpProcessError) as info:
+                    await asyncio.wait_for(held, 10)
+                # It had the request: it may have left (the pipeline keeps the row in doubt).
+                assert type(info.value) is HttpProcessError
+                assert "killed by signal 9" in str(info.value)
+                # Later requests are refused before they leave: not sent, not in doubt.
+                with pytest.raises(HttpProcessGone):
+                    await client.send(post(s.url))
+                assert len(s.requests) == 1
+            finally:
+                await client.aclose()
+                await host.aclose()
+
+    run(scenario())
+
+
+def test_close_lets_the_child_finish_or_kills_it_when_requests_are_still_held() -> None:
+    async def scenario() -> None:
+        async with sink() as s:
+            host = await HttpProcess.start()
+            client = make_client(base_url=s.url, timeout=30.0, concurrency=2,
+                                 transport=host.transport(2))
+            assert (await client.send(post(s.url))).status_code == 201
+            await client.aclose()
+            await host.aclose()
+            assert host._process.returncode == 0  # asked to close, it closed its pools and left
+
+            s.mode = "withhold"
+            host = await HttpProcess.start()
+            client = make_client(base_url=s.url, timeout=30.0, concurrency=2,
+                                 transport=host.transport(2))
+            held = asyncio.create_task(client.send(post(s.url)))
+            await asyncio.wait_for(s.received.wait(), 10)
+            # An immediate stop closes while a request is held: no waiting for its answer.
+            await asyncio.wait_for(host.aclose(), 5)
+            assert host._process.returncode == -signal.SIGKILL
+            with pytest.raises(HttpProcessError):
+                await held
+            await client.aclose()
+
+    run(scenario())
+
+
+# --------------------------------------------------------------------------------------------
+# The parent fails
+
+
+def _frame(item: object) -> bytes:
+    data = pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
+    return _HEADER.pack(len(data)) + data
+
+
+def test_a_frame_left_in_the_pipe_by_a_dead_parent_is_not_sent() -> None:
+    """After a SIGKILL of `campaign send`, the child may still find requests in its pipe. It
+    checks before each frame that its parent is the one that started it (here the init names
+    another process, as if the parent had died and the child been adopted): nothing leaves."""
+
+    async def scenario() -> None:
+        async with sink() as s:
+            child = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", _CHILD_CODE, stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+            )
+            assert child.stdin is not None and child.stdout is not None
+            request = post(s.url)
+            child.stdin.write(_frame(("init", {"sys_path": sys.path, "parent": 1})))
+            child.stdin.write(_frame(("send", [
+                ("open", 1, 2, 15.0),
+                (1, 1, "POST", str(request.url), [("Host", request.url.netloc.decode())],
+                 request.content, {"connect": 5.0, "read": 5.0, "write": 5.0, "pool": 5.0},
+                 None),
+            ])))
+            await child.stdin.drain()
+            assert await asyncio.wait_for(child.wait(), 30) == 0
+            assert s.requests == []
+            assert s.connections == 0
+
+    run(scenario())
+
+
+def test_the_child_ends_when_its_parent_is_killed(tmp_path: Path) -> None:
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import asyncio, sys\n"
+        "from campaign_cli.providers.process import HttpProcess\n"
+        "async def main():\n"
+        "    host = await HttpProcess.start()\n"
+        "    print(host.pid, flush=True)\n"
+        "    await asyncio.sleep(3600)\n"
+        "asyncio.run(main())\n"
+    )
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        assert not gone(child)
+        parent.kill()
+        parent.wait()
+        wait_until(lambda: gone(child), "the HTTP process to exit after its parent's SIGKILL")
+    finally:
+        parent.kill()
+        parent.wait()
+        if parent.stdout is not None:
+            parent.stdout.close()
+
+
+# --------------------------------------------------------------------------------------------
+# `campaign send` and the process
+
+
+def test_campaign_send_stops_with_exit_1_when_its_http_process_dies_and_resume_sends_none_twice(
+    make_campaign: CampaignFactory, store_path: Path, fake_server: FakeProviderServer
+) -> None:
+    """Twilio cannot deduplicate. The messages the dead child held may have arrived: they end in
+    doubt, never pending, so the resume of a marketing run (in doubt: skip) does not send them
+    again; the rest stay pending and go out on the resume."""
+    fake_server.latency = 0.3
+    campaign = make_campaign(
+        people(200), purpose="marketing", compliance={"consent": "not_required"},
+        channels={"sms": {"provider": "tw", "body": "Sale {{ row }}. Reply STOP to opt out"}},
+        providers={"tw": {**fake_server.provider_config("twilio"), "concurrency": 4,
+                          "rate": "40/s"}},
+        limits={"concurrency": 4},
+    )
+    proc = start(store_path, "send", str(campaign), "--run-key", "k")
+    wait_for(lambda: sent_rows(store_path) >= 20, proc, "20 messages sent")
+    children = http_children(proc.pid)
+    assert len(children) == 1
+    os.kill(children[0], signal.SIGKILL)
+    _, err = proc.communicate(timeout=DEADLINE)
+    assert proc.returncode == 1, err
+    assert "Traceback" not in err
+    assert "HTTP process ended unexpectedly (killed by signal 9)" in err
+
+    rows = journal(store_path)
+    states = Counter(r["state"] for r in rows)
+    assert set(states) <= {"sent", "in_doubt", "pending"}, states
+    assert 1 <= states["in_doubt"] <= 4  # what the child held: at most the concurrency
+    assert states["pending"] > 0
+    accepted = set(fake_server.accepted("twilio"))
+    sent_or_doubt = {r["address"] for r in rows if r["state"] in ("sent", "in_doubt")}
+    assert accepted <= sent_or_doubt  # nothing that may have arrived is left to send again
+
+    done = subprocess.run(
+        [sys.executable, "-m", "campaign_cli", "--store", str(store_path), "send",
+         str(campaign), "--run-key", "k", "--json"],
+        capture_output=True, text=True, timeout=DEADLINE * 2,
+    )
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["counts"] == {"sent": 200 - states["in_doubt"],
+                                 "in_doubt": states["in_doubt"]}
+    assert max(Counter(fake_server.accepted("twilio")).values()) == 1  # nobody got two
+
+
+def test_only_a_real_run_with_an_http_provider_starts_the_process(
+    make_campaign: CampaignFactory, store_path: Path, fake_server: FakeProviderServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from campaign_cli.config import load_campaign
+    from campaign_cli.pipeline import SendOptions, run_campaign
+
+    started: list[int] = []
+    real_start = HttpProcess.start
+
+    async def counting_start() -> HttpProcess:
+        host = await real_start()
+        started.append(host.pid)
+        return host
+
+    monkeypatch.setattr(HttpProcess, "start", staticmethod(counting_start))
+    outbox = make_campaign(people(3), file_name="outbox.yaml")
+    report = run_campaign(load_campaign(outbox), store_path, SendOptions(run_key="o"))
+    assert report.exit_code == 0 and started == []
+
+    twilio = make_campaign(
+        people(3), file_name="twilio.yaml",
+        channels={"sms": {"provider": "tw", "body": "Code {{ row }}"}},
+        providers={"tw": fake_server.provider_config("twilio")},
+    )
+    report = run_campaign(load_campaign(twilio), store_path,
+                          SendOptions(run_key="dry", dry_run=True))
+    assert report.exit_code == 0 and started == []
+    report = run_campaign(load_campaign(twilio), store_path,
+                          SendOptions(run_key="inline", http_process=False))
+    assert report.exit_code == 0 and started == []
+    assert len(fake_server.accepted("twilio")) == 3
+    report = run_campaign(load_campaign(twilio), store_path, SendOptions(run_key="process"))
+    assert report.exit_code == 0 and len(started) == 1
+    assert len(fake_server.accepted("twilio")) == 6
+    assert gone(started[0])  # closed with the run
