@@ -286,25 +286,38 @@ class ProcessTransport(httpx.AsyncBaseTransport):
 # The child
 
 # `-c` puts the working directory ('') first on the path: drop it before importing anything, or
-# a user's pickle.py (struct.py, ...) there would be imported instead of the library's.
+# a user's pickle.py (struct.py, ...) there would be imported instead of the library's. The
+# parent's path comes in the first frame, read with os.read (a buffered read could swallow the
+# frames after it) before campaign_cli is imported: it may only be importable from that path.
 _CHILD_CODE = (
     "import sys\n"
     "sys.path[:] = [p for p in sys.path if p]\n"
+    "import os, pickle, struct\n"
+    "def take(n):\n"
+    "    data = b''\n"
+    "    while len(data) < n:\n"
+    "        more = os.read(0, n - len(data))\n"
+    "        if not more:\n"
+    "            raise SystemExit(1)\n"
+    "        data += more\n"
+    "    return data\n"
+    "init = pickle.loads(take(struct.unpack('!I', take(4))[0]))[1]\n"
+    "sys.path[:] = init['sys_path']\n"
     "from campaign_cli.providers.process import _child_main\n"
-    "_child_main()\n"
+    "_child_main(init)\n"
 )
 
 
-def _child_main() -> None:
+def _child_main(init: dict[str, Any]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
-        asyncio.run(_serve())
+        asyncio.run(_serve(init["parent"]))
     except BaseException:  # noqa: BLE001 - the parent reports the end of the pipe
         os._exit(1)
 
 
-async def _serve() -> None:
+async def _serve(parent: int) -> None:
     from campaign_cli.providers.http import _Session
 
     loop = asyncio.get_running_loop()
@@ -322,9 +335,6 @@ async def _serve() -> None:
         size = _HEADER.unpack(await reader.readexactly(_HEADER.size))[0]
         return pickle.loads(await reader.readexactly(size))  # noqa: S301 - our parent
 
-    _, init = await read()
-    sys.path[:] = init["sys_path"]
-    parent: int = init["parent"]
     write(("ready", None))
 
     pools: dict[int, _Session] = {}
