@@ -20,6 +20,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from campaign_cli.providers.http import make_client
 from campaign_cli.providers.process import (
@@ -279,3 +281,42 @@ def test_only_a_real_run_with_an_http_provider_starts_the_process(
     assert report.exit_code == 0 and len(started) == 1
     assert len(fake_server.accepted("twilio")) == 6
     assert gone(started[0])  # closed with the run
+
+
+def test_a_child_that_dies_during_fcm_s_token_fetch_leaves_the_push_message_pending(
+    make_campaign: CampaignFactory, store_path: Path, fake_server: FakeProviderServer,
+    tmp_path: Path,
+) -> None:
+    """The child held only the OAuth token request, not the message: the push message never
+    left, so its row goes back to pending (FCM cannot deduplicate: an in-doubt marketing row
+    would never be sent), and the run still stops with exit 1."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    sa_file = tmp_path / "service-account.json"
+    sa_file.write_text(json.dumps({
+        "client_email": "sender@demo-proj.iam.gserviceaccount.com",
+        "private_key": key.private_bytes(serialization.Encoding.PEM,
+                                         serialization.PrivateFormat.PKCS8,
+                                         serialization.NoEncryption()).decode(),
+    }))
+    fake_server.faults.fail_next(1, "withhold", service="token")
+    tokens = [[key, name, phone, f"dEvIcE-tOkEn_0123456789:{key}"]
+              for key, name, phone, _ in people(20)]
+    campaign = make_campaign(
+        tokens, purpose="marketing", compliance={"consent": "not_required"},
+        channels={"push": {"provider": "fcm", "title": "Sale", "body": "Sale {{ row }}"}},
+        providers={"fcm": fake_server.provider_config(
+            "fcm", access_token=None, service_account_file=str(sa_file))},
+        limits={"concurrency": 4},
+        extra={"recipients": {"file": "recipients.csv", "key": "id",
+                              "columns": {"push_token": "email"}}},
+    )
+    proc = start(store_path, "send", str(campaign), "--run-key", "k")
+    wait_for(lambda: len(fake_server.requests_for("token")) == 1, proc, "the token request")
+    children = http_children(proc.pid)
+    assert len(children) == 1
+    os.kill(children[0], signal.SIGKILL)
+    _, err = proc.communicate(timeout=DEADLINE)
+    assert proc.returncode == 1, err
+    assert "HTTP process" in err and "Traceback" not in err
+    assert fake_server.requests_for("fcm") == []
+    assert Counter(r["state"] for r in journal(store_path)) == {"pending": 20}

@@ -59,6 +59,7 @@ from campaign_cli.providers.http import (
     raise_for_generic_status,
     retry_after,
 )
+from campaign_cli.providers.process import HttpProcessError, HttpProcessGone
 
 FCM_BASE_URL = "https://fcm.googleapis.com"
 FCM_SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
@@ -202,6 +203,10 @@ class ServiceAccountTokens:
             failure = classify_transport_error(exc)
             raise TransientError(f"token endpoint: {failure.text}",
                                  code=f"token_{failure.code or 'error'}") from None
+        except HttpProcessError as exc:
+            # The HTTP process died holding the token request, not the message: the message
+            # never left (not sent, the row stays as it was), and the run stops.
+            raise HttpProcessGone(f"token endpoint: {exc}") from None
         self.fetches += 1
         body = _json_object(response)
         status = response.status_code
