@@ -320,3 +320,31 @@ def test_a_child_that_dies_during_fcm_s_token_fetch_leaves_the_push_message_pend
     assert "HTTP process" in err and "Traceback" not in err
     assert fake_server.requests_for("fcm") == []
     assert Counter(r["state"] for r in journal(store_path)) == {"pending": 20}
+
+
+@pytest.mark.parametrize("interpreter", ["/nonexistent/python3", "", None])
+def test_an_interpreter_that_cannot_be_started_aborts_the_run_with_a_clear_error(
+    make_campaign: CampaignFactory, store_path: Path, fake_server: FakeProviderServer,
+    monkeypatch: pytest.MonkeyPatch, interpreter: str | None,
+) -> None:
+    """`sys.executable` may be empty or None (Python could not tell its own path) or name no
+    file: the run is finished as aborted, exit 1, saying the HTTP process did not start; not
+    left `running` by an exception taken for a bug."""
+    import sqlite3
+
+    from campaign_cli.config import load_campaign
+    from campaign_cli.pipeline import SendOptions, run_campaign
+
+    twilio = make_campaign(
+        people(3), channels={"sms": {"provider": "tw", "body": "Code {{ row }}"}},
+        providers={"tw": fake_server.provider_config("twilio")},
+    )
+    monkeypatch.setattr(sys, "executable", interpreter)
+    with pytest.raises(HttpProcessError, match="the HTTP process did not start"):
+        run_campaign(load_campaign(twilio), store_path, SendOptions(run_key="k"))
+    conn = sqlite3.connect(store_path)
+    try:
+        assert conn.execute("SELECT status, exit_code FROM runs").fetchall() == [("aborted", 1)]
+    finally:
+        conn.close()
+    assert fake_server.requests == []

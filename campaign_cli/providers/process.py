@@ -104,11 +104,19 @@ class HttpProcess:
     @classmethod
     async def start(cls) -> HttpProcess:
         """Start the child; return once it is ready to send."""
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", _CHILD_CODE,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
+        # sys.executable is empty or None when Python cannot tell its own path.
+        try:
+            if not sys.executable:
+                raise OSError("no path to this Python interpreter (sys.executable is empty)")
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", _CHILD_CODE,
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.DEVNULL,
+            )
+        except OSError as exc:
+            raise HttpProcessError(
+                f"the HTTP process did not start ({type(exc).__name__}: {exc})"
+            ) from None
         host = cls(process)
         try:
             host._write(("init", {"sys_path": list(sys.path), "parent": os.getpid()}))
