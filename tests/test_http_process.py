@@ -36,7 +36,7 @@ from tests.fakeserver import (  # noqa: F401 - pytest fixtures
     FakeProviderServer,
     fake_server_fixture,
 )
-from tests.test_cli_process import DEADLINE, sent_rows, start, wait_for
+from tests.test_cli_process import DEADLINE, campaign_cmd, sent_rows, start, wait_for
 from tests.test_http_transport import post, run, sink
 
 
@@ -348,3 +348,37 @@ def test_an_interpreter_that_cannot_be_started_aborts_the_run_with_a_clear_error
     finally:
         conn.close()
     assert fake_server.requests == []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_a_stop_signal_to_the_whole_process_group_stops_gracefully(
+    make_campaign: CampaignFactory, store_path: Path, fake_server: FakeProviderServer,
+    signum: signal.Signals,
+) -> None:
+    """A terminal sends Ctrl-C (SIGINT) to its whole foreground process group, and SIGHUP when
+    it hangs up; a supervisor may signal the whole group or cgroup. The HTTP process is in that
+    group: it must leave the stop to its parent, whose graceful stop lets the requests in flight
+    finish (exit 130, nothing in doubt), not die with them."""
+    fake_server.latency = 0.5
+    campaign = make_campaign(
+        people(100), compliance={"consent": "not_required"},
+        channels={"sms": {"provider": "tw", "body": "Code {{ row }}"}},
+        providers={"tw": {**fake_server.provider_config("twilio"), "concurrency": 4}},
+        limits={"concurrency": 4},
+    )
+    proc = subprocess.Popen(campaign_cmd(store_path, "send", str(campaign), "--run-key", "k"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        wait_for(lambda: len(fake_server.requests_for("twilio")) >= 6, proc,
+                 "requests in flight")
+        os.killpg(proc.pid, signum)
+        _, err = proc.communicate(timeout=DEADLINE)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 130, err
+    states = Counter(r["state"] for r in journal(store_path))
+    assert set(states) == {"sent", "pending"}, states
+    assert states["sent"] == len(fake_server.accepted("twilio"))

@@ -25,8 +25,9 @@ What each side sees when the other fails:
   flight and exits. A frame still in the pipe is not sent: the child checks before each frame that
   its parent is alive. The rows it held are `sending` in the journal, so the resume reports them
   `in_doubt`.
-- Ctrl-C and SIGTERM are the parent's to handle (a graceful stop finishes the sends in flight): the
-  child ignores both and ends when the parent closes it.
+- Ctrl-C, SIGTERM and SIGHUP are the parent's to handle (a graceful stop finishes the sends in
+  flight): the child runs in its own session, so a terminal's signals do not reach it, ignores
+  them anyway, and ends when the parent closes it.
 """
 
 from __future__ import annotations
@@ -112,6 +113,9 @@ class HttpProcess:
                 sys.executable, "-c", _CHILD_CODE,
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.DEVNULL,
+                # Its own session: what a terminal sends its foreground process group (Ctrl-C,
+                # SIGHUP when it hangs up) is for the parent, even while the child starts up.
+                start_new_session=True,
             )
         except OSError as exc:
             raise HttpProcessError(
@@ -319,6 +323,7 @@ _CHILD_CODE = (
 def _child_main(init: dict[str, Any]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         asyncio.run(_serve(init["parent"]))
     except BaseException:  # noqa: BLE001 - the parent reports the end of the pipe
