@@ -105,6 +105,45 @@ def test_a_killed_child_leaves_what_it_held_in_doubt_and_takes_nothing_more() ->
     run(scenario())
 
 
+def test_a_request_made_after_the_child_s_output_ended_is_not_sent_not_in_doubt(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Once the child's output has ended it reads nothing more: a request written after that
+    (while its exit status is collected) never reached it. It is not sent (`HttpProcessGone`),
+    not in doubt."""
+
+    async def scenario() -> None:
+        async with sink() as s:
+            host = await HttpProcess.start()
+            client = make_client(base_url=s.url, timeout=30.0, concurrency=2,
+                                 transport=host.transport(2))
+            try:
+                assert (await client.send(post(s.url))).status_code == 201
+                collecting, collected = asyncio.Event(), asyncio.Event()
+                exit_code = host._exit_code
+
+                async def slow_exit_code() -> int | None:
+                    collecting.set()
+                    await collected.wait()
+                    return await exit_code()
+
+                monkeypatch.setattr(host, "_exit_code", slow_exit_code)
+                os.kill(host.pid, signal.SIGKILL)
+                await asyncio.wait_for(collecting.wait(), 10)  # its output has ended
+                late = asyncio.create_task(client.send(post(s.url)))
+                for _ in range(5):  # the send is queued and its frame written (or held)
+                    await asyncio.sleep(0)
+                collected.set()
+                with pytest.raises(HttpProcessGone):
+                    await asyncio.wait_for(late, 10)
+                assert len(s.requests) == 1
+            finally:
+                await client.aclose()
+                await host.aclose()
+
+    run(scenario())
+
+
 def test_close_lets_the_child_finish_or_kills_it_when_requests_are_still_held() -> None:
     async def scenario() -> None:
         async with sink() as s:

@@ -99,6 +99,8 @@ class HttpProcess:
         self._outgoing: list[tuple[Any, ...]] = []
         self._flush_scheduled = False
         self._failure: str | None = None
+        #: The child's output ended: it reads nothing more, so nothing more is written to it.
+        self._ended = False
         self._reader: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -179,6 +181,8 @@ class HttpProcess:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        if self._ended:
+            return  # kept: `_fail` finds them not handed over
         batch, self._outgoing = self._outgoing, []
         if not batch or self._failure is not None:
             return
@@ -208,6 +212,7 @@ class HttpProcess:
         except (asyncio.IncompleteReadError, OSError, EOFError, ValueError,
                 pickle.UnpicklingError) as exc:
             if not self._closed:
+                self._ended = True
                 code = await self._exit_code()
                 why = (type(exc).__name__ if code is None else
                        f"exit code {code}" if code >= 0 else f"killed by signal {-code}")
