@@ -10,13 +10,15 @@ nginx on a free port of 127.0.0.1, and stops it at the end (also on error).
 Measured (issue #3, target: >= 2,500 messages/s end to end AND >= 75% of the bare loop):
 
 (a) `campaign send` end to end as a subprocess (imports, CSV scan, the reader child process, the
-    journal with an intent and an outcome per message, a real store file under bench/out/):
+    HTTP process holding the connection pool (`campaign_cli/providers/process.py`, since session
+    6), the journal with an intent and an outcome per message, a real store file under bench/out/):
     unthrottled (no rate), provider concurrency 64, limits.concurrency 64. Messages/s from the wall
     time and from the run's own JSON ``rate_per_s``.
 (b) a bare loop of the same HTTP client (`campaign_cli.providers.http.make_client`, i.e. httpx's
     API over `AiohttpTransport`) posting the same N requests built by `TwilioAdapter.build`:
     64 worker coroutines over a queue, each request built, sent and its body read (as
-    `HttpProvider.send` does), no journal, no pipeline. Requests/s.
+    `HttpProvider.send` does), no journal, no pipeline, all in this one process. Requests/s.
+    Since session 6, (a) does the exchanges in a second process, so it can pass (b).
 """
 
 from __future__ import annotations

@@ -664,23 +664,19 @@ class Runner:
         started_mono: float,
     ) -> RunReport:
         http: HttpProcess | None = None
+        routes: dict[Channel, list[_Route]] = {}
         try:
-            if self._wants_http_process():
-                # Imported here: httpx costs an outbox or console run ~0.1 s to import.
-                from campaign_cli.providers.process import HttpProcess
-
-                http = await HttpProcess.start()
+            http = await self._start_http_process()
             context = ProviderContext(clock=self.clock, run_name=run.name, stdout=self.stdout,
                                       transports=None if http is None else http.transport)
             routes = self._routes(context)
-        except CampaignError as exc:  # a provider's configuration, checked as it is built
-            if http is not None:
-                await http.aclose()
+            writer = JournalWriter(store.path).start()
+        except CampaignError as exc:  # a provider's configuration, or the journal's connection
+            await self._close_providers(routes, http)
             runs.finish_run(store.conn, run.id, status="aborted", exit_code=int(exc.exit_code),
                             now=iso(self.clock.now()), total_rows=total_rows,
                             last_error=redact(str(exc), self.secrets))
             raise
-        writer = JournalWriter(store.path).start()
         budget = Budget(run.max_spend_micros, committed)  # this session's, or the run's own
         concurrency = self.campaign.limits.concurrency
         queue: asyncio.Queue[_Job | None] = asyncio.Queue(
@@ -709,14 +705,7 @@ class Runner:
         except JournalError as exc:
             self._crashed(exc)  # the run ends here, and is finished below like any abort
         finally:
-            unique = {r.name: r for channel_routes in routes.values() for r in channel_routes}
-            for route in unique.values():
-                try:
-                    await route.provider.aclose()
-                except Exception as exc:  # noqa: BLE001 - closing must not hide the outcome
-                    self.warnings.append(f"closing provider {route.provider.name}: {exc}")
-            if http is not None:
-                await http.aclose()
+            await self._close_providers(routes, http)
             try:
                 await asyncio.to_thread(writer.close)
             except JournalError as exc:
@@ -782,6 +771,32 @@ class Runner:
                                                 breaker.cooldown)
                 routes.setdefault(channel, []).append(by_name[name])
         return routes
+
+    async def _close_providers(self, routes: dict[Channel, list[_Route]],
+                               http: HttpProcess | None) -> None:
+        unique = {r.name: r for channel_routes in routes.values() for r in channel_routes}
+        for route in unique.values():
+            try:
+                await route.provider.aclose()
+            except Exception as exc:  # noqa: BLE001 - closing must not hide the outcome
+                self.warnings.append(f"closing provider {route.provider.name}: {exc}")
+        if http is not None:
+            await http.aclose()
+
+    async def _start_http_process(self) -> HttpProcess | None:
+        """The run's `HttpProcess`, if it wants one (`_wants_http_process`). One that cannot
+        start (no usable interpreter path: an embedded or frozen Python) is not a reason to
+        refuse the run: its requests are sent from this process, as before, and it says so."""
+        if not self._wants_http_process():
+            return None
+        # Imported here: httpx costs an outbox or console run ~0.1 s to import.
+        from campaign_cli.providers.process import HttpProcess, HttpProcessError
+
+        try:
+            return await HttpProcess.start()
+        except HttpProcessError as exc:
+            self.warnings.append(f"{exc}: HTTP requests are sent from this process instead")
+            return None
 
     def _wants_http_process(self) -> bool:
         """Whether this run sends its HTTP requests from a second process: a real run (not a

@@ -144,6 +144,39 @@ def test_a_request_made_after_the_child_s_output_ended_is_not_sent_not_in_doubt(
     run(scenario())
 
 
+def test_a_wedged_child_is_stopped_once_a_request_is_past_all_its_timeouts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A stopped (SIGSTOP, a debugger) or stuck child answers nothing, not even timeouts: the run
+    would hang. Once a request it holds is past its timeouts and the margin, the child is
+    killed and what it held is in doubt."""
+    from campaign_cli.providers import process
+
+    monkeypatch.setattr(process, "STALL_MARGIN", 0.3)
+    monkeypatch.setattr(process, "WATCHDOG_INTERVAL", 0.05)
+
+    async def scenario() -> None:
+        async with sink() as s:
+            host = await HttpProcess.start()
+            client = make_client(base_url=s.url, timeout=30.0, concurrency=2,
+                                 transport=host.transport(2))
+            try:
+                assert (await client.send(post(s.url))).status_code == 201
+                os.kill(host.pid, signal.SIGSTOP)
+                quick = {"connect": 0.1, "read": 0.1, "write": 0.1, "pool": 0.1}
+                with pytest.raises(HttpProcessError, match="answered nothing within") as info:
+                    await asyncio.wait_for(client.send(post(s.url, quick)), 30)
+                assert type(info.value) is HttpProcessError  # handed over: in doubt
+                assert gone(host.pid) or host._process.returncode == -signal.SIGKILL
+                with pytest.raises(HttpProcessGone, match="answered nothing within"):
+                    await client.send(post(s.url, quick))
+            finally:
+                await client.aclose()
+                await host.aclose()
+
+    run(scenario())
+
+
 def test_close_lets_the_child_finish_or_kills_it_when_requests_are_still_held() -> None:
     async def scenario() -> None:
         async with sink() as s:
@@ -362,31 +395,30 @@ def test_a_child_that_dies_during_fcm_s_token_fetch_leaves_the_push_message_pend
 
 
 @pytest.mark.parametrize("interpreter", ["/nonexistent/python3", "", None])
-def test_an_interpreter_that_cannot_be_started_aborts_the_run_with_a_clear_error(
+def test_an_interpreter_that_cannot_be_started_sends_from_the_run_s_own_process(
     make_campaign: CampaignFactory, store_path: Path, fake_server: FakeProviderServer,
     monkeypatch: pytest.MonkeyPatch, interpreter: str | None,
 ) -> None:
-    """`sys.executable` may be empty or None (Python could not tell its own path) or name no
-    file: the run is finished as aborted, exit 1, saying the HTTP process did not start; not
-    left `running` by an exception taken for a bug."""
-    import sqlite3
-
+    """`sys.executable` may be empty or None (Python could not tell its own path: an embedded
+    interpreter) or name no file: the HTTP process cannot start. That is no reason to refuse
+    the run: it sends from its own process, as before the split, and says why in a warning
+    (it was once an exception taken for a bug, the run left `running`)."""
     from campaign_cli.config import load_campaign
     from campaign_cli.pipeline import SendOptions, run_campaign
 
+    with pytest.raises(HttpProcessError, match="the HTTP process did not start"):
+        monkeypatch.setattr(sys, "executable", interpreter)
+        run(HttpProcess.start())
     twilio = make_campaign(
         people(3), channels={"sms": {"provider": "tw", "body": "Code {{ row }}"}},
         providers={"tw": fake_server.provider_config("twilio")},
     )
-    monkeypatch.setattr(sys, "executable", interpreter)
-    with pytest.raises(HttpProcessError, match="the HTTP process did not start"):
-        run_campaign(load_campaign(twilio), store_path, SendOptions(run_key="k"))
-    conn = sqlite3.connect(store_path)
-    try:
-        assert conn.execute("SELECT status, exit_code FROM runs").fetchall() == [("aborted", 1)]
-    finally:
-        conn.close()
-    assert fake_server.requests == []
+    report = run_campaign(load_campaign(twilio), store_path, SendOptions(run_key="k"))
+    assert report.exit_code == 0
+    assert report.counts == {"sent": 3}
+    assert len(fake_server.accepted("twilio")) == 3
+    assert [w for w in report.warnings if "the HTTP process did not start" in w
+            and "sent from this process instead" in w]
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
@@ -421,3 +453,44 @@ def test_a_stop_signal_to_the_whole_process_group_stops_gracefully(
     states = Counter(r["state"] for r in journal(store_path))
     assert set(states) == {"sent", "pending"}, states
     assert states["sent"] == len(fake_server.accepted("twilio"))
+
+
+def test_a_journal_that_cannot_be_opened_finishes_the_run_and_ends_the_process(
+    make_campaign: CampaignFactory, store_path: Path, fake_server: FakeProviderServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The journal writer's connection is opened after the providers and the HTTP process: when
+    it fails, the run is finished as aborted (it was left `running`) and the process ends."""
+    import sqlite3
+
+    from campaign_cli.config import load_campaign
+    from campaign_cli.errors import StoreError
+    from campaign_cli.pipeline import SendOptions, run_campaign
+    from campaign_cli.store.journal import JournalWriter
+
+    started: list[int] = []
+    real_start = HttpProcess.start
+
+    async def counting_start() -> HttpProcess:
+        host = await real_start()
+        started.append(host.pid)
+        return host
+
+    def refuse(self: JournalWriter) -> JournalWriter:
+        raise StoreError("journal writer could not open the store: disk I/O error")
+
+    monkeypatch.setattr(HttpProcess, "start", staticmethod(counting_start))
+    monkeypatch.setattr(JournalWriter, "start", refuse)
+    twilio = make_campaign(
+        people(3), channels={"sms": {"provider": "tw", "body": "Code {{ row }}"}},
+        providers={"tw": fake_server.provider_config("twilio")},
+    )
+    with pytest.raises(StoreError):
+        run_campaign(load_campaign(twilio), store_path, SendOptions(run_key="k"))
+    conn = sqlite3.connect(store_path)
+    try:
+        assert conn.execute("SELECT status, exit_code FROM runs").fetchall() == [("aborted", 2)]
+    finally:
+        conn.close()
+    assert len(started) == 1 and gone(started[0])
+    assert fake_server.requests == []

@@ -47,6 +47,7 @@ class Sink:
         self.mode = "ok"
         self.status = 201
         self.body = b'{"sid": "SM1"}'
+        self.chunked = False  # answer with Transfer-Encoding: chunked
         self.headers: list[tuple[str, str]] = [("Content-Type", "application/json")]
         self.requests: list[tuple[str, list[tuple[str, str]], bytes]] = []
         self.connections = 0
@@ -95,6 +96,17 @@ class Sink:
                     await self._release.wait()
                     writer.close()
                     return
+                if self.chunked:
+                    lines = [f"HTTP/1.1 {self.status} Whatever", "Transfer-Encoding: chunked"]
+                    lines += [f"{k}: {v}" for k, v in self.headers]
+                    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+                    for at in range(0, len(self.body), 65536):
+                        part = self.body[at:at + 65536]
+                        writer.write(f"{len(part):x}\r\n".encode() + part + b"\r\n")
+                        await writer.drain()
+                    writer.write(b"0\r\n\r\n")
+                    await writer.drain()
+                    continue
                 lines = [f"HTTP/1.1 {self.status} Whatever", f"Content-Length: {len(self.body)}"]
                 lines += [f"{k}: {v}" for k, v in self.headers]
                 writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + self.body)
@@ -189,6 +201,27 @@ def test_compressed_answer_is_decoded_by_httpx(where: str) -> None:
             s.headers = [("Content-Type", "application/json"), ("Content-Encoding", "gzip")]
             response = await c.send(post(s.url))
             assert response.json() == {"sid": "SMgz"}
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("length", [True, False])
+def test_an_answer_body_is_kept_only_up_to_a_mebibyte(where: str, length: bool) -> None:
+    """A webhook recipient's endpoint (or anything between) may answer with a huge body; only
+    its status and headers decide, so reading it whole could fill memory for nothing."""
+    from campaign_cli.providers.http import MAX_ANSWER_BYTES
+
+    async def scenario() -> None:
+        async with sink() as s, client(where) as c:
+            s.body = b"x" * (3 * MAX_ANSWER_BYTES)
+            if not length:  # chunked: no Content-Length to go by
+                s.chunked = True
+            response = await c.send(post(s.url))
+            assert response.status_code == 201
+            assert response.content == b"x" * MAX_ANSWER_BYTES
+            s.body = b'{"sid": "SM2"}'
+            s.chunked = False
+            assert (await c.send(post(s.url))).json() == {"sid": "SM2"}  # the client goes on
 
     run(scenario())
 

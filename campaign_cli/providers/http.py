@@ -321,13 +321,39 @@ class _Session:
                 allow_redirects=False,
                 server_hostname=sni_hostname,
             ) as answer:
-                content = await answer.read()
+                length = answer.content_length
+                if length is not None and length <= MAX_ANSWER_BYTES:
+                    content = await answer.read()
+                else:
+                    content = await _read_capped(answer)
                 return answer.status, answer.raw_headers, answer.reason, content
         except self.failures as exc:
             raise map_aiohttp_error(exc) from exc
         finally:
             slots.release()
 
+
+async def _read_capped(answer: aiohttp.ClientResponse) -> bytes:
+    """At most `MAX_ANSWER_BYTES` of an answer's body; the rest is not read (the connection is
+    closed). A provider's answer is a few hundred bytes; a webhook recipient's endpoint could
+    answer with gigabytes, which would fill this process's memory."""
+    chunks: list[bytes] = []
+    room = MAX_ANSWER_BYTES
+    while True:
+        chunk = await answer.content.read(65536)
+        if not chunk:
+            break
+        if len(chunk) >= room:
+            chunks.append(chunk[:room])
+            answer.close()
+            break
+        chunks.append(chunk)
+        room -= len(chunk)
+    return b"".join(chunks)
+
+
+#: The most of an answer's body that is kept (`_read_capped`): its status and headers decide.
+MAX_ANSWER_BYTES = 1 << 20
 
 #: An answer read whole: status, raw header pairs, reason phrase, body.
 RawAnswer = tuple[int, Sequence[tuple[bytes, bytes]], str | None, bytes]

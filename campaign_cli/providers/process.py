@@ -62,6 +62,11 @@ FRAME = 8
 #: How long `start` waits for the child to be ready, and `aclose` for it to finish and exit.
 START_TIMEOUT = 60.0
 CLOSE_TIMEOUT = 10.0
+#: A request not answered this long after all its timeouts (pool + connect + write + read) have
+#: run out means the child is wedged (stopped, stuck): it is killed, and what it held is in
+#: doubt. Checked every `WATCHDOG_INTERVAL` seconds.
+STALL_MARGIN = 30.0
+WATCHDOG_INTERVAL = 1.0
 
 #: Answer tags on the pipe.
 _OK, _FAILED, _CRASHED = 0, 1, 2
@@ -102,6 +107,8 @@ class HttpProcess:
         #: The child's output ended: it reads nothing more, so nothing more is written to it.
         self._ended = False
         self._reader: asyncio.Task[None] | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+        self._deadlines: dict[int, float] = {}  # request id -> when the child is late
         self._closed = False
 
     @classmethod
@@ -136,6 +143,7 @@ class HttpProcess:
                 f"the HTTP process did not start ({type(exc).__name__}: {exc})"
             ) from None
         host._reader = asyncio.create_task(host._read_answers())
+        host._watchdog = asyncio.create_task(host._watch())
         return host
 
     @property
@@ -152,15 +160,18 @@ class HttpProcess:
 
     # -- the exchange ------------------------------------------------------------------------
 
-    async def exchange(self, item: tuple[Any, ...]) -> tuple[Any, ...]:
+    async def exchange(self, item: tuple[Any, ...], limit: float | None) -> tuple[Any, ...]:
         """Hand one request to the child and wait for its answer. Cancelling the wait cancels
-        the exchange in the child too (its connection slot is freed, as in process)."""
+        the exchange in the child too (its connection slot is freed, as in process). ``limit``:
+        the request's timeouts added up (None: it has no bound), for the watchdog."""
         if self._failure is not None:
             raise HttpProcessGone(self._failure)
         loop = asyncio.get_running_loop()
         request_id = next(self._ids)
         future: asyncio.Future[Any] = loop.create_future()
         self._waiting[request_id] = future
+        if limit is not None:
+            self._deadlines[request_id] = loop.time() + limit + STALL_MARGIN
         self._queue((request_id, *item))
         try:
             answer: tuple[Any, ...] = await future
@@ -168,6 +179,8 @@ class HttpProcess:
             if self._waiting.pop(request_id, None) is not None and self._failure is None:
                 self._queue(("cancel", request_id))
             raise
+        finally:
+            self._deadlines.pop(request_id, None)
         return answer
 
     def _queue(self, item: tuple[Any, ...]) -> None:
@@ -219,6 +232,22 @@ class HttpProcess:
                 self._fail(f"the HTTP process ended unexpectedly ({why}); requests it was "
                            "sending may have reached the provider")
 
+    async def _watch(self) -> None:
+        """Kill a child that has held a request past all its timeouts and `STALL_MARGIN`: the
+        run must not hang on a stopped or stuck process (its requests end in doubt)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(WATCHDOG_INTERVAL)
+            deadlines = self._deadlines
+            if deadlines and min(deadlines.values()) < loop.time() and self._failure is None:
+                self._failure = (
+                    f"the HTTP process answered nothing within its requests' timeouts (and "
+                    f"{STALL_MARGIN:g} s more): it was stopped; requests it was sending may "
+                    "have reached the provider"
+                )
+                await self._kill()
+                return
+
     async def _exit_code(self) -> int | None:
         try:
             return await asyncio.wait_for(self._process.wait(), 2.0)
@@ -230,6 +259,7 @@ class HttpProcess:
         if the request was still queued here."""
         if self._failure is None:
             self._failure = reason
+        reason = self._failure  # the first cause (the watchdog's, say), not the pipe's end
         unsent = {item[0] for item in self._outgoing if isinstance(item[0], int)}
         self._outgoing = []
         waiting, self._waiting = self._waiting, {}
@@ -253,15 +283,19 @@ class HttpProcess:
         else:
             try:
                 self._write(("close",))
-                await self._stdin.drain()
-                self._stdin.close()
-                await asyncio.wait_for(self._process.wait(), CLOSE_TIMEOUT)
+                await asyncio.wait_for(self._close_child(), CLOSE_TIMEOUT)
             except (OSError, RuntimeError, asyncio.TimeoutError):
                 await self._kill()
-        if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
+        for task in (self._reader, self._watchdog):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         self._fail("the HTTP process is closed")
+
+    async def _close_child(self) -> None:
+        await self._stdin.drain()
+        self._stdin.close()
+        await self._process.wait()
 
     async def _kill(self) -> None:
         if self._process.returncode is None:
@@ -286,8 +320,11 @@ class ProcessTransport(httpx.AsyncBaseTransport):
             raise RuntimeError("the transport is closed")
         method, url, headers, timeouts, sni = raw_request(request)
         body = await request_body(request)
-        answer = await self._host.exchange((self._pool, method, url, headers, body,
-                                            dict(timeouts), sni))
+        bounds = [timeouts.get(name) for name in ("pool", "connect", "write", "read")]
+        limit = None if None in bounds else sum(b for b in bounds if b is not None)
+        answer = await self._host.exchange(
+            (self._pool, method, url, headers, body, dict(timeouts), sni), limit
+        )
         tag = answer[0]
         if tag == _OK:
             return to_response(request, answer[1:])
@@ -328,7 +365,8 @@ _CHILD_CODE = (
 def _child_main(init: dict[str, Any]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    if hasattr(signal, "SIGHUP"):  # not on Windows
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         asyncio.run(_serve(init["parent"]))
     except BaseException:  # noqa: BLE001 - the parent reports the end of the pipe
