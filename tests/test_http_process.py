@@ -17,8 +17,11 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
+import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -74,6 +77,19 @@ def wait_until(condition: object, what: str, deadline: float = DEADLINE) -> None
         time.sleep(0.02)
 
 
+@asynccontextmanager
+async def hosted(url: str) -> AsyncIterator[tuple[HttpProcess, httpx.AsyncClient]]:
+    """A started `HttpProcess` and a client of two connections sending through it; both closed
+    on the way out."""
+    host = await HttpProcess.start()
+    client = make_client(base_url=url, timeout=30.0, concurrency=2, transport=host.transport(2))
+    try:
+        yield host, client
+    finally:
+        await client.aclose()
+        await host.aclose()
+
+
 # --------------------------------------------------------------------------------------------
 # The child fails
 
@@ -82,10 +98,7 @@ def test_a_killed_child_leaves_what_it_held_in_doubt_and_takes_nothing_more() ->
     async def scenario() -> None:
         async with sink() as s:
             s.mode = "withhold"
-            host = await HttpProcess.start()
-            client = make_client(base_url=s.url, timeout=30.0, concurrency=2,
-                                 transport=host.transport(2))
-            try:
+            async with hosted(s.url) as (host, client):
                 held = asyncio.create_task(client.send(post(s.url)))
                 await asyncio.wait_for(s.received.wait(), 10)
                 os.kill(host.pid, signal.SIGKILL)
@@ -98,9 +111,6 @@ def test_a_killed_child_leaves_what_it_held_in_doubt_and_takes_nothing_more() ->
                 with pytest.raises(HttpProcessGone):
                     await client.send(post(s.url))
                 assert len(s.requests) == 1
-            finally:
-                await client.aclose()
-                await host.aclose()
 
     run(scenario())
 
@@ -114,10 +124,7 @@ def test_a_request_made_after_the_child_s_output_ended_is_not_sent_not_in_doubt(
 
     async def scenario() -> None:
         async with sink() as s:
-            host = await HttpProcess.start()
-            client = make_client(base_url=s.url, timeout=30.0, concurrency=2,
-                                 transport=host.transport(2))
-            try:
+            async with hosted(s.url) as (host, client):
                 assert (await client.send(post(s.url))).status_code == 201
                 collecting, collected = asyncio.Event(), asyncio.Event()
                 exit_code = host._exit_code
@@ -137,9 +144,6 @@ def test_a_request_made_after_the_child_s_output_ended_is_not_sent_not_in_doubt(
                 with pytest.raises(HttpProcessGone):
                     await asyncio.wait_for(late, 10)
                 assert len(s.requests) == 1
-            finally:
-                await client.aclose()
-                await host.aclose()
 
     run(scenario())
 
@@ -157,10 +161,7 @@ def test_a_wedged_child_is_stopped_once_a_request_is_past_all_its_timeouts(
 
     async def scenario() -> None:
         async with sink() as s:
-            host = await HttpProcess.start()
-            client = make_client(base_url=s.url, timeout=30.0, concurrency=2,
-                                 transport=host.transport(2))
-            try:
+            async with hosted(s.url) as (host, client):
                 assert (await client.send(post(s.url))).status_code == 201
                 os.kill(host.pid, signal.SIGSTOP)
                 quick = {"connect": 0.1, "read": 0.1, "write": 0.1, "pool": 0.1}
@@ -170,9 +171,6 @@ def test_a_wedged_child_is_stopped_once_a_request_is_past_all_its_timeouts(
                 assert gone(host.pid) or host._process.returncode == -signal.SIGKILL
                 with pytest.raises(HttpProcessGone, match="answered nothing within"):
                     await client.send(post(s.url, quick))
-            finally:
-                await client.aclose()
-                await host.aclose()
 
     run(scenario())
 
@@ -317,13 +315,8 @@ def test_campaign_send_stops_with_exit_1_when_its_http_process_dies_and_resume_s
     assert max(Counter(fake_server.accepted("twilio")).values()) == 1  # nobody got two
 
 
-def test_only_a_real_run_with_an_http_provider_starts_the_process(
-    make_campaign: CampaignFactory, store_path: Path, fake_server: FakeProviderServer,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    from campaign_cli.config import load_campaign
-    from campaign_cli.pipeline import SendOptions, run_campaign
-
+def count_starts(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The pids of the HTTP processes started from now on (in this process)."""
     started: list[int] = []
     real_start = HttpProcess.start
 
@@ -333,6 +326,17 @@ def test_only_a_real_run_with_an_http_provider_starts_the_process(
         return host
 
     monkeypatch.setattr(HttpProcess, "start", staticmethod(counting_start))
+    return started
+
+
+def test_only_a_real_run_with_an_http_provider_starts_the_process(
+    make_campaign: CampaignFactory, store_path: Path, fake_server: FakeProviderServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from campaign_cli.config import load_campaign
+    from campaign_cli.pipeline import SendOptions, run_campaign
+
+    started = count_starts(monkeypatch)
     outbox = make_campaign(people(3), file_name="outbox.yaml")
     report = run_campaign(load_campaign(outbox), store_path, SendOptions(run_key="o"))
     assert report.exit_code == 0 and started == []
@@ -468,18 +472,11 @@ def test_a_journal_that_cannot_be_opened_finishes_the_run_and_ends_the_process(
     from campaign_cli.pipeline import SendOptions, run_campaign
     from campaign_cli.store.journal import JournalWriter
 
-    started: list[int] = []
-    real_start = HttpProcess.start
-
-    async def counting_start() -> HttpProcess:
-        host = await real_start()
-        started.append(host.pid)
-        return host
+    started = count_starts(monkeypatch)
 
     def refuse(self: JournalWriter) -> JournalWriter:
         raise StoreError("journal writer could not open the store: disk I/O error")
 
-    monkeypatch.setattr(HttpProcess, "start", staticmethod(counting_start))
     monkeypatch.setattr(JournalWriter, "start", refuse)
     twilio = make_campaign(
         people(3), channels={"sms": {"provider": "tw", "body": "Code {{ row }}"}},
