@@ -68,7 +68,8 @@ CLOSE_TIMEOUT = 10.0
 STALL_MARGIN = 30.0
 WATCHDOG_INTERVAL = 1.0
 
-#: Answer tags on the pipe.
+#: Answer tags on the pipe. _CRASHED: the client raised something else (a request it refused to
+#: write, a bug); the exception itself comes along when it pickles, and is raised as in process.
 _OK, _FAILED, _CRASHED = 0, 1, 2
 #: The httpx exceptions an exchange may end with (`map_aiohttp_error`, the pool timeout).
 _TRANSPORT_ERRORS: dict[str, type[httpx.TransportError]] = {
@@ -330,6 +331,8 @@ class ProcessTransport(httpx.AsyncBaseTransport):
             return to_response(request, answer[1:])
         if tag == _FAILED:
             raise _TRANSPORT_ERRORS[answer[1]](answer[2], request=request)
+        if answer[2] is not None:  # what the client raised (a request it refused to write)
+            raise answer[2]
         raise HttpProcessError(f"the HTTP process failed: {answer[1]}")
 
     async def aclose(self) -> None:
@@ -360,6 +363,16 @@ _CHILD_CODE = (
     "from campaign_cli.providers.process import _child_main\n"
     "_child_main(init)\n"
 )
+
+
+def _portable(exc: Exception) -> Exception | None:
+    """``exc`` if it crosses the pipe intact (most exceptions do), else None: the parent then
+    raises `HttpProcessError` with its text."""
+    try:
+        copy = pickle.loads(pickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL))  # noqa: S301
+    except Exception:  # noqa: BLE001 - any reason it does not round-trip
+        return None
+    return copy if type(copy) is type(exc) and str(copy) == str(exc) else None
 
 
 def _child_main(init: dict[str, Any]) -> None:
@@ -420,8 +433,8 @@ async def _serve(parent: int) -> None:
             name = type(exc).__name__
             answer = ((_FAILED, name, str(exc)) if name in _TRANSPORT_ERRORS
                       else (_FAILED, "ReadError", str(exc)))
-        except Exception as exc:  # noqa: BLE001 - a bug: the parent stops the run
-            answer = (_CRASHED, f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # noqa: BLE001 - raised in the parent, as in process
+            answer = (_CRASHED, f"{type(exc).__name__}: {exc}", _portable(exc))
         answers.append((request_id, answer))
         if len(answers) >= FRAME:
             flush()
