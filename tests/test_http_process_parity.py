@@ -423,3 +423,44 @@ def test_a_request_the_http_client_refuses_to_write_ends_the_same_way(
     inline, _ = both(tmp_path, scenario)
     assert inline.report["exit_code"] == 1
     assert "HTTP process" not in str(inline.report["error"])
+
+
+@pytest.mark.parametrize("stops", [1, 2])
+def test_a_stop_with_requests_in_flight_ends_the_same_way(tmp_path: Path, stops: int) -> None:
+    """Asked to stop while answers are slow: once (graceful) the sends in flight finish, twice
+    (immediate) they are in doubt. Which rows were in flight depends on timing; what they end
+    as may not."""
+    from campaign_cli.pipeline import StopController
+
+    def run(http_process: bool) -> tuple[Any, ...]:
+        root = tmp_path / str(http_process)
+        root.mkdir()
+        with FakeProviderServer(latency=0.4) as server:
+            campaign = CampaignFactory(root)(**{
+                **sms(server, rows=12, concurrency=3), "limits": {"concurrency": 3}})
+            stop = StopController()
+
+            def progress(_: object) -> None:
+                if server.requests and not stop.stopping:
+                    for _ in range(stops):
+                        stop.request()
+
+            report = run_campaign(load_campaign(campaign), root / "store.db",
+                                  SendOptions(run_key="k", http_process=http_process,
+                                              poll_interval=0.1),
+                                  clock=FakeClock(), stop=stop, on_progress=progress)
+            rows = _rows(root / "store.db", "SELECT address, state FROM messages")
+            reached = {r.recipient for r in server.requests}
+            accepted = set(server.accepted("twilio"))
+        assert reached
+        # What reached the provider is sent (graceful) or in doubt (immediate), never pending;
+        # nothing else is sent; a graceful stop leaves nothing in doubt.
+        for address, state in rows:
+            if address in reached:
+                assert state in ("sent", "in_doubt"), (http_process, address, state)
+            assert state != "sent" or address in accepted, (http_process, address, state)
+            assert stops == 2 or state != "in_doubt", (http_process, address, state)
+        assert stops == 1 or any(state == "in_doubt" for _, state in rows)
+        return report.exit_code, report.status, report.stopped, report.error
+
+    assert run(True) == run(False)
