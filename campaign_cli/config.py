@@ -106,6 +106,25 @@ def _callback_url(v: str) -> str:
 CallbackUrl = Annotated[str, AfterValidator(_callback_url)]
 
 
+def _one_line(value: str) -> str:
+    if any(c in value for c in "\r\n\0"):
+        raise ValueError("contains a line break or NUL (a value read from a file with its "
+                         "newline?)")
+    return value
+
+
+def _header_name(value: str) -> str:
+    if not re.fullmatch(r"[!-9;-~]+", value):
+        raise ValueError("not a valid header field name")
+    return value
+
+
+#: A value that goes into an HTTP request's header or its URL (a key, a token, a webhook URL):
+#: a line break there makes the client refuse the request mid-run, or split a header.
+OneLine = Annotated[str, AfterValidator(_one_line)]
+HeaderName = Annotated[str, AfterValidator(_header_name)]
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -328,7 +347,7 @@ class SendGridProviderConfig(_HttpProvider):
     """SendGrid v3 mail/send (email): JSON, Bearer API key."""
 
     type: Literal["sendgrid"]
-    api_key: str = Field(min_length=1)
+    api_key: OneLine = Field(min_length=1)
 
 
 class SmtpProviderConfig(_ProviderBase):
@@ -350,7 +369,7 @@ class FcmProviderConfig(_HttpProvider):
 
     type: Literal["fcm"]
     project_id: str = Field(min_length=1)
-    access_token: str | None = None
+    access_token: OneLine | None = None
     service_account_file: ExistingFile | None = None
     token_url: str = "https://oauth2.googleapis.com/token"  # noqa: S105 - a URL, not a secret
 
@@ -365,7 +384,7 @@ class SlackProviderConfig(_HttpProvider):
     """A Slack incoming webhook: its URL is the secret (use ``${SLACK_WEBHOOK_URL}``)."""
 
     type: Literal["slack"]
-    url: str = Field(pattern=r"^https?://")
+    url: OneLine = Field(pattern=r"^https?://")
 
 
 class WebhookProviderConfig(_HttpProvider):
@@ -373,10 +392,10 @@ class WebhookProviderConfig(_HttpProvider):
     ``url`` is the endpoint unless the recipient file has a webhook_url column."""
 
     type: Literal["webhook"]
-    url: str | None = Field(default=None, pattern=r"^https?://")
+    url: OneLine | None = Field(default=None, pattern=r"^https?://")
     secret: str | None = None
-    signature_header: str = "X-Campaign-Signature"
-    headers: dict[str, str] = {}
+    signature_header: HeaderName = "X-Campaign-Signature"
+    headers: dict[HeaderName, OneLine] = {}
 
 
 ProviderConfig = Annotated[

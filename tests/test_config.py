@@ -503,6 +503,39 @@ def test_header_with_a_line_break(project: Path) -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("provider", "field"),
+    [
+        ("  hook:\n    type: webhook\n    url: https://example.com/h\n    headers:\n"
+         "      Authorization: \"Bearer ${TOKEN}\"\n", "providers.hook.headers.Authorization"),
+        ("  hook:\n    type: sendgrid\n    api_key: ${TOKEN}\n", "providers.hook.api_key"),
+        ("  hook:\n    type: fcm\n    project_id: p\n    access_token: ${TOKEN}\n",
+         "providers.hook.access_token"),
+        ("  hook:\n    type: slack\n    url: https://hooks.example.com/${TOKEN}\n",
+         "providers.hook.url"),
+    ],
+)
+def test_a_secret_read_with_its_newline_is_refused_at_load(
+    project: Path, provider: str, field: str
+) -> None:
+    """`TOKEN=$(cat token.txt)` strips the newline, an env file or a secrets mount may not. In a
+    header or a URL it made the HTTP client refuse every request mid-run (exit 1, the rows in
+    doubt though nothing left): it is bad input, exit 2, named, with the value not shown."""
+    path = write(project, BASE + provider)
+    err = error_of(path, {"TOKEN": "tok-0123456789\n"})
+    assert err.field == field
+    assert "line break" in err.message
+    assert "tok-0123456789" not in str(err)
+
+
+def test_a_webhook_header_name_must_be_a_header_name(project: Path) -> None:
+    provider = ("  hook:\n    type: webhook\n    url: https://example.com/h\n    headers:\n"
+                "      \"X Tag\": spring\n")
+    err = error_of(write(project, BASE + provider))
+    assert err.field == "providers.hook.headers.X Tag"
+    assert err.message == "not a valid header field name"
+
+
 def test_header_with_a_bad_name(project: Path) -> None:
     headers = '    headers:\n      "X Tag": spring\n'
     path = write(project, edit("    subject:", headers + "    subject:"))

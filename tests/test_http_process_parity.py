@@ -401,30 +401,6 @@ def test_seeded_faults_with_many_workers_end_the_same_way_per_row(
     assert child.accepted == inline.accepted
 
 
-def test_a_request_the_http_client_refuses_to_write_ends_the_same_way(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """A header value with a line break (a token read from a file, its newline kept): aiohttp
-    refuses to write the request (ValueError, not one of its transport errors). The run stops
-    with exit 1 either way, and says the same: what the client raised, not a process of its
-    own that an operator would go looking for."""
-    monkeypatch.setenv("PARITY_HOOK_TOKEN", "tok-0123456789\n")
-
-    def scenario(servers: Servers, root: Path) -> dict[str, Any]:
-        server = servers()
-        return {
-            "rows": people(2),
-            "channels": {"webhook": {"provider": "hook", "body": '{"code": "{{ row }}"}'}},
-            "providers": {"hook": {**server.provider_config("webhook"), "retry": FAST_RETRY,
-                                   "headers": {"Authorization": "Bearer ${PARITY_HOOK_TOKEN}"}}},
-            "limits": {"concurrency": 1},
-        }
-
-    inline, _ = both(tmp_path, scenario)
-    assert inline.report["exit_code"] == 1
-    assert "HTTP process" not in str(inline.report["error"])
-
-
 @pytest.mark.parametrize("stops", [1, 2])
 def test_a_stop_with_requests_in_flight_ends_the_same_way(tmp_path: Path, stops: int) -> None:
     """Asked to stop while answers are slow: once (graceful) the sends in flight finish, twice

@@ -237,6 +237,24 @@ def test_many_concurrent_requests_share_a_bounded_pool(where: str) -> None:
     run(scenario())
 
 
+def test_a_request_the_client_refuses_to_write_raises_what_the_client_raised(where: str) -> None:
+    """aiohttp refuses a header value with a line break (ValueError, not a transport error).
+    Through the HTTP process the same exception comes back, not a failure of the process: the
+    run's error then names what happened, as in process. (The campaign file refuses such values
+    at load since; this is the last line of defence.)"""
+
+    async def scenario() -> None:
+        async with sink() as s, client(where) as c:
+            request = post(s.url)
+            request.headers["Authorization"] = "Bearer tok\nX-Injected: yes"
+            with pytest.raises(ValueError, match="control character") as info:
+                await c.send(request)
+            assert type(info.value) is ValueError
+            assert s.requests == []
+
+    run(scenario())
+
+
 # --------------------------------------------------------------------------------------------
 # Before the request was written: transient
 
