@@ -8,10 +8,11 @@ sent, so the sum of what may have been charged never crosses ``max_spend``.
 
 from __future__ import annotations
 
-import asyncio
 import math
 
 from aiolimiter import AsyncLimiter
+
+from campaign_cli.clock import Clock, SystemClock
 
 
 def default_burst(rate: float) -> int:
@@ -35,7 +36,11 @@ class Pacer:
 
     MIN_RATE = 0.2
 
-    def __init__(self, rate: float | None, burst: int | None = None) -> None:
+    def __init__(self, rate: float | None, burst: int | None = None,
+                 clock: Clock | None = None) -> None:
+        # The run's clock times the Retry-After pause and the rate's recovery (a test's fake
+        # clock passes them without waiting); the token buckets are aiolimiter's, on the loop's.
+        self._clock: Clock = clock if clock is not None else SystemClock()
         self.configured = rate
         self.burst_configured = burst
         self.rate: float | None = None
@@ -64,9 +69,9 @@ class Pacer:
         self._send = AsyncLimiter(self.burst, self.burst / rate)
 
     async def _wait_pause(self) -> None:
-        loop = asyncio.get_running_loop()
-        while (delay := self._paused_until - loop.time()) > 0:
-            await asyncio.sleep(delay)
+        clock = self._clock
+        while (delay := self._paused_until - clock.monotonic()) > 0:
+            await clock.sleep(delay)
 
     async def acquire(self) -> None:
         if self._paused_until:
@@ -83,7 +88,7 @@ class Pacer:
     def rate_limited(self, retry_after: float | None) -> None:
         """The provider said 429: halve the rate for every worker (at most once a second), and
         pause the provider for its Retry-After."""
-        now = asyncio.get_running_loop().time()
+        now = self._clock.monotonic()
         if retry_after:
             self._paused_until = max(self._paused_until, now + min(retry_after, 300.0))
         if now - self._last_limited < 1.0:
@@ -104,12 +109,12 @@ class Pacer:
     @property
     def paused(self) -> bool:
         """Within a Retry-After pause the provider asked for."""
-        return self._paused_until > asyncio.get_running_loop().time()
+        return self._paused_until > self._clock.monotonic()
 
     def succeeded(self, count: int = 1) -> None:
         """``count`` good answers. Additive increase: a lowered rate gains one message per second
         per good answer (so it can at most double in a second), applied every tenth of a second."""
-        now = asyncio.get_running_loop().time()
+        now = self._clock.monotonic()
         self._window_count += count
         if now - self._window_start >= 1.0:
             self._observed = self._window_count / (now - self._window_start)

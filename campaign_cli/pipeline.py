@@ -828,7 +828,7 @@ class Runner:
             refusal_guard=guard,
             name=name,
             provider=provider,
-            pacer=Pacer(rate, config.burst if self.options.rate is None else None),
+            pacer=Pacer(rate, config.burst if self.options.rate is None else None, self.clock),
             semaphore=asyncio.Semaphore(config.concurrency) if config.concurrency
             else contextlib.nullcontext(),
             price_per_message=to_micros(config.price_per_message),

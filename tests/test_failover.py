@@ -174,39 +174,27 @@ def test_a_429_halves_the_rate_for_every_worker_and_good_answers_win_it_back() -
     assert asyncio.run(scenario()) == [100.0, 50.0, 50.0]
 
 
-class _ManualTimeLoop(asyncio.SelectorEventLoop):
-    """An event loop whose clock moves only when the test says (aiolimiter and the pacer read
-    loop.time(), as aiolimiter's own tests do)."""
-
-    now = 1000.0
-
-    def time(self) -> float:
-        return self.now
-
-
 def test_good_answers_win_the_rate_back_gradually_up_to_the_configured_rate() -> None:
-    loop = _ManualTimeLoop()
-    try:
-        async def scenario() -> list[float | None]:
-            pacer = Pacer(100.0, 10)
-            pacer.rate_limited(None)
-            seen: list[float | None] = [pacer.rate]
-            loop.now += 0.5
-            pacer.succeeded()  # one good answer: one more message per second
-            seen.append(pacer.rate)
-            for _ in range(3):  # each tenth of a second, one more good answer
-                loop.now += 0.2
-                pacer.succeeded()
-                seen.append(pacer.rate)
-            for _ in range(200):
-                loop.now += 0.1
-                pacer.succeeded()
-            seen.append(pacer.rate)
-            return seen
+    clock = FakeClock()  # the pacer times its recovery on the run's clock
 
-        rates = loop.run_until_complete(scenario())
-    finally:
-        loop.close()
+    async def scenario() -> list[float | None]:
+        pacer = Pacer(100.0, 10, clock)
+        pacer.rate_limited(None)
+        seen: list[float | None] = [pacer.rate]
+        clock.advance(0.5)
+        pacer.succeeded()  # one good answer: one more message per second
+        seen.append(pacer.rate)
+        for _ in range(3):  # each tenth of a second, one more good answer
+            clock.advance(0.2)
+            pacer.succeeded()
+            seen.append(pacer.rate)
+        for _ in range(200):
+            clock.advance(0.1)
+            pacer.succeeded()
+        seen.append(pacer.rate)
+        return seen
+
+    rates = asyncio.run(scenario())
     assert rates[0] == 50.0
     assert rates[1] == 50.0 + 1  # additive: one message per second per good answer
     assert rates[2] < rates[3] < rates[4] < 100.0
@@ -214,25 +202,41 @@ def test_good_answers_win_the_rate_back_gradually_up_to_the_configured_rate() ->
 
 
 def test_an_unthrottled_provider_is_paced_after_a_429_and_unthrottled_again() -> None:
-    loop = _ManualTimeLoop()
-    try:
-        async def scenario() -> tuple[float | None, float | None]:
-            pacer = Pacer(None)
-            for _ in range(400):  # 400 answers in 0.2 s: 2,000/s observed
-                loop.now += 0.0005
-                pacer.succeeded()
-            pacer.rate_limited(2.0)
-            slowed = pacer.rate
-            for _ in range(10_000):
-                loop.now += 0.01
-                pacer.succeeded()
-            return slowed, pacer.rate
+    clock = FakeClock()
 
-        slowed, recovered = loop.run_until_complete(scenario())
-    finally:
-        loop.close()
+    async def scenario() -> tuple[float | None, float | None]:
+        pacer = Pacer(None, clock=clock)
+        for _ in range(400):  # 400 answers in 0.2 s: 2,000/s observed
+            clock.advance(0.0005)
+            pacer.succeeded()
+        pacer.rate_limited(2.0)
+        slowed = pacer.rate
+        for _ in range(10_000):
+            clock.advance(0.01)
+            pacer.succeeded()
+        return slowed, pacer.rate
+
+    slowed, recovered = asyncio.run(scenario())
     assert slowed is not None and 900 <= slowed <= 1100  # about half of what it was doing
     assert recovered is None
+
+
+def test_a_retry_after_pause_passes_on_the_run_s_clock() -> None:
+    """The pause a 429's Retry-After asks for is waited out on the run's clock: a test's fake
+    clock passes it at once (unit tests never wait for real time to pass), and it holds every
+    worker until that clock reaches its end. An hour asked for is five minutes at most."""
+    clock = FakeClock()
+
+    async def scenario() -> tuple[bool, float]:
+        pacer = Pacer(None, clock=clock)
+        pacer.rate_limited(3600.0)
+        paused = pacer.paused
+        await asyncio.wait_for(pacer.acquire(), 5)  # five minutes of fake time, no real wait
+        return paused, clock.monotonic()
+
+    paused, now = asyncio.run(scenario())
+    assert paused
+    assert 300.0 <= now < 301.0
 
 
 def _clocked(clock: FakeClock, primary_handler: Any) -> tuple[FakeProvider, FakeProvider]:
