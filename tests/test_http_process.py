@@ -491,3 +491,42 @@ def test_a_journal_that_cannot_be_opened_finishes_the_run_and_ends_the_process(
         conn.close()
     assert len(started) == 1 and gone(started[0])
     assert fake_server.requests == []
+
+
+def test_single_process_sends_http_from_the_run_s_process_and_its_resume_does_too(
+    make_campaign: CampaignFactory, store_path: Path, fake_server: FakeProviderServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`--single-process`: for a machine short of memory (the HTTP process is ~40 MiB, the
+    reader ~21 MiB), nothing is started beside the run; the resume command it prints keeps the
+    flag, since the resume runs on the same machine."""
+    import shlex
+
+    from typer.testing import CliRunner
+
+    from campaign_cli.cli.main import get_app
+    from campaign_cli.recipients import ProcessChunkReader
+
+    started = count_starts(monkeypatch)
+    readers: list[object] = []
+    real_reader = ProcessChunkReader.__init__
+
+    def counting_reader(self: ProcessChunkReader, *args: object, **kwargs: object) -> None:
+        readers.append(self)
+        real_reader(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ProcessChunkReader, "__init__", counting_reader)
+    campaign = make_campaign(
+        people(25_000), channels={"sms": {"provider": "tw", "body": "Code {{ row }}"}},
+        providers={"tw": {**fake_server.provider_config("twilio"),
+                          "price_per_segment": "0.01"}},
+        limits={"max_spend": "0.05"},
+    )
+    result = CliRunner().invoke(get_app(), ["--store", str(store_path), "send", str(campaign),
+                                            "--single-process", "--run-key", "k"])
+    assert result.exit_code == 3, result.stderr  # the cap: 5 sent, the rest pending
+    assert started == [] and readers == []
+    assert len(fake_server.accepted("twilio")) == 5
+    [hint] = [line for line in result.stderr.splitlines() if "To resume" in line]
+    assert "--single-process" in shlex.split(hint.split(": ", 1)[1].replace("<", "").replace(
+        ">", ""))
