@@ -530,3 +530,22 @@ def test_single_process_sends_http_from_the_run_s_process_and_its_resume_does_to
     [hint] = [line for line in result.stderr.splitlines() if "To resume" in line]
     assert "--single-process" in shlex.split(hint.split(": ", 1)[1].replace("<", "").replace(
         ">", ""))
+
+
+def test_a_child_that_crashes_says_why_in_one_line() -> None:
+    """A bug in the child ends it with exit 1; the parent's error carries the child's last line
+    (its exception), not only "exit code 1", and nothing reaches the user's terminal."""
+
+    async def scenario() -> None:
+        async with sink() as s, hosted(s.url) as (host, client):
+            assert (await client.send(post(s.url))).status_code == 201
+            host._queue(("bogus",))  # a frame the child cannot read: a bug, as far as it knows
+            for _ in range(1000):  # until the parent has seen the end of the child's output
+                if host._failure is not None:
+                    break
+                await asyncio.sleep(0.01)
+            with pytest.raises(HttpProcessGone) as info:
+                await client.send(post(s.url))
+            assert "exit code 1: ValueError: not enough values to unpack" in str(info.value)
+
+    run(scenario())

@@ -40,8 +40,9 @@ import pickle
 import signal
 import struct
 import sys
+import tempfile
 from collections.abc import Mapping
-from typing import Any
+from typing import IO, Any
 
 import httpx
 
@@ -111,27 +112,34 @@ class HttpProcess:
         self._watchdog: asyncio.Task[None] | None = None
         self._deadlines: dict[int, float] = {}  # request id -> when the child is late
         self._closed = False
+        self._last_words: IO[bytes] | None = None  # the child's stderr
 
     @classmethod
     async def start(cls) -> HttpProcess:
         """Start the child; return once it is ready to send."""
         # sys.executable is empty or None when Python cannot tell its own path.
+        last_words: IO[bytes] | None = None
         try:
             if not sys.executable:
                 raise OSError("no path to this Python interpreter (sys.executable is empty)")
+            # Its last words (a crash's one line) go to a file, never to the user's terminal.
+            last_words = tempfile.TemporaryFile()  # noqa: SIM115 - closed with the process
             process = await asyncio.create_subprocess_exec(
                 sys.executable, "-c", _CHILD_CODE,
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.DEVNULL,
+                stderr=last_words,
                 # Its own session: what a terminal sends its foreground process group (Ctrl-C,
                 # SIGHUP when it hangs up) is for the parent, even while the child starts up.
                 start_new_session=True,
             )
         except OSError as exc:
+            if last_words is not None:
+                last_words.close()
             raise HttpProcessError(
                 f"the HTTP process did not start ({type(exc).__name__}: {exc})"
             ) from None
         host = cls(process)
+        host._last_words = last_words
         try:
             host._write(("init", {"sys_path": list(sys.path), "parent": os.getpid()}))
             kind, payload = await asyncio.wait_for(host._read(), START_TIMEOUT)
@@ -140,8 +148,11 @@ class HttpProcess:
         except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError,
                 asyncio.IncompleteReadError, asyncio.TimeoutError) as exc:
             await host._kill()
+            said = host.last_words()
+            host._forget_last_words()
             raise HttpProcessError(
-                f"the HTTP process did not start ({type(exc).__name__}: {exc})"
+                f"the HTTP process did not start ({type(exc).__name__}: {exc}"
+                f"{'; it said: ' + said if said else ''})"
             ) from None
         host._reader = asyncio.create_task(host._read_answers())
         host._watchdog = asyncio.create_task(host._watch())
@@ -230,8 +241,27 @@ class HttpProcess:
                 code = await self._exit_code()
                 why = (type(exc).__name__ if code is None else
                        f"exit code {code}" if code >= 0 else f"killed by signal {-code}")
+                said = self.last_words()
+                if said:
+                    why += f": {said}"
                 self._fail(f"the HTTP process ended unexpectedly ({why}); requests it was "
                            "sending may have reached the provider")
+
+    def last_words(self) -> str:
+        """The last line the child wrote on its stderr (a crash's exception), at most 300
+        characters; empty if none."""
+        file = self._last_words
+        if file is None:
+            return ""
+        try:
+            file.seek(0, os.SEEK_END)
+            size = file.tell()
+            file.seek(max(0, size - 4096))
+            tail = file.read().decode("utf-8", "replace")
+        except (OSError, ValueError):
+            return ""
+        lines = [line.strip() for line in tail.splitlines() if line.strip()]
+        return lines[-1][:300] if lines else ""
 
     async def _watch(self) -> None:
         """Kill a child that has held a request past all its timeouts and `STALL_MARGIN`: the
@@ -292,6 +322,7 @@ class HttpProcess:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
         self._fail("the HTTP process is closed")
+        self._forget_last_words()
 
     async def _close_child(self) -> None:
         await self._stdin.drain()
@@ -305,6 +336,11 @@ class HttpProcess:
             except ProcessLookupError:
                 pass
         await self._process.wait()
+
+    def _forget_last_words(self) -> None:
+        if self._last_words is not None:
+            self._last_words.close()
+            self._last_words = None
 
 
 class ProcessTransport(httpx.AsyncBaseTransport):
@@ -382,7 +418,11 @@ def _child_main(init: dict[str, Any]) -> None:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         asyncio.run(_serve(init["parent"]))
-    except BaseException:  # noqa: BLE001 - the parent reports the end of the pipe
+    except BaseException as exc:  # noqa: BLE001 - the parent reports it, with this line
+        try:
+            os.write(2, f"{type(exc).__name__}: {exc}".encode("utf-8", "replace")[:300] + b"\n")
+        except OSError:
+            pass
         os._exit(1)
 
 
