@@ -314,7 +314,7 @@ class ConsoleProviderConfig(_ProviderBase):
 class _HttpProvider(_ProviderBase):
     """Every HTTP provider: where it is, how long to wait, how to pace it."""
 
-    base_url: str | None = None  # each type has its own default
+    base_url: OneLine | None = None  # each type has its own default
     timeout: float = Field(default=10.0, gt=0, le=300)
 
     @model_validator(mode="after")
@@ -371,7 +371,7 @@ class FcmProviderConfig(_HttpProvider):
     project_id: str = Field(min_length=1)
     access_token: OneLine | None = None
     service_account_file: ExistingFile | None = None
-    token_url: str = "https://oauth2.googleapis.com/token"  # noqa: S105 - a URL, not a secret
+    token_url: OneLine = "https://oauth2.googleapis.com/token"  # noqa: S105 - a URL, not a secret
 
     @model_validator(mode="after")
     def _one_credential(self) -> FcmProviderConfig:

@@ -528,6 +528,30 @@ def test_a_secret_read_with_its_newline_is_refused_at_load(
     assert "tok-0123456789" not in str(err)
 
 
+@pytest.mark.parametrize(
+    ("provider", "field"),
+    [
+        ("  hook:\n    type: twilio\n    base_url: ${URL}\n    account_sid: AC" + "0" * 32
+         + "\n    auth_token: t\n    from: '+15005550006'\n", "providers.hook.base_url"),
+        ("  hook:\n    type: sendgrid\n    base_url: ${URL}\n    api_key: k\n",
+         "providers.hook.base_url"),
+        ("  hook:\n    type: fcm\n    project_id: p\n    access_token: t\n"
+         "    token_url: ${URL}/token\n", "providers.hook.token_url"),
+    ],
+)
+def test_a_base_or_token_url_read_with_its_newline_is_refused_at_load(
+    project: Path, provider: str, field: str
+) -> None:
+    """`base_url: ${TWILIO_BASE_URL}` (a regional or proxy endpoint from an env file) with its
+    newline passed the load: httpx refused it when the run built its client, `campaign send`
+    said 'internal error ... (a bug: please report it)', exit 1, and left the run `running`."""
+    path = write(project, BASE + provider)
+    err = error_of(path, {"URL": "https://api.example.com\n"})
+    assert err.field == field
+    assert "line break" in err.message
+    assert "api.example.com" not in str(err)
+
+
 def test_a_webhook_header_name_must_be_a_header_name(project: Path) -> None:
     provider = ("  hook:\n    type: webhook\n    url: https://example.com/h\n    headers:\n"
                 "      \"X Tag\": spring\n")
