@@ -330,7 +330,7 @@ class TwilioProviderConfig(_HttpProvider):
 
     type: Literal["twilio"]
     account_sid: str = Field(pattern=r"^AC[0-9a-fA-F]{32}$")
-    auth_token: str = Field(min_length=1)
+    auth_token: OneLine = Field(min_length=1)
     api_key_sid: str | None = Field(default=None, pattern=r"^SK[0-9a-fA-F]{32}$")
     sender: str | None = Field(default=None, alias="from")
     messaging_service_sid: str | None = Field(default=None, pattern=r"^MG[0-9a-fA-F]{32}$")
@@ -393,7 +393,7 @@ class WebhookProviderConfig(_HttpProvider):
 
     type: Literal["webhook"]
     url: OneLine | None = Field(default=None, pattern=r"^https?://")
-    secret: str | None = None
+    secret: OneLine | None = None
     signature_header: HeaderName = "X-Campaign-Signature"
     headers: dict[HeaderName, OneLine] = {}
 

@@ -552,6 +552,30 @@ def test_a_base_or_token_url_read_with_its_newline_is_refused_at_load(
     assert "api.example.com" not in str(err)
 
 
+@pytest.mark.parametrize(
+    ("provider", "field"),
+    [
+        ("  hook:\n    type: twilio\n    account_sid: AC" + "0" * 32
+         + "\n    auth_token: ${TOKEN}\n    from: '+15005550006'\n",
+         "providers.hook.auth_token"),
+        ("  hook:\n    type: webhook\n    url: https://example.com/h\n    secret: ${TOKEN}\n",
+         "providers.hook.secret"),
+    ],
+)
+def test_a_signing_key_or_basic_auth_token_read_with_its_newline_is_refused_at_load(
+    project: Path, provider: str, field: str
+) -> None:
+    """README: 'a key, token ... that still ends in a line break is refused when the file is
+    loaded'. Twilio's auth token (in Basic auth) and the webhook's signing secret were not: the
+    run went out and Twilio refused every request (exit 6, 'refused our credentials', for a
+    token that looks right), or every webhook went with a signature its receiver cannot check."""
+    path = write(project, BASE + provider)
+    err = error_of(path, {"TOKEN": "tok-0123456789\n"})
+    assert err.field == field
+    assert "line break" in err.message
+    assert "tok-0123456789" not in str(err)
+
+
 def test_a_webhook_header_name_must_be_a_header_name(project: Path) -> None:
     provider = ("  hook:\n    type: webhook\n    url: https://example.com/h\n    headers:\n"
                 "      \"X Tag\": spring\n")
