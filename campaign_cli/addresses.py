@@ -135,6 +135,8 @@ def normalize_webhook_url(raw: str) -> str:
         raise AddressError("no_address", "webhook URL is empty")
     if not re.fullmatch(r"https?://[^\s/?#]+[^\s]*", text, re.IGNORECASE):
         raise AddressError("bad_webhook_url", f"not an http(s) URL: {text!r}")
+    if any(c.isascii() and not c.isprintable() for c in text):  # httpx refuses to send it
+        raise AddressError("bad_webhook_url", f"a control character in the URL: {text!r}")
     match = _WEBHOOK_URL.fullmatch(text)
     if match is None:  # an authority of an unusual shape: kept as written
         return text

@@ -152,3 +152,29 @@ def test_auth_failure_aborts_with_exit_6_after_a_handful_of_requests(
     assert "wrong-token-value" not in done.stdout + done.stderr
     counts = json.loads(done.stdout)["counts"]
     assert counts.get("failed", 0) == 0 and counts.get("sent", 0) == 0
+
+
+@pytest.mark.parametrize("control", ["\x01", "\x1b", "\x7f"])
+def test_a_recipient_webhook_url_with_a_control_character_is_invalid_not_a_stuck_run(
+    make_campaign: CampaignFactory, store_path: Path, fake_server: FakeProviderServer,
+    control: str,
+) -> None:
+    """A webhook_url cell with an ASCII control character (a stray \\x01 or ESC from an export)
+    passed normalisation; httpx refused to build the request, so the run stopped with exit 1
+    ('provider hook raised InvalidURL'), the row in doubt though nothing left, and every resume
+    stopped on it again. It is that recipient's bad address: the row is `invalid`, the rest go."""
+    rows = [[f"c{i}", f"Name{i}", f"{fake_server.url}/webhook/{control if i == 2 else ''}h{i}"]
+            for i in range(1, 5)]
+    campaign = make_campaign(
+        rows, header=("id", "first_name", "url"),
+        channels={"webhook": {"provider": "hook", "body": '{"n": "{{ row }}"}'}},
+        providers={"hook": {"type": "webhook", "secret": "whsec-test"}},
+        extra={"recipients": {"file": "recipients.csv", "key": "id",
+                              "columns": {"webhook_url": "url"}}},
+    )
+    done = run_to_end(store_path, "send", str(campaign), "--run-key", "k", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["counts"] == {"invalid": 1, "sent": 3}
+    states = {r["row"]: (r["state"], r["reason"]) for r in journal(store_path)}
+    assert states[2] == ("invalid", "bad_webhook_url")
+    assert len(fake_server.accepted("webhook")) == 3
