@@ -3,8 +3,12 @@ chaos (transient faults and two SIGKILLs), failover, and an auth failure."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import signal
+import socket
+import ssl
 import subprocess
 from collections import Counter
 from collections.abc import Callable
@@ -12,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CampaignFactory, journal, people
+from tests.conftest import CampaignFactory, journal, people, query
 from tests.fakeserver import (  # noqa: F401 - pytest fixtures
     FakeProviderServer,
     fake_server_factory_fixture,
@@ -178,3 +182,120 @@ def test_a_recipient_webhook_url_with_a_control_character_is_invalid_not_a_stuck
     states = {r["row"]: (r["state"], r["reason"]) for r in journal(store_path)}
     assert states[2] == ("invalid", "bad_webhook_url")
     assert len(fake_server.accepted("webhook")) == 3
+
+
+def _tls_files(root: Path) -> tuple[Path, Path, Path]:
+    """A CA, and a certificate it signed for 127.0.0.1 with its key (PEM files in ``root``)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "campaign-cli test CA")])
+
+    def build(subject: x509.Name, public: ec.EllipticCurvePublicKey) -> x509.CertificateBuilder:
+        return (x509.CertificateBuilder().subject_name(subject).issuer_name(ca_name)
+                .public_key(public).serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(hours=1))
+                .not_valid_after(now + datetime.timedelta(days=1)))
+
+    ca = (build(ca_name, ca_key.public_key())
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False),
+                         critical=True)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
+                         critical=False)
+          .sign(ca_key, hashes.SHA256()))
+    cert = (build(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]),
+                  key.public_key())
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]),
+                           critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    paths = root / "ca.pem", root / "cert.pem", root / "key.pem"
+    paths[0].write_bytes(ca.public_bytes(pem))
+    paths[1].write_bytes(cert.public_bytes(pem))
+    paths[2].write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return paths
+
+
+class _TlsProviderServer(FakeProviderServer):
+    """The fake provider server behind TLS (127.0.0.1 only)."""
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        super().__init__()
+        self.context = context
+
+    @property
+    def url(self) -> str:
+        return super().url.replace("http://", "https://", 1)
+
+    async def _serve(self) -> None:
+        self._stop_event = asyncio.Event()
+        server = await asyncio.start_server(self._handle, self.host, self.port, ssl=self.context)
+        self.port = server.sockets[0].getsockname()[1]
+        self._ready.set()
+        try:
+            await self._stop_event.wait()
+        finally:
+            server.close()
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def test_https_sends_with_the_ca_from_ssl_cert_file_ignores_proxies_and_an_untrusted_one_is_never_sent(
+    make_campaign: CampaignFactory, tmp_path: Path
+) -> None:
+    """The HTTP process inherits `campaign send`'s environment: a private CA given in
+    SSL_CERT_FILE is trusted, proxy variables are ignored (the providers are reached directly),
+    and a certificate nobody vouches for fails every attempt before anything is sent (transient,
+    then a dead letter: never in doubt), as when the requests go from the run's own process."""
+    ca, cert, key = _tls_files(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    proxy = socket.create_server(("127.0.0.1", 0))  # a proxy that would see any CONNECT
+    proxy.setblocking(False)
+    proxy_url = f"http://127.0.0.1:{proxy.getsockname()[1]}"
+    fast = {"attempts": 2, "backoff": 0.01, "max_backoff": 0.02}
+    with proxy, _TlsProviderServer(context) as server:
+        campaign = make_campaign(
+            people(4), channels={"sms": {"provider": "tw", "body": "Code {{ row }}"}},
+            providers={"tw": {**server.provider_config("twilio"), "retry": fast}},
+        )
+        env = {k: v for k, v in os.environ.items() if k not in ("SSL_CERT_FILE", "SSL_CERT_DIR")}
+        proxies = {name: proxy_url for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY",
+                                                 "http_proxy", "ALL_PROXY", "all_proxy")}
+        trusted = tmp_path / "trusted.db"
+        done = subprocess.run(campaign_cmd(trusted, "send", str(campaign), "--json"),
+                              capture_output=True, text=True, timeout=DEADLINE,
+                              env={**env, **proxies, "SSL_CERT_FILE": str(ca)})
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["counts"] == {"sent": 4}
+        assert len(server.accepted("twilio")) == 4
+        with pytest.raises(BlockingIOError):
+            proxy.accept()  # nobody connected to the proxy
+
+        untrusted = tmp_path / "untrusted.db"
+        done = subprocess.run(campaign_cmd(untrusted, "send", str(campaign), "--json"),
+                              capture_output=True, text=True, timeout=DEADLINE, env=env)
+        assert done.returncode == 4, done.stderr
+        assert json.loads(done.stdout)["counts"] == {"failed": 4}
+        assert len(server.accepted("twilio")) == 4  # nothing more
+        rows = journal(untrusted)
+        assert {(r["state"], r["reason"], r["error_code"]) for r in rows} == {
+            ("failed", "retries_exhausted", "connect")}
+        assert all("CERTIFICATE_VERIFY_FAILED" in r["detail"] for r in rows)
+        outcomes = query(untrusted, "SELECT DISTINCT outcome FROM attempts")
+        assert outcomes == [("transient",)]
