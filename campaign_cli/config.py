@@ -113,6 +113,13 @@ def _one_line(value: str) -> str:
     return value
 
 
+def _url_text(value: str) -> str:
+    if any(ord(c) < 0x20 or c == "\x7f" for c in value):
+        raise ValueError("contains a control character or line break (a value read from a file "
+                         "with its newline?)")
+    return value
+
+
 def _header_name(value: str) -> str:
     if not re.fullmatch(r"[!-9;-~]+", value):
         raise ValueError("not a valid header field name")
@@ -122,6 +129,8 @@ def _header_name(value: str) -> str:
 #: A value that goes into an HTTP request's header or its URL (a key, a token, a webhook URL):
 #: a line break there makes the client refuse the request mid-run, or split a header.
 OneLine = Annotated[str, AfterValidator(_one_line)]
+#: A URL: no control character at all (the HTTP client refuses any, mid-run).
+UrlText = Annotated[str, AfterValidator(_url_text)]
 HeaderName = Annotated[str, AfterValidator(_header_name)]
 
 
@@ -314,7 +323,7 @@ class ConsoleProviderConfig(_ProviderBase):
 class _HttpProvider(_ProviderBase):
     """Every HTTP provider: where it is, how long to wait, how to pace it."""
 
-    base_url: OneLine | None = None  # each type has its own default
+    base_url: UrlText | None = None  # each type has its own default
     timeout: float = Field(default=10.0, gt=0, le=300)
 
     @model_validator(mode="after")
@@ -371,7 +380,7 @@ class FcmProviderConfig(_HttpProvider):
     project_id: str = Field(min_length=1)
     access_token: OneLine | None = None
     service_account_file: ExistingFile | None = None
-    token_url: OneLine = "https://oauth2.googleapis.com/token"  # noqa: S105 - a URL, not a secret
+    token_url: UrlText = "https://oauth2.googleapis.com/token"  # noqa: S105 - a URL, not a secret
 
     @model_validator(mode="after")
     def _one_credential(self) -> FcmProviderConfig:
@@ -384,7 +393,7 @@ class SlackProviderConfig(_HttpProvider):
     """A Slack incoming webhook: its URL is the secret (use ``${SLACK_WEBHOOK_URL}``)."""
 
     type: Literal["slack"]
-    url: OneLine = Field(pattern=r"^https?://")
+    url: UrlText = Field(pattern=r"^https?://")
 
 
 class WebhookProviderConfig(_HttpProvider):
@@ -392,7 +401,7 @@ class WebhookProviderConfig(_HttpProvider):
     ``url`` is the endpoint unless the recipient file has a webhook_url column."""
 
     type: Literal["webhook"]
-    url: OneLine | None = Field(default=None, pattern=r"^https?://")
+    url: UrlText | None = Field(default=None, pattern=r"^https?://")
     secret: OneLine | None = None
     signature_header: HeaderName = "X-Campaign-Signature"
     headers: dict[HeaderName, OneLine] = {}

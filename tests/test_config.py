@@ -550,6 +550,10 @@ def test_a_base_or_token_url_read_with_its_newline_is_refused_at_load(
     assert err.field == field
     assert "line break" in err.message
     assert "api.example.com" not in str(err)
+    # httpx refuses every control character in a URL, not only line breaks: a tab, an escape.
+    for control in ("\t", "\x1b", "\x7f"):
+        err = error_of(path, {"URL": f"https://api.example.com{control}"})
+        assert err.field == field and "control character" in err.message
 
 
 @pytest.mark.parametrize(

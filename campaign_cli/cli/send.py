@@ -225,7 +225,9 @@ def _print_summary(app: AppContext, report: RunReport) -> None:
     if report.in_doubt_found or report.in_doubt_resent:
         out.warn(f"{report.in_doubt_found} message(s) were in doubt from an earlier session "
                  f"(in flight when it stopped, or never answered); {report.in_doubt_resent} "
-                 "re-sent with the same idempotency key; see `campaign status`")
+                 "re-sent (a provider that deduplicates drops a second copy by its idempotency "
+                 "key; one that cannot, such as twilio, may have delivered it twice); see "
+                 "`campaign status`")
 
 
 def _resume_hint(app: AppContext, report: RunReport, campaign_file: Path,
