@@ -55,6 +55,7 @@ import random
 import re
 import secrets
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -418,8 +419,10 @@ class FakeProviderServer:
         token_expires_in: int = 3600,
         check_auth: bool = True,
         latency: float = 0.0,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.host = host
+        self.tls = tls  # serve HTTPS with this context
         self.port = port
         self.twilio_account_sid = twilio_account_sid
         self.twilio_auth_token = twilio_auth_token
@@ -460,7 +463,7 @@ class FakeProviderServer:
     def url(self) -> str:
         if not self.port:
             raise RuntimeError("server not started")
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
     def start(self) -> FakeProviderServer:
         if self._thread is not None:
@@ -510,7 +513,8 @@ class FakeProviderServer:
 
     async def _serve(self) -> None:
         self._stop_event = asyncio.Event()
-        server = await asyncio.start_server(self._handle, self.host, self.port, backlog=1024)
+        server = await asyncio.start_server(self._handle, self.host, self.port, backlog=1024,
+                                            ssl=self.tls)
         self.port = server.sockets[0].getsockname()[1]
         self._ready.set()
         try:

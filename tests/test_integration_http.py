@@ -3,7 +3,6 @@ chaos (transient faults and two SIGKILLs), failover, and an auth failure."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -230,31 +229,6 @@ def _tls_files(root: Path) -> tuple[Path, Path, Path]:
     return paths
 
 
-class _TlsProviderServer(FakeProviderServer):
-    """The fake provider server behind TLS (127.0.0.1 only)."""
-
-    def __init__(self, context: ssl.SSLContext) -> None:
-        super().__init__()
-        self.context = context
-
-    @property
-    def url(self) -> str:
-        return super().url.replace("http://", "https://", 1)
-
-    async def _serve(self) -> None:
-        self._stop_event = asyncio.Event()
-        server = await asyncio.start_server(self._handle, self.host, self.port, ssl=self.context)
-        self.port = server.sockets[0].getsockname()[1]
-        self._ready.set()
-        try:
-            await self._stop_event.wait()
-        finally:
-            server.close()
-            for task in list(self._tasks):
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-
-
 def test_https_sends_with_the_ca_from_ssl_cert_file_ignores_proxies_and_an_untrusted_one_is_never_sent(
     make_campaign: CampaignFactory, tmp_path: Path
 ) -> None:
@@ -269,7 +243,7 @@ def test_https_sends_with_the_ca_from_ssl_cert_file_ignores_proxies_and_an_untru
     proxy.setblocking(False)
     proxy_url = f"http://127.0.0.1:{proxy.getsockname()[1]}"
     fast = {"attempts": 2, "backoff": 0.01, "max_backoff": 0.02}
-    with proxy, _TlsProviderServer(context) as server:
+    with proxy, FakeProviderServer(tls=context) as server:
         campaign = make_campaign(
             people(4), channels={"sms": {"provider": "tw", "body": "Code {{ row }}"}},
             providers={"tw": {**server.provider_config("twilio"), "retry": fast}},
