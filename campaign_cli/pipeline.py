@@ -1682,6 +1682,10 @@ class Runner:
             self._record(key, State.IN_DOUBT, "internal_error", exc)
         self._fail_run(_Abort(
             ExitCode.INTERNAL, "internal_error",
+            # Our own failures (the HTTP process died) say what happened; anything else is
+            # named by its class, as a bug would be.
+            f"provider {provider}: {redact(str(exc), self.secrets)}"
+            if isinstance(exc, CampaignError) else
             f"provider {provider} raised {type(exc).__name__}: {redact(str(exc), self.secrets)}",
         ))
 

@@ -292,7 +292,7 @@ def test_campaign_send_stops_with_exit_1_when_its_http_process_dies_and_resume_s
     _, err = proc.communicate(timeout=DEADLINE)
     assert proc.returncode == 1, err
     assert "Traceback" not in err
-    assert "HTTP process ended unexpectedly (killed by signal 9)" in err
+    assert "provider tw: the HTTP process ended unexpectedly (killed by signal 9)" in err
 
     rows = journal(store_path)
     states = Counter(r["state"] for r in rows)
