@@ -106,6 +106,10 @@ class Pacer:
             return self._window_count / elapsed
         return max(self._observed, 10.0)
 
+    def pause_left(self) -> float:
+        """Seconds left of a Retry-After pause (0 when there is none)."""
+        return max(0.0, self._paused_until - self._clock.monotonic())
+
     @property
     def paused(self) -> bool:
         """Within a Retry-After pause the provider asked for."""

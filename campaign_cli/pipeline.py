@@ -1440,7 +1440,9 @@ class Runner:
             # Half-open: the probe is taken now, so other workers pick the next provider
             # instead of all waiting for this one's bucket and then all sending to it.
             probe = route.breaker.attempt()
-            await route.pacer.acquire()
+            await self._pause(route)
+            if not self.stop.stopping and self._abort is None:
+                await route.pacer.acquire()
             if self.stop.stopping or self._abort is not None:
                 route.breaker.release(probe)
                 self._budget.release(job.reserved)
@@ -1461,7 +1463,9 @@ class Runner:
             try:
                 await self._writer.barrier()
                 async with route.semaphore:
-                    await route.pacer.gate()
+                    await self._pause(route)
+                    if not self.stop.stopping and self._abort is None:
+                        await route.pacer.gate()
                     if self.stop.stopping or self._abort is not None:
                         # Stopped (or a 401 came) while this one waited for its commit, the
                         # provider's slot or its bucket: it never left.
@@ -1740,6 +1744,14 @@ class Runner:
         if retry_after is not None:
             delay = max(delay, min(retry_after, route.max_backoff))
         await self._sleep_unless_stopped(delay)
+
+    async def _pause(self, route: _Route) -> None:
+        """Wait out the provider's Retry-After pause, if one is on, unless the run is stopped
+        or aborted meanwhile (as a backoff does): a stop must not wait for a pause of minutes
+        with nothing in flight. The caller checks the stop next."""
+        left = route.pacer.pause_left()
+        if left > 0:
+            await self._sleep_unless_stopped(left)
 
     async def _sleep_unless_stopped(self, delay: float) -> None:
         """A backoff on the run's clock that ends early when the run is asked to stop or is

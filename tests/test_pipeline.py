@@ -845,6 +845,43 @@ def test_a_stop_wakes_a_message_waiting_out_its_retry_backoff(
     assert report.counts == {"pending": 1} and len(provider.history) == 1
 
 
+def test_a_stop_wakes_a_message_waiting_out_a_provider_s_retry_after_pause(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    """A 429 asks the provider to be left alone for a minute: every worker's next message waits
+    out that pause. Ctrl-C then: the pause ends at once, as a retry backoff does, and the rows
+    stay pending. It used to hold the exit for the whole grace period (here an hour) with
+    nothing in flight."""
+    import threading
+
+    stop = StopController()
+
+    class StoppedDuringPause(FakeClock):
+        async def sleep(self, seconds: float) -> None:
+            self.sleeps.append(seconds)
+            if len([s for s in self.sleeps if s >= 30]) == 2:  # the backoff, then the pause
+                asyncio.get_running_loop().call_soon(stop.request)
+            await asyncio.Event().wait()  # a wait that outlasts the test
+
+    def handler(m: OutboundMessage) -> RateLimitedError | None:
+        return RateLimitedError("slow down", code="429", status=429, retry_after=60.0) \
+            if m.row == 1 else None
+
+    provider = FakeProvider(handler=handler)
+    campaign = make_campaign(people(3), limits={"concurrency": 2})
+    reports: list[RunReport] = []
+    runner = threading.Thread(target=lambda: reports.append(send(
+        campaign, store_path, provider, clock=StoppedDuringPause(), stop=stop,
+        grace_seconds=3600.0)), daemon=True)
+    runner.start()
+    runner.join(timeout=60)  # a guard against a hang, not a wait for time to pass
+    assert not runner.is_alive(), "the Retry-After pause held the stop"
+    [report] = reports
+    assert report.exit_code == ExitCode.INTERRUPTED
+    assert report.counts == {"pending": 3}  # row 1 stopped in its backoff, the rest in the pause
+    assert [m.row for m in provider.history] == [1]  # nothing else left
+
+
 def test_an_immediate_stop_leaves_rows_waiting_for_the_provider_pending_not_in_doubt(
     make_campaign: CampaignFactory, store_path: Path
 ) -> None:
