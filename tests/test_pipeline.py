@@ -816,13 +816,28 @@ def test_a_stop_reaches_workers_waiting_to_send_before_their_request_leaves(
     assert sorted(m.row for m in provider.accepted + again.accepted) == list(range(1, 201))
 
 
+def send_or_hang(campaign: Path, store_path: Path, provider: FakeProvider, clock: FakeClock,
+                 stop: StopController, hang: str) -> RunReport:
+    """`send` with an hour's grace, in a thread: a wait the stop does not end hangs the run, and
+    the join's timeout turns that hang into a failure saying ``hang``."""
+    import threading
+
+    reports: list[RunReport] = []
+    runner = threading.Thread(target=lambda: reports.append(send(
+        campaign, store_path, provider, clock=clock, stop=stop, grace_seconds=3600.0)),
+        daemon=True)
+    runner.start()
+    runner.join(timeout=60)  # a guard against a hang, not a wait for time to pass
+    assert not runner.is_alive(), hang
+    [report] = reports
+    return report
+
+
 def test_a_stop_wakes_a_message_waiting_out_its_retry_backoff(
     make_campaign: CampaignFactory, store_path: Path
 ) -> None:
     """Ctrl-C while a message waits to retry: the backoff ends at once and the row is left
     pending. It used to sleep on, holding the exit for the whole grace period (here an hour)."""
-    import threading
-
     stop = StopController()
 
     class StoppedDuringBackoff(FakeClock):
@@ -833,14 +848,8 @@ def test_a_stop_wakes_a_message_waiting_out_its_retry_backoff(
 
     provider = FakeProvider(handler=lambda m: TransientError("503", code="503", status=503))
     campaign = make_campaign(people(1))
-    reports: list[RunReport] = []
-    runner = threading.Thread(target=lambda: reports.append(send(
-        campaign, store_path, provider, clock=StoppedDuringBackoff(), stop=stop,
-        grace_seconds=3600.0)), daemon=True)
-    runner.start()
-    runner.join(timeout=60)  # a guard against a hang, not a wait for time to pass
-    assert not runner.is_alive(), "the backoff held the stop"
-    [report] = reports
+    report = send_or_hang(campaign, store_path, provider, StoppedDuringBackoff(), stop,
+                          "the backoff held the stop")
     assert report.exit_code == ExitCode.INTERRUPTED
     assert report.counts == {"pending": 1} and len(provider.history) == 1
 
@@ -852,8 +861,6 @@ def test_a_stop_wakes_a_message_waiting_out_a_provider_s_retry_after_pause(
     out that pause. Ctrl-C then: the pause ends at once, as a retry backoff does, and the rows
     stay pending. It used to hold the exit for the whole grace period (here an hour) with
     nothing in flight."""
-    import threading
-
     stop = StopController()
 
     class StoppedDuringPause(FakeClock):
@@ -869,14 +876,8 @@ def test_a_stop_wakes_a_message_waiting_out_a_provider_s_retry_after_pause(
 
     provider = FakeProvider(handler=handler)
     campaign = make_campaign(people(3), limits={"concurrency": 2})
-    reports: list[RunReport] = []
-    runner = threading.Thread(target=lambda: reports.append(send(
-        campaign, store_path, provider, clock=StoppedDuringPause(), stop=stop,
-        grace_seconds=3600.0)), daemon=True)
-    runner.start()
-    runner.join(timeout=60)  # a guard against a hang, not a wait for time to pass
-    assert not runner.is_alive(), "the Retry-After pause held the stop"
-    [report] = reports
+    report = send_or_hang(campaign, store_path, provider, StoppedDuringPause(), stop,
+                          "the Retry-After pause held the stop")
     assert report.exit_code == ExitCode.INTERRUPTED
     assert report.counts == {"pending": 3}  # row 1 stopped in its backoff, the rest in the pause
     assert [m.row for m in provider.history] == [1]  # nothing else left
