@@ -106,8 +106,16 @@ def _callback_url(v: str) -> str:
 CallbackUrl = Annotated[str, AfterValidator(_callback_url)]
 
 
+def _breaks_a_line(value: str) -> bool:
+    return any(c in value for c in "\r\n\0")
+
+
+def _is_header_name(value: str) -> bool:
+    return re.fullmatch(r"[!-9;-~]+", value) is not None  # visible ASCII, no colon
+
+
 def _one_line(value: str) -> str:
-    if any(c in value for c in "\r\n\0"):
+    if _breaks_a_line(value):
         raise ValueError("contains a line break or NUL (a value read from a file with its "
                          "newline?)")
     return value
@@ -121,7 +129,7 @@ def _url_text(value: str) -> str:
 
 
 def _header_name(value: str) -> str:
-    if not re.fullmatch(r"[!-9;-~]+", value):
+    if not _is_header_name(value):
         raise ValueError("not a valid header field name")
     return value
 
@@ -247,9 +255,9 @@ class EmailChannel(_Model):
         if self.text is None and self.html is None:
             raise ValueError("give text and/or html (template files)")
         for name, value in self.headers.items():
-            if not re.fullmatch(r"[!-9;-~]+", name):
+            if not _is_header_name(name):
                 raise _Located(("headers", name), "not a valid header field name")
-            if any(c in value for c in "\r\n\0"):
+            if _breaks_a_line(value):
                 raise _Located(("headers", name), f"header {name} contains a line break")
         return self
 

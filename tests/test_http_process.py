@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -29,10 +28,10 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from campaign_cli.providers.http import make_client
 from campaign_cli.providers.process import (
     _CHILD_CODE,
-    _HEADER,
     HttpProcess,
     HttpProcessError,
     HttpProcessGone,
+    _frame,
 )
 from tests.conftest import CampaignFactory, journal, people
 from tests.fakeserver import (  # noqa: F401 - pytest fixtures
@@ -204,11 +203,6 @@ def test_close_lets_the_child_finish_or_kills_it_when_requests_are_still_held() 
 
 # --------------------------------------------------------------------------------------------
 # The parent fails
-
-
-def _frame(item: object) -> bytes:
-    data = pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
-    return _HEADER.pack(len(data)) + data
 
 
 def test_a_frame_left_in_the_pipe_by_a_dead_parent_is_not_sent() -> None:

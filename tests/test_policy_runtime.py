@@ -20,7 +20,7 @@ from campaign_cli.pipeline import Progress, Runner, RunReport, SendOptions, run_
 from campaign_cli.policy import Policy
 from campaign_cli.store.suppressions import add_suppressions
 from campaign_cli.testing import FakeBatchProvider, FakeClock, FakeProvider, fake_registry
-from tests.conftest import CampaignFactory, journal, people, phone
+from tests.conftest import CampaignFactory, journal, people, phone, query
 
 
 def states(store: Path) -> dict[int, str]:
@@ -59,16 +59,12 @@ def suppress(store: Path, raw: str, channel: str = "sms") -> None:
 
 
 def row_state(store: Path, row: int) -> str:
-    conn = sqlite3.connect(store)
-    try:
-        found = conn.execute("SELECT state FROM messages WHERE row = ?", (row,)).fetchone()
-        return "" if found is None else str(found[0])
-    finally:
-        conn.close()
+    found = query(store, "SELECT state FROM messages WHERE row = ?", row)
+    return str(found[0][0]) if found else ""
 
 
-def run(campaign: Path, store: Path, provider: FakeProvider, ticks: Ticks,
-        **options: Any) -> RunReport:
+def run(campaign: Path, store: Path, provider: FakeProvider,
+        ticks: Callable[[Progress], None] | None = None, **options: Any) -> RunReport:
     loaded = load_campaign(campaign, {})
     return run_campaign(loaded, store, SendOptions(poll_interval=0.01, **options),
                         clock=FakeClock(), registry=fake_registry(provider), on_progress=ticks)
@@ -89,22 +85,23 @@ def test_an_opt_out_while_a_message_waits_for_the_providers_slot_is_honoured(
                 await ticks.two_more()
             return await super().send(message)
 
-    campaign = make_campaign(
-        people(2), limits={"concurrency": 2},
-        providers={"box": {"type": "outbox", "dir": "outbox", "concurrency": 1}},
-    )
     provider = Slow()
-    run(campaign, store_path, provider, ticks)
+    run(one_slot(make_campaign, 2), store_path, provider, ticks)
     assert [m.row for m in provider.accepted] == [1]
     assert states(store_path) == {1: "sent", 2: "suppressed"}
 
 
 def sending_rows(store: Path) -> set[int]:
-    conn = sqlite3.connect(store)
-    try:
-        return {r[0] for r in conn.execute("SELECT row FROM messages WHERE state = 'sending'")}
-    finally:
-        conn.close()
+    return {r[0] for r in query(store, "SELECT row FROM messages WHERE state = 'sending'")}
+
+
+def one_slot(make_campaign: CampaignFactory, recipients: int) -> Path:
+    """Two workers, and a provider that takes one request at a time: the second waits for the
+    slot with its intent committed."""
+    return make_campaign(
+        people(recipients), limits={"concurrency": 2},
+        providers={"box": {"type": "outbox", "dir": "outbox", "concurrency": 1}},
+    )
 
 
 def test_an_opt_out_while_a_batch_waits_for_the_providers_slot_is_honoured(
@@ -128,12 +125,8 @@ def test_an_opt_out_while_a_batch_waits_for_the_providers_slot_is_honoured(
                 await ticks.two_more()
             return await super().send_batch(messages)
 
-    campaign = make_campaign(
-        people(20), limits={"concurrency": 2},
-        providers={"box": {"type": "outbox", "dir": "outbox", "concurrency": 1}},
-    )
     provider = Slow()
-    run(campaign, store_path, provider, ticks, chunk_size=5)
+    run(one_slot(make_campaign, 20), store_path, provider, ticks, chunk_size=5)
     assert late
     assert not late & {m.row for m in provider.accepted}
     final = states(store_path)
@@ -171,12 +164,9 @@ def test_a_failing_progress_display_does_not_stop_the_opt_out_poll(
 
     campaign = make_campaign(people(2), limits={"concurrency": 1})
     provider = Slow()
-    loaded = load_campaign(campaign, {})
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(Policy, "fetch_updates", counting_fetch)
-        report = run_campaign(loaded, store_path, SendOptions(poll_interval=0.01),
-                              clock=FakeClock(), registry=fake_registry(provider),
-                              on_progress=display)
+        report = run(campaign, store_path, provider, display)
     assert [m.row for m in provider.accepted] == [1]
     assert states(store_path) == {1: "sent", 2: "suppressed"}
     assert report.exit_code == ExitCode.OK
@@ -207,12 +197,10 @@ def test_an_opt_out_poll_that_fails_stops_the_run(
 
     campaign = make_campaign(people(3), limits={"concurrency": 1})
     provider = Slow()
-    loaded = load_campaign(campaign, {})
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(Policy, "fetch_updates", failing_fetch)
         patch.setattr(Runner, "_fail_run", fail_run)
-        report = run_campaign(loaded, store_path, SendOptions(poll_interval=0.01),
-                              clock=FakeClock(), registry=fake_registry(provider))
+        report = run(campaign, store_path, provider)
     assert report.exit_code == ExitCode.INTERNAL
     assert "disk I/O error" in (report.error or "")
     assert [m.row for m in provider.accepted] == [1]

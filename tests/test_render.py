@@ -683,10 +683,7 @@ def test_an_emoji_escaped_as_a_surrogate_pair_in_yaml_is_one_character(tmp_path:
     # YAML's "\\u" escapes are UTF-16 code units: PyYAML gives the two halves of the pair.
     path = tmp_path / "c.yaml"
     path.write_text(
-        "name: c\n"
-        "purpose: transactional\n"
-        "recipients: {key: id, columns: {phone: phone}}\n"
-        "channels:\n"
+        CAMPAIGN_HEAD +
         '  sms: {provider: box, body: "Hi {{ first_name }} \\ud83d\\ude00 {{ sig }}"}\n'
         '  webhook: {provider: box, body: "{{ sig }}"}\n'
         "providers: {box: {type: outbox, dir: out}}\n"
@@ -753,13 +750,19 @@ def test_syntax_error_on_a_given_line(tmp_path: Path) -> None:
     )
 
 
+#: A campaign file's first lines, up to its channels, for the tests that write one whole.
+CAMPAIGN_HEAD = (
+    "name: c\n"
+    "purpose: transactional\n"
+    "recipients: {key: id, columns: {phone: phone}}\n"
+    "channels:\n"
+)
+
+
 def test_syntax_error_inline_names_the_campaign_line(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text(
-        "name: c\n"
-        "purpose: transactional\n"
-        "recipients: {key: id, columns: {phone: phone}}\n"
-        "channels:\n"
+        CAMPAIGN_HEAD +
         "  sms:\n"
         "    provider: box\n"
         "    body: 'Hi {{ first_name }'\n"
@@ -954,10 +957,7 @@ def test_template_error_redacts_a_secret_containing_another_and_skips_tiny_value
     `${VAR}` does not star every letter of the message."""
     path = tmp_path / "c.yaml"
     path.write_text(
-        "name: c\n"
-        "purpose: transactional\n"
-        "recipients: {key: id, columns: {phone: phone}}\n"
-        "channels:\n"
+        CAMPAIGN_HEAD +
         '  sms: {provider: box, body: "Hi {{ first_name ${TOKEN} }}"}\n'
         '  webhook: {provider: hook, body: "{{ first_name }}"}\n'
         "providers:\n"

@@ -82,6 +82,17 @@ _TRANSPORT_ERRORS: dict[str, type[httpx.TransportError]] = {
 }
 
 
+def _frame(item: object) -> bytes:
+    """One message on the pipe, either way: its length, then its pickle."""
+    data = pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
+    return _HEADER.pack(len(data)) + data
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> Any:
+    size = _HEADER.unpack(await reader.readexactly(_HEADER.size))[0]
+    return pickle.loads(await reader.readexactly(size))  # noqa: S301 - our own process pair
+
+
 class HttpProcessError(CampaignError):
     """The HTTP process failed while it held this request: it may have left (exit 1)."""
 
@@ -218,12 +229,10 @@ class HttpProcess:
             self._fail(f"the HTTP process stopped reading its requests ({exc})")
 
     def _write(self, item: object) -> None:
-        data = pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
-        self._stdin.write(_HEADER.pack(len(data)) + data)
+        self._stdin.write(_frame(item))
 
     async def _read(self) -> Any:
-        size = _HEADER.unpack(await self._stdout.readexactly(_HEADER.size))[0]
-        return pickle.loads(await self._stdout.readexactly(size))  # noqa: S301 - our own child
+        return await _read_frame(self._stdout)
 
     async def _read_answers(self) -> None:
         try:
@@ -360,7 +369,7 @@ class ProcessTransport(httpx.AsyncBaseTransport):
         bounds = [timeouts.get(name) for name in ("pool", "connect", "write", "read")]
         limit = None if None in bounds else sum(b for b in bounds if b is not None)
         answer = await self._host.exchange(
-            (self._pool, method, url, headers, body, dict(timeouts), sni), limit
+            (self._pool, method, url, headers, body, timeouts, sni), limit
         )
         tag = answer[0]
         if tag == _OK:
@@ -437,12 +446,7 @@ async def _serve(parent: int) -> None:
     writer = asyncio.StreamWriter(transport, protocol, reader, loop)
 
     def write(item: object) -> None:
-        data = pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
-        writer.write(_HEADER.pack(len(data)) + data)
-
-    async def read() -> Any:
-        size = _HEADER.unpack(await reader.readexactly(_HEADER.size))[0]
-        return pickle.loads(await reader.readexactly(size))  # noqa: S301 - our parent
+        writer.write(_frame(item))
 
     write(("ready", None))
 
@@ -486,7 +490,7 @@ async def _serve(parent: int) -> None:
     try:
         while True:
             try:
-                frame = await read()
+                frame = await _read_frame(reader)
             except (asyncio.IncompleteReadError, EOFError):
                 break  # the parent is gone: nothing more leaves
             if frame[0] == "close":
