@@ -213,7 +213,9 @@ class RunReport:
     sent_this_session: int
     exit_code: int | None  # None while a run is still going (status of a live run)
     status: str
-    stopped: str | None = None  # "interrupted" | "spend_cap" | "provider_auth" | "internal_error"
+    # Why the session ended early: "interrupted" | "spend_cap" | "provider_auth" | "error" (a
+    # classified failure: exit 1, 2 or 6) | "internal_error"; None when it read the file through.
+    stopped: str | None = None
     error: str | None = None
     in_doubt_found: int = 0
     in_doubt_resent: int = 0
@@ -231,7 +233,13 @@ class RunReport:
 
     @property
     def failed(self) -> int:
+        """Not sent, or perhaps not: failed, render_failed and in_doubt."""
         return sum(self.counts.get(s.value, 0) for s in FAILED_STATES)
+
+    @property
+    def definitely_failed(self) -> int:
+        """`failed` without the in-doubt rows (shown beside them, not counted twice)."""
+        return self.failed - self.counts.get(State.IN_DOUBT.value, 0)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -593,14 +601,13 @@ class Runner:
                 runs.mark_in_doubt(store.conn, run.id, now)
                 if self.options.retry_failed:
                     self.retried = runs.reopen_transient_failures(store.conn, run.id, now)
-                store.conn.execute(
-                    "UPDATE runs SET total_rows = ? WHERE id = ?", (total_rows, run.id)
-                )
                 for states in runs.counts(store.conn, run.id).values():
                     self._baseline.update(states)
                 # In doubt at the start of this session: left `sending` by one that died just
                 # now, or recorded in doubt earlier (an unanswered send, a skipped resend).
                 in_doubt_found = self._baseline[_IN_DOUBT]
+                runs.begin_session(store.conn, run.id, total_rows=total_rows,
+                                   in_doubt_found=in_doubt_found)
                 committed = runs.committed_spend(store.conn, run.id)
                 self._max_row_start = _max_row(store.conn, run.id)
                 start_row = _first_open_row(store.conn, run.id)
@@ -675,7 +682,7 @@ class Runner:
             await self._close_providers(routes, http)
             runs.finish_run(store.conn, run.id, status="aborted", exit_code=int(exc.exit_code),
                             now=iso(self.clock.now()), total_rows=total_rows,
-                            last_error=redact(str(exc), self.secrets))
+                            last_error=redact(str(exc), self.secrets), stopped="error")
             raise
         budget = Budget(run.max_spend_micros, committed)  # this session's, or the run's own
         concurrency = self.campaign.limits.concurrency
@@ -728,7 +735,8 @@ class Runner:
             if self._abort is not None:
                 error = redact(str(self._abort), self.secrets)
             runs.finish_run(store.conn, run.id, status=status, exit_code=int(exit_code), now=now,
-                            total_rows=total_rows, last_error=error)
+                            total_rows=total_rows, last_error=error, stopped=stopped,
+                            in_doubt_resent=self._in_doubt_resent)
         except sqlite3.Error as exc:
             cause = "" if self._abort is None else f"{self._abort}; "
             raise JournalError(
@@ -1923,8 +1931,9 @@ def run_status(conn: sqlite3.Connection, run: runs.RunRecord) -> RunReport:
         total_rows=run.total_rows or 0, spend_micros=runs.committed_spend(conn, run.id),
         max_spend_micros=run.max_spend_micros, currency=run.currency, duration_s=duration,
         sent_this_session=int(sent), exit_code=run.exit_code, status=run.status,
-        error=run.last_error, in_doubt_found=sum(c.get("in_doubt", 0) for c in by_channel.values()),
-        started_at=run.started_at, finished_at=run.finished_at,
+        stopped=run.stopped, error=run.last_error, in_doubt_found=run.in_doubt_found,
+        in_doubt_resent=run.in_doubt_resent, started_at=run.started_at,
+        finished_at=run.finished_at,
     )
 
 

@@ -113,6 +113,10 @@ def test_sigkill_mid_run_then_resume_sends_everyone_exactly_once(
     )
     resent = sum(r["resent_in_doubt"] for r in rows)
     assert summary["in_doubt_resent"] == resent == summary["in_doubt_found"]
+    # status says the same of that session (not the in-doubt rows left now: none)
+    status = json.loads(run(store_path, "status", summary["run"], "--json").stdout)
+    assert (status["in_doubt_found"], status["in_doubt_resent"], status["stopped"]) == (
+        summary["in_doubt_found"], summary["in_doubt_resent"], None)
 
 
 def test_status_tells_a_live_run_from_one_whose_process_was_killed(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,64 @@ def test_send_json_summary_and_status_share_one_shape(
     assert [r["run"] for r in json.loads(out)] == ["test-campaign/r1"]
     code, out, _ = invoke(store_path, "status")
     assert "test-campaign/r1" in out and "done" in out
+
+
+#: Keys `status --json` computes its own way: the session's time from its timestamps (send uses a
+#: monotonic clock), and so its rate.
+TIMED_KEYS = {"duration_s", "rate_per_s"}
+
+
+def same_as_status(store: Path, summary: dict[str, object]) -> None:
+    """`status RUN --json` says what `send --json` said about the session, key for key."""
+    code, out, err = invoke(store, "status", str(summary["run"]), "--json")
+    assert code == 0, err
+    status = json.loads(out)
+    assert {k: status[k] for k in summary if k not in TIMED_KEYS} == {
+        k: v for k, v in summary.items() if k not in TIMED_KEYS
+    }
+    listed = json.loads(invoke(store, "status", "--json")[1])
+    assert {k: listed[0][k] for k in summary if k not in TIMED_KEYS} == {
+        k: v for k, v in summary.items() if k not in TIMED_KEYS
+    }
+
+
+def test_status_json_means_what_send_json_meant_for_a_stopped_session_and_its_resume(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    """`stopped`, `in_doubt_found` and `in_doubt_resent` are the session's, in both commands: a
+    script reading `status --json` after a cron job's `send` learns why it stopped (here the
+    spend cap), not a blank; and after the resume, that it finished."""
+    campaign = make_campaign(people(5))
+    code, out, err = invoke(store_path, "send", str(campaign), "--json", "--run-key", "r1",
+                            "--max-spend", "0.03")
+    assert code == 3, err
+    capped = json.loads(out)
+    assert capped["stopped"] == "spend_cap" and capped["counts"] == {"pending": 2, "sent": 3}
+    same_as_status(store_path, capped)
+
+    code, out, err = invoke(store_path, "send", str(campaign), "--json", "--run-key", "r1",
+                            "--max-spend", "1")
+    assert code == 0, err
+    resumed = json.loads(out)
+    assert resumed["stopped"] is None and resumed["resumed"] is True
+    same_as_status(store_path, resumed)
+
+
+def test_the_status_list_does_not_count_in_doubt_rows_as_failed_too(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    campaign = make_campaign(people(3))
+    assert invoke(store_path, "send", str(campaign), "--run-key", "r1")[0] == 0
+    with sqlite3.connect(store_path) as conn:  # as a killed session and a dead letter leave them
+        conn.execute("UPDATE messages SET state = 'in_doubt' WHERE row = 1")
+        conn.execute("UPDATE messages SET state = 'failed' WHERE row = 2")
+    code, out, _ = invoke(store_path, "status")
+    assert code == 0
+    header = next(line for line in out.splitlines() if "in doubt" in line)
+    row = next(line for line in out.splitlines() if "test-campaign/r1" in line)
+    cells = dict(zip([c.strip() for c in header.split("┃")], [c.strip() for c in row.split("│")],
+                     strict=True))
+    assert (cells["sent"], cells["failed"], cells["in doubt"]) == ("1", "1", "1"), cells
 
 
 @pytest.mark.parametrize(
@@ -465,3 +524,21 @@ def test_status_of_a_run_without_any_store_is_one_error_line_and_exit_2(tmp_path
     assert code == 2 and out == ""
     assert err.strip() == f"error: no run 'nope': no store at {tmp_path / 'none.db'} yet"
     assert not (tmp_path / "none.db").exists()
+
+
+def test_a_run_finished_before_version_5_shows_with_its_session_keys_blank(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    """A store from before migration 5 (no `stopped`, `in_doubt_*` on runs) opens, migrates and
+    lists its runs: what it did not record reads `null` and 0."""
+    assert invoke(store_path, "send", str(make_campaign(people(2))), "--run-key", "r1")[0] == 0
+    with sqlite3.connect(store_path) as conn:  # back to version 4, as it wrote runs
+        for column in ("stopped", "in_doubt_found", "in_doubt_resent"):
+            conn.execute(f"ALTER TABLE runs DROP COLUMN {column}")
+        conn.execute("PRAGMA user_version = 4")
+    code, out, err = invoke(store_path, "status", "test-campaign/r1", "--json")
+    assert code == 0, err
+    status = json.loads(out)
+    assert (status["stopped"], status["in_doubt_found"], status["in_doubt_resent"],
+            status["counts"]) == (None, 0, 0, {"sent": 2})
+    assert query(store_path, "PRAGMA user_version") == [(5,)]

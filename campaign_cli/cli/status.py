@@ -56,7 +56,7 @@ def status(
                 ["id", "run", "status", "rows", "sent", "skipped", "failed", "in doubt",
                  "pending", "spend", "started", "finished"],
                 [[r.run_id, r.run_name, _shown_status(app.store_path, r), r.total_rows, r.sent,
-                  r.skipped, r.failed,
+                  r.skipped, r.definitely_failed,
                   r.counts.get("in_doubt", 0), r.counts.get("pending", 0),
                   f"{from_micros(r.spend_micros)} {r.currency}", r.started_at or "",
                   r.finished_at or ""] for r in reports],

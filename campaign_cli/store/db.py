@@ -238,8 +238,23 @@ def _m004_doubt_micros(conn: sqlite3.Connection) -> None:
     )
 
 
+def _m005_session_report(conn: sqlite3.Connection) -> None:
+    """What the last session of a run reported, so that `status --json` says what `send --json`
+    said: why it stopped (``stopped``), how many rows were in doubt when it started and how many
+    of them it sent again. Runs finished before this version read NULL, 0 and 0."""
+    _script(
+        conn,
+        """
+        ALTER TABLE runs ADD COLUMN stopped TEXT;
+        ALTER TABLE runs ADD COLUMN in_doubt_found INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE runs ADD COLUMN in_doubt_resent INTEGER NOT NULL DEFAULT 0;
+        """,
+    )
+
+
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     _m001_initial, _m002_attempts, _m003_webhook_spelling, _m004_doubt_micros,
+    _m005_session_report,
 )
 
 

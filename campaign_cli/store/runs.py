@@ -28,6 +28,7 @@ RUN_COLUMNS = (
     "id", "campaign", "run_key", "campaign_file", "recipients_file", "recipients_sha256",
     "purpose", "channels", "currency", "max_spend_micros", "status", "exit_code", "total_rows",
     "template_hashes", "created_at", "started_at", "finished_at", "sessions", "last_error",
+    "stopped", "in_doubt_found", "in_doubt_resent",
 )
 
 
@@ -52,6 +53,9 @@ class RunRecord:
     finished_at: str | None
     sessions: int
     last_error: str | None
+    stopped: str | None = None  # why its last session stopped early (`RunReport.stopped`)
+    in_doubt_found: int = 0  # rows in doubt when its last session started
+    in_doubt_resent: int = 0  # how many of them that session sent again
 
     @property
     def name(self) -> str:
@@ -157,6 +161,7 @@ def start_run(
                                     else min(max_spend_micros, existing.max_spend_micros))
             conn.execute(
                 "UPDATE runs SET status = 'running', exit_code = NULL, finished_at = NULL, "
+                "stopped = NULL, in_doubt_found = 0, in_doubt_resent = 0, "
                 "started_at = ?, sessions = sessions + 1, max_spend_micros = ?, "
                 "template_hashes = ? WHERE id = ?",
                 (now, max_spend_micros, json.dumps(template_hashes, sort_keys=True), existing.id),
@@ -171,14 +176,25 @@ def start_run(
     return run, resumed
 
 
+def begin_session(conn: sqlite3.Connection, run_id: int, *, total_rows: int,
+                  in_doubt_found: int) -> None:
+    """Record what a session found when it started: the rows in the file, and those in doubt."""
+    conn.execute(
+        "UPDATE runs SET total_rows = ?, in_doubt_found = ? WHERE id = ?",
+        (total_rows, in_doubt_found, run_id),
+    )
+
+
 def finish_run(
     conn: sqlite3.Connection, run_id: int, *, status: str, exit_code: int, now: str,
-    total_rows: int | None, last_error: str | None,
+    total_rows: int | None, last_error: str | None, stopped: str | None = None,
+    in_doubt_resent: int = 0,
 ) -> None:
     conn.execute(
         "UPDATE runs SET status = ?, exit_code = ?, finished_at = ?, "
-        "total_rows = COALESCE(?, total_rows), last_error = ? WHERE id = ?",
-        (status, exit_code, now, total_rows, last_error, run_id),
+        "total_rows = COALESCE(?, total_rows), last_error = ?, stopped = ?, "
+        "in_doubt_resent = ? WHERE id = ?",
+        (status, exit_code, now, total_rows, last_error, stopped, in_doubt_resent, run_id),
     )
 
 
