@@ -471,3 +471,24 @@ def test_json_output_on_a_standard_output_that_is_not_utf8(
     assert "Traceback" not in err
     status = run(store, "status", "test-campaign/" + summary["run_key"], "--json")
     assert json.loads(status.stdout)["exit_code"] == 6
+
+
+@pytest.mark.parametrize("mistake", [["--bogus"], ["--limit", "ten"], ["--", "extra"]])
+def test_a_command_line_click_refuses_still_prints_the_json_summary(
+    store_path: Path, make_campaign: CampaignFactory, mistake: list[str]
+) -> None:
+    """`campaign send ... --json | jq .exit_code` with a mistyped option: the one error line on
+    stderr, exit 2, and the not-started summary on stdout, as for every other input error (click
+    refuses these before `send` runs). Through the real entry point: CliRunner skips it."""
+    campaign = console_campaign(make_campaign, 2)
+    result = run(store_path, "send", str(campaign), "--json", "--run-key", "k", *mistake)
+    assert result.returncode == 2
+    [line] = result.stderr.splitlines()
+    assert line.startswith("error: ") and line.endswith(" send --help)")
+    summary = json.loads(result.stdout)
+    assert (summary["exit_code"], summary["status"], summary["counts"]) == (2, "not_started", {})
+    assert summary["error"] == line.removeprefix("error: ")
+    sent = run(store_path, "send", str(campaign), "--json", "--run-key", "k").stdout
+    assert set(summary) == {*json.loads(sent.splitlines()[-1]), "campaign_file"}  # (console first)
+    # without --json: stdout stays empty
+    assert run(store_path, "send", str(campaign), "--run-key", "k2", *mistake).stdout == ""

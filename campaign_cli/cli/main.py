@@ -111,9 +111,24 @@ def _run() -> int:
             exc.show()  # type: ignore[attr-defined]  # the help text itself, as asked for
             return exit_code
         text = " ".join(str(message()).split())
-        print(f"error: {text} (see: {ctx.command_path} --help)", file=sys.stderr)
+        line = f"{text} (see: {ctx.command_path} --help)"
+        print(f"error: {line}", file=sys.stderr)
+        if ctx.info_name == "send" and _asked_for_json(ctx, sys.argv[1:]):
+            # The one JSON object a cron job's `send --json` parses, also for a mistyped option.
+            from campaign_cli.cli.send import print_not_started
+
+            print_not_started(ctx, line, exit_code)
         return exit_code
     return result if isinstance(result, int) else 0
+
+
+def _asked_for_json(ctx: typer.Context, argv: list[str]) -> bool:
+    """Whether the command line asked for `--json`, read from the raw arguments: click stops at
+    the first mistake, so the option may not have been parsed."""
+    if ctx.params.get("as_json"):
+        return True
+    words = argv[: argv.index("--")] if "--" in argv else argv
+    return "--json" in words
 
 
 def _flush_stdout() -> None:

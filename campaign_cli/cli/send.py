@@ -164,8 +164,8 @@ def _send(app: AppContext, campaign_file: Path, recipients: Path | None, dry_run
     raise typer.Exit(int(report.exit_code or 0))
 
 
-def _not_started(app: AppContext, campaign_file: Path, run_key: str | None, dry_run: bool,
-                 exc: CampaignError) -> dict[str, object]:
+def _not_started(app: AppContext, campaign_file: Path | None, run_key: str | None,
+                 dry_run: bool, exc: CampaignError) -> dict[str, object]:
     """The `--json` summary's shape for a run that never started (bad input, exit 2; locked by
     another process, exit 5; ...): status ``not_started``, nothing counted, the error. Built by
     `RunReport.to_json` itself, so that its keys can never drift from a started run's."""
@@ -179,8 +179,22 @@ def _not_started(app: AppContext, campaign_file: Path, run_key: str | None, dry_
     ).to_json()
     # What is not known before a run starts is null, not an empty stand-in.
     empty.update(run=None, run_id=None, campaign=None, run_key=run_key, currency=None,
-                 campaign_file=str(campaign_file))
+                 campaign_file=None if campaign_file is None else str(campaign_file))
     return empty
+
+
+def print_not_started(ctx: typer.Context, message: str, exit_code: int) -> None:
+    """`_not_started` for a command line click refused before `send` ran (an unknown option, a
+    value of the wrong type): what was parsed of it, the rest null."""
+    app = ctx.find_object(AppContext)
+    if app is None:
+        return
+    params = ctx.params
+    file = params.get("campaign_file")
+    summary = _not_started(app, Path(file) if file else None, params.get("run_key"),
+                           bool(params.get("dry_run")), UsageError(message))
+    summary["exit_code"] = exit_code
+    app.output.json(summary)
 
 
 # Ctrl-C, `kill`/a supervisor, and a terminal or SSH session that went away: each stops the run
