@@ -47,6 +47,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,7 @@ from typing import IO, TYPE_CHECKING, Any, BinaryIO, NamedTuple, Protocol
 from campaign_cli.addresses import AddressError, normalize_address
 from campaign_cli.errors import InputError
 from campaign_cli.models import Channel, InvalidRow, Recipient
+from campaign_cli.streams import last_line
 
 if TYPE_CHECKING:
     from _csv import Reader
@@ -356,10 +358,16 @@ class ProcessChunkReader:
     ) -> None:
         _check_chunk_args(chunk_size, limit)
         self._done = False
-        self._process = subprocess.Popen(  # noqa: S603 - our own interpreter, fixed code
-            [sys.executable, "-c", _CHILD_CODE],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-        )
+        # Its last words (a crash's one line) go to a file, never to the user's terminal.
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed with the process
+        try:
+            self._process = subprocess.Popen(  # noqa: S603 - our own interpreter, fixed code
+                [sys.executable, "-c", _CHILD_CODE],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
+            )
+        except BaseException:
+            self._stderr.close()
+            raise
         args = {
             "sys_path": list(sys.path),
             "path": str(spec.path),
@@ -402,8 +410,12 @@ class ProcessChunkReader:
                     f"the recipient reader process sent data that could not be read "
                     f"({type(exc).__name__}: {exc})"
                 ) from None
+            why = _exit_status(code)
+            said = last_line(self._stderr)
+            if said:
+                why += f": {said}"
             raise RuntimeError(
-                f"the recipient reader process ended unexpectedly ({_exit_status(code)})"
+                f"the recipient reader process ended unexpectedly ({why})"
             ) from None
         if kind == "chunk":
             chunk: Chunk = payload
@@ -423,6 +435,7 @@ class ProcessChunkReader:
             process.terminate()
         process.wait()
         self._stdout.close()
+        self._stderr.close()
 
 
 def _exit_status(code: int) -> str:

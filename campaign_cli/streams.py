@@ -54,3 +54,19 @@ def ascii_json(text: str) -> str:
 
 
 _NON_ASCII = re.compile(r"[^\x00-\x7f]")
+
+
+def last_line(file: IO[bytes] | None, limit: int = 300) -> str:
+    """The last non-blank line written to ``file`` (a child process's stderr: a crash's
+    exception), at most ``limit`` characters; empty if there is none or it cannot be read."""
+    if file is None:
+        return ""
+    try:
+        file.seek(0, io.SEEK_END)
+        size = file.tell()
+        file.seek(max(0, size - 4096))
+        tail = file.read().decode("utf-8", "replace")
+    except (OSError, ValueError):
+        return ""
+    lines = [line.strip() for line in tail.splitlines() if line.strip()]
+    return lines[-1][:limit] if lines else ""

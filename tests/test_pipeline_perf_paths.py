@@ -488,3 +488,25 @@ def test_the_reader_child_does_not_import_modules_from_the_working_directory(
     monkeypatch.chdir(work)
     expected = drain(InlineChunkReader(spec_for(path)))
     assert drain(ProcessChunkReader(spec_for(path))) == expected
+
+
+def test_a_reader_child_that_crashes_says_why_in_one_line(tmp_path: Path) -> None:
+    """A child that dies of an exception outside its own reporting (here, arguments it cannot
+    take: a channel it does not know) ends with exit 1; the parent's error carries the child's
+    last line, not only "exit code 1", and nothing reaches the user's terminal."""
+
+    class Unknown:  # stands in for a Channel: the child rebuilds `Channel(value)` and fails
+        value = "carrier-pigeon"
+
+    path = tmp_path / "r.csv"
+    path.write_text(MIXED, encoding="utf-8")
+    reader = ProcessChunkReader(replace(spec_for(path), columns={Unknown(): "phone"}))  # type: ignore[dict-item]
+    try:
+        with pytest.raises(RuntimeError) as info:
+            drain(reader)
+    finally:
+        reader.close()
+    assert str(info.value) == (
+        "the recipient reader process ended unexpectedly (exit code 1: ValueError: "
+        "'carrier-pigeon' is not a valid Channel)"
+    )

@@ -53,6 +53,7 @@ from campaign_cli.providers.http import (
     request_body,
     to_response,
 )
+from campaign_cli.streams import last_line
 
 _HEADER = struct.Struct("!I")
 #: At most this many requests (or answers) wait for the end of the event loop's turn; more are
@@ -259,18 +260,7 @@ class HttpProcess:
     def last_words(self) -> str:
         """The last line the child wrote on its stderr (a crash's exception), at most 300
         characters; empty if none."""
-        file = self._last_words
-        if file is None:
-            return ""
-        try:
-            file.seek(0, os.SEEK_END)
-            size = file.tell()
-            file.seek(max(0, size - 4096))
-            tail = file.read().decode("utf-8", "replace")
-        except (OSError, ValueError):
-            return ""
-        lines = [line.strip() for line in tail.splitlines() if line.strip()]
-        return lines[-1][:300] if lines else ""
+        return last_line(self._last_words)
 
     async def _watch(self) -> None:
         """Kill a child that has held a request past all its timeouts and `STALL_MARGIN`: the
