@@ -125,7 +125,9 @@ def test_an_opt_out_while_a_batch_waits_for_the_providers_slot_is_honoured(
                 await ticks.two_more()
             return await super().send_batch(messages)
 
-    provider = Slow()
+    # Batches of at most 5: the first cannot take all 20 rows, whatever the source queued before
+    # the first worker ran (with 64, one run in ten had no second batch to wait, and failed).
+    provider = Slow(batch_size=5)
     run(one_slot(make_campaign, 20), store_path, provider, ticks, chunk_size=5)
     assert late
     assert not late & {m.row for m in provider.accepted}
