@@ -1308,6 +1308,15 @@ class Runner:
             if last:
                 return
 
+    async def _refused_in_store(self, channel: str, jobs: list[_Job]) -> dict[str, Refusal]:
+        """Nothing, unless more opt-outs arrived during the run than the policy holds: then the
+        store's answer for these jobs, asked right before they leave."""
+        if not self._policy.overflowed:
+            return {}
+        return await asyncio.to_thread(
+            self._policy.refused_in_store, channel, [job.address_hash for job in jobs]
+        )
+
     def _batch_route(self, job: _Job) -> _Route | None:
         """The route to batch this job on, if any: a provider that takes batches, no failover (a
         batch moves as one, so no breaker decisions per message), and not paced at the moment (a
@@ -1361,11 +1370,14 @@ class Runner:
                                      job)
                         self._budget.release(job.reserved)
                     return
-                # Opt-outs polled while the batch waited for its commit and its slot.
+                # Opt-outs polled while the batch waited for its commit and its slot (or, past
+                # what the policy holds, recorded by now).
+                channel_name = sending[0].message.channel._value_  # (a batch has one channel)
+                stored = await self._refused_in_store(channel_name, sending)
                 kept: list[_Job] = []
                 for job in sending:
-                    channel_name = job.message.channel._value_
-                    refused = self._policy.refused_now(channel_name, job.address_hash)
+                    refused = (self._policy.refused_now(channel_name, job.address_hash)
+                               or stored.get(job.address_hash))
                     if refused is None:
                         kept.append(job)
                     else:
@@ -1484,6 +1496,9 @@ class Runner:
                     # An opt-out polled while it waited (for its commit, a slot held by slow
                     # sends, a Retry-After pause) is honoured too: it has not left yet.
                     refused = self._policy.refused_now(channel._value_, job.address_hash)
+                    if refused is None and self._policy.overflowed:
+                        refused = (await self._refused_in_store(channel._value_, [job])).get(
+                            job.address_hash)
                     if refused is not None:
                         route.breaker.release(probe)
                         self._refuse(key, job, refused, cost, intent=True)

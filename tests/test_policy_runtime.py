@@ -12,12 +12,15 @@ from typing import Any
 
 import pytest
 
-from campaign_cli.addresses import normalize_phone
+from campaign_cli import policy as policy_module
+from campaign_cli.addresses import address_hash, normalize_phone
 from campaign_cli.config import load_campaign
 from campaign_cli.errors import ExitCode, InDoubtError, ProviderError
-from campaign_cli.models import OutboundMessage, SendResult
+from campaign_cli.models import OutboundMessage, SendResult, State
 from campaign_cli.pipeline import Progress, Runner, RunReport, SendOptions, run_campaign
-from campaign_cli.policy import Policy
+from campaign_cli.policy import Policy, Updates
+from campaign_cli.store.consents import record_consents
+from campaign_cli.store.db import Store
 from campaign_cli.store.suppressions import add_suppressions
 from campaign_cli.testing import FakeBatchProvider, FakeClock, FakeProvider, fake_registry
 from tests.conftest import CampaignFactory, journal, people, phone, query
@@ -271,3 +274,145 @@ def test_progress_counts_a_refused_resend_once(
     assert states(store_path) == {1: "suppressed", 2: "sent"}
     last = seen[-1]
     assert (last.done, last.skipped, last.failed, last.total) == (1, 1, 0, 2)
+
+
+# -- more opt-outs during a run than the policy holds ------------------------------------------
+
+
+def opt_outs(store: Path, rows: Sequence[int], channel: str = "sms") -> None:
+    """One import of opt-outs for these recipients' numbers (one transaction, as `import`)."""
+    conn = sqlite3.connect(store, isolation_level=None)
+    try:
+        add_suppressions(conn, [(normalize_phone(phone(i)), channel) for i in rows], "import",
+                         "import:list.csv", "2026-01-01")
+    finally:
+        conn.close()
+
+
+def consents(store: Path, rows: Sequence[int], status: str, at: str) -> None:
+    conn = sqlite3.connect(store, isolation_level=None)
+    try:
+        record_consents(conn, [(normalize_phone(phone(i)), "sms") for i in rows], "marketing",
+                        status, "import:list.csv", at, "2026-01-02T00:00:00Z")
+    finally:
+        conn.close()
+
+
+def test_the_policy_holds_at_most_its_limit_of_late_opt_outs_then_asks_the_store(
+    store_path: Path,
+) -> None:
+    """A mid-run import of a million opt-outs would hold a million entries in the run: past its
+    limit the policy lets go of them all (`overflowed`) and answers from the store instead,
+    with the same refusals. A provider's opt-out (Twilio 21610) is kept in memory through it."""
+    Store.open(store_path).close()
+    policy = Policy(Store.open(store_path).conn, consent_required=False, purpose="marketing",
+                    late_limit=3)
+    hashes = {i: address_hash(normalize_phone(phone(i))) for i in range(1, 8)}
+    opt_outs(store_path, [1, 2, 3])
+    policy.apply(policy.fetch_updates())
+    assert not policy.overflowed
+    assert policy.refused_now("sms", hashes[3]) == (State.SUPPRESSED, "suppressed during the run")
+
+    policy.suppress_now(hashes[7], "sms")
+    opt_outs(store_path, [4, 5])  # 5 in all: more than 3
+    updates = policy.fetch_updates()
+    assert updates.overflow and not updates.suppressions  # nothing read beyond the limit kept
+    policy.apply(updates)
+    assert policy.overflowed
+    assert policy.refused_now("sms", hashes[1]) is None  # no longer held ...
+    assert policy.refused_in_store("sms", [hashes[i] for i in range(1, 7)]) == {
+        hashes[i]: (State.SUPPRESSED, "suppressed during the run") for i in range(1, 6)
+    }  # ... but the store says it, for every one of them
+    assert policy.refused_now("sms", hashes[7]) is not None  # the provider's, still held
+    assert policy.fetch_updates() == Updates()  # and the poll reads nothing more
+
+
+def test_a_large_import_of_grants_during_a_run_is_read_through_and_holds_nothing(
+    store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Consent records are read a page at a time; grants are not held. A revocation recorded
+    after a large import of grants is found by the same poll, not pages (polls) later."""
+    monkeypatch.setattr(policy_module, "CONSENT_PAGE", 4)
+    Store.open(store_path).close()
+    consents(store_path, [1], "granted", "2026-01-01T00:00:00Z")
+    policy = Policy(Store.open(store_path).conn, consent_required=True, purpose="marketing",
+                    late_limit=3)
+    consents(store_path, range(2, 20), "granted", "2026-01-01T00:00:00Z")
+    consents(store_path, [1], "revoked", "2026-01-01T01:00:00Z")
+    updates = policy.fetch_updates()
+    assert not updates.overflow
+    assert updates.revocations == [(address_hash(normalize_phone(phone(1))), "sms", "marketing")]
+    policy.apply(updates)
+    assert policy.refused_now("sms", address_hash(normalize_phone(phone(1)))) == (
+        State.NO_CONSENT, "consent revoked during the run")
+    consents(store_path, range(2, 6), "revoked", "2026-01-01T01:00:00Z")  # 5 held: past 3
+    policy.apply(policy.fetch_updates())
+    assert policy.overflowed
+    assert set(policy.refused_in_store("sms", [address_hash(normalize_phone(phone(i)))
+                                               for i in range(1, 8)]).values()) == {
+        (State.NO_CONSENT, "consent revoked during the run")}
+
+
+def test_opt_outs_past_the_limit_are_honoured_by_the_messages_not_yet_sent(
+    make_campaign: CampaignFactory, store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One by one: while row 1 is being sent, an import of more opt-outs than the run holds
+    arrives (rows 3 and 5 among them). Asked from the store before each send, they are
+    honoured; the store was asked, and the run held none of them."""
+    monkeypatch.setattr(policy_module, "LATE_LIMIT", 2)
+    asked: list[int] = []
+    real = Policy.refused_in_store
+
+    def counting(self: Policy, channel: str, hashes: Sequence[str]) -> Any:
+        asked.append(len(hashes))
+        return real(self, channel, hashes)
+
+    monkeypatch.setattr(Policy, "refused_in_store", counting)
+    ticks = Ticks()
+
+    class Slow(FakeProvider):
+        async def send(self, message: OutboundMessage) -> SendResult:
+            if message.row == 1:
+                opt_outs(store_path, [3, 5, 101, 102, 103])
+                await ticks.two_more()
+            return await super().send(message)
+
+    campaign = make_campaign(people(6), limits={"concurrency": 1})
+    provider = Slow()
+    report = run(campaign, store_path, provider, ticks)
+    assert [m.row for m in provider.accepted] == [1, 2, 4, 6]
+    assert states(store_path) == {1: "sent", 2: "sent", 3: "suppressed", 4: "sent",
+                                  5: "suppressed", 6: "sent"}
+    assert {r["reason"] for r in journal(store_path) if r["row"] in (3, 5)} == {
+        "suppressed during the run"}
+    assert asked and report.exit_code == ExitCode.OK
+
+
+def test_opt_outs_past_the_limit_are_honoured_by_a_batch_waiting_for_its_slot(
+    make_campaign: CampaignFactory, store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch path: a batch with its intents committed waits for the slot; an import of more
+    opt-outs than the run holds covers some of its rows. They do not go."""
+    monkeypatch.setattr(policy_module, "LATE_LIMIT", 2)
+    ticks = Ticks()
+    late: set[int] = set()
+
+    class Slow(FakeBatchProvider):
+        async def send_batch(
+            self, messages: Sequence[OutboundMessage]
+        ) -> list[SendResult | ProviderError]:
+            if not self.batches:
+                mine = {m.row for m in messages}
+                await until(lambda: bool(sending_rows(store_path) - mine))
+                late.update(sorted(sending_rows(store_path) - mine)[:2])
+                opt_outs(store_path, [*late, 101, 102, 103])
+                await ticks.two_more()
+            return await super().send_batch(messages)
+
+    provider = Slow(batch_size=5)
+    run(one_slot(make_campaign, 20), store_path, provider, ticks, chunk_size=5)
+    assert len(late) == 2
+    assert not late & {m.row for m in provider.accepted}
+    final = states(store_path)
+    assert {final[row] for row in late} == {"suppressed"}
+    assert len(provider.accepted) == 18

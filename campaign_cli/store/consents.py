@@ -148,18 +148,20 @@ def max_consent_id(conn: sqlite3.Connection) -> int:
 
 
 def revocations_since(
-    conn: sqlite3.Connection, mark: int
+    conn: sqlite3.Connection, mark: int, limit: int = -1
 ) -> tuple[int, list[tuple[str, str, str]]]:
     """``(new mark, [(address_hash, channel, purpose)])``: the (concrete) channels whose
-    effective consent is now revoked because of a revocation recorded with ``id > mark``.
+    effective consent is now revoked because of a revocation recorded with ``id > mark``, among
+    the first ``limit`` records after it (all if negative); the next call goes on from the new
+    mark.
 
     A revocation that an existing later grant outranks (a back-dated import) is not reported;
     a revocation for ``'all'`` is reported for each channel it now decides."""
     with read_snapshot(conn):
         rows = conn.execute(
             "SELECT id, address_hash, channel, purpose, status FROM consents "
-            "WHERE id > ? ORDER BY id",
-            (mark,),
+            "WHERE id > ? ORDER BY id LIMIT ?",
+            (mark, limit),
         ).fetchall()
         if not rows:
             return mark, []

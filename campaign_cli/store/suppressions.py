@@ -275,10 +275,14 @@ def max_suppression_id(conn: sqlite3.Connection) -> int:
     return int(conn.execute("SELECT COALESCE(MAX(id), 0) FROM suppressions").fetchone()[0])
 
 
-def suppressions_since(conn: sqlite3.Connection, mark: int) -> tuple[int, list[tuple[str, str]]]:
-    """``(new mark, [(address_hash, channel)])`` for the suppressions with ``id > mark``."""
+def suppressions_since(
+    conn: sqlite3.Connection, mark: int, limit: int = -1
+) -> tuple[int, list[tuple[str, str]]]:
+    """``(new mark, [(address_hash, channel)])`` for the suppressions with ``id > mark``: the
+    first ``limit`` of them (all if negative); the next call goes on from the new mark."""
     rows = conn.execute(
-        "SELECT id, address_hash, channel FROM suppressions WHERE id > ? ORDER BY id", (mark,)
+        "SELECT id, address_hash, channel FROM suppressions WHERE id > ? ORDER BY id LIMIT ?",
+        (mark, limit),
     ).fetchall()
     if not rows:
         return mark, []
