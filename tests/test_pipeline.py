@@ -237,6 +237,25 @@ def test_auth_failure_aborts_the_run_with_exit_6_after_few_requests(
     assert set(report.counts) <= {"pending"}
 
 
+def test_a_resumed_session_reports_its_own_error_not_the_last_session_s(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    """While a resume runs, `status` says what this session says (`send --json`'s `error` and
+    `stopped`): the previous session's abort is not its error."""
+    campaign = make_campaign(people(3), limits={"concurrency": 1})
+    refused = FakeProvider(handler=lambda m: ProviderAuthError("401 bad key", status=401))
+    assert send(campaign, store_path, refused).exit_code == ExitCode.PROVIDER_AUTH
+    assert query(store_path, "SELECT stopped FROM runs") == [("provider_auth",)]
+    seen: list[tuple[object, ...]] = []
+
+    def look(message: OutboundMessage) -> None:
+        seen.extend(query(store_path, "SELECT status, stopped, last_error FROM runs"))
+
+    report = send(campaign, store_path, FakeProvider(handler=look))
+    assert report.exit_code == ExitCode.OK
+    assert set(seen) == {("running", None, None)}
+
+
 def test_spend_cap_is_never_exceeded_and_resume_with_a_larger_cap_finishes(
     make_campaign: CampaignFactory, store_path: Path
 ) -> None:

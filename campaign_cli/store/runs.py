@@ -161,7 +161,7 @@ def start_run(
                                     else min(max_spend_micros, existing.max_spend_micros))
             conn.execute(
                 "UPDATE runs SET status = 'running', exit_code = NULL, finished_at = NULL, "
-                "stopped = NULL, in_doubt_found = 0, in_doubt_resent = 0, "
+                "stopped = NULL, in_doubt_found = 0, in_doubt_resent = 0, last_error = NULL, "
                 "started_at = ?, sessions = sessions + 1, max_spend_micros = ?, "
                 "template_hashes = ? WHERE id = ?",
                 (now, max_spend_micros, json.dumps(template_hashes, sort_keys=True), existing.id),
