@@ -1311,11 +1311,17 @@ class Runner:
     async def _refused_in_store(self, channel: str, jobs: list[_Job]) -> dict[str, Refusal]:
         """Nothing, unless more opt-outs arrived during the run than the policy holds: then the
         store's answer for these jobs, asked right before they leave."""
-        if not self._policy.overflowed:
+        if not self._policy.overflowed or self.stop.stopping or self._abort is not None:
             return {}
-        return await asyncio.to_thread(
-            self._policy.refused_in_store, channel, [job.address_hash for job in jobs]
-        )
+        try:
+            return await asyncio.to_thread(
+                self._policy.refused_in_store, channel, [job.address_hash for job in jobs]
+            )
+        except Exception as exc:  # noqa: BLE001 - the run's outcome, decided by _crashed
+            # Opt-outs that cannot be read can no longer be honoured: the run stops, as when the
+            # poll fails; the callers see the abort and put these back (they never left).
+            self._crashed(exc)
+            return {}
 
     def _batch_route(self, job: _Job) -> _Route | None:
         """The route to batch this job on, if any: a provider that takes batches, no failover (a
@@ -1364,16 +1370,17 @@ class Runner:
         try:
             await self._writer.barrier()
             async with route.semaphore:
+                # Opt-outs polled while the batch waited for its commit and its slot (or, past
+                # what the policy holds, recorded by now: asked before the stop check, as the
+                # run may stop meanwhile).
+                channel_name = sending[0].message.channel._value_  # (a batch has one channel)
+                stored = await self._refused_in_store(channel_name, sending)
                 if self.stop.stopping or self._abort is not None:
                     for job in sending:  # as in `_deliver`: it never left
                         self._unsend((run_id, job.message.row, job.message.channel._value_),
                                      job)
                         self._budget.release(job.reserved)
                     return
-                # Opt-outs polled while the batch waited for its commit and its slot (or, past
-                # what the policy holds, recorded by now).
-                channel_name = sending[0].message.channel._value_  # (a batch has one channel)
-                stored = await self._refused_in_store(channel_name, sending)
                 kept: list[_Job] = []
                 for job in sending:
                     refused = (self._policy.refused_now(channel_name, job.address_hash)
@@ -1486,6 +1493,9 @@ class Runner:
                     await self._pause(route)
                     if not self.stop.stopping and self._abort is None:
                         await route.pacer.gate()
+                    # Past what the policy holds, the store's answer (asked before the stop
+                    # check: the run may stop meanwhile, or stop because it cannot answer).
+                    stored = await self._refused_in_store(channel._value_, [job])
                     if self.stop.stopping or self._abort is not None:
                         # Stopped (or a 401 came) while this one waited for its commit, the
                         # provider's slot or its bucket: it never left.
@@ -1495,10 +1505,8 @@ class Runner:
                         return
                     # An opt-out polled while it waited (for its commit, a slot held by slow
                     # sends, a Retry-After pause) is honoured too: it has not left yet.
-                    refused = self._policy.refused_now(channel._value_, job.address_hash)
-                    if refused is None and self._policy.overflowed:
-                        refused = (await self._refused_in_store(channel._value_, [job])).get(
-                            job.address_hash)
+                    refused = (self._policy.refused_now(channel._value_, job.address_hash)
+                               or stored.get(job.address_hash))
                     if refused is not None:
                         route.breaker.release(probe)
                         self._refuse(key, job, refused, cost, intent=True)

@@ -416,3 +416,102 @@ def test_opt_outs_past_the_limit_are_honoured_by_a_batch_waiting_for_its_slot(
     final = states(store_path)
     assert {final[row] for row in late} == {"suppressed"}
     assert len(provider.accepted) == 18
+
+
+def test_a_store_that_cannot_answer_the_opt_out_check_leaves_the_message_pending(
+    make_campaign: CampaignFactory, store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the limit the store is asked right before each send, after the intent is committed.
+    When it cannot answer, opt-outs can no longer be honoured and the run stops (exit 1), as
+    when the poll fails; the message that was asked about never left: it is `pending` for the
+    resume, not `in_doubt` (which a marketing campaign would never send again)."""
+    monkeypatch.setattr(policy_module, "LATE_LIMIT", 2)
+
+    def broken(self: Policy, channel: str, hashes: Sequence[str]) -> Any:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(Policy, "refused_in_store", broken)
+    ticks = Ticks()
+
+    class Slow(FakeProvider):
+        async def send(self, message: OutboundMessage) -> SendResult:
+            if message.row == 1:
+                opt_outs(store_path, [101, 102, 103])
+                await ticks.two_more()
+            return await super().send(message)
+
+    provider = Slow()
+    report = run(make_campaign(people(3), limits={"concurrency": 1}), store_path, provider,
+                 ticks)
+    assert [m.row for m in provider.accepted] == [1]
+    assert report.exit_code == ExitCode.INTERNAL
+    assert states(store_path)[2] == "pending"
+    assert "in_doubt" not in report.counts
+
+
+def test_a_store_that_cannot_answer_for_a_batch_leaves_its_messages_pending(
+    make_campaign: CampaignFactory, store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch path: the store check for a batch whose intents are committed fails. None of
+    them left: pending, not in doubt."""
+    monkeypatch.setattr(policy_module, "LATE_LIMIT", 2)
+
+    def broken(self: Policy, channel: str, hashes: Sequence[str]) -> Any:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(Policy, "refused_in_store", broken)
+    ticks = Ticks()
+
+    class Slow(FakeBatchProvider):
+        async def send_batch(
+            self, messages: Sequence[OutboundMessage]
+        ) -> list[SendResult | ProviderError]:
+            if not self.batches:
+                opt_outs(store_path, [101, 102, 103])
+                await ticks.two_more()
+            return await super().send_batch(messages)
+
+    provider = Slow(batch_size=5)
+    report = run(one_slot(make_campaign, 20), store_path, provider, ticks, chunk_size=5)
+    assert report.exit_code == ExitCode.INTERNAL
+    assert len(provider.accepted) == 5
+    assert "in_doubt" not in report.counts
+    assert set(states(store_path).values()) == {"sent", "pending"}
+
+
+def test_a_stop_while_the_store_is_asked_keeps_the_message_from_leaving(
+    make_campaign: CampaignFactory, store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C arrives while a message waits for the store's answer (past the limit): the stop
+    is seen after the answer, as after any other wait; the message does not leave, and stays
+    pending for the resume."""
+    from campaign_cli.pipeline import StopController
+
+    monkeypatch.setattr(policy_module, "LATE_LIMIT", 2)
+    stop = StopController()
+    real = Policy.refused_in_store
+
+    def stopping(self: Policy, channel: str, hashes: Sequence[str]) -> Any:
+        loop.call_soon_threadsafe(stop.request)  # runs before the answer is taken
+        return real(self, channel, hashes)
+
+    monkeypatch.setattr(Policy, "refused_in_store", stopping)
+    ticks = Ticks()
+    loop: asyncio.AbstractEventLoop
+
+    class Slow(FakeProvider):
+        async def send(self, message: OutboundMessage) -> SendResult:
+            nonlocal loop
+            if message.row == 1:
+                loop = asyncio.get_running_loop()
+                opt_outs(store_path, [101, 102, 103])
+                await ticks.two_more()
+            return await super().send(message)
+
+    provider = Slow()
+    loaded = load_campaign(make_campaign(people(3), limits={"concurrency": 1}), {})
+    report = run_campaign(loaded, store_path, SendOptions(poll_interval=0.01), clock=FakeClock(),
+                          registry=fake_registry(provider), on_progress=ticks, stop=stop)
+    assert [m.row for m in provider.accepted] == [1]
+    assert report.exit_code == ExitCode.INTERRUPTED
+    assert states(store_path)[2] == "pending"
