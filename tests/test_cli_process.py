@@ -492,3 +492,20 @@ def test_a_command_line_click_refuses_still_prints_the_json_summary(
     assert set(summary) == {*json.loads(sent.splitlines()[-1]), "campaign_file"}  # (console first)
     # without --json: stdout stays empty
     assert run(store_path, "send", str(campaign), "--run-key", "k2", *mistake).stdout == ""
+
+
+@pytest.mark.parametrize("words", [["--run-key", "--json", "--limit", "ten"],
+                                   ["-r", "--json", "--bogus"],
+                                   ["--max-spend", "--json", "--rate", "x"]])
+def test_json_as_the_value_of_another_option_is_not_a_request_for_json(
+    store_path: Path, make_campaign: CampaignFactory, words: list[str]
+) -> None:
+    """`--run-key --json` names the run "--json": it does not ask for the JSON summary, so a
+    command line click refuses prints its one error line and nothing on stdout (a script that
+    did not ask for JSON must not find it there)."""
+    campaign = console_campaign(make_campaign, 2)
+    result = run(store_path, "send", str(campaign), *words)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    [line] = result.stderr.splitlines()
+    assert line.startswith("error: ")

@@ -127,8 +127,28 @@ def _asked_for_json(ctx: typer.Context, argv: list[str]) -> bool:
     the first mistake, so the option may not have been parsed."""
     if ctx.params.get("as_json"):
         return True
-    words = argv[: argv.index("--")] if "--" in argv else argv
-    return "--json" in words
+    # The options that take a value (`--run-key --json` names the run "--json"), this command's
+    # and the group's (`--store`).
+    commands = [c.command for c in (ctx, ctx.parent) if c is not None]
+    valued = {name for command in commands for param in command.params
+              if param.param_type_name == "option"
+              and not getattr(param, "is_flag", False) and not getattr(param, "count", False)
+              for name in param.opts}
+    words = iter(argv)
+    for word in words:
+        if word == "--json":
+            return True
+        if word == "--":
+            return False
+        if word in valued:
+            next(words, None)  # its value
+        elif word.startswith("-") and not word.startswith("--"):
+            for at, char in enumerate(word[1:], start=2):  # `-yr FILE`, `-rFILE`
+                if f"-{char}" in valued:
+                    if at == len(word):
+                        next(words, None)
+                    break
+    return False
 
 
 def _flush_stdout() -> None:
