@@ -94,7 +94,9 @@ class Policy:
         it may hold: one more than there is room for means `overflow`."""
         if self.overflowed:
             return Updates()
-        room = self.late_limit - len(self._late_suppressed) - len(self._late_revoked)
+        # (never negative: opt-outs from providers are held beyond the limit, and a LIMIT of -1
+        # would read every row)
+        room = max(0, self.late_limit - len(self._late_suppressed) - len(self._late_revoked))
         with self._lock:
             mark, suppressions = suppressions_since(self._conn, self._suppression_mark, room + 1)
             if len(suppressions) > room:

@@ -515,3 +515,32 @@ def test_a_stop_while_the_store_is_asked_keeps_the_message_from_leaving(
     assert [m.row for m in provider.accepted] == [1]
     assert report.exit_code == ExitCode.INTERRUPTED
     assert states(store_path)[2] == "pending"
+
+
+def test_provider_opt_outs_past_the_limit_do_not_make_the_poll_read_everything(
+    store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The poll reads at most one opt-out more than it has room for. Opt-outs from providers
+    (Twilio 21610) are held beyond the limit: with two more than it, the room was -2, the query
+    asked for LIMIT -1, which SQLite takes for no limit - a million-row import read whole."""
+    Store.open(store_path).close()
+    policy = Policy(Store.open(store_path).conn, consent_required=False, purpose="marketing",
+                    late_limit=2)
+    opt_outs(store_path, [1, 2])
+    policy.apply(policy.fetch_updates())
+    assert not policy.overflowed
+    for i in (8, 9):
+        policy.suppress_now(address_hash(normalize_phone(phone(i))), "sms")
+    read: list[int] = []
+    real = policy_module.suppressions_since
+
+    def counting(conn: sqlite3.Connection, mark: int, limit: int = -1) -> Any:
+        found = real(conn, mark, limit)
+        read.append(len(found[1]))
+        return found
+
+    monkeypatch.setattr(policy_module, "suppressions_since", counting)
+    opt_outs(store_path, range(10, 60))
+    updates = policy.fetch_updates()
+    assert updates.overflow
+    assert read and max(read) <= 1
