@@ -353,6 +353,7 @@ _PENDING = State.PENDING.value
 _INVALID = State.INVALID.value
 _IN_DOUBT = State.IN_DOUBT.value
 _SENT = State.SENT.value
+_NO_REFUSALS: dict[str, Refusal] = {}  # (read only: the answer when the store is not asked)
 _CHANNELS = {channel.value: channel for channel in Channel}
 #: Batches one local provider may have on their way at once: one being written while the next
 #: one's intents commit, and a little slack.
@@ -1495,7 +1496,8 @@ class Runner:
                         await route.pacer.gate()
                     # Past what the policy holds, the store's answer (asked before the stop
                     # check: the run may stop meanwhile, or stop because it cannot answer).
-                    stored = await self._refused_in_store(channel._value_, [job])
+                    stored = (await self._refused_in_store(channel._value_, [job])
+                              if self._policy.overflowed else _NO_REFUSALS)
                     if self.stop.stopping or self._abort is not None:
                         # Stopped (or a 401 came) while this one waited for its commit, the
                         # provider's slot or its bucket: it never left.
