@@ -87,6 +87,7 @@ from campaign_cli.recipients import (
     InlineChunkReader,
     ProcessChunkReader,
     RecipientSpec,
+    ScanResult,
     scan_recipients,
 )
 from campaign_cli.render.engine import Renderer, RenderError, content_hash, cost_of
@@ -549,6 +550,7 @@ class Runner:
             tmp = tempfile.TemporaryDirectory(prefix="campaign-dry-run-")
             store_path = _snapshot_store(self.store_path, Path(tmp.name) / "dry-run.db")
         lock: runs.RunLock | None = None
+        opened: tuple[HttpProcess | None, dict[Channel, list[_Route]]] | None = None
         try:
             store = Store.open(store_path)
             try:
@@ -564,71 +566,96 @@ class Runner:
                     )
                 if not self.options.dry_run:
                     lock = runs.RunLock.acquire(self.store_path, self.campaign.name, run_key, now)
-                before = runs.find_run(store.conn, self.campaign.name, run_key)
-                run, resumed = runs.start_run(
-                    store.conn,
-                    campaign=self.campaign.name,
-                    run_key=run_key,
-                    campaign_file=str(self.loaded.path),
-                    recipients_file=str(spec.path),
-                    recipients_sha256=scan.sha256,
-                    purpose=self.campaign.purpose.value,
-                    channels=[c.value for c in self.campaign.channels.enabled()],
-                    currency=self.campaign.limits.currency,
-                    max_spend_micros=self._max_spend_micros(),
-                    template_hashes=renderer.template_hashes,
-                    now=now,
-                    cap_given=self.options.max_spend is not None,
-                )
-                changed = sorted(
-                    field for field in {*renderer.template_hashes, *(
-                        before.template_hashes if before is not None else {})}
-                    if before is not None and before.template_hashes
-                    and before.template_hashes.get(field) != renderer.template_hashes.get(field)
-                )
-                if resumed and changed:
-                    self.warnings.append(
-                        f"run {run.name}: templates changed since it started "
-                        f"({', '.join(changed)}): the messages not sent yet get the new text"
-                    )
-                kept = run.max_spend_micros
-                if (resumed and kept is not None and self.options.max_spend is None
-                        and kept != self._max_spend_micros()):
-                    self.warnings.append(
-                        f"run {run.name} keeps its spend cap of "
-                        f"{from_micros(kept)} {run.currency} from an earlier "
-                        "session (give --max-spend to change it)"
-                    )
-                runs.mark_in_doubt(store.conn, run.id, now)
-                if self.options.retry_failed:
-                    self.retried = runs.reopen_transient_failures(store.conn, run.id, now)
-                for states in runs.counts(store.conn, run.id).values():
-                    self._baseline.update(states)
-                # In doubt at the start of this session: left `sending` by one that died just
-                # now, or recorded in doubt earlier (an unanswered send, a skipped resend).
-                in_doubt_found = self._baseline[_IN_DOUBT]
-                runs.begin_session(store.conn, run.id, total_rows=total_rows,
-                                   in_doubt_found=in_doubt_found)
-                committed = runs.committed_spend(store.conn, run.id)
-                self._max_row_start = _max_row(store.conn, run.id)
-                start_row = _first_open_row(store.conn, run.id)
-                policy = Policy(
-                    store.connect(),
-                    consent_required=self.campaign.consent_required,
-                    purpose=self.campaign.purpose.value,
-                )
-                report = await self._drive(
-                    store, run, resumed, spec, renderer, policy, committed, start_row,
-                    total_rows, in_doubt_found, started_mono,
-                )
-                return report
+                # Providers are built before the session is recorded: one that cannot be (an
+                # unreadable key file) is a configuration error like any other, with nothing
+                # started (exit 2; `status` shows no session it did not have).
+                opened = await self._open_providers(f"{self.campaign.name}/{run_key}")
+            finally:
+                if opened is None:
+                    store.close()
+            try:
+                report = await self._session(store, opened, run_key, spec, scan, renderer,
+                                             total_rows, started_mono)
             finally:
                 store.close()
+            return report
         finally:
             if lock is not None:
                 lock.release()
             if tmp is not None:
                 tmp.cleanup()
+
+    async def _session(
+        self, store: Store, opened: tuple[HttpProcess | None, dict[Channel, list[_Route]]],
+        run_key: str, spec: RecipientSpec, scan: ScanResult, renderer: Renderer,
+        total_rows: int, started_mono: float,
+    ) -> RunReport:
+        """Record the session (a new run, or a resumed one) and drive it. Closes the providers
+        if it never gets to drive them."""
+        driving = False
+        try:
+            now = iso(self.clock.now())
+            before = runs.find_run(store.conn, self.campaign.name, run_key)
+            run, resumed = runs.start_run(
+                store.conn,
+                campaign=self.campaign.name,
+                run_key=run_key,
+                campaign_file=str(self.loaded.path),
+                recipients_file=str(spec.path),
+                recipients_sha256=scan.sha256,
+                purpose=self.campaign.purpose.value,
+                channels=[c.value for c in self.campaign.channels.enabled()],
+                currency=self.campaign.limits.currency,
+                max_spend_micros=self._max_spend_micros(),
+                template_hashes=renderer.template_hashes,
+                now=now,
+                cap_given=self.options.max_spend is not None,
+            )
+            changed = sorted(
+                field for field in {*renderer.template_hashes, *(
+                    before.template_hashes if before is not None else {})}
+                if before is not None and before.template_hashes
+                and before.template_hashes.get(field) != renderer.template_hashes.get(field)
+            )
+            if resumed and changed:
+                self.warnings.append(
+                    f"run {run.name}: templates changed since it started "
+                    f"({', '.join(changed)}): the messages not sent yet get the new text"
+                )
+            kept = run.max_spend_micros
+            if (resumed and kept is not None and self.options.max_spend is None
+                    and kept != self._max_spend_micros()):
+                self.warnings.append(
+                    f"run {run.name} keeps its spend cap of "
+                    f"{from_micros(kept)} {run.currency} from an earlier "
+                    "session (give --max-spend to change it)"
+                )
+            runs.mark_in_doubt(store.conn, run.id, now)
+            if self.options.retry_failed:
+                self.retried = runs.reopen_transient_failures(store.conn, run.id, now)
+            for states in runs.counts(store.conn, run.id).values():
+                self._baseline.update(states)
+            # In doubt at the start of this session: left `sending` by one that died just
+            # now, or recorded in doubt earlier (an unanswered send, a skipped resend).
+            in_doubt_found = self._baseline[_IN_DOUBT]
+            runs.begin_session(store.conn, run.id, total_rows=total_rows,
+                               in_doubt_found=in_doubt_found)
+            committed = runs.committed_spend(store.conn, run.id)
+            self._max_row_start = _max_row(store.conn, run.id)
+            start_row = _first_open_row(store.conn, run.id)
+            policy = Policy(
+                store.connect(),
+                consent_required=self.campaign.consent_required,
+                purpose=self.campaign.purpose.value,
+            )
+            driving = True
+            return await self._drive(
+                store, run, resumed, spec, renderer, policy, committed, start_row,
+                total_rows, in_doubt_found, started_mono, opened,
+            )
+        finally:
+            if not driving:
+                await self._close_providers(opened[1], opened[0])
 
     def _max_spend_micros(self) -> int | None:
         cap = self.options.max_spend
@@ -670,16 +697,12 @@ class Runner:
         total_rows: int,
         in_doubt_found: int,
         started_mono: float,
+        opened: tuple[HttpProcess | None, dict[Channel, list[_Route]]],
     ) -> RunReport:
-        http: HttpProcess | None = None
-        routes: dict[Channel, list[_Route]] = {}
+        http, routes = opened
         try:
-            http = await self._start_http_process()
-            context = ProviderContext(clock=self.clock, run_name=run.name, stdout=self.stdout,
-                                      transports=None if http is None else http.transport)
-            routes = self._routes(context)
             writer = JournalWriter(store.path).start()
-        except CampaignError as exc:  # a provider's configuration, or the journal's connection
+        except CampaignError as exc:  # the journal's connection
             await self._close_providers(routes, http)
             runs.finish_run(store.conn, run.id, status="aborted", exit_code=int(exc.exit_code),
                             now=iso(self.clock.now()), total_rows=total_rows,
@@ -791,6 +814,19 @@ class Runner:
                 self.warnings.append(f"closing provider {route.provider.name}: {exc}")
         if http is not None:
             await http.aclose()
+
+    async def _open_providers(
+        self, run_name: str
+    ) -> tuple[HttpProcess | None, dict[Channel, list[_Route]]]:
+        """The run's HTTP process (if it wants one) and its providers, by channel."""
+        http = await self._start_http_process()
+        try:
+            context = ProviderContext(clock=self.clock, run_name=run_name, stdout=self.stdout,
+                                      transports=None if http is None else http.transport)
+            return http, self._routes(context)
+        except BaseException:
+            await self._close_providers({}, http)
+            raise
 
     async def _start_http_process(self) -> HttpProcess | None:
         """The run's `HttpProcess`, if it wants one (`_wants_http_process`). One that cannot

@@ -33,7 +33,7 @@ from campaign_cli.providers.process import (
     HttpProcessGone,
     _frame,
 )
-from tests.conftest import CampaignFactory, journal, people
+from tests.conftest import CampaignFactory, journal, people, query
 from tests.fakeserver import (  # noqa: F401 - pytest fixtures
     FakeProviderServer,
     fake_server_fixture,
@@ -351,6 +351,38 @@ def test_only_a_real_run_with_an_http_provider_starts_the_process(
     assert report.exit_code == 0 and len(started) == 1
     assert len(fake_server.accepted("twilio")) == 6
     assert gone(started[0])  # closed with the run
+
+
+def test_a_provider_that_cannot_be_built_closes_the_http_process_and_records_no_session(
+    make_campaign: CampaignFactory, store_path: Path, fake_server: FakeProviderServer,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The HTTP process starts before the providers are built: an FCM key file that is not
+    JSON is exit 2 (a configuration error, nothing started), the child is closed with it, and
+    the store holds no session that `send --json`'s not_started summary would contradict."""
+    from campaign_cli.config import load_campaign
+    from campaign_cli.errors import CampaignError
+    from campaign_cli.pipeline import SendOptions, run_campaign
+
+    started = count_starts(monkeypatch)
+    bad_key = tmp_path / "service-account.json"
+    bad_key.write_text("not json")
+    tokens = [[key, name, phone, f"dEvIcE-tOkEn_0123456789:{key}"]
+              for key, name, phone, _ in people(2)]
+    campaign = make_campaign(
+        tokens, compliance={"consent": "not_required"},
+        channels={"push": {"provider": "fcm", "title": "Hi", "body": "Hi {{ row }}"}},
+        providers={"fcm": fake_server.provider_config(
+            "fcm", access_token=None, service_account_file=str(bad_key))},
+        extra={"recipients": {"file": "recipients.csv", "key": "id",
+                              "columns": {"push_token": "email"}}},
+    )
+    with pytest.raises(CampaignError, match="not JSON") as info:
+        run_campaign(load_campaign(campaign), store_path, SendOptions(run_key="k"))
+    assert info.value.exit_code == 2
+    assert len(started) == 1 and gone(started[0])
+    assert query(store_path, "SELECT count(*) FROM runs") == [(0,)]
+    assert fake_server.requests == []
 
 
 def test_a_child_that_dies_during_fcm_s_token_fetch_leaves_the_push_message_pending(

@@ -724,12 +724,13 @@ def test_the_run_lock_holds_whatever_path_names_the_store(
         lock.release()
 
 
-def test_a_provider_that_cannot_be_built_leaves_no_run_running(
+def test_a_provider_that_cannot_be_built_records_no_session(
     make_campaign: CampaignFactory, store_path: Path
 ) -> None:
     """A provider whose configuration fails only when it is built (an FCM service-account file
-    that is not JSON): exit 2 and one line, as before; but the run it had started is finished
-    with that error, not left `running` for `campaign status`, and no writer thread is left."""
+    that is not JSON): exit 2 and one line, like every configuration error, and like them with
+    nothing started: no run left `running` for `campaign status`, no session recorded that
+    `send --json` (not_started) does not report, and no writer thread left."""
     import threading
 
     from campaign_cli.errors import ConfigError
@@ -743,15 +744,22 @@ def test_a_provider_that_cannot_be_built_leaves_no_run_running(
     def writers() -> int:
         return sum(t.name == "journal-writer" for t in threading.enumerate())
 
-    loaded = load_campaign(make_campaign(people(3)), {})
+    campaign = make_campaign(people(3))
+    loaded = load_campaign(campaign, {})
     before = writers()
     with pytest.raises(ConfigError, match="not JSON"):
         run_campaign(loaded, store_path, SendOptions(run_key="k"), clock=FakeClock(),
                      registry=registry)
-    [(status, exit_code, last_error)] = query(
-        store_path, "SELECT status, exit_code, last_error FROM runs")
-    assert (status, exit_code) == ("aborted", 2)
-    assert "key.json: service account file: not JSON" in last_error
+    assert query(store_path, "SELECT count(*) FROM runs") == [(0,)]
+    assert writers() == before
+
+    # A run that had a session keeps it as it was: this attempt was not one.
+    send(campaign, store_path, FakeProvider(), run_key="k", limit=1)
+    was = query(store_path, "SELECT status, exit_code, sessions, stopped FROM runs")
+    with pytest.raises(ConfigError, match="not JSON"):
+        run_campaign(loaded, store_path, SendOptions(run_key="k"), clock=FakeClock(),
+                     registry=registry)
+    assert query(store_path, "SELECT status, exit_code, sessions, stopped FROM runs") == was
     assert writers() == before
 
 
