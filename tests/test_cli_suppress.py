@@ -377,3 +377,22 @@ def test_erase_forgets_the_address_but_never_the_opt_out(
     again = run_campaign(load_campaign(campaign, {}), cli.store_path,
                          SendOptions(run_key="after-erasure"), clock=FakeClock())
     assert again.counts == {"suppressed": 1}  # the phone: never sent to again
+
+
+def test_erase_a_push_token(cli: Cli) -> None:
+    """A device token is personal data like a phone number, and its owner may ask for it to go:
+    `suppress erase` inferred every address's kind from its shape and read a push token as a
+    phone, so a token could not be erased at all (exit 2). `--channel push` says how to read it."""
+    token = "fcm-token:APA91bH_0123456789abcdefXYZ"
+    assert cli("suppress", "add", token, "--channel", "push").exit_code == 0
+    assert cli("consent", "grant", token, "--channel", "push").exit_code == 0
+    r = cli("suppress", "erase", token, "--channel", "push")
+    assert r.exit_code == 0, r.err
+    assert r.out.startswith(f"erased {token}: suppressed on every channel by hash (added); "
+                            "blanked in 1 suppression, 1 consent")
+    assert cli.addresses() == {("None", "push"), ("None", "all")}
+    check = json.loads(cli("suppress", "check", token, "--channel", "push", "--json").out)
+    assert check["suppressed"] and {e["address"] for e in check["entries"]} == {None}
+    bad = cli("suppress", "erase", token)  # without it, the error says what to do
+    assert bad.exit_code == 2
+    assert "--channel push" in bad.err and len(bad.err.strip().splitlines()) == 1

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Optional
 import phonenumbers
 import typer  # noqa: TID251 - this is campaign_cli/cli/
 
-from campaign_cli.addresses import AddressError
+from campaign_cli.addresses import AddressError, normalize_push_token
 from campaign_cli.cli.context import app_context, command
 from campaign_cli.cli.output import Output
 from campaign_cli.clock import iso
@@ -47,8 +47,19 @@ def normalize_all(
         try:
             items.append(normalize_for(raw, channel, region))
         except AddressError as exc:
-            raise UsageError(f"address {raw!r}: {exc.detail}") from None
+            raise UsageError(f"address {raw!r}: {exc.detail}{_push_hint(raw, channel)}") from None
     return items
+
+
+def _push_hint(raw: str, channel: str | None) -> str:
+    """A push token cannot be told from the shape of an address: say how to name one."""
+    if channel is not None:
+        return ""
+    try:
+        normalize_push_token(raw)
+    except AddressError:
+        return ""
+    return " (a push token? add --channel push)"
 
 
 def normalize_lookup(raw: str, channel: str | None, region: str) -> str:
@@ -207,6 +218,11 @@ def list_(
 def erase(
     ctx: typer.Context,
     addresses: Addresses,
+    channel: Annotated[Optional[ChannelChoice], typer.Option(
+        "--channel", "-c", show_default=False,
+        help="How to read each ADDRESS (push tokens need --channel push). Default: inferred "
+        "from it. The address is suppressed on every channel either way.",
+    )] = None,
     region: RegionOpt = "US",
 ) -> None:
     """Erase addresses (a data-protection request) and keep them from ever being sent to: each
@@ -214,7 +230,7 @@ def erase(
     store's suppressions, consent records and run journals. Files outside the store (outboxes,
     exports, recipient files) are yours to delete."""
     app_ctx = app_context(ctx)
-    normalised = normalize_all(addresses, None, region)
+    normalised = normalize_all(addresses, channel_value(channel), region)
     with app_ctx.open_store() as store:
         for address, _ in normalised:
             done = suppressions.erase_address(store.conn, address, iso(app_ctx.clock.now()))
