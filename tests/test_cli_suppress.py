@@ -396,3 +396,34 @@ def test_erase_a_push_token(cli: Cli) -> None:
     bad = cli("suppress", "erase", token)  # without it, the error says what to do
     assert bad.exit_code == 2
     assert "--channel push" in bad.err and len(bad.err.strip().splitlines()) == 1
+
+
+def test_erase_blanks_the_address_where_it_is_the_recipient_key(
+    cli: Cli, tmp_path: Path, make_campaign: CampaignFactory
+) -> None:
+    """A list without an id column keys its recipients by email (`key: email`): the journal
+    then holds the address, as the file spells it, in the recipient key of every channel's row
+    too. `suppress erase` blanked only the address column, and said it had blanked the journal
+    while `Ann@Example.com` stayed in it (found in the store's bytes)."""
+    from campaign_cli.config import load_campaign
+    from campaign_cli.pipeline import SendOptions, run_campaign
+
+    campaign = make_campaign(
+        [["c1", "Ann", "+14155550199", "Ann@Example.com"],
+         ["c2", "Bob", "+14155550198", "bob@example.com"]],
+        channels={"sms": {"provider": "box", "body": "Hi {{ first_name }}"}},
+        extra={"recipients": {"file": "recipients.csv", "key": "email",
+                              "columns": {"phone": "phone", "email": "email"}}},
+    )
+    first = run_campaign(load_campaign(campaign, {}), cli.store_path, SendOptions(),
+                         clock=FakeClock())
+    assert first.counts == {"sent": 2}
+
+    erased = cli("suppress", "erase", "ann@example.com")
+    assert erased.exit_code == 0, erased.err
+    raw = cli.store_path.read_bytes() + b"".join(
+        p.read_bytes() for p in tmp_path.glob("store.db-wal"))
+    assert b"ann@example.com" not in raw.lower()
+    assert b"bob@example.com" in raw  # another recipient's key stays
+    check = json.loads(cli("suppress", "check", "Ann@Example.com", "--json").out)
+    assert check["suppressed"] and check["entries"][0]["channel"] == "all"

@@ -233,7 +233,9 @@ def erase(
     normalised = normalize_all(addresses, channel_value(channel), region)
     with app_ctx.open_store() as store:
         for address, _ in normalised:
-            done = suppressions.erase_address(store.conn, address, iso(app_ctx.clock.now()))
+            done = suppressions.erase_address(
+                store.conn, address, iso(app_ctx.clock.now()), region
+            )
             app_ctx.output.result(
                 f"erased {address}: suppressed on every channel by hash"
                 f"{' (added)' if done.suppressed_now else ''}; blanked in "

@@ -361,11 +361,14 @@ class EraseResult:
     journal_rows: int
 
 
-def erase_address(conn: sqlite3.Connection, address: str, now: str) -> EraseResult:
+def erase_address(
+    conn: sqlite3.Connection, address: str, now: str, default_region: str = "US"
+) -> EraseResult:
     """Erase a normalised address (a data-protection request) without forgetting the opt-out:
     in one transaction the address becomes an `all` suppression kept by hash only, and its text
     is blanked wherever the store holds it (suppressions, consent records, run journals with
-    their error texts). Matching by hash keeps working: the person is never sent to again."""
+    their error texts, and the recipient key of the journal rows whose key is the address, as
+    with ``key: email``). Matching by hash keeps working: the person is never sent to again."""
     hashed = address_hash(address)
     # Overwrite what is deleted or replaced with zeros, so that the old text does not linger in
     # free space; the checkpoint below moves it out of the write-ahead log.
@@ -385,6 +388,19 @@ def erase_address(conn: sqlite3.Connection, address: str, now: str) -> EraseResu
             "UPDATE consents SET address = NULL WHERE address_hash = ? AND address IS NOT NULL",
             (hashed,),
         ).rowcount
+        # A recipient key is journaled as the file spells it (``Ann@Example.com``): the keys of
+        # the address's rows, and those equal to it but for case, are blanked if they are it.
+        keys = [str(key) for (key,) in conn.execute(
+            "SELECT DISTINCT rkey FROM messages WHERE rkey IS NOT NULL "
+            "AND (address = ? OR lower(trim(rkey)) = lower(?))",
+            (address, address),
+        ) if _spells(str(key), address, default_region)]
+        for batch in batched(keys, MAX_PARAMS):
+            conn.execute(
+                "UPDATE messages SET rkey = NULL, dedupe_key = NULL "
+                f"WHERE rkey IN ({','.join('?' * len(batch))})",
+                batch,
+            )
         conn.execute(
             "UPDATE attempts SET error_text = NULL WHERE (run_id, row, channel) IN "
             "(SELECT run_id, row, channel FROM messages WHERE address = ?)",
@@ -400,6 +416,16 @@ def erase_address(conn: sqlite3.Connection, address: str, now: str) -> EraseResu
     except sqlite3.Error:
         pass
     return EraseResult(added == 1, blanked, consents, journal)
+
+
+def _spells(raw: str, address: str, default_region: str) -> bool:
+    """Whether ``raw`` (a recipient key) is a spelling of the normalised ``address``."""
+    if raw.strip() == address:
+        return True
+    try:
+        return normalize_for(raw, None, default_region)[0] == address
+    except AddressError:
+        return False
 
 
 _FIELDS = ("id", "address_hash", "address", "channel", "reason", "source", "created_at")
