@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from campaign_cli.addresses import AddressError, address_hash
+from campaign_cli.addresses import AddressError, address_hash, normalize_email
 from campaign_cli.errors import InputError
 from campaign_cli.store.db import MIGRATIONS, Store
 from campaign_cli.store.suppressions import (
@@ -167,6 +167,7 @@ def test_normalize_for_all_rejects_what_is_neither() -> None:
         ("\rx", "'\rx"),
         ("ann@example.com", "ann@example.com"),
         ("'quoted", "'quoted"),
+        ("'=x", "''=x"),  # else the import would take the value's apostrophe for its own
     ],
 )
 def test_protect_cell(cell: str, protected: str) -> None:
@@ -284,6 +285,28 @@ def test_export_import_round_trip(conn: sqlite3.Connection, tmp_path: Path) -> N
             ("ann@example.com", "all", "manual"),
             ("bob@example.com", "email", "=HYPERLINK(1)"),
         }
+    finally:
+        other.close()
+
+
+def test_an_address_starting_with_an_apostrophe_round_trips(
+    conn: sqlite3.Connection, tmp_path: Path
+) -> None:
+    """``'=ann@example.com`` is a valid email address (an apostrophe is a local-part character)
+    and is exported as it is; the import took its apostrophe for the export's and restored the
+    opt-out as ``=ann@example.com``, another address: the recipient was no longer suppressed."""
+    odd = normalize_email("'=ann@example.com")
+    assert odd == "'=ann@example.com"
+    add_suppressions(conn, [(odd, "email")], "'+1 reason", "cli", NOW)
+    path = tmp_path / "export.csv"
+    export_csv(conn, path)
+    other = Store.open(tmp_path / "other.db")
+    try:
+        result = import_csv(other.conn, path, None, "import", None, "US", NOW)
+        assert (result.added, result.invalid) == (1, [])
+        got = [(e["address"], e["reason"]) for e in list_suppressions(other.conn)]
+        assert got == [(odd, "'+1 reason")]
+        assert suppressed_among(other.conn, [address_hash(odd)], "email")
     finally:
         other.close()
 

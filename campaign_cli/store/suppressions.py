@@ -151,15 +151,17 @@ def normalize_for(raw: str, channel: str | None, default_region: str = "US") -> 
 
 def protect_cell(value: str) -> str:
     """Defuse spreadsheet formula injection: text that a spreadsheet would evaluate gets a
-    leading apostrophe (so ``+14155550100`` exports as ``'+14155550100``)."""
-    return "'" + value if value.startswith(_FORMULA_START) else value
+    leading apostrophe (so ``+14155550100`` exports as ``'+14155550100``). So does text that
+    already starts with apostrophes before such a character (``'=ann@example.com`` is a valid
+    address), so that `unprotect_cell` gives it back whole."""
+    return "'" + value if value.lstrip("'").startswith(_FORMULA_START) else value
 
 
 def unprotect_cell(value: str) -> str:
-    """Undo `protect_cell` and trim: ``'+14155550100`` -> ``+14155550100``. An apostrophe before
-    anything else is left alone (it may belong to the value)."""
+    """Undo `protect_cell` and trim: ``'+14155550100`` -> ``+14155550100``, ``''=x`` -> ``'=x``.
+    An apostrophe before anything else is left alone (it may belong to the value)."""
     text = value.strip()
-    if len(text) > 1 and text[0] == "'" and text[1] in "=+-@\t\r":
+    if text.startswith("'") and text.lstrip("'").startswith(_FORMULA_START):
         text = text[1:].strip()
     return text
 
