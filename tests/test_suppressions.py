@@ -14,6 +14,7 @@ from campaign_cli.addresses import AddressError, address_hash, normalize_email
 from campaign_cli.errors import InputError
 from campaign_cli.store.db import MIGRATIONS, Store
 from campaign_cli.store.suppressions import (
+    _byte_lines,
     add_suppressions,
     export_csv,
     import_csv,
@@ -339,6 +340,25 @@ def test_bom_and_crlf_are_read(conn: sqlite3.Connection, tmp_path: Path) -> None
     path.write_bytes(b"\xef\xbb\xbfEmail\r\nAnn@Example.com\r\n")
     result = import_csv(conn, path, None, "import", None, "US", NOW)
     assert (result.added, result.invalid) == (1, [])
+
+
+def test_lines_ended_by_cr_alone_are_read(conn: sqlite3.Connection, tmp_path: Path) -> None:
+    """A file with classic Mac line ends (CR alone: Excel's "CSV (Macintosh)") is read by
+    `campaign send` as a recipient list, but an import of the same kind of file was refused as
+    a whole ("new-line character seen in unquoted field ..."), every opt-out in it with it; in a
+    campaign's suppression_lists, it stopped every run."""
+    path = tmp_path / "mac.csv"
+    path.write_bytes(b"address,reason\r+14155550100,STOP\r\"ann@example.com\",\"two\rlines\"\r"
+                     b"\rnot-a-phone,x\r")
+    result = import_csv(conn, path, None, "import", None, "US", NOW)
+    assert (result.added, result.already) == (2, 0)
+    assert [(line, value) for line, value, _ in result.invalid] == [(6, "not-a-phone")]
+    assert {(e["address"], e["reason"]) for e in list_suppressions(conn)} == {
+        ("+14155550100", "STOP"), ("ann@example.com", "two\rlines")
+    }
+    data = b"ab\r\ncd\ref\n\r\ng\rh"  # a CRLF split between two reads stays one line end
+    for size in range(1, len(data) + 1):
+        assert list(_byte_lines(io.BytesIO(data), size)) == data.splitlines(keepends=True)
 
 
 def test_webhook_url_host_and_scheme_case_is_one_entry(conn: sqlite3.Connection) -> None:

@@ -172,10 +172,23 @@ class CsvRecord:
     fields: dict[str, str]  # lower-cased header -> cell, unprotected and trimmed
 
 
+def _byte_lines(handle: IO[bytes], size: int = 1 << 16) -> Iterator[bytes]:
+    """The file's lines, each with its end: LF, CRLF or CR alone (classic Mac files, which the
+    CSV reader of a recipient list reads too). A binary file's own lines end at LF only."""
+    pending = b""
+    while chunk := handle.read(size):
+        lines = (pending + chunk).splitlines(keepends=True)
+        # The last line may go on in the next chunk (a CR there may be followed by its LF).
+        pending = lines.pop() if not lines[-1].endswith(b"\n") else b""
+        yield from lines
+    if pending:
+        yield pending
+
+
 def _decoded_lines(handle: IO[bytes], name: str) -> Iterator[str]:
     """The file's lines as text, decoded one at a time so that bad UTF-8 is reported on the
     line where it is (a text-mode file decodes whole buffers ahead of the CSV reader)."""
-    for number, raw in enumerate(handle, start=1):
+    for number, raw in enumerate(_byte_lines(handle), start=1):
         if number == 1 and raw.startswith(codecs.BOM_UTF8):
             raw = raw[len(codecs.BOM_UTF8) :]
         try:
