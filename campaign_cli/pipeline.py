@@ -674,13 +674,13 @@ class Runner:
                 conn, path, channel_default=None, reason="list", source=f"list:{path.name}",
                 default_region=region, now=now,
             )
-            _refuse_unread_lines(path, result.invalid)
+            _refuse_unread_lines(path, result)
         for path in self.campaign.compliance.consent_records:
             result = consent_store.import_csv(
                 conn, path, channel_default=None, purpose_default=self.campaign.purpose.value,
                 source=f"list:{path.name}", default_region=region, now=now,
             )
-            _refuse_unread_lines(path, result.invalid)
+            _refuse_unread_lines(path, result)
 
     # -- the asyncio part ------------------------------------------------------------------
 
@@ -1883,12 +1883,13 @@ SQL_DRY_RUN = (
 )
 
 
-def _refuse_unread_lines(path: Path, invalid: list[tuple[int, str, str]]) -> None:
-    if not invalid:
+def _refuse_unread_lines(path: Path, result: suppression_store.ImportResult) -> None:
+    if not result.invalid:
         return
-    line, value, reason = invalid[0]
+    line, value, reason = result.invalid[0]
     field, _, message = reason.partition(": ")
-    more = f" (and {len(invalid) - 1} more such lines)" if len(invalid) > 1 else ""
+    others = result.invalid_total - 1
+    more = f" (and {others} more such lines)" if others > 0 else ""
     raise InputError(str(path), line, field or None,
                      f"{message or reason} ({value!r}){more}: a campaign's opt-out and consent "
                      "lists are read whole; fix or remove the line")

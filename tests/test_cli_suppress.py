@@ -185,6 +185,25 @@ def test_import_reports_invalid_lines(cli: Cli, tmp_path: Path) -> None:
     assert cli.addresses() == {("+14155550100", "sms"), ("ann@example.com", "email")}
 
 
+@pytest.mark.parametrize("group", ["suppress", "consent"])
+def test_an_import_of_many_bad_lines_shows_the_first_hundred_and_counts_them_all(
+    cli: Cli, tmp_path: Path, group: str
+) -> None:
+    """A file of a million bad lines (the wrong column picked) held every line's message in
+    memory (136 MB for 300,000) and printed them all: the first 100 are shown, all counted."""
+    path = tmp_path / "list.csv"
+    lines = [f"bogus{i},revoked,2024-01-01" for i in range(250)]
+    path.write_text("address,status,recorded_at\n" + "\n".join(lines) + "\n+14155550100,revoked,2024-01-01\n")
+    r = cli(group, "import", str(path))
+    assert r.exit_code == 0, r.err
+    assert r.out.strip().endswith("already present 0, invalid 250")
+    warnings = r.err.strip().splitlines()
+    assert len(warnings) == 101
+    assert warnings[0].startswith(f"warning: {path}:2: address: ")
+    assert warnings[99].startswith(f"warning: {path}:101: ")
+    assert warnings[100] == f"warning: {path}: 150 more invalid line(s) not shown"
+
+
 @pytest.mark.parametrize(
     ("group", "content"),
     [

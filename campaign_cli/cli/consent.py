@@ -143,10 +143,10 @@ def import_(
             store.conn, file, channel_value(channel), purpose.value, f"import:{file.name}",
             region, iso(app_ctx.clock.now()),
         )
-    report_invalid(app_ctx.output, file, result.invalid)
+    report_invalid(app_ctx.output, file, result)
     app_ctx.output.result(
         f"recorded {result.added}, already present {result.already}, "
-        f"invalid {len(result.invalid)}"
+        f"invalid {result.invalid_total}"
     )
 
 

@@ -77,9 +77,12 @@ def normalize_lookup(raw: str, channel: str | None, region: str) -> str:
         raise UsageError(f"address {raw!r}: {first.detail}") from None
 
 
-def report_invalid(output: Output, file: Path, invalid: Sequence[tuple[int, str, str]]) -> None:
-    for line, _value, reason in invalid:
+def report_invalid(output: Output, file: Path, result: suppressions.ImportResult) -> None:
+    for line, _value, reason in result.invalid:
         output.warn(f"{file}:{line}: {reason}")
+    unshown = result.invalid_total - len(result.invalid)
+    if unshown > 0:
+        output.warn(f"{file}: {unshown} more invalid line(s) not shown")
 
 
 CHANNEL_HELP = (
@@ -299,9 +302,9 @@ def import_(
             store.conn, file, channel_value(channel), reason, f"import:{file.name}", region,
             iso(app_ctx.clock.now()),
         )
-    report_invalid(app_ctx.output, file, result.invalid)
+    report_invalid(app_ctx.output, file, result)
     app_ctx.output.result(
-        f"added {result.added}, already present {result.already}, invalid {len(result.invalid)}"
+        f"added {result.added}, already present {result.already}, invalid {result.invalid_total}"
     )
 
 

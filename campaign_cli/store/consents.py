@@ -30,6 +30,7 @@ from campaign_cli.store.suppressions import (
     CHANNELS,
     AddResult,
     ImportResult,
+    InvalidLines,
     address_columns,
     check_channel,
     normalize_for,
@@ -285,7 +286,7 @@ def import_csv(
             if required not in columns:
                 raise InputError(name, 1, None, f"no {required} column: consent records need one")
         default_source = source or f"import:{name}"
-        invalid: list[tuple[int, str, str]] = []
+        invalid = InvalidLines()
         added = already = 0
         with write_transaction(conn):
             for record in records:
@@ -322,7 +323,7 @@ def import_csv(
                         added += 1
                     else:
                         already += 1
-    return ImportResult(added, already, invalid)
+    return ImportResult(added, already, invalid.kept, invalid.total)
 
 
 # --------------------------------------------------------------------------------------------

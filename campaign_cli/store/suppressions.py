@@ -57,14 +57,34 @@ class AddResult:
     already: int
 
 
+#: Bad lines of an import whose details are kept (the rest are counted): a file of a million bad
+#: lines must not hold a million messages in memory, nor print them.
+INVALID_KEPT = 100
+
+
 @dataclass(frozen=True)
 class ImportResult:
-    """What an import did. ``invalid`` holds (line, address as written, reason) for each line
-    left out; the reason starts with the field at fault (``address: not a valid ...``)."""
+    """What an import did. ``invalid`` holds (line, address as written, reason) for the first
+    `INVALID_KEPT` lines left out, ``invalid_total`` counts them all; the reason starts with the
+    field at fault (``address: not a valid ...``)."""
 
     added: int
     already: int
     invalid: list[tuple[int, str, str]] = field(default_factory=list)
+    invalid_total: int = 0
+
+
+class InvalidLines:
+    """The bad lines of an import: the first `INVALID_KEPT` in detail, all of them counted."""
+
+    def __init__(self) -> None:
+        self.kept: list[tuple[int, str, str]] = []
+        self.total = 0
+
+    def append(self, entry: tuple[int, str, str]) -> None:
+        self.total += 1
+        if len(self.kept) < INVALID_KEPT:
+            self.kept.append(entry)
 
 
 # --------------------------------------------------------------------------------------------
@@ -508,7 +528,7 @@ def import_csv(
     with open_csv(path) as (columns, records):
         address_cols = address_columns(columns, name)
         source = source or f"import:{name}"
-        invalid: list[tuple[int, str, str]] = []
+        invalid = InvalidLines()
         added = already = 0
         with write_transaction(conn):
             for record in records:
@@ -542,7 +562,7 @@ def import_csv(
                         added += 1
                     else:
                         already += 1
-    return ImportResult(added, already, invalid)
+    return ImportResult(added, already, invalid.kept, invalid.total)
 
 
 def export_csv(conn: sqlite3.Connection, path_or_stream: str | Path | IO[str]) -> int:
