@@ -74,6 +74,27 @@ def test_add_counts_added_and_already_present(cli: Cli) -> None:
     }
 
 
+@pytest.mark.parametrize("command", [
+    ("suppress", "add"), ("suppress", "erase"), ("consent", "grant"), ("consent", "revoke"),
+])
+def test_a_number_without_its_country_code_says_how_it_was_read(
+    cli: Cli, command: tuple[str, str]
+) -> None:
+    """`2015550123` is read in --region (US unless given): an opt-out recorded for a number of
+    the wrong country would silently miss its recipient, so the command says how it read it.
+    Numbers written with their country code (and emails) are read as written: nothing said."""
+    r = cli(*command, "(201) 555-0123", "+44 20 7946 0018",
+            "ann@example.com")
+    assert r.exit_code == 0, r.err
+    assert r.err.splitlines() == [
+        "read '(201) 555-0123' as +12015550123 (region US; give --region for another country)"
+    ]
+    r = cli(*command, "020 7946 0020", "--region", "GB")
+    assert r.err.splitlines() == [
+        "read '020 7946 0020' as +442079460020 (region GB; give --region for another country)"
+    ]
+
+
 def test_add_bad_address_is_one_line_exit_2_and_adds_nothing(cli: Cli) -> None:
     r = cli("suppress", "add", "+14155550100", "not-a-phone")
     assert r.exit_code == 2

@@ -62,7 +62,7 @@ def _record(
     region: str,
 ) -> None:
     app_ctx = app_context(ctx)
-    items = normalize_all(addresses, channel_value(channel), region)
+    items = normalize_all(addresses, channel_value(channel), region, app_ctx.output)
     now = iso(app_ctx.clock.now())
     try:
         recorded_at = consents.parse_timestamp(at) if at is not None else now

@@ -39,15 +39,22 @@ def channel_value(channel: ChannelChoice | None) -> str | None:
 
 
 def normalize_all(
-    raws: Sequence[str], channel: str | None, region: str
+    raws: Sequence[str], channel: str | None, region: str, output: Output | None = None
 ) -> list[tuple[str, str]]:
-    """Normalise every address or none: the first bad one is a usage error naming it."""
+    """Normalise every address or none: the first bad one is a usage error naming it. A phone
+    number written without its country code is read in ``region``, and ``output`` is told how
+    (an opt-out recorded for another country's number would silently miss its recipient)."""
     items: list[tuple[str, str]] = []
     for raw in raws:
         try:
-            items.append(normalize_for(raw, channel, region))
+            address, kind = normalize_for(raw, channel, region)
         except AddressError as exc:
             raise UsageError(f"address {raw!r}: {exc.detail}{_push_hint(raw, channel)}") from None
+        items.append((address, kind))
+        if output is not None and address.startswith("+") and "@" not in raw \
+                and not raw.strip().lstrip("(").startswith(("+", "00")):
+            output.info(f"read {raw!r} as {address} (region {region}; give --region for "
+                        "another country)")
     return items
 
 
@@ -130,7 +137,7 @@ def add(
 ) -> None:
     """Add addresses to the list. Nothing is added if any address is bad."""
     app_ctx = app_context(ctx)
-    items = normalize_all(addresses, channel_value(channel), region)
+    items = normalize_all(addresses, channel_value(channel), region, app_ctx.output)
     with app_ctx.open_store() as store:
         result = suppressions.add_suppressions(
             store.conn, items, reason, "cli", iso(app_ctx.clock.now())
@@ -233,7 +240,7 @@ def erase(
     store's suppressions, consent records and run journals. Files outside the store (outboxes,
     exports, recipient files) are yours to delete."""
     app_ctx = app_context(ctx)
-    normalised = normalize_all(addresses, channel_value(channel), region)
+    normalised = normalize_all(addresses, channel_value(channel), region, app_ctx.output)
     with app_ctx.open_store() as store:
         for address, _ in normalised:
             done = suppressions.erase_address(
