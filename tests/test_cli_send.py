@@ -501,6 +501,20 @@ def test_the_readme_names_every_option_of_send_and_status_and_the_help_every_exi
     assert "the same refusal ten times in a row" in top
 
 
+def test_the_help_of_send_names_every_exit_code_of_the_readme_table() -> None:
+    """`campaign send --help` lists the exit codes a send can end with: it left out 1, the exit
+    of a broken pipe or a full disk (the README's table has it), so a cron wrapper written from
+    the help took a resumable stop for an unknown failure."""
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("## Exit codes")[1].split("## ")[0]
+    codes = re.findall(r"^\| (\d+) \|", table, flags=re.M)
+    assert codes == ["0", "1", "2", "3", "4", "5", "6", "130"]
+    shown = " ".join(CliRunner().invoke(get_app(), ["send", "--help"]).stdout.split())
+    listed = shown.split("Exit codes:")[1].split("Arguments:")[0]
+    for code in codes:
+        assert re.search(rf"(^|; ){code} ", listed.strip()), (code, listed)
+
+
 def test_the_commands_the_example_campaigns_show_exist() -> None:
     """Each example file's comment shows how to run it: every command it names must be one."""
     import typer.main

@@ -29,9 +29,9 @@ def register(app: typer.Typer) -> None:
         "send",
         help="Send a campaign to its recipient list, or resume the run with the same key.\n\n"
         "Re-running with the same campaign and run key resumes: finished rows are skipped, "
-        "pending rows go on, nobody gets a message twice. Exit codes: 0 done; 2 bad input; "
-        "3 stopped at the spend cap; 4 done with failures; 5 run locked; 6 provider refused "
-        "credentials; 130 interrupted.",
+        "pending rows go on, nobody gets a message twice. Exit codes: 0 done; 1 internal error; "
+        "2 bad input; 3 stopped at the spend cap; 4 done with failures; 5 run locked; "
+        "6 provider refused credentials; 130 interrupted.",
     )(send)
 
 
