@@ -756,6 +756,11 @@ class Runner:
             failed = sum(s.get(State.FAILED.value, 0) + s.get(State.RENDER_FAILED.value, 0)
                          for s in by_channel.values())
             exit_code, status, stopped = self._outcome(failed)
+            if self.options.dry_run:
+                # The journal of a dry run is thrown away: its reasons are said now or never.
+                for channel, detail, n, row in runs.render_failures(store.conn, run.id):
+                    self.warnings.append(f"dry run: {n} {channel} message(s) would fail to "
+                                         f"render (first: row {row}): {detail}")
             if self._abort is not None:
                 error = redact(str(self._abort), self.secrets)
             runs.finish_run(store.conn, run.id, status=status, exit_code=int(exit_code), now=now,

@@ -556,3 +556,21 @@ def test_a_run_finished_before_version_5_shows_with_its_session_keys_blank(
     assert (status["stopped"], status["in_doubt_found"], status["in_doubt_resent"],
             status["counts"]) == (None, 0, 0, {"sent": 2})
     assert query(store_path, "PRAGMA user_version") == [(5,)]
+
+
+def test_a_dry_run_says_why_messages_would_fail_to_render(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    """A dry run is how an operator checks templates before sending. One whose template failed
+    for some recipients exited 4 with `render_failed` counted and no reason anywhere: the exit
+    code's "see `campaign status RUN`" cannot help, a dry run leaves the store untouched."""
+    body = "Hi {{ first_name }}{% if id == 'c2' %}{{ coupon }}{% endif %}, your code is 1234."
+    campaign = make_campaign(people(3), channels={"sms": {"provider": "box", "body": body}})
+    code, out, err = invoke(store_path, "send", str(campaign), "--dry-run")
+    assert code == 4, err
+    assert "'coupon' is undefined" in err
+    assert "row 2" in err and "sms" in err
+    assert not store_path.exists()
+    code, out, err = invoke(store_path, "send", str(campaign), "--dry-run", "--json")
+    assert code == 4 and json.loads(out)["counts"]["render_failed"] == 1
+    assert "'coupon' is undefined" in err

@@ -256,6 +256,20 @@ def last_errors(conn: sqlite3.Connection, run_id: int, limit: int = 5) -> list[d
     ))
 
 
+def render_failures(conn: sqlite3.Connection, run_id: int,
+                    limit: int = 5) -> list[tuple[str, str, int, int]]:
+    """(channel, detail, n, first row) of the run's `render_failed` rows, most frequent first."""
+    return [
+        (c, d or "-", n, r)
+        for c, d, n, r in conn.execute(
+            "SELECT channel, detail, count(*), min(row) FROM messages "
+            "WHERE run_id = ? AND state = 'render_failed' "
+            "GROUP BY 1, 2 ORDER BY 3 DESC, 4 LIMIT ?",
+            (run_id, limit),
+        )
+    ]
+
+
 def attempt_summary(conn: sqlite3.Connection, run_id: int) -> list[dict[str, Any]]:
     """Per provider and outcome: how many attempts, and their mean and worst latency (ms)."""
     return list(sqlite_utils.Database(conn).query(
