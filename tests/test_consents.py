@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import re
 import sqlite3
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 
+import campaign_cli.store.consents as consents_module
 from campaign_cli.addresses import address_hash
 from campaign_cli.errors import InputError
 from campaign_cli.store.consents import (
@@ -160,6 +163,45 @@ def test_record_rejects_bad_values(conn: sqlite3.Connection) -> None:
     ],
 )
 def test_parse_timestamp(text: str, stored: str) -> None:
+    assert parse_timestamp(text) == stored
+
+
+# What Python 3.10's `datetime.fromisoformat` reads (what `isoformat` writes); 3.11 reads most of
+# ISO 8601. The README promises Python 3.10.
+_PY310_ISOFORMAT = re.compile(
+    r"\d{4}-\d{2}-\d{2}(.\d{2}(:\d{2}(:\d{2}(\.\d{3}(\d{3})?)?)?)?"
+    r"([+-]\d{2}:\d{2}(:\d{2}(\.\d{6})?)?)?)?", re.S)
+
+
+class _Python310Datetime(datetime):
+    @classmethod
+    def fromisoformat(cls, date_string: str) -> datetime:
+        if not _PY310_ISOFORMAT.fullmatch(date_string):
+            raise ValueError(f"Invalid isoformat string: {date_string!r}")
+        return datetime.fromisoformat(date_string)
+
+
+@pytest.mark.parametrize("python310", [False, True])
+@pytest.mark.parametrize(
+    ("text", "stored"),
+    [
+        ("2024-01-01T10:00:00.5Z", "2024-01-01T10:00:00.500Z"),
+        ("2024-01-01T10:00:00.12+02:00", "2024-01-01T08:00:00.120Z"),
+        ("2024-01-01T10:00:00.123456789Z", "2024-01-01T10:00:00.123Z"),
+        ("2024-01-01T10:00:00+0200", "2024-01-01T08:00:00.000Z"),
+        ("2024-01-01 10:00:00,25-0130", "2024-01-01T11:30:00.250Z"),
+        ("2024-01-01T10:00+0200", "2024-01-01T08:00:00.000Z"),
+    ],
+)
+def test_parse_timestamp_reads_the_same_on_every_supported_python(
+    text: str, stored: str, python310: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A consent export's times (fractional seconds of any length, an offset without its colon)
+    were read on Python 3.11 and refused on 3.10, whose `fromisoformat` reads only what
+    `isoformat` writes: the same `consent import` or campaign `consent_records` file worked on
+    one and stopped with exit 2 on the other."""
+    if python310:
+        monkeypatch.setattr(consents_module, "datetime", _Python310Datetime)
     assert parse_timestamp(text) == stored
 
 

@@ -15,6 +15,7 @@ so that comparing the text compares the times.
 from __future__ import annotations
 
 import itertools
+import re
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime, timedelta, timezone
@@ -80,7 +81,7 @@ def parse_timestamp(text: str) -> str:
     if value.endswith(("Z", "z")):
         value = value[:-1] + "+00:00"
     try:
-        moment = datetime.fromisoformat(value)
+        moment = datetime.fromisoformat(_extended(value))
     except ValueError:
         raise ValueError(f"not an ISO 8601 date or time: {text!r}") from None
     if moment.tzinfo is None:
@@ -89,6 +90,31 @@ def parse_timestamp(text: str) -> str:
         return iso(moment)
     except OverflowError:  # year 1 east of UTC, year 9999 west of it
         raise ValueError(f"out of range once converted to UTC: {text!r}") from None
+
+
+# Python 3.10's `fromisoformat` reads only what `isoformat` writes (3.11 reads most of ISO 8601):
+# the forms exports commonly have are written the way both read, so that a file of consent
+# evidence reads the same on every supported Python. Fractional seconds of any length (with a
+# full stop or a comma) become six digits; an offset without its colon (+0100) gets one.
+_TIME_PARTS = re.compile(
+    r"(?P<hms>\d{2}:\d{2}:\d{2})(?:[.,](?P<fraction>\d+))?"
+    r"|(?P<sign>[+-])(?P<hours>\d{2})(?P<minutes>\d{2})$"
+)
+
+
+def _extended(value: str) -> str:
+    date, sep, time = value[:10], value[10:11], value[11:]
+    if not sep or not time:
+        return value
+
+    def written(found: re.Match[str]) -> str:
+        if found["sign"]:
+            return f"{found['sign']}{found['hours']}:{found['minutes']}"
+        if found["fraction"] is None:
+            return found["hms"]
+        return f"{found['hms']}.{(found['fraction'] + '00000')[:6]}"
+
+    return date + sep + _TIME_PARTS.sub(written, time)
 
 
 def _check_not_future(recorded_at: str, now: str) -> None:
