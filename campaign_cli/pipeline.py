@@ -630,6 +630,14 @@ class Runner:
                     f"{from_micros(kept)} {run.currency} from an earlier "
                     "session (give --max-spend to change it)"
                 )
+            had = before.max_spend_micros if before is not None else None
+            if (resumed and had is not None and kept is not None and kept < had
+                    and self.options.max_spend is None):
+                self.warnings.append(
+                    f"run {run.name}: its spend cap of {from_micros(had)} {run.currency} from "
+                    f"an earlier session is lowered to the campaign file's "
+                    f"{from_micros(kept)} (give --max-spend {from_micros(had)} to keep it)"
+                )
             runs.mark_in_doubt(store.conn, run.id, now)
             if self.options.retry_failed:
                 self.retried = runs.reopen_transient_failures(store.conn, run.id, now)

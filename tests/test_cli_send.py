@@ -116,6 +116,17 @@ def test_the_status_list_does_not_count_in_doubt_rows_as_failed_too(
                      strict=True))
     assert (cells["sent"], cells["failed"], cells["in doubt"]) == ("1", "1", "1"), cells
 
+    # Killed mid-send: the row it was sending is in doubt (so the columns add up to the rows).
+    with sqlite3.connect(store_path) as conn:
+        conn.execute("UPDATE messages SET state = 'sending' WHERE row = 3")
+        conn.execute("UPDATE runs SET status = 'running'")
+    out = invoke(store_path, "status")[1]
+    row = next(line for line in out.splitlines() if "test-campaign/r1" in line)
+    cells = dict(zip([c.strip() for c in header.split("┃")], [c.strip() for c in row.split("│")],
+                     strict=True))
+    assert (cells["status"], cells["sent"], cells["failed"], cells["in doubt"]) == (
+        "running (stopped: no process)", "0", "1", "2"), cells
+
 
 @pytest.mark.parametrize(
     ("yaml_text", "expected"),

@@ -318,6 +318,23 @@ def test_the_same_refusal_ten_times_in_a_row_stops_the_run_before_the_list_burns
     assert len(fixed.accepted) == 50
 
 
+def test_a_resume_that_lowers_the_run_s_cap_to_the_file_s_says_so(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    """The first session was given --max-spend 20; the file says 0.05. A resume without the
+    option keeps the smaller (the file's): it never lifts a cap, but it lowered the run's
+    silently, and an operator expecting 20 found the run stopped at 0.05 with no word why."""
+    campaign = make_campaign(people(12), limits={"max_spend": "0.05"})
+    first = send(campaign, store_path, FakeProvider(), run_key="k", max_spend=Decimal("20"),
+                 limit=2)
+    assert first.exit_code == ExitCode.OK
+    again = send(campaign, store_path, FakeProvider(), run_key="k")
+    assert again.exit_code == ExitCode.SPEND_CAP and again.max_spend_micros == 50_000
+    assert any("its spend cap of 20 USD from an earlier session is lowered to the campaign "
+               "file's 0.05 (give --max-spend 20 to keep it)" in w for w in again.warnings), \
+        again.warnings
+
+
 def test_refusals_of_recipients_or_interrupted_by_a_success_do_not_stop_the_run(
     make_campaign: CampaignFactory, store_path: Path
 ) -> None:

@@ -56,8 +56,8 @@ def status(
                 ["id", "run", "status", "rows", "sent", "skipped", "failed", "in doubt",
                  "pending", "spend", "started", "finished"],
                 [[r.run_id, r.run_name, _shown_status(app.store_path, r), r.total_rows, r.sent,
-                  r.skipped, r.definitely_failed,
-                  r.counts.get("in_doubt", 0), r.counts.get("pending", 0),
+                  r.skipped, r.definitely_failed, _in_doubt(app.store_path, r),
+                  r.counts.get("pending", 0),
                   f"{from_micros(r.spend_micros)} {r.currency}", r.started_at or "",
                   r.finished_at or ""] for r in reports],
             )
@@ -116,6 +116,15 @@ def _holder(store_path: Path, report: RunReport) -> str | None:
     if report.status != "running":
         return None
     return runs.RunLock.holder(store_path, report.campaign, report.run_key)
+
+
+def _in_doubt(store_path: Path, report: RunReport) -> int:
+    """In doubt, and rows left `sending` by a process that is gone (killed: they become
+    `in_doubt` when the run resumes), so that the columns add up to the rows."""
+    left = report.counts.get("sending", 0)
+    if left and _holder(store_path, report) is not None:
+        left = 0  # a live process is sending them now
+    return report.counts.get("in_doubt", 0) + left
 
 
 def _shown_status(store_path: Path, report: RunReport) -> str:
