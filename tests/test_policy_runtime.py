@@ -107,12 +107,13 @@ def one_slot(make_campaign: CampaignFactory, recipients: int) -> Path:
     )
 
 
-def test_an_opt_out_while_a_batch_waits_for_the_providers_slot_is_honoured(
-    make_campaign: CampaignFactory, store_path: Path
-) -> None:
-    """The same for a batch: its intents are committed, it waits for the slot the first batch
-    holds, an opt-out for one of its rows is polled meanwhile: that row must not go."""
-    ticks = Ticks()
+def first_batch_holds_the_slot(
+    store: Path, ticks: Ticks, opt_out: Callable[[list[int]], None], take: int | None = None
+) -> tuple[FakeBatchProvider, set[int]]:
+    """A batch provider whose first batch, holding the only slot, waits until another batch has
+    committed its intents, opts out (the first ``take`` of) those rows, and waits for two polls.
+    Batches of at most 5: the first cannot take all 20 rows, whatever the source queued before
+    the first worker ran (with 64, one run in ten had no second batch to wait, and failed)."""
     late: set[int] = set()
 
     class Slow(FakeBatchProvider):
@@ -121,16 +122,27 @@ def test_an_opt_out_while_a_batch_waits_for_the_providers_slot_is_honoured(
         ) -> list[SendResult | ProviderError]:
             if not self.batches:
                 mine = {m.row for m in messages}
-                await until(lambda: bool(sending_rows(store_path) - mine))
-                late.update(sending_rows(store_path) - mine)
-                for row in late:
-                    suppress(store_path, phone(row))
+                await until(lambda: bool(sending_rows(store) - mine))
+                late.update(sorted(sending_rows(store) - mine)[:take])
+                opt_out(sorted(late))
                 await ticks.two_more()
             return await super().send_batch(messages)
 
-    # Batches of at most 5: the first cannot take all 20 rows, whatever the source queued before
-    # the first worker ran (with 64, one run in ten had no second batch to wait, and failed).
-    provider = Slow(batch_size=5)
+    return Slow(batch_size=5), late
+
+
+def test_an_opt_out_while_a_batch_waits_for_the_providers_slot_is_honoured(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    """The same for a batch: its intents are committed, it waits for the slot the first batch
+    holds, an opt-out for one of its rows is polled meanwhile: that row must not go."""
+    ticks = Ticks()
+
+    def opt_out(rows: list[int]) -> None:
+        for row in rows:
+            suppress(store_path, phone(row))
+
+    provider, late = first_batch_holds_the_slot(store_path, ticks, opt_out)
     run(one_slot(make_campaign, 20), store_path, provider, ticks, chunk_size=5)
     assert late
     assert not late & {m.row for m in provider.accepted}
@@ -395,27 +407,24 @@ def test_opt_outs_past_the_limit_are_honoured_by_a_batch_waiting_for_its_slot(
     opt-outs than the run holds covers some of its rows. They do not go."""
     monkeypatch.setattr(policy_module, "LATE_LIMIT", 2)
     ticks = Ticks()
-    late: set[int] = set()
-
-    class Slow(FakeBatchProvider):
-        async def send_batch(
-            self, messages: Sequence[OutboundMessage]
-        ) -> list[SendResult | ProviderError]:
-            if not self.batches:
-                mine = {m.row for m in messages}
-                await until(lambda: bool(sending_rows(store_path) - mine))
-                late.update(sorted(sending_rows(store_path) - mine)[:2])
-                opt_outs(store_path, [*late, 101, 102, 103])
-                await ticks.two_more()
-            return await super().send_batch(messages)
-
-    provider = Slow(batch_size=5)
+    provider, late = first_batch_holds_the_slot(
+        store_path, ticks, lambda rows: opt_outs(store_path, [*rows, 101, 102, 103]), take=2)
     run(one_slot(make_campaign, 20), store_path, provider, ticks, chunk_size=5)
     assert len(late) == 2
     assert not late & {m.row for m in provider.accepted}
     final = states(store_path)
     assert {final[row] for row in late} == {"suppressed"}
     assert len(provider.accepted) == 18
+
+
+def store_cannot_answer_past_a_limit_of_two(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The policy holds 2 late opt-outs; past them, asking the store fails."""
+    monkeypatch.setattr(policy_module, "LATE_LIMIT", 2)
+
+    def broken(self: Policy, channel: str, hashes: Sequence[str]) -> Any:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(Policy, "refused_in_store", broken)
 
 
 def test_a_store_that_cannot_answer_the_opt_out_check_leaves_the_message_pending(
@@ -425,12 +434,7 @@ def test_a_store_that_cannot_answer_the_opt_out_check_leaves_the_message_pending
     When it cannot answer, opt-outs can no longer be honoured and the run stops (exit 1), as
     when the poll fails; the message that was asked about never left: it is `pending` for the
     resume, not `in_doubt` (which a marketing campaign would never send again)."""
-    monkeypatch.setattr(policy_module, "LATE_LIMIT", 2)
-
-    def broken(self: Policy, channel: str, hashes: Sequence[str]) -> Any:
-        raise sqlite3.OperationalError("disk I/O error")
-
-    monkeypatch.setattr(Policy, "refused_in_store", broken)
+    store_cannot_answer_past_a_limit_of_two(monkeypatch)
     ticks = Ticks()
 
     class Slow(FakeProvider):
@@ -454,12 +458,7 @@ def test_a_store_that_cannot_answer_for_a_batch_leaves_its_messages_pending(
 ) -> None:
     """The batch path: the store check for a batch whose intents are committed fails. None of
     them left: pending, not in doubt."""
-    monkeypatch.setattr(policy_module, "LATE_LIMIT", 2)
-
-    def broken(self: Policy, channel: str, hashes: Sequence[str]) -> Any:
-        raise sqlite3.OperationalError("disk I/O error")
-
-    monkeypatch.setattr(Policy, "refused_in_store", broken)
+    store_cannot_answer_past_a_limit_of_two(monkeypatch)
     ticks = Ticks()
 
     class Slow(FakeBatchProvider):

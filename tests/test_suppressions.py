@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import sqlite3
@@ -290,6 +291,20 @@ def test_export_import_round_trip(conn: sqlite3.Connection, tmp_path: Path) -> N
         other.close()
 
 
+@contextlib.contextmanager
+def exported_and_imported(conn: sqlite3.Connection, tmp_path: Path) -> Iterator[sqlite3.Connection]:
+    """The store's list exported, then imported into a new store: one entry added, none bad."""
+    path = tmp_path / "export.csv"
+    export_csv(conn, path)
+    other = Store.open(tmp_path / "other.db")
+    try:
+        result = import_csv(other.conn, path, None, "import", None, "US", NOW)
+        assert (result.added, result.invalid) == (1, [])
+        yield other.conn
+    finally:
+        other.close()
+
+
 def test_an_address_starting_with_an_apostrophe_round_trips(
     conn: sqlite3.Connection, tmp_path: Path
 ) -> None:
@@ -299,31 +314,17 @@ def test_an_address_starting_with_an_apostrophe_round_trips(
     odd = normalize_email("'=ann@example.com")
     assert odd == "'=ann@example.com"
     add_suppressions(conn, [(odd, "email")], "'+1 reason", "cli", NOW)
-    path = tmp_path / "export.csv"
-    export_csv(conn, path)
-    other = Store.open(tmp_path / "other.db")
-    try:
-        result = import_csv(other.conn, path, None, "import", None, "US", NOW)
-        assert (result.added, result.invalid) == (1, [])
-        got = [(e["address"], e["reason"]) for e in list_suppressions(other.conn)]
+    with exported_and_imported(conn, tmp_path) as other:
+        got = [(e["address"], e["reason"]) for e in list_suppressions(other)]
         assert got == [(odd, "'+1 reason")]
-        assert suppressed_among(other.conn, [address_hash(odd)], "email")
-    finally:
-        other.close()
+        assert suppressed_among(other, [address_hash(odd)], "email")
 
 
 def test_erased_entry_round_trips_by_hash(conn: sqlite3.Connection, tmp_path: Path) -> None:
     add(conn, PHONE)
     conn.execute("UPDATE suppressions SET address = NULL")
-    path = tmp_path / "export.csv"
-    export_csv(conn, path)
-    other = Store.open(tmp_path / "other.db")
-    try:
-        result = import_csv(other.conn, path, None, "import", None, "US", NOW)
-        assert (result.added, result.invalid) == (1, [])
-        assert suppressed_among(other.conn, [PHONE_HASH], "sms") == {PHONE_HASH}
-    finally:
-        other.close()
+    with exported_and_imported(conn, tmp_path) as other:
+        assert suppressed_among(other, [PHONE_HASH], "sms") == {PHONE_HASH}
 
 
 def test_unreadable_file_adds_nothing(conn: sqlite3.Connection, tmp_path: Path) -> None:
