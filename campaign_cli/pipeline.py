@@ -1903,9 +1903,12 @@ def _refuse_unread_lines(path: Path, result: suppression_store.ImportResult) -> 
     field, _, message = reason.partition(": ")
     others = result.invalid_total - 1
     more = f" (and {others} more such lines)" if others > 0 else ""
+    text = message or reason
+    if repr(value) not in text:  # (an address's own complaint names it already)
+        text += f" ({value!r})"
     raise InputError(str(path), line, field or None,
-                     f"{message or reason} ({value!r}){more}: a campaign's opt-out and consent "
-                     "lists are read whole; fix or remove the line")
+                     f"{text}{more}: a campaign's opt-out and consent lists are read whole; fix "
+                     "or remove the line")
 
 
 def _outcome_of(exc: ProviderError) -> str:

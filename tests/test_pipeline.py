@@ -395,7 +395,9 @@ def test_suppressed_and_unconsented_recipients_are_refused(
     ("optout", "consent", "expected"),
     [
         ("address,channel\nnot-a-number,sms\n+12012000002,bogus\n", None,
-         r"optout.csv:2: address: not a phone number: .* \(and 1 more such lines\): a campaign's "
+         r"optout.csv:2: address: not a phone number: 'not-a-number' \(\(1\) The string "
+         r"supplied did not seem to be a phone number.\) \(and 1 more such lines\): "
+         r"a campaign's "
          r"opt-out and consent lists are read whole; fix or remove the line"),
         ("address,channel\n+12012000002,bogus\n", None,
          r"optout.csv:2: channel: unknown channel 'bogus' \('\+12012000002'\)"),
