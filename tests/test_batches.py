@@ -30,9 +30,10 @@ from campaign_cli.errors import (
     ProviderAuthError,
     TransientError,
 )
-from campaign_cli.models import Channel, OutboundMessage, SmsContent
+from campaign_cli.models import Channel, OutboundMessage, SmsContent, WebhookContent
 from campaign_cli.pipeline import RunReport, SendOptions, StopController, run_campaign
 from campaign_cli.providers import console, outbox
+from campaign_cli.providers.webhook import WebhookAdapter
 from campaign_cli.testing import FakeBatchProvider, FakeClock, FakeProvider, fake_registry
 from tests.conftest import CampaignFactory, journal, people, phone
 
@@ -387,6 +388,22 @@ def test_a_console_sms_line_is_what_the_json_encoder_writes(
     assert console._line(message) == json.dumps(
         outbox._payload(message), ensure_ascii=False) + "\n"
     assert console._ascii_line(message) == json.dumps(outbox._payload(message)) + "\n"
+
+
+@pytest.mark.parametrize("json_template", [True, False])
+def test_a_webhook_message_in_the_outbox_and_on_the_console_shows_what_the_webhook_sends(
+    json_template: bool,
+) -> None:
+    """A preview through `outbox` or `console` carries the body the `webhook` provider would
+    post: a JSON template's object as `data` (it showed only the text), plain text as `text`."""
+    text = '{"order": 12, "items": ["a"]}' if json_template else "New order 12"
+    message = OutboundMessage(1, 1, Channel.WEBHOOK, "c1", "https://hooks.example.com/x", "k",
+                              WebhookContent(text, json=json_template), "h")
+    sent = json.loads(WebhookAdapter("https://hooks.example.com/x", FakeClock()).body(message))
+    for shown in (outbox._payload(message), json.loads(console._line(message))):
+        assert {k: shown[k] for k in ("data", "text") if k in sent} == {
+            k: sent[k] for k in ("data", "text") if k in sent}
+        assert shown["text"] == text
 
 
 @pytest.mark.parametrize("rate", [None, "1000/s"])  # batches, and one message at a time

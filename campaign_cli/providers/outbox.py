@@ -111,6 +111,8 @@ def _payload(message: OutboundMessage) -> dict[str, Any]:
         base.update(title=content.title, body=content.body, data=dict(content.data))
     elif isinstance(content, WebhookContent):
         base.update(text=content.text)
+        if content.json:  # what the `webhook` provider would send: the object, as `data`
+            base.update(data=json.loads(content.text))
     return base
 
 
