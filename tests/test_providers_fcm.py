@@ -433,6 +433,16 @@ def test_error_mapping(answer: httpx.Response, kind: type[ProviderError], code: 
         assert exc.action == action
 
 
+def test_an_answer_nested_deeper_than_the_json_parser_goes_is_read_as_unparsable() -> None:
+    """json.loads raises RecursionError, not ValueError, on a body nested some thousands deep:
+    a push FCM had accepted (200) then crashed its provider, which the pipeline journals in
+    doubt before it stops the whole run (exit 1)."""
+    fake = FakeGoogle(fcm_answers=[httpx.Response(200, text="[" * 100_000),
+                                   httpx.Response(503, text='{"error":' * 100_000)])
+    assert run(static(fake), message()) == [SendResult(status_code=200)]
+    assert type(failure(static(fake))) is TransientError
+
+
 def test_quota_exceeded_is_rate_limited_with_retry_after() -> None:
     fake = FakeGoogle(fcm_answers=[fcm_error(
         429, "RESOURCE_EXHAUSTED", "Quota exceeded", "QUOTA_EXCEEDED", headers={"Retry-After": "7"})])

@@ -269,6 +269,14 @@ def test_error_mapping(answer: httpx.Response, kind: type[Exception], text: str)
     assert KEY not in str(exc)
 
 
+def test_an_answer_nested_deeper_than_the_json_parser_goes_is_read_as_unparsable() -> None:
+    """json.loads raises RecursionError, not ValueError, on a body nested some thousands deep:
+    a definite refusal then crashed the provider (the pipeline journals that in doubt and stops
+    the run, exit 1)."""
+    exc = failure(Recorder(httpx.Response(400, text='{"errors":' * 100_000)))
+    assert type(exc) is PermanentError and exc.text == "Bad Request"
+
+
 def test_too_many_requests_retry_after_seconds() -> None:
     exc = failure(Recorder(errors(429, "too many requests", headers={"Retry-After": "3"})))
     assert type(exc) is RateLimitedError and exc.retry_after == 3.0

@@ -266,6 +266,16 @@ def test_webhook_accepts_2xx_and_reads_an_id() -> None:
     assert second == SendResult(status_code=204)
 
 
+def test_webhook_answer_nested_deeper_than_the_json_parser_goes_is_accepted_without_an_id(
+) -> None:
+    """A recipient's own endpoint (any server at all) answered 200 with brackets nested some
+    thousands deep: json.loads raises RecursionError, not ValueError, and the delivered message
+    crashed its provider, which the pipeline journals in doubt before it stops the whole run
+    (exit 1)."""
+    [result] = run(webhook(Recorder(httpx.Response(200, text="[" * 100_000))), message())
+    assert result == SendResult(status_code=200)
+
+
 def test_webhook_409_means_already_delivered() -> None:
     [result] = run(webhook(Recorder(httpx.Response(409, text="duplicate key"))), message())
     assert result.status_code == 409

@@ -262,6 +262,17 @@ def test_error_mapping(answer: httpx.Response, kind: type[Exception], code: str 
     assert TOKEN not in str(exc)
 
 
+def test_an_answer_nested_deeper_than_the_json_parser_goes_is_read_as_unparsable() -> None:
+    """json.loads raises RecursionError, not ValueError, on a body nested some thousands deep:
+    a message Twilio had accepted (201) then crashed its provider, which the pipeline journals
+    in doubt before it stops the whole run (exit 1)."""
+    nested = "[" * 100_000
+    assert send(provider(Recorder(httpx.Response(201, text=nested))), sms()) == SendResult(
+        status_code=201)
+    exc = failure(Recorder(httpx.Response(400, text='{"code":' * 100_000)))
+    assert type(exc) is PermanentError and exc.status == 400
+
+
 def test_error_text_is_twilios_message() -> None:
     exc = failure(Recorder(error(400, 21610, "Attempt to send to unsubscribed recipient")))
     assert isinstance(exc, PermanentError)

@@ -327,7 +327,7 @@ def _details(details: Any) -> tuple[str | None, set[str]]:
 def _json_object(response: httpx.Response) -> dict[str, Any]:
     try:
         data = json.loads(response.content)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: a body nested thousands deep
         return {}
     return data if isinstance(data, dict) else {}
 

@@ -199,7 +199,7 @@ def _first_error(response: httpx.Response) -> tuple[str, str | None]:
     fallback = response.reason_phrase or f"HTTP {response.status_code}"
     try:
         data = json.loads(response.content) if response.content else None
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: a body nested thousands deep
         return fallback, None
     errors = data.get("errors") if isinstance(data, dict) else None
     if isinstance(errors, list) and errors and isinstance(errors[0], dict):

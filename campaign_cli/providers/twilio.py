@@ -168,7 +168,7 @@ class TwilioProvider(HttpProvider):
 def _json(response: httpx.Response) -> dict[str, Any]:
     try:
         data = json.loads(response.content) if response.content else {}
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: a body nested thousands deep
         return {}
     return data if isinstance(data, dict) else {}
 

@@ -209,7 +209,7 @@ def _answer_id(response: httpx.Response) -> str | None:
         return None
     try:
         data = json.loads(response.content)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: a body nested thousands deep
         return None
     value = data.get("id") if isinstance(data, dict) else None
     return str(value) if isinstance(value, (str, int)) and not isinstance(value, bool) else None
