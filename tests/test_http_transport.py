@@ -205,6 +205,28 @@ def test_compressed_answer_is_decoded_by_httpx(where: str) -> None:
     run(scenario())
 
 
+@pytest.mark.parametrize("status", [201, 400, 503])
+def test_an_answer_whose_body_cannot_be_decoded_still_gives_its_status(where: str,
+                                                                      status: int) -> None:
+    """A server (a recipient's own webhook endpoint, a proxy) that labels a plain body
+    ``Content-Encoding: gzip``: httpx's DecodingError escaped the transport, and the provider
+    took it for a failure after the request was written: a 201 that accepted the message was
+    in doubt (a 400 too, though definitely refused). The status line came whole: it decides,
+    and the body is kept as it came (unparsable, as the adapters already allow)."""
+
+    async def scenario() -> None:
+        async with sink() as s, client(where) as c:
+            s.status = status
+            s.headers = [("Content-Type", "application/json"), ("Content-Encoding", "gzip")]
+            response = await c.send(post(s.url))
+            assert response.status_code == status
+            assert response.content == b'{"sid": "SM1"}'
+            s.headers = [("Content-Type", "application/json")]
+            assert (await c.send(post(s.url))).status_code == status  # the client goes on
+
+    run(scenario())
+
+
 @pytest.mark.parametrize("length", [True, False])
 def test_an_answer_body_is_kept_only_up_to_a_mebibyte(where: str, length: bool) -> None:
     """A webhook recipient's endpoint (or anything between) may answer with a huge body; only
