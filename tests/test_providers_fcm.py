@@ -419,6 +419,10 @@ TOKEN_INVALID = "The registration token is not a valid FCM registration token"
     (fcm_error(500, "INTERNAL", "Internal error encountered.", "INTERNAL"),
      TransientError, "INTERNAL", None),
     (httpx.Response(502, text="<html>Bad Gateway</html>"), TransientError, "http_502", None),
+    # google.rpc DEADLINE_EXCEEDED: "may be returned even if the operation has completed".
+    (fcm_error(504, "DEADLINE_EXCEEDED", "Deadline expired before operation could complete."),
+     InDoubtError, "DEADLINE_EXCEEDED", None),
+    (httpx.Response(504, text="<html>Gateway Timeout</html>"), InDoubtError, "http_504", None),
     (httpx.Response(302, headers={"location": "https://elsewhere.test/"}),
      PermanentError, "http_302", None),
 ])

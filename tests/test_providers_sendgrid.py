@@ -258,6 +258,8 @@ def test_only_email() -> None:
         (errors(500, "internal error"), TransientError, "internal error"),
         (httpx.Response(502, text="<html>bad gateway</html>"), TransientError, "Bad Gateway"),
         (httpx.Response(503), TransientError, "Service Unavailable"),
+        # A gateway that waited in vain for SendGrid, which may have queued the mail.
+        (httpx.Response(504), InDoubtError, "Gateway Timeout"),
     ],
 )
 def test_error_mapping(answer: httpx.Response, kind: type[Exception], text: str) -> None:

@@ -108,6 +108,8 @@ def test_slack_base_url_replaces_the_origin_and_keeps_the_secret_path() -> None:
     (400, "no_service", ProviderAuthError, "no_service"),
     (500, "", TransientError, "http_500"),
     (503, "<html>Service Unavailable</html>", TransientError, "http_503"),
+    # A gateway that waited in vain for Slack, which may have posted it meanwhile.
+    (504, "<html>Gateway Time-out</html>", InDoubtError, "http_504"),
 ])
 def test_slack_error_mapping(status: int, body: str, kind: type[ProviderError], code: str) -> None:
     exc = failure(slack(Recorder(httpx.Response(status, text=body))))
@@ -284,7 +286,7 @@ def test_webhook_409_means_already_delivered() -> None:
 
 @pytest.mark.parametrize("status, kind", [
     (408, TransientError), (425, TransientError), (500, TransientError), (502, TransientError),
-    (503, TransientError), (400, PermanentError), (404, PermanentError), (410, PermanentError),
+    (503, TransientError), (504, InDoubtError), (400, PermanentError), (404, PermanentError), (410, PermanentError),
     (422, PermanentError), (401, ProviderAuthError), (403, ProviderAuthError),
     (301, PermanentError),
 ])

@@ -249,6 +249,8 @@ def test_exactly_one_sender() -> None:
         (httpx.Response(502, text="<html>Bad Gateway</html>"), TransientError, None, None),
         (httpx.Response(503), TransientError, None, None),
         (error(408, None, "Request Timeout"), TransientError, None, None),
+        # A gateway that waited in vain for Twilio, which may have created the message.
+        (httpx.Response(504, text="<html>Gateway Time-out</html>"), InDoubtError, None, None),
     ],
 )
 def test_error_mapping(answer: httpx.Response, kind: type[Exception], code: str | None,

@@ -24,6 +24,7 @@ Errors (``{"error": {"code", "message", "status", "details": [{"@type": ...FcmEr
                                                   else a plain PermanentError (the message is bad)
     QUOTA_EXCEEDED (429)                          RateLimitedError (Retry-After)
     UNAVAILABLE (503), INTERNAL (500), 408, 5xx   TransientError (Retry-After)
+    DEADLINE_EXCEEDED, 504                        InDoubtError: FCM may have taken it
     THIRD_PARTY_AUTH_ERROR, 401, 403              ProviderAuthError: the run stops
     404 without an FCM error code                 ProviderAuthError: wrong project_id or base_url
 """

@@ -73,6 +73,13 @@ def retry_after(headers: Mapping[str, str], now: datetime | None = None) -> floa
     return max(0.0, (when - now).total_seconds())
 
 
+#: 504 Gateway Timeout: a gateway passed the request on and gave up waiting for the answer
+#: (RFC 9110 15.6.5; Google's DEADLINE_EXCEEDED, which "may be returned even if the operation
+#: has completed successfully"). The provider may have taken the message, as after a read
+#: timeout of our own: in doubt, never retried blindly nor moved to another provider.
+GATEWAY_TIMEOUT = 504
+
+
 def raise_for_generic_status(
     response: httpx.Response, code: str | None, text: str, *, now: datetime | None = None
 ) -> None:
@@ -84,6 +91,8 @@ def raise_for_generic_status(
     if status == 429:
         raise RateLimitedError(text, code=code, status=status,
                                retry_after=retry_after(response.headers, now))
+    if status == GATEWAY_TIMEOUT:
+        raise InDoubtError(text, code=code, status=status)
     if status == 408 or status >= 500:
         raise TransientError(text, code=code, status=status,
                              retry_after=retry_after(response.headers, now))

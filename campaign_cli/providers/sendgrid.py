@@ -12,6 +12,7 @@ Answers:
     401, 403                ProviderAuthError: abort the run
     429                     RateLimitedError(retry_after from Retry-After or X-RateLimit-Reset)
     408, 5xx                TransientError
+    504                     InDoubtError: a gateway gave up waiting; SendGrid may have it
 """
 
 from __future__ import annotations

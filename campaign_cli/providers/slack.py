@@ -8,7 +8,8 @@ Answers (plain text, PROVIDERS.md section 3): 200 ``ok`` accepted; 429 rate limi
 (``Retry-After`` in seconds; Slack allows about one message a second per webhook); 400
 ``invalid_payload`` and other 4xx permanent for that message; 403 ``action_prohibited``, 404
 ``channel_not_found``, 410 ``channel_is_archived``, ``no_service`` (the URL was revoked) and the
-like stop the run: every later message would meet the same refusal; 408 and 5xx transient.
+like stop the run: every later message would meet the same refusal; 408 and 5xx transient,
+but 504 in doubt (a gateway gave up waiting for Slack, which may have posted it).
 Slack cannot deduplicate: a resend posts again.
 """
 
@@ -22,6 +23,7 @@ import httpx
 from campaign_cli.clock import Clock
 from campaign_cli.config import SlackProviderConfig
 from campaign_cli.errors import (
+    InDoubtError,
     PermanentError,
     ProviderAuthError,
     ProviderError,
@@ -30,7 +32,7 @@ from campaign_cli.errors import (
 )
 from campaign_cli.models import Channel, OutboundMessage, SendResult, WebhookContent
 from campaign_cli.providers.base import ProviderContext
-from campaign_cli.providers.http import HttpProvider, client_for, retry_after
+from campaign_cli.providers.http import GATEWAY_TIMEOUT, HttpProvider, client_for, retry_after
 from campaign_cli.providers.webhook import redact_error, with_origin
 
 #: Slack takes about one message a second per webhook: a few connections are plenty.
@@ -81,6 +83,8 @@ class SlackAdapter:
         if word in CONFIG_ERRORS or status in (401, 403, 404, 410):
             raise ProviderAuthError(f"{text}: the webhook URL is revoked or its channel gone",
                                     code=code, status=status)
+        if status == GATEWAY_TIMEOUT:
+            raise InDoubtError(text, code=code, status=status)
         if status == 408 or status >= 500:
             raise TransientError(text, code=code, status=status,
                                  retry_after=retry_after(response.headers, now))

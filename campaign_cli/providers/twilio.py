@@ -14,6 +14,7 @@ Answers, from PROVIDERS.md's table:
     20429, HTTP 429         RateLimitedError(retry_after from Retry-After)
     21611                   RateLimitedError: the sender's queue is full; retry after a minute
     408, 5xx                TransientError
+    504                     InDoubtError: a gateway gave up waiting; Twilio may have it
     other 4xx               PermanentError (401/403 without a Twilio code: ProviderAuthError)
 """
 

@@ -25,7 +25,8 @@ timestamp, a full stop and the exact bytes of the body, compares it in constant 
 timestamps older than a few minutes (replay). `verify_signature` does exactly that.
 
 Answers: 2xx accepted; 409 accepted too (the receiver already has this idempotency key: a
-deduplicated resend); 408, 425, 429 and 5xx transient (``Retry-After`` honoured); 401 and 403 from
+deduplicated resend); 408, 425, 429 and 5xx transient (``Retry-After`` honoured), but 504 in
+doubt (a gateway gave up waiting for the receiver, which may have it); 401 and 403 from
 the provider's own ``url`` stop the run (our secret or headers are refused), while from a
 recipient's own URL they fail that message only; other 4xx permanent. URLs never appear in
 error texts: they may carry secrets.
@@ -45,6 +46,7 @@ import httpx
 from campaign_cli.clock import Clock
 from campaign_cli.config import WebhookProviderConfig
 from campaign_cli.errors import (
+    InDoubtError,
     PermanentError,
     ProviderAuthError,
     ProviderError,
@@ -54,6 +56,7 @@ from campaign_cli.errors import (
 from campaign_cli.models import Channel, OutboundMessage, SendResult, WebhookContent
 from campaign_cli.providers.base import ProviderContext
 from campaign_cli.providers.http import (
+    GATEWAY_TIMEOUT,
     HttpProvider,
     client_for,
     retry_after,
@@ -195,6 +198,8 @@ class WebhookAdapter:
         if status == 429:
             raise RateLimitedError(text, code=code, status=status,
                                    retry_after=retry_after(response.headers, self._clock.now()))
+        if status == GATEWAY_TIMEOUT:
+            raise InDoubtError(text, code=code, status=status)
         if status in (408, 425) or status >= 500:
             raise TransientError(text, code=code, status=status,
                                  retry_after=retry_after(response.headers, self._clock.now()))
