@@ -595,7 +595,7 @@ def load_campaign(path: Path | str, env: Mapping[str, str] | None = None) -> Loa
         ) from None
     try:
         node = yaml.compose(text, Loader=_DepthLimitedLoader)  # first: safe_load recurses too
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_SafeLoader)  # noqa: S506 - a SafeLoader
     except yaml.MarkedYAMLError as exc:
         line = exc.problem_mark.line + 1 if exc.problem_mark else None
         raise ConfigError(shown, line, None, f"not valid YAML: {exc.problem}") from None
@@ -673,6 +673,23 @@ class _DepthLimitedLoader(yaml.SafeLoader):
             return super().compose_node(parent, index)
         finally:
             self._depth -= 1
+
+
+class _SafeLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader`, but a value its explicit tag cannot read (``!!int x``,
+    ``!!timestamp 2020-13-45``) is a YAML error at its line: PyYAML's constructors raise
+    ValueError, KeyError or AttributeError for those."""
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except yaml.YAMLError:
+            raise
+        except (ValueError, KeyError, AttributeError, TypeError, OverflowError):
+            tag = str(node.tag).replace("tag:yaml.org,2002:", "!!")
+            raise yaml.constructor.ConstructorError(
+                None, None, f"this value is not a valid {tag}", node.start_mark
+            ) from None
 
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"

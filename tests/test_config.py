@@ -849,3 +849,20 @@ def test_a_rate_that_is_a_bare_number_in_a_string_is_per_second(
     loaded = load_campaign(write(project, edit("rate: 5/s", f"rate: {written}")), env)
     assert loaded.campaign.providers["p"].rate == pytest.approx(per_second)
     assert not loaded.secrets
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["!!int x", "!!int 0b2", "!!float x", "!!bool maybe", "!!timestamp 2020-13-45",
+     "!!timestamp soon"],
+)
+def test_a_yaml_tag_that_does_not_fit_its_value_is_an_input_error(
+    project: Path, value: str
+) -> None:
+    # PyYAML's constructors raised ValueError, KeyError or AttributeError for these: exit 1,
+    # "internal error ... a bug", instead of the line of the value.
+    path = write(project, BASE + "vars:\n  a: 1\n  b: " + value + "\n")
+    err = error_of(path)
+    assert_error(err, path, 24, None)
+    assert err.message.startswith("not valid YAML: ")
+    assert value.split()[0] in err.message
