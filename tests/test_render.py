@@ -750,6 +750,26 @@ def test_syntax_error_on_a_given_line(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "{{ " + "(" * 300 + "1" + ")" * 300 + " }}",  # RecursionError in Jinja's parser
+        "{% if x %}" * 120 + "y" + "{% endif %}" * 120,  # IndentationError from Python
+        "{{ 2 ** 20000 }}",  # folded at compile time: ValueError (too many digits for repr)
+    ],
+    ids=["deep expression", "deep blocks", "huge constant"],
+)
+def test_a_template_jinja_cannot_compile_is_a_config_error(tmp_path: Path, text: str) -> None:
+    # Not TemplateSyntaxError, so they escaped as "internal error ... (a bug)", exit 1.
+    c = campaign(tmp_path, {"sms": {"template": "s.txt"}}, files={"s.txt": text})
+    with pytest.raises(ConfigError) as info:
+        Renderer.compile(c, SECRET)
+    assert (info.value.file, info.value.field) == (str(tmp_path / "s.txt"),
+                                                    "channels.sms.template")
+    assert "cannot be compiled" in info.value.message
+    assert "\n" not in str(info.value)
+
+
 #: A campaign file's first lines, up to its channels, for the tests that write one whole.
 CAMPAIGN_HEAD = (
     "name: c\n"

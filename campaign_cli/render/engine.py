@@ -544,6 +544,13 @@ class _Compiler:
             if "\n" in text:
                 message += f" (line {exc.lineno} of the template)"
             raise self.error(loc, message) from None
+        except (RecursionError, SyntaxError, ValueError, OverflowError, MemoryError) as exc:
+            # Nesting deeper than Jinja's parser or Python's compiler can take, or a constant
+            # expression Jinja folds into something it cannot write (`2 ** 20000`).
+            problem = "nested too deeply" if isinstance(exc, (RecursionError, SyntaxError)) \
+                else f"{type(exc).__name__}: {exc}"
+            raise self.error(loc, f"template cannot be compiled: {problem}",
+                             None if path is None else str(path)) from None
         names = frozenset(meta.find_undeclared_variables(tree))
         constant = template.render() if _is_constant(tree) else None
         return _Part(label, field, template, constant, "\n" in text.rstrip("\n"), names,
