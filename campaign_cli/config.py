@@ -1,9 +1,10 @@
 """The campaign file: pydantic models, loading, ``${ENV}`` secrets and line-numbered errors.
 
-A campaign is a YAML file. Paths in it are relative to the file. Every mistake is reported as one
-``FILE:LINE: key.path: message`` line (`ConfigError`, exit code 2). Values written as ``${NAME}``
-come from the environment; an unset variable is an error naming it, and every value taken from the
-environment is remembered in `LoadedCampaign.secrets` so that output can redact it.
+A campaign is a YAML file. Paths in it are relative to the file (``~`` is the home directory).
+Every mistake is reported as one ``FILE:LINE: key.path: message`` line (`ConfigError`, exit
+code 2). Values written as ``${NAME}`` come from the environment; an unset variable is an error
+naming it, and every value taken from the environment is remembered in `LoadedCampaign.secrets`
+so that output can redact it.
 """
 
 from __future__ import annotations
@@ -75,6 +76,10 @@ Rate = Annotated[float, BeforeValidator(_parse_rate), AfterValidator(_rate)]
 
 
 def _relative_to_campaign(v: Path, info: ValidationInfo) -> Path:
+    try:
+        v = v.expanduser()  # "~/outbox" is in the home directory, not a folder named "~"
+    except RuntimeError:
+        raise ValueError(f"no home directory for {v.parts[0]}") from None
     base = (info.context or {}).get("base_dir")
     if base is not None and not v.is_absolute():
         v = Path(base) / v

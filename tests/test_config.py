@@ -236,6 +236,31 @@ def test_relative_paths_are_resolved_against_the_campaign_file(
     assert c.channels.sms.template == project.resolve() / "templates" / "sms.txt.j2"
 
 
+def test_a_path_starting_with_tilde_is_in_the_home_directory(
+    project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # "~/outbox" was taken as a folder named "~" beside the campaign file: the outbox wrote
+    # campaigns/~/outbox/... (and a later "rm -rf ~" there is a disaster), and a template or
+    # list under ~ was "file not found: .../campaigns/~/...".
+    home = tmp_path / "home"
+    (home / "tpl").mkdir(parents=True)
+    (home / "tpl" / "sms.txt.j2").write_text("Hi. Reply STOP to opt out.\n")
+    monkeypatch.setenv("HOME", str(home))
+    text = edit("dir: ../outbox", "dir: ~/outbox", edit("../templates/sms.txt.j2",
+                                                         "~/tpl/sms.txt.j2"))
+    c = load_campaign(write(project, text), {}).campaign
+    assert c.channels.sms is not None and c.channels.sms.template == home / "tpl" / "sms.txt.j2"
+    outbox = c.providers["p"]
+    assert outbox.type == "outbox" and outbox.dir == home / "outbox"
+
+
+def test_a_tilde_user_that_does_not_exist_is_a_config_error(project: Path) -> None:
+    path = write(project, edit("dir: ../outbox", "dir: ~no-such-user-xyz/outbox"))
+    err = error_of(path)
+    assert_error(err, path, 20, "providers.p.dir")
+    assert "home directory" in err.message
+
+
 def test_absolute_paths_are_kept(project: Path) -> None:
     absolute = project / "templates" / "sms.txt.j2"
     path = write(project, edit("../templates/sms.txt.j2", str(absolute)))
