@@ -577,7 +577,9 @@ class LoadedCampaign:
         return _line_for(self.lines, loc)
 
 
-_ENV_REF = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+#: ``$$``, ``${NAME}``, or a shell spelling with a default or a check (``${NAME:-x}``), which is
+#: refused rather than left as it is (the literal text would go out as the credential).
+_ENV_REF = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-=?+])[^}]*)?\}")
 
 
 def load_campaign(path: Path | str, env: Mapping[str, str] | None = None) -> LoadedCampaign:
@@ -623,6 +625,12 @@ def load_campaign(path: Path | str, env: Mapping[str, str] | None = None) -> Loa
                 if m[0] == "$$":
                     return "$"
                 name = m[1]
+                if m[2] is not None:
+                    raise ConfigError(
+                        shown, _line_for(lines, loc), ".".join(loc),
+                        f"${{{name}{m[2]}...}}: defaults and checks are not supported: "
+                        f"write ${{{name}}} and set {name} (write $$ for a literal $)",
+                    )
                 if name not in env:
                     raise ConfigError(
                         shown, _line_for(lines, loc), ".".join(loc),

@@ -412,6 +412,23 @@ def test_unset_env_variable_in_a_list_item(project: Path) -> None:
     )
 
 
+@pytest.mark.parametrize("ref", ["${API_TOKEN:-}", "${API_TOKEN:-dev-token}", "${API_TOKEN-x}",
+                                 "${API_TOKEN:?set it}", "${API_TOKEN:=x}", "${API_TOKEN:+x}"])
+def test_a_shell_default_in_an_env_reference_is_refused(project: Path, ref: str) -> None:
+    # Shell and docker-compose spellings were left as they are, set or not: the literal text
+    # "${API_TOKEN:-}" went out as the credential (refused mid-run, exit 6) or the value.
+    path = write(project, BASE + f'vars:\n  brand: Acme\n  token: "Bearer {ref}"\n')
+    for env in ({}, {"API_TOKEN": "abc-secret-123"}):
+        err = error_of(path, env)
+        assert_error(err, path, 24, "vars.token")
+        assert "API_TOKEN" in err.message and "abc-secret-123" not in str(err)
+
+
+def test_dollar_before_a_jinja_expression_is_kept(project: Path) -> None:
+    path = write(project, BASE + 'vars:\n  price: "${{ amount }} or $${NOT_ENV}"\n')
+    assert load_campaign(path, {}).campaign.vars == {"price": "${{ amount }} or ${NOT_ENV}"}
+
+
 def test_empty_env_variable_is_set(project: Path) -> None:
     path = write(project, BASE + 'vars:\n  suffix: "${SUFFIX}"\n')
     loaded = load_campaign(path, {"SUFFIX": ""})
