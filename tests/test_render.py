@@ -30,6 +30,7 @@ from campaign_cli.models import (
 from campaign_cli.render.email import build_email, make_message_id
 from campaign_cli.render.engine import (
     PUSH_PAYLOAD_LIMIT,
+    SMS_BODY_LIMIT,
     Renderer,
     RenderError,
     content_hash,
@@ -203,6 +204,16 @@ def test_sms_is_stripped_and_counted(tmp_path: Path) -> None:
     assert render(c, Channel.SMS) == SmsContent("Hi Ann, 20% off [today]!", "GSM-7", 1)
     assert render(c, Channel.SMS, person(first_name="Renée")).encoding == "GSM-7"
     assert render(c, Channel.SMS, person(first_name="Łucja")).encoding == "UCS-2"
+
+
+def test_sms_longer_than_twilio_takes_is_refused_at_render(tmp_path: Path) -> None:
+    # Twilio refuses a Body over 1,600 characters (PROVIDERS.md section 1): the message was
+    # rendered, costed at 11 segments and sent, to fail as a dead letter (ten in a row abort the
+    # run as "the sender or account is wrong"); a dry run said nothing.
+    c = campaign(tmp_path, {"sms": {"body": "{{ first_name }}"}})
+    assert render(c, Channel.SMS, person(first_name="x" * SMS_BODY_LIMIT)).segments == 11
+    with pytest.raises(RenderError, match="sms body: 1601 characters, over the 1600"):
+        render(c, Channel.SMS, person(first_name="x" * (SMS_BODY_LIMIT + 1)))
 
 
 def test_empty_sms_is_refused(tmp_path: Path) -> None:

@@ -63,6 +63,8 @@ from campaign_cli.render.sms import sms_info
 
 #: FCM and APNs refuse payloads over 4 KB; keep a margin.
 PUSH_PAYLOAD_LIMIT = 4000
+#: Twilio refuses a Body over 1,600 characters (PROVIDERS.md section 1).
+SMS_BODY_LIMIT = 1600
 
 #: Names every template sees, which a recipient-file column of the same name cannot override.
 RESERVED_NAMES = frozenset({"row", "vars", "recipient", "campaign", "unsubscribe_token"})
@@ -341,6 +343,9 @@ class Renderer:
         body = self._run(parts["body"], local).strip()
         if not body:
             raise RenderError("sms body: rendered to an empty message", "sms body")
+        if len(body) > SMS_BODY_LIMIT:
+            raise RenderError(f"sms body: {len(body)} characters, over the {SMS_BODY_LIMIT} an "
+                              "SMS may hold", "sms body")
         if self._marketing and not _OPT_OUT.search(body):
             raise RenderError(f"sms body: {_OPT_OUT_MESSAGE}", "sms body")
         encoding, segments = sms_info(body)
