@@ -21,10 +21,12 @@ are not exceptions (spend cap, dead letters, interruption) are mapped in `pipeli
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from enum import IntEnum
 
 REDACTED = "***"
+_BREAKS_A_LINE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def redact(text: str, secrets: Iterable[str]) -> str:
@@ -69,9 +71,10 @@ class InputError(CampaignError):
 
     def one_line(self) -> str:
         where = self.file if self.line is None else f"{self.file}:{self.line}"
-        if self.field:
-            return f"{where}: {self.field}: {self.message}"
-        return f"{where}: {self.message}"
+        text = f"{where}: {self.field}: {self.message}" if self.field else \
+            f"{where}: {self.message}"
+        # A key or value quoted from the file may hold a line break or a CR: shown escaped.
+        return _BREAKS_A_LINE.sub(lambda m: repr(m[0])[1:-1], text)
 
 
 class ConfigError(InputError):

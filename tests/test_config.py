@@ -429,6 +429,21 @@ def test_dollar_before_a_jinja_expression_is_kept(project: Path) -> None:
     assert load_campaign(path, {}).campaign.vars == {"price": "${{ amount }} or ${NOT_ENV}"}
 
 
+@pytest.mark.parametrize(("old", "new", "shown"), [
+    ("name: t\n", 'name: t\n"colour\\nscheme": 1\n', "colour\\nscheme: unknown key"),
+    ("name: t\n", 'name: t\n"pur\\rpose": 1\n', "pur\\rpose: unknown key"),
+    ("type: outbox", 'type: "out\\nbox"', "Input tag 'out\\nbox'"),
+])
+def test_a_line_break_in_a_key_or_value_is_shown_escaped(
+    project: Path, old: str, new: str, shown: str
+) -> None:
+    # The error line printed the key or the value as it is: a newline split it in two, a CR
+    # sent the cursor back over the file name.
+    err = error_of(write(project, edit(old, new)))
+    assert "\n" not in str(err) and "\r" not in str(err)
+    assert shown in str(err)
+
+
 def test_empty_env_variable_is_set(project: Path) -> None:
     path = write(project, BASE + 'vars:\n  suffix: "${SUFFIX}"\n')
     loaded = load_campaign(path, {"SUFFIX": ""})
