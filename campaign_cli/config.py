@@ -75,6 +75,13 @@ def _rate(v: float) -> float:
 Rate = Annotated[float, BeforeValidator(_parse_rate), AfterValidator(_rate)]
 
 
+def _not_empty(v: object) -> object:
+    """An empty path would name the campaign's own folder: refused, naming the key."""
+    if isinstance(v, str) and not v.strip():
+        raise ValueError("must not be empty")
+    return v
+
+
 def _relative_to_campaign(v: Path, info: ValidationInfo) -> Path:
     try:
         v = v.expanduser()  # "~/outbox" is in the home directory, not a folder named "~"
@@ -92,8 +99,18 @@ def _must_be_file(v: Path) -> Path:
     return v
 
 
-RelPath = Annotated[Path, AfterValidator(_relative_to_campaign)]
-ExistingFile = Annotated[Path, AfterValidator(_relative_to_campaign), AfterValidator(_must_be_file)]
+def _folder_or_nothing(v: Path) -> Path:
+    if v.exists() and not v.is_dir():
+        raise ValueError(f"not a folder: {v}")
+    return v
+
+
+RelPath = Annotated[Path, BeforeValidator(_not_empty), AfterValidator(_relative_to_campaign)]
+ExistingFile = Annotated[Path, BeforeValidator(_not_empty), AfterValidator(_relative_to_campaign),
+                         AfterValidator(_must_be_file)]
+#: A folder that may not exist yet (made when first written to), but is not a file.
+Folder = Annotated[Path, BeforeValidator(_not_empty), AfterValidator(_relative_to_campaign),
+                   AfterValidator(_folder_or_nothing)]
 Money = Annotated[Decimal, Field(ge=0, max_digits=18, decimal_places=6)]
 
 
@@ -324,7 +341,7 @@ class OutboxProviderConfig(_ProviderBase):
     """Writes each message to a file in ``dir``: ``.eml`` for email, ``.json`` for the others."""
 
     type: Literal["outbox"]
-    dir: RelPath
+    dir: Folder
 
 
 class ConsoleProviderConfig(_ProviderBase):

@@ -261,6 +261,30 @@ def test_a_tilde_user_that_does_not_exist_is_a_config_error(project: Path) -> No
     assert "home directory" in err.message
 
 
+@pytest.mark.parametrize(("old", "new", "line", "field"), [
+    ("file: data/r.csv", "file: ''", 4, "recipients.file"),
+    ("template: ../templates/sms.txt.j2", "template: ' '", 10, "channels.sms.template"),
+    ("dir: ../outbox", "dir: ''", 20, "providers.p.dir"),
+])
+def test_an_empty_path_is_refused_naming_its_key(
+    project: Path, old: str, new: str, line: int, field: str
+) -> None:
+    """An empty path named the campaign's own folder: "Is a directory", or a template "file not
+    found: .../campaigns", far from the key at fault."""
+    path = write(project, edit(old, new))
+    err = error_of(path)
+    assert_error(err, path, line, field)
+    assert err.message == "must not be empty"
+
+
+def test_an_outbox_dir_that_is_a_file_is_refused_when_the_file_loads(project: Path) -> None:
+    """`dir: data/r.csv` loaded, passed the dry run, and stopped the real run (exit 6)."""
+    path = write(project, edit("dir: ../outbox", "dir: data/r.csv"))
+    err = error_of(path)
+    assert_error(err, path, 20, "providers.p.dir")
+    assert err.message.startswith("not a folder: ")
+
+
 def test_absolute_paths_are_kept(project: Path) -> None:
     absolute = project / "templates" / "sms.txt.j2"
     path = write(project, edit("../templates/sms.txt.j2", str(absolute)))
