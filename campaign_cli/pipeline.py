@@ -610,6 +610,7 @@ class Runner:
                 template_hashes=renderer.template_hashes,
                 now=now,
                 cap_given=self.options.max_spend is not None,
+                recipient_key=self.campaign.recipients.key,
             )
             changed = sorted(
                 field for field in {*renderer.template_hashes, *(

@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from campaign_cli.cli.main import get_app
+from campaign_cli.store.db import MIGRATIONS
 from tests.conftest import CampaignFactory, people, query
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -558,7 +559,7 @@ def test_a_run_finished_before_version_5_shows_with_its_session_keys_blank(
     lists its runs: what it did not record reads `null` and 0."""
     assert invoke(store_path, "send", str(make_campaign(people(2))), "--run-key", "r1")[0] == 0
     with sqlite3.connect(store_path) as conn:  # back to version 4, as it wrote runs
-        for column in ("stopped", "in_doubt_found", "in_doubt_resent"):
+        for column in ("stopped", "in_doubt_found", "in_doubt_resent", "recipient_key"):
             conn.execute(f"ALTER TABLE runs DROP COLUMN {column}")
         conn.execute("PRAGMA user_version = 4")
     code, out, err = invoke(store_path, "status", "test-campaign/r1", "--json")
@@ -566,7 +567,7 @@ def test_a_run_finished_before_version_5_shows_with_its_session_keys_blank(
     status = json.loads(out)
     assert (status["stopped"], status["in_doubt_found"], status["in_doubt_resent"],
             status["counts"]) == (None, 0, 0, {"sent": 2})
-    assert query(store_path, "PRAGMA user_version") == [(5,)]
+    assert query(store_path, "PRAGMA user_version") == [(len(MIGRATIONS),)]
 
 
 def test_a_dry_run_says_why_messages_would_fail_to_render(

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from campaign_cli.addresses import address_hash
 from campaign_cli.config import load_campaign
@@ -27,7 +28,7 @@ from campaign_cli.models import OutboundMessage, SendResult
 from campaign_cli.pipeline import RunReport, SendOptions, StopController, run_campaign
 from campaign_cli.store import runs
 from campaign_cli.testing import FakeClock, FakeProvider, fake_registry
-from tests.conftest import CampaignFactory, journal, people, query
+from tests.conftest import CampaignFactory, journal, people, phone, query
 
 MARKETING_SMS = {"sms": {"provider": "box", "body": "Hi {{ first_name }}. Reply STOP to opt out"}}
 
@@ -106,6 +107,27 @@ def test_a_changed_purpose_cannot_resume_the_same_run(
     with pytest.raises(UsageError, match="was started as marketing; the campaign now says "
                                          "transactional"):
         send(transactional, store_path, FakeProvider(), run_key="k")
+
+
+def test_a_changed_recipient_key_column_cannot_resume_the_same_run(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    """The journal claims each recipient key once per run: rows read with another key column
+    were taken for duplicates of unrelated earlier rows (member 3 of row 4 is not customer 3 of
+    row 3) and never sent, exit 0."""
+    header = ("id", "member", "first_name", "phone", "email")
+    rows = [[f"{i}", f"{7 - i}", f"N{i}", phone(i), f"p{i}@example.com"] for i in range(1, 7)]
+    campaign = make_campaign(rows, header=header)
+    send(campaign, store_path, FakeProvider(), run_key="k", limit=3)
+    data = yaml.safe_load(campaign.read_text())
+    data["recipients"]["key"] = "member"
+    campaign.write_text(yaml.safe_dump(data))
+    provider = FakeProvider()
+    with pytest.raises(UsageError, match="was started with recipients.key 'id'; the campaign "
+                                         "now has 'member'"):
+        send(campaign, store_path, provider, run_key="k")
+    assert provider.history == []
+    assert query(store_path, "SELECT count(*), max(row) FROM messages") == [(3, 3)]
 
 
 def test_a_resume_with_changed_templates_says_so(
@@ -788,13 +810,13 @@ def test_an_in_doubt_message_is_not_resent_under_a_key_from_another_key_column(
     """Row 2 was in flight when the run died; the operator then changed `recipients.key` (id to
     email). The idempotency key is made from the recipient key, so a resend would carry a key the
     provider never saw and its deduplication could not stop a second copy: the marketing
-    campaign's `skip` policy decides, and the row stays in doubt."""
-    import yaml
-
+    campaign's `skip` policy decides, and the row stays in doubt. (A run that recorded its key
+    column refuses such a resume; this one was started before runs recorded it.)"""
     campaign = make_campaign(people(4), purpose="marketing", channels=MARKETING_SMS)
     send(campaign, store_path, FakeProvider(), run_key="k")
     conn = sqlite3.connect(store_path)
     conn.execute("UPDATE messages SET state = 'sending' WHERE row = 2")
+    conn.execute("UPDATE runs SET recipient_key = NULL")
     conn.commit()
     conn.close()
     data = yaml.safe_load(campaign.read_text())

@@ -252,9 +252,16 @@ def _m005_session_report(conn: sqlite3.Connection) -> None:
     )
 
 
+def _m006_run_recipient_key(conn: sqlite3.Connection) -> None:
+    """The recipient key column a run was started with: the journal claims each key once per
+    run, so a resume that read another column would take people for duplicates of others. Runs
+    started before this version read NULL (their next session records it)."""
+    conn.execute("ALTER TABLE runs ADD COLUMN recipient_key TEXT")
+
+
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     _m001_initial, _m002_attempts, _m003_webhook_spelling, _m004_doubt_micros,
-    _m005_session_report,
+    _m005_session_report, _m006_run_recipient_key,
 )
 
 

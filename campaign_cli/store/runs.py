@@ -28,7 +28,7 @@ RUN_COLUMNS = (
     "id", "campaign", "run_key", "campaign_file", "recipients_file", "recipients_sha256",
     "purpose", "channels", "currency", "max_spend_micros", "status", "exit_code", "total_rows",
     "template_hashes", "created_at", "started_at", "finished_at", "sessions", "last_error",
-    "stopped", "in_doubt_found", "in_doubt_resent",
+    "stopped", "in_doubt_found", "in_doubt_resent", "recipient_key",
 )
 
 
@@ -56,6 +56,7 @@ class RunRecord:
     stopped: str | None = None  # why its last session stopped early (`RunReport.stopped`)
     in_doubt_found: int = 0  # rows in doubt when its last session started
     in_doubt_resent: int = 0  # how many of them that session sent again
+    recipient_key: str | None = None  # the key column (None: started before it was recorded)
 
     @property
     def name(self) -> str:
@@ -113,13 +114,15 @@ def start_run(
     template_hashes: dict[str, str],
     now: str,
     cap_given: bool = False,
+    recipient_key: str | None = None,
 ) -> tuple[RunRecord, bool]:
     """Create the run, or resume it. Returns (run, resumed).
 
     Resuming requires the same recipient file contents: journal rows are keyed by record number,
     so a changed file would silently skip or repeat people. Only a cap given on the command line
     (``cap_given``) replaces the run's cap on a resume; otherwise the run keeps the smaller of its
-    own and the file's (none given: its own), so that leaving out --max-spend never lifts it."""
+    own and the file's (none given: its own), so that leaving out --max-spend never lifts it.
+    Nor may the recipient key column change: the journal claims each key once per run."""
     conn.execute("BEGIN IMMEDIATE")
     try:
         existing = find_run(conn, campaign, run_key)
@@ -127,11 +130,11 @@ def start_run(
             conn.execute(
                 "INSERT INTO runs (campaign, run_key, campaign_file, recipients_file, "
                 "recipients_sha256, purpose, channels, currency, max_spend_micros, status, "
-                "template_hashes, created_at, started_at, sessions) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'running', ?, ?, ?, 1)",
+                "template_hashes, created_at, started_at, sessions, recipient_key) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'running', ?, ?, ?, 1, ?)",
                 (campaign, run_key, campaign_file, recipients_file, recipients_sha256, purpose,
                  json.dumps(list(channels)), currency, max_spend_micros,
-                 json.dumps(template_hashes, sort_keys=True), now, now),
+                 json.dumps(template_hashes, sort_keys=True), now, now, recipient_key),
             )
             resumed = False
         else:
@@ -154,6 +157,15 @@ def start_run(
                     f"{', '.join(existing.channels)}; the campaign now has {', '.join(channels)}: "
                     "start a new run with another --run-key"
                 )
+            if (existing.recipient_key is not None and recipient_key is not None
+                    and existing.recipient_key != recipient_key):
+                raise UsageError(
+                    f"run {existing.name} was started with recipients.key "
+                    f"{existing.recipient_key!r}; the campaign now has {recipient_key!r}: the "
+                    "journal knows its recipients by that key, so resuming would take some for "
+                    "duplicates of others and skip them; restore it, or start a new run with "
+                    "another --run-key"
+                )
             if not cap_given and existing.max_spend_micros is not None:
                 # Only a cap given on this command line replaces the run's: the file's (or none)
                 # never raises it (a cron job re-fired, an operator resuming by hand).
@@ -163,8 +175,9 @@ def start_run(
                 "UPDATE runs SET status = 'running', exit_code = NULL, finished_at = NULL, "
                 "stopped = NULL, in_doubt_found = 0, in_doubt_resent = 0, last_error = NULL, "
                 "started_at = ?, sessions = sessions + 1, max_spend_micros = ?, "
-                "template_hashes = ? WHERE id = ?",
-                (now, max_spend_micros, json.dumps(template_hashes, sort_keys=True), existing.id),
+                "template_hashes = ?, recipient_key = COALESCE(recipient_key, ?) WHERE id = ?",
+                (now, max_spend_micros, json.dumps(template_hashes, sort_keys=True),
+                 recipient_key, existing.id),
             )
             resumed = True
         conn.execute("COMMIT")
