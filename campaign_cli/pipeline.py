@@ -611,6 +611,7 @@ class Runner:
                 now=now,
                 cap_given=self.options.max_spend is not None,
                 recipient_key=self.campaign.recipients.key,
+                strategy=self.campaign.strategy,
             )
             changed = sorted(
                 field for field in {*renderer.template_hashes, *(

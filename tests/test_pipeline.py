@@ -130,6 +130,29 @@ def test_a_changed_recipient_key_column_cannot_resume_the_same_run(
     assert query(store_path, "SELECT count(*), max(row) FROM messages") == [(3, 3)]
 
 
+def test_a_changed_strategy_cannot_resume_the_same_run(
+    make_campaign: CampaignFactory, store_path: Path, tmp_path: Path
+) -> None:
+    """`all` journals every channel of a row, `first_available` one: a run stopped at the cap
+    under `all` and resumed as `first_available` left rows 4-5's email `pending` for ever in a
+    run that said `done`, exit 0 (and the other way, only the rows after the stop got a second
+    channel)."""
+    (tmp_path / "t.txt").write_text("Hi {{ first_name }}", encoding="utf-8")
+    channels = {"sms": {"provider": "box", "body": "Hi {{ first_name }}"},
+                "email": {"provider": "box", "from": "a@b.example", "subject": "s",
+                          "text": "t.txt"}}
+    campaign = make_campaign(people(5), channels=channels,
+                             limits={"concurrency": 1, "max_spend": "0.03"})
+    assert send(campaign, store_path, FakeProvider(), run_key="k").exit_code == ExitCode.SPEND_CAP
+    make_campaign(people(5), channels=channels, limits={"concurrency": 1},
+                  extra={"strategy": "first_available"})
+    provider = FakeProvider()
+    with pytest.raises(UsageError, match="was started with strategy all; the campaign now has "
+                                         "first_available"):
+        send(campaign, store_path, provider, run_key="k", max_spend=Decimal("10"))
+    assert provider.history == []
+
+
 def test_a_resume_with_changed_templates_says_so(
     make_campaign: CampaignFactory, store_path: Path
 ) -> None:

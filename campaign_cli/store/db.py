@@ -259,9 +259,17 @@ def _m006_run_recipient_key(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE runs ADD COLUMN recipient_key TEXT")
 
 
+def _m007_run_strategy(conn: sqlite3.Connection) -> None:
+    """The strategy a run was started with: `all` journals every channel of a row,
+    `first_available` one, so a resume under the other would leave rows pending for ever or
+    send a second channel to some recipients only. Runs started before this version read NULL
+    (their next session records it)."""
+    conn.execute("ALTER TABLE runs ADD COLUMN strategy TEXT")
+
+
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     _m001_initial, _m002_attempts, _m003_webhook_spelling, _m004_doubt_micros,
-    _m005_session_report, _m006_run_recipient_key,
+    _m005_session_report, _m006_run_recipient_key, _m007_run_strategy,
 )
 
 

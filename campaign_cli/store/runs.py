@@ -28,7 +28,7 @@ RUN_COLUMNS = (
     "id", "campaign", "run_key", "campaign_file", "recipients_file", "recipients_sha256",
     "purpose", "channels", "currency", "max_spend_micros", "status", "exit_code", "total_rows",
     "template_hashes", "created_at", "started_at", "finished_at", "sessions", "last_error",
-    "stopped", "in_doubt_found", "in_doubt_resent", "recipient_key",
+    "stopped", "in_doubt_found", "in_doubt_resent", "recipient_key", "strategy",
 )
 
 
@@ -57,6 +57,7 @@ class RunRecord:
     in_doubt_found: int = 0  # rows in doubt when its last session started
     in_doubt_resent: int = 0  # how many of them that session sent again
     recipient_key: str | None = None  # the key column (None: started before it was recorded)
+    strategy: str | None = None  # all | first_available (None: started before it was recorded)
 
     @property
     def name(self) -> str:
@@ -115,6 +116,7 @@ def start_run(
     now: str,
     cap_given: bool = False,
     recipient_key: str | None = None,
+    strategy: str | None = None,
 ) -> tuple[RunRecord, bool]:
     """Create the run, or resume it. Returns (run, resumed).
 
@@ -122,7 +124,8 @@ def start_run(
     so a changed file would silently skip or repeat people. Only a cap given on the command line
     (``cap_given``) replaces the run's cap on a resume; otherwise the run keeps the smaller of its
     own and the file's (none given: its own), so that leaving out --max-spend never lifts it.
-    Nor may the recipient key column change: the journal claims each key once per run."""
+    Nor may the recipient key column change (the journal claims each key once per run), nor the
+    strategy (it decides which channels of a row the journal holds)."""
     conn.execute("BEGIN IMMEDIATE")
     try:
         existing = find_run(conn, campaign, run_key)
@@ -130,11 +133,12 @@ def start_run(
             conn.execute(
                 "INSERT INTO runs (campaign, run_key, campaign_file, recipients_file, "
                 "recipients_sha256, purpose, channels, currency, max_spend_micros, status, "
-                "template_hashes, created_at, started_at, sessions, recipient_key) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'running', ?, ?, ?, 1, ?)",
+                "template_hashes, created_at, started_at, sessions, recipient_key, strategy) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'running', ?, ?, ?, 1, ?, ?)",
                 (campaign, run_key, campaign_file, recipients_file, recipients_sha256, purpose,
                  json.dumps(list(channels)), currency, max_spend_micros,
-                 json.dumps(template_hashes, sort_keys=True), now, now, recipient_key),
+                 json.dumps(template_hashes, sort_keys=True), now, now, recipient_key,
+                 strategy),
             )
             resumed = False
         else:
@@ -166,6 +170,14 @@ def start_run(
                     "duplicates of others and skip them; restore it, or start a new run with "
                     "another --run-key"
                 )
+            if (existing.strategy is not None and strategy is not None
+                    and existing.strategy != strategy and len(channels) > 1):
+                raise UsageError(
+                    f"run {existing.name} was started with strategy {existing.strategy}; the "
+                    f"campaign now has {strategy}, which changes the channels each recipient "
+                    "gets: resuming would leave rows unsent or send some recipients a second "
+                    "channel; restore it, or start a new run with another --run-key"
+                )
             if not cap_given and existing.max_spend_micros is not None:
                 # Only a cap given on this command line replaces the run's: the file's (or none)
                 # never raises it (a cron job re-fired, an operator resuming by hand).
@@ -175,9 +187,10 @@ def start_run(
                 "UPDATE runs SET status = 'running', exit_code = NULL, finished_at = NULL, "
                 "stopped = NULL, in_doubt_found = 0, in_doubt_resent = 0, last_error = NULL, "
                 "started_at = ?, sessions = sessions + 1, max_spend_micros = ?, "
-                "template_hashes = ?, recipient_key = COALESCE(recipient_key, ?) WHERE id = ?",
+                "template_hashes = ?, recipient_key = COALESCE(recipient_key, ?), "
+                "strategy = COALESCE(strategy, ?) WHERE id = ?",
                 (now, max_spend_micros, json.dumps(template_hashes, sort_keys=True),
-                 recipient_key, existing.id),
+                 recipient_key, strategy, existing.id),
             )
             resumed = True
         conn.execute("COMMIT")
