@@ -648,10 +648,12 @@ class Runner:
             # In doubt at the start of this session: left `sending` by one that died just
             # now, or recorded in doubt earlier (an unanswered send, a skipped resend).
             in_doubt_found = self._baseline[_IN_DOUBT]
+            self._max_row_start = _max_row(store.conn, run.id)
+            # A smaller --limit than an earlier session's does not unjournal rows: they count.
+            total_rows = max(total_rows, self._max_row_start)
             runs.begin_session(store.conn, run.id, total_rows=total_rows,
                                in_doubt_found=in_doubt_found)
             committed = runs.committed_spend(store.conn, run.id)
-            self._max_row_start = _max_row(store.conn, run.id)
             start_row = _first_open_row(store.conn, run.id)
             policy = Policy(
                 store.connect(),

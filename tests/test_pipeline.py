@@ -534,6 +534,21 @@ def test_limit_takes_only_the_first_rows(make_campaign: CampaignFactory, store_p
     assert report.total_rows == 3
 
 
+def test_a_resume_with_a_smaller_limit_still_counts_the_rows_journaled(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    """A run sent to 3 rows and resumed with --limit 2 said "2 rows" (send --json and status)
+    beside 3 rows counted: the counts no longer added up to the rows."""
+    campaign = make_campaign(people(10))
+    send(campaign, store_path, FakeProvider(), run_key="k", limit=3)
+    provider = FakeProvider()
+    report = send(campaign, store_path, provider, run_key="k", limit=2)
+    assert provider.history == []
+    assert report.counts == {"sent": 3}
+    assert report.total_rows == sum(report.counts.values()) == 3
+    assert query(store_path, "SELECT total_rows FROM runs") == [(3,)]
+
+
 def test_a_second_process_on_the_same_run_is_refused(
     make_campaign: CampaignFactory, store_path: Path
 ) -> None:
