@@ -642,7 +642,8 @@ class Runner:
                 )
             runs.mark_in_doubt(store.conn, run.id, now)
             if self.options.retry_failed:
-                self.retried = runs.reopen_transient_failures(store.conn, run.id, now)
+                self.retried = runs.reopen_transient_failures(store.conn, run.id, now,
+                                                            self.options.limit)
             for states in runs.counts(store.conn, run.id).values():
                 self._baseline.update(states)
             # In doubt at the start of this session: left `sending` by one that died just

@@ -142,6 +142,30 @@ def test_retry_failed_redrives_only_transient_dead_letters(
     assert report.exit_code == ExitCode.FAILURES  # the permanent one stays a dead letter
 
 
+def test_retry_failed_with_a_limit_leaves_dead_letters_past_it_failed(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    """--retry-failed --limit 1 put row 3's dead letter back to `pending` and then never read
+    that far: it was neither retried nor failed any more, and the run said `done`, exit 0."""
+    campaign = make_campaign(people(3), limits={"concurrency": 1})
+    first = FakeProvider(handler=lambda m: TransientError("down", code="503", status=503)
+                         if m.row == 3 else None)
+    registry = ProviderRegistry()
+    registry.register("outbox", lambda name, config, context: first)
+    assert send(campaign, store_path, registry, run_key="r").counts == {"failed": 1, "sent": 2}
+
+    again = FakeProvider()
+    registry = ProviderRegistry()
+    registry.register("outbox", lambda name, config, context: again)
+    report = send(campaign, store_path, registry, run_key="r", retry_failed=True, limit=1)
+    assert again.history == []
+    assert report.counts == {"failed": 1, "sent": 2}
+    assert report.exit_code == ExitCode.FAILURES
+    report = send(campaign, store_path, registry, run_key="r", retry_failed=True)
+    assert [m.row for m in again.accepted] == [3]
+    assert (report.counts, report.exit_code) == ({"sent": 3}, ExitCode.OK)
+
+
 def test_breaker_opens_probes_after_cooldown_and_closes_on_success() -> None:
     clock = FakeClock()
     breaker = Breaker(threshold=2, cooldown=10, clock=clock)

@@ -234,18 +234,21 @@ def mark_in_doubt(conn: sqlite3.Connection, run_id: int, now: str) -> int:
     return cur.rowcount
 
 
-def reopen_transient_failures(conn: sqlite3.Connection, run_id: int, now: str) -> int:
+def reopen_transient_failures(conn: sqlite3.Connection, run_id: int, now: str,
+                              last_row: int | None = None) -> int:
     """Dead letters of transient failures (retries ran out) go back to `pending`; dead letters of
     permanent refusals stay put: sending them again would be refused again. So do those with an
     ambiguous attempt (an in-doubt resend, a timeout, a crash mid-send): it may have been
-    delivered, and as `pending` the row could even fail over to another provider."""
+    delivered, and as `pending` the row could even fail over to another provider. Only rows up
+    to ``last_row`` (--limit): the session reads no further, and would leave the rest pending."""
     cur = conn.execute(
-        "UPDATE messages SET state = 'pending', reason = 'retry_failed', updated_at = ? "
-        "WHERE run_id = ? AND state = 'failed' AND reason = 'retries_exhausted' "
-        "AND resent_in_doubt = 0 AND NOT EXISTS (SELECT 1 FROM attempts a "
+        "UPDATE messages SET state = 'pending', reason = 'retry_failed', updated_at = ?1 "
+        "WHERE run_id = ?2 AND state = 'failed' AND reason = 'retries_exhausted' "
+        "AND resent_in_doubt = 0 AND (?3 IS NULL OR row <= ?3) "
+        "AND NOT EXISTS (SELECT 1 FROM attempts a "
         "WHERE a.run_id = messages.run_id AND a.row = messages.row "
         "AND a.channel = messages.channel AND a.outcome IN ('in_doubt', 'error'))",
-        (now, run_id),
+        (now, run_id, last_row),
     )
     return cur.rowcount
 
