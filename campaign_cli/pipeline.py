@@ -46,7 +46,7 @@ from typing import IO, TYPE_CHECKING, Any, Literal
 
 from campaign_cli.addresses import address_hash
 from campaign_cli.clock import Clock, Stamper, SystemClock, iso
-from campaign_cli.config import LoadedCampaign
+from campaign_cli.config import Campaign, LoadedCampaign
 from campaign_cli.errors import (
     CampaignError,
     ExitCode,
@@ -612,7 +612,13 @@ class Runner:
                 cap_given=self.options.max_spend is not None,
                 recipient_key=self.campaign.recipients.key,
                 strategy=self.campaign.strategy,
+                reading=_reading(self.campaign),
             )
+            if resumed and before is not None and before.campaign_file != str(self.loaded.path):
+                self.warnings.append(
+                    f"run {run.name} was started from {before.campaign_file}; this session "
+                    f"runs {self.loaded.path} (same campaign name and run key)"
+                )
             changed = sorted(
                 field for field in {*renderer.template_hashes, *(
                     before.template_hashes if before is not None else {})}
@@ -1899,6 +1905,17 @@ SQL_DRY_RUN = (
     "attempts = attempts + 1, cost_micros = ?, content_hash = ?, updated_at = ? "
     "WHERE run_id = ? AND row = ? AND channel = ?"
 )
+
+
+def _reading(campaign: Campaign) -> dict[str, Any]:
+    """How a run reads its recipient file, beyond its bytes and key column: which column holds
+    each channel's address, the region of national phone numbers, and the delimiter."""
+    recipients = campaign.recipients
+    return {
+        "columns": dict(sorted(recipients.columns.model_dump(exclude_none=True).items())),
+        "default_region": recipients.default_region,
+        "delimiter": recipients.delimiter,
+    }
 
 
 def _refuse_unread_lines(path: Path, result: suppression_store.ImportResult) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import sqlite3
 from decimal import Decimal
 from pathlib import Path
@@ -128,6 +129,50 @@ def test_a_changed_recipient_key_column_cannot_resume_the_same_run(
         send(campaign, store_path, provider, run_key="k")
     assert provider.history == []
     assert query(store_path, "SELECT count(*), max(row) FROM messages") == [(3, 3)]
+
+
+@pytest.mark.parametrize(("key", "value", "named"), [
+    ("phone", "phone2", "columns {'email': 'email', 'phone': 'phone'} -> "
+                        "{'email': 'email', 'phone': 'phone2'}"),
+    ("default_region", "GB", "default_region 'US' -> 'GB'"),
+])
+def test_a_resume_that_reads_addresses_another_way_is_refused(
+    make_campaign: CampaignFactory, store_path: Path, key: str, value: str, named: str
+) -> None:
+    """The rows not sent yet were admitted with the addresses read the first way (journaled,
+    deduplicated, checked against opt-outs); a resume reading another column or region would
+    send them to other numbers than those."""
+    header = ("id", "first_name", "phone", "phone2", "email")
+    rows = [[f"c{i}", f"N{i}", phone(i), phone(100 + i), f"p{i}@example.com"]
+            for i in range(1, 5)]
+    campaign = make_campaign(rows, header=header)
+    send(campaign, store_path, FakeProvider(), run_key="k", limit=2)
+    original = campaign.read_text()
+    data = yaml.safe_load(original)
+    where = data["recipients"]["columns"] if key == "phone" else data["recipients"]
+    where[key] = value
+    campaign.write_text(yaml.safe_dump(data))
+    provider = FakeProvider()
+    with pytest.raises(UsageError, match=re.escape(f"read its recipient file another way "
+                                                   f"({named})")):
+        send(campaign, store_path, provider, run_key="k")
+    assert provider.history == []
+    campaign.write_text(original)
+    assert send(campaign, store_path, FakeProvider(), run_key="k").counts == {"sent": 4}
+
+
+def test_a_run_resumed_from_another_campaign_file_says_so(
+    make_campaign: CampaignFactory, store_path: Path, tmp_path: Path
+) -> None:
+    """Same campaign name and run key, another file: it resumes (the name is the campaign's
+    identity), but the operator is told, as for changed templates."""
+    first = make_campaign(people(4), file_name="one.yaml")
+    send(first, store_path, FakeProvider(), run_key="k", limit=2)
+    second = make_campaign(people(4), file_name="two.yaml")
+    report = send(second, store_path, FakeProvider(), run_key="k")
+    assert report.counts == {"sent": 4}
+    assert any(f"was started from {first}; this session runs {second}" in w
+               for w in report.warnings), report.warnings
 
 
 def test_a_changed_strategy_cannot_resume_the_same_run(

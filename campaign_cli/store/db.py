@@ -267,9 +267,17 @@ def _m007_run_strategy(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE runs ADD COLUMN strategy TEXT")
 
 
+def _m008_run_reading(conn: sqlite3.Connection) -> None:
+    """How a run reads its recipient file (JSON: address columns, default region, delimiter):
+    a resume that read it another way would send pending rows to addresses other than those
+    journaled and checked. Runs started before this version read NULL (their next session
+    records it)."""
+    conn.execute("ALTER TABLE runs ADD COLUMN reading TEXT")
+
+
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     _m001_initial, _m002_attempts, _m003_webhook_spelling, _m004_doubt_micros,
-    _m005_session_report, _m006_run_recipient_key, _m007_run_strategy,
+    _m005_session_report, _m006_run_recipient_key, _m007_run_strategy, _m008_run_reading,
 )
 
 

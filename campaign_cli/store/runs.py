@@ -28,7 +28,7 @@ RUN_COLUMNS = (
     "id", "campaign", "run_key", "campaign_file", "recipients_file", "recipients_sha256",
     "purpose", "channels", "currency", "max_spend_micros", "status", "exit_code", "total_rows",
     "template_hashes", "created_at", "started_at", "finished_at", "sessions", "last_error",
-    "stopped", "in_doubt_found", "in_doubt_resent", "recipient_key", "strategy",
+    "stopped", "in_doubt_found", "in_doubt_resent", "recipient_key", "strategy", "reading",
 )
 
 
@@ -58,6 +58,7 @@ class RunRecord:
     in_doubt_resent: int = 0  # how many of them that session sent again
     recipient_key: str | None = None  # the key column (None: started before it was recorded)
     strategy: str | None = None  # all | first_available (None: started before it was recorded)
+    reading: dict[str, Any] | None = None  # how the file is read (None: not recorded yet)
 
     @property
     def name(self) -> str:
@@ -67,6 +68,7 @@ class RunRecord:
 def _record(data: dict[str, Any]) -> RunRecord:
     data["channels"] = tuple(json.loads(data["channels"]))
     data["template_hashes"] = json.loads(data["template_hashes"] or "{}")
+    data["reading"] = None if data.get("reading") is None else json.loads(data["reading"])
     return RunRecord(**data)
 
 
@@ -117,6 +119,7 @@ def start_run(
     cap_given: bool = False,
     recipient_key: str | None = None,
     strategy: str | None = None,
+    reading: dict[str, Any] | None = None,
 ) -> tuple[RunRecord, bool]:
     """Create the run, or resume it. Returns (run, resumed).
 
@@ -125,7 +128,9 @@ def start_run(
     (``cap_given``) replaces the run's cap on a resume; otherwise the run keeps the smaller of its
     own and the file's (none given: its own), so that leaving out --max-spend never lifts it.
     Nor may the recipient key column change (the journal claims each key once per run), nor the
-    strategy (it decides which channels of a row the journal holds)."""
+    strategy (it decides which channels of a row the journal holds), nor how the file is read
+    (``reading``: address columns, region, delimiter)."""
+    stored_reading = None if reading is None else json.dumps(reading, sort_keys=True)
     conn.execute("BEGIN IMMEDIATE")
     try:
         existing = find_run(conn, campaign, run_key)
@@ -133,12 +138,12 @@ def start_run(
             conn.execute(
                 "INSERT INTO runs (campaign, run_key, campaign_file, recipients_file, "
                 "recipients_sha256, purpose, channels, currency, max_spend_micros, status, "
-                "template_hashes, created_at, started_at, sessions, recipient_key, strategy) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'running', ?, ?, ?, 1, ?, ?)",
+                "template_hashes, created_at, started_at, sessions, recipient_key, strategy, "
+                "reading) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'running', ?, ?, ?, 1, ?, ?, ?)",
                 (campaign, run_key, campaign_file, recipients_file, recipients_sha256, purpose,
                  json.dumps(list(channels)), currency, max_spend_micros,
                  json.dumps(template_hashes, sort_keys=True), now, now, recipient_key,
-                 strategy),
+                 strategy, stored_reading),
             )
             resumed = False
         else:
@@ -178,6 +183,17 @@ def start_run(
                     "gets: resuming would leave rows unsent or send some recipients a second "
                     "channel; restore it, or start a new run with another --run-key"
                 )
+            if existing.reading is not None and reading is not None and existing.reading != reading:
+                changed = ", ".join(
+                    f"{name} {existing.reading.get(name)!r} -> {reading.get(name)!r}"
+                    for name in sorted({*existing.reading, *reading})
+                    if existing.reading.get(name) != reading.get(name)
+                )
+                raise UsageError(
+                    f"run {existing.name} read its recipient file another way ({changed}): "
+                    "resuming would send the rows not sent yet to addresses other than those "
+                    "journaled and checked; restore it, or start a new run with another --run-key"
+                )
             if not cap_given and existing.max_spend_micros is not None:
                 # Only a cap given on this command line replaces the run's: the file's (or none)
                 # never raises it (a cron job re-fired, an operator resuming by hand).
@@ -188,9 +204,9 @@ def start_run(
                 "stopped = NULL, in_doubt_found = 0, in_doubt_resent = 0, last_error = NULL, "
                 "started_at = ?, sessions = sessions + 1, max_spend_micros = ?, "
                 "template_hashes = ?, recipient_key = COALESCE(recipient_key, ?), "
-                "strategy = COALESCE(strategy, ?) WHERE id = ?",
+                "strategy = COALESCE(strategy, ?), reading = COALESCE(reading, ?) WHERE id = ?",
                 (now, max_spend_micros, json.dumps(template_hashes, sort_keys=True),
-                 recipient_key, strategy, existing.id),
+                 recipient_key, strategy, stored_reading, existing.id),
             )
             resumed = True
         conn.execute("COMMIT")
