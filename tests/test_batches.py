@@ -410,10 +410,14 @@ def test_a_webhook_message_in_the_outbox_and_on_the_console_shows_what_the_webho
 def test_an_outbox_folder_that_cannot_be_made_stops_the_run_before_anything_is_sent(
     make_campaign: CampaignFactory, store_path: Path, tmp_path: Path, rate: str | None
 ) -> None:
-    """A file where the outbox folder should be: nothing can be written, so nothing may be
+    """A file where the run's outbox folder should be: nothing can be written, so nothing may be
     counted as sent or in doubt. The run stops with exit 6 (configuration refused), every row
-    stays pending and no money is counted; once the way is clear, the resume sends everyone."""
-    (tmp_path / "outbox").write_text("not a folder")
+    stays pending and no money is counted; once the way is clear, the resume sends everyone.
+    (A file named by `dir` itself is refused when the campaign file loads, exit 2; the run's
+    own folder inside it is only known once the run is.)"""
+    (tmp_path / "outbox").mkdir()
+    blocker = tmp_path / "outbox" / "test-campaign_k"
+    blocker.write_text("not a folder")
     box: dict[str, Any] = {"type": "outbox", "dir": "outbox", "price_per_segment": "0.01"}
     if rate:
         box["rate"] = rate
@@ -422,7 +426,7 @@ def test_an_outbox_folder_that_cannot_be_made_stops_the_run_before_anything_is_s
     assert report.exit_code == 6
     assert "outbox folder" in (report.error or "") and "cannot be used" in (report.error or "")
     assert set(report.counts) == {"pending"} and report.spend_micros == 0
-    (tmp_path / "outbox").unlink()
+    blocker.unlink()
     assert send_to_outbox(campaign, store_path).counts == {"sent": 40}
     assert outbox_keys(tmp_path) == sorted(f"c{i}" for i in range(1, 41))
 

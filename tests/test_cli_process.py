@@ -459,9 +459,10 @@ def test_json_output_on_a_standard_output_that_is_not_utf8(
     folder.mkdir()
     campaign = make_campaign(people(5), providers={"box": {
         "type": "outbox", "dir": str(folder / "outbox"), "price_per_segment": "0.01"}})
-    (folder / "outbox").write_text("a file where the outbox folder should be")
+    (folder / "outbox").mkdir()
+    (folder / "outbox" / "test-campaign_k").write_text("a file where the run's folder should be")
     store = tmp_path / "store.db"
-    done = subprocess.run(campaign_cmd(store, "send", str(campaign), "--json"),
+    done = subprocess.run(campaign_cmd(store, "send", str(campaign), "--json", "--run-key", "k"),
                           capture_output=True, timeout=DEADLINE,
                           env={**os.environ, "PYTHONIOENCODING": "ascii"})
     err = done.stderr.decode("ascii", "replace")
