@@ -560,7 +560,7 @@ def test_a_run_finished_before_version_5_shows_with_its_session_keys_blank(
     assert invoke(store_path, "send", str(make_campaign(people(2))), "--run-key", "r1")[0] == 0
     with sqlite3.connect(store_path) as conn:  # back to version 4, as it wrote runs
         for column in ("stopped", "in_doubt_found", "in_doubt_resent", "recipient_key",
-                       "strategy"):
+                       "strategy", "reading"):
             conn.execute(f"ALTER TABLE runs DROP COLUMN {column}")
         conn.execute("PRAGMA user_version = 4")
     code, out, err = invoke(store_path, "status", "test-campaign/r1", "--json")
