@@ -510,3 +510,23 @@ def test_json_as_the_value_of_another_option_is_not_a_request_for_json(
     assert result.stdout == ""
     [line] = result.stderr.splitlines()
     assert line.startswith("error: ")
+
+
+@pytest.mark.parametrize("mistake", [[], ["--limit", "ten"]])
+def test_a_closed_standard_error_never_puts_messages_on_standard_output(
+    store_path: Path, make_campaign: CampaignFactory, mistake: list[str]
+) -> None:
+    """`campaign send ... --json 2>&-` (a supervisor that closes stderr): Python then has no
+    sys.stderr, and rich's console and print(file=None) fell back to standard output, so the
+    resume command and error lines came after the console lines and the summary, and the summary
+    was no longer the last line a script reads. What stderr would have carried is dropped."""
+    campaign = console_campaign(make_campaign, 5)
+    cmd = campaign_cmd(store_path, "send", str(campaign), "--json", "--max-spend", "0.02",
+                       *mistake)
+    done = subprocess.run(["/bin/sh", "-c", 'exec "$@" 2>&-', "sh", *cmd],
+                          capture_output=True, text=True, timeout=DEADLINE)
+    lines = done.stdout.splitlines()
+    summary = json.loads(lines[-1])
+    assert done.returncode == summary["exit_code"] == (3 if not mistake else 2), done.stdout
+    assert all(json.loads(line)["recipient_key"] for line in lines[:-1]), done.stdout
+    assert done.stderr == ""

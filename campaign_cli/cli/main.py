@@ -79,6 +79,10 @@ def main() -> None:
     # Whatever a command prints (a console campaign, `suppress list`, `--json`) reaches the
     # reading program whole, also under PYTHONUNBUFFERED (campaign_cli/streams.py).
     sys.stdout = whole_writes(sys.stdout)
+    if sys.stderr is None:
+        # `2>&-`: Python has no sys.stderr, and rich's console and print(file=None) would write
+        # errors, warnings and progress to stdout, after the summary a script reads last.
+        sys.stderr = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 - for the process
     _register()
     try:
         code = _run()
