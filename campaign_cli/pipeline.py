@@ -791,6 +791,8 @@ class Runner:
                 f"run {run.name} stopped: {cause}finishing the journal failed: {exc}; messages "
                 "in flight are in doubt and the rest pending when it resumes"
             ) from None
+        # The last counts, not the last tick's: a display left on screen shows where it ended.
+        self._report_progress(total_rows, started_mono)
         return RunReport(
             run_id=run.id, run_name=run.name, campaign=run.campaign, run_key=run.run_key,
             dry_run=self.options.dry_run, resumed=resumed, by_channel=by_channel,
@@ -994,13 +996,16 @@ class Runner:
                 self._crashed(exc)
                 return
             policy.apply(updates)
-            if self.on_progress is not None:
-                try:
-                    self.on_progress(self._progress(total, started))
-                except Exception as exc:  # noqa: BLE001 - a display must not stop the poll
-                    self.on_progress = None
-                    self.warnings.append(f"progress display stopped: {type(exc).__name__}: "
-                                         f"{redact(str(exc), self.secrets)}")
+            self._report_progress(total, started)
+
+    def _report_progress(self, total: int, started: float) -> None:
+        if self.on_progress is not None:
+            try:
+                self.on_progress(self._progress(total, started))
+            except Exception as exc:  # noqa: BLE001 - a display must not stop the poll
+                self.on_progress = None
+                self.warnings.append(f"progress display stopped: {type(exc).__name__}: "
+                                     f"{redact(str(exc), self.secrets)}")
 
     def _progress(self, total: int, started: float) -> Progress:
         counts = self._baseline + self._session_counts

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import shlex
@@ -587,3 +588,36 @@ def test_a_dry_run_says_why_messages_would_fail_to_render(
     code, out, err = invoke(store_path, "send", str(campaign), "--dry-run", "--json")
     assert code == 4 and json.loads(out)["counts"]["render_failed"] == 1
     assert "'coupon' is undefined" in err
+
+
+class _Terminal(io.StringIO):
+    """A standard error that says it is a terminal: rich draws its live progress display."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def _screen_lines(text: str) -> list[str]:
+    """The lines a terminal keeps of ``text``: escape codes dropped, each line as left after its
+    last carriage return (rich redraws the live line in place)."""
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text)
+    return [line.rsplit("\r", 1)[-1] for line in plain.split("\n")]
+
+
+def test_the_live_progress_display_ends_on_the_runs_last_counts(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    """On a terminal the progress display is left on screen when the run ends. It was only fed
+    by the once-a-second ticker, so it stayed at its last tick: "0/?" after a run shorter than a
+    second, "208/300" after one that sent all 300."""
+    from campaign_cli.cli.context import AppContext
+    from campaign_cli.cli.output import Output
+
+    campaign = make_campaign(people(10))
+    stdout, stderr = io.StringIO(), _Terminal()
+    app = AppContext(output=Output(stdout=stdout, stderr=stderr), store_option=store_path)
+    result = CliRunner().invoke(get_app(), ["send", str(campaign), "--json"], obj=app)
+    assert result.exit_code == 0, stderr.getvalue()
+    assert json.loads(stdout.getvalue())["counts"] == {"sent": 10}
+    [bar] = [line for line in _screen_lines(stderr.getvalue()) if "test-campaign" in line]
+    assert "sent 10 " in bar and "spend 0.1 USD" in bar, bar
