@@ -530,3 +530,50 @@ def test_a_closed_standard_error_never_puts_messages_on_standard_output(
     assert done.returncode == summary["exit_code"] == (3 if not mistake else 2), done.stdout
     assert all(json.loads(line)["recipient_key"] for line in lines[:-1]), done.stdout
     assert done.stderr == ""
+
+
+def test_console_lines_on_the_same_terminal_as_the_progress_display_stay_whole(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    """`campaign send console.yaml` in a terminal: stdout (the console provider's lines) and
+    stderr (the live progress display) are the same screen. The display redraws its line in
+    place and the console line written after it was glued onto it: the screen showed
+    `demo ━━━ 20/40 sent 20 ... 0:00:01{"channel": "sms", ...}`. There, progress is the plain
+    line (whole lines) instead."""
+    import pty
+    import select
+
+    campaign = make_campaign(
+        people(40),
+        providers={"con": {"type": "console", "rate": "20/s", "burst": 1,
+                           "price_per_segment": "0.01"}},
+        channels={"sms": {"provider": "con", "body": "Hi {{ first_name }}"}},
+    )
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(campaign_cmd(store_path, "send", str(campaign)),
+                            stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, close_fds=True)
+    os.close(slave)
+    seen = b""
+    try:
+        while True:
+            try:
+                ready = select.select([master], [], [], 1)[0]
+                chunk = os.read(master, 65536) if ready else b""
+            except OSError:  # the other side is closed: all read
+                break
+            if ready and not chunk:
+                break
+            seen += chunk
+            assert proc.poll() is None or ready, f"exited {proc.returncode}"
+        assert proc.wait(timeout=DEADLINE) == 0, seen
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", seen.decode())
+    screen = [line.rstrip("\r").rsplit("\r", 1)[-1] for line in plain.split("\n")]
+    messages = [line for line in screen if '"channel"' in line]
+    assert len(messages) == 40, plain
+    for line in messages:
+        assert json.loads(line)["channel"] == "sms", line

@@ -122,11 +122,14 @@ def guarded(fn: Callable[..., Any], output: Output, *args: Any, **kwargs: Any) -
 
 
 class ProgressDisplay:
-    """Run progress on stderr: a rich live display on a terminal, else a plain line every few
-    seconds (fit for cron logs). Fed `pipeline.Progress` snapshots; never touches stdout."""
+    """Run progress on stderr: a rich live display on a terminal (unless ``live`` is false),
+    else a plain line every few seconds (fit for cron logs). Fed `pipeline.Progress` snapshots;
+    never touches stdout."""
 
-    def __init__(self, output: Output, title: str, *, plain_every: float = 5.0) -> None:
+    def __init__(self, output: Output, title: str, *, plain_every: float = 5.0,
+                 live: bool = True) -> None:
         self._output = output
+        self._live_allowed = live
         self._title = title
         self._plain_every = plain_every
         self._last_plain = 0.0
@@ -137,7 +140,7 @@ class ProgressDisplay:
     def __enter__(self) -> ProgressDisplay:
         if self._output.quiet:
             return self
-        if self._output.stderr_is_tty:
+        if self._output.stderr_is_tty and self._live_allowed:
             from rich.progress import (
                 BarColumn,
                 MofNCompleteColumn,

@@ -125,7 +125,11 @@ def _send(app: AppContext, campaign_file: Path, recipients: Path | None, dry_run
                     stdout=out.stdout)
     title = f"{loaded.campaign.name}{' (dry run)' if dry_run else ''}"
 
-    with ProgressDisplay(out, title) as display:
+    # The console provider's lines on the terminal that shows the live display would be glued
+    # onto the line it redraws in place: there, progress is the plain line.
+    console_on_terminal = any(p.type == "console" for p in loaded.campaign.providers.values()) \
+        and bool(getattr(out.stdout, "isatty", lambda: False)())
+    with ProgressDisplay(out, title, live=not console_on_terminal) as display:
         runner.on_progress = display.update
 
         async def main() -> RunReport:
