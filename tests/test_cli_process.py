@@ -577,3 +577,17 @@ def test_console_lines_on_the_same_terminal_as_the_progress_display_stay_whole(
     assert len(messages) == 40, plain
     for line in messages:
         assert json.loads(line)["channel"] == "sms", line
+
+
+@pytest.mark.parametrize("args", [["suppress", "add", "+12012000001"], ["status"]])
+def test_a_command_that_succeeds_with_standard_output_closed_exits_0_without_a_traceback(
+    store_path: Path, args: list[str]
+) -> None:
+    """`campaign suppress add ... >&-` (a supervisor that closes stdout): Python then has no
+    sys.stdout, and the last flush before exiting raised AttributeError on None: a traceback
+    and exit 1 for an opt-out that was recorded."""
+    done = subprocess.run(["/bin/sh", "-c", 'exec "$@" >&-', "sh",
+                           *campaign_cmd(store_path, *args)],
+                          capture_output=True, text=True, timeout=DEADLINE)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr

@@ -161,6 +161,8 @@ def _flush_stdout() -> None:
     ignored ... BrokenPipeError" and exit 120 in place of our exit code: instead, what could not
     be written goes to /dev/null (the journal already says what was printed and what is in
     doubt)."""
+    if sys.stdout is None:  # `>&-`: closed before we started; nothing was written there
+        return
     try:
         sys.stdout.flush()
     except BrokenPipeError:
