@@ -196,6 +196,25 @@ def test_list_shows_text_that_looks_like_rich_markup_as_written(cli: Cli, tmp_pa
     assert reason in r.out and "[link=https://x]y[/link]" in r.out
 
 
+def test_terminal_escape_sequences_in_stored_text_are_shown_not_sent_to_the_terminal(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """A reason from an imported file (a CRM export) or a provider's answer is free text: an
+    escape sequence in it went to the operator's terminal as is, where it can clear the screen,
+    retitle the window or hide the rows around it. It is shown escaped; --json keeps the text."""
+    path = tmp_path / "optouts.csv"
+    path.write_text("address,reason\nann@example.com,\x1b[2J\x1b]0;owned\x07\x9b31mred\n",
+                    encoding="utf-8")
+    cli("suppress", "import", str(path))
+    for args in (("suppress", "list"), ("suppress", "check", "ann@example.com")):
+        r = cli(*args)
+        assert r.exit_code == 0, r.err
+        assert "\x1b" not in r.out + r.err and "\x9b" not in r.out + r.err, r.out
+        assert "\\x1b[2J" in r.out and "\\x9b31mred" in r.out, r.out
+    [entry] = json.loads(cli("suppress", "list", "--json").out)
+    assert entry["reason"] == "\x1b[2J\x1b]0;owned\x07\x9b31mred"
+
+
 def test_import_reports_invalid_lines(cli: Cli, tmp_path: Path) -> None:
     path = tmp_path / "optouts.csv"
     path.write_text("address,reason\n'+14155550100,STOP\nbogus,\nann@example.com,\n")

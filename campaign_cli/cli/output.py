@@ -7,6 +7,7 @@ Human output and progress go to stderr; `--json` output goes to stdout. Every me
 from __future__ import annotations
 
 import json
+import re
 import sys
 import traceback
 from collections.abc import Callable, Iterable, Sequence
@@ -20,6 +21,9 @@ from rich.text import Text
 from campaign_cli.errors import CampaignError, ExitCode, redact
 from campaign_cli.models import from_micros
 from campaign_cli.streams import writes_unicode
+
+# C0 controls but line feed and tab, DEL, and C1 controls (0x9b is a one-byte CSI).
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 @dataclass
@@ -48,20 +52,27 @@ class Output:
     def redact(self, text: str) -> str:
         return redact(text, self.secrets)
 
+    def shown(self, text: str) -> str:
+        """``text`` redacted, for a person: control characters (an escape sequence in a reason
+        from an imported file or a provider's answer would clear the screen or retitle the
+        window) are written as escapes, line breaks and tabs kept."""
+        return _CONTROL.sub(lambda m: m[0].encode("unicode_escape").decode("ascii"),
+                            self.redact(text))
+
     def error(self, message: str) -> None:
-        self.err.print(f"error: {self.redact(message)}", markup=False)
+        self.err.print(f"error: {self.shown(message)}", markup=False)
 
     def warn(self, message: str) -> None:
-        self.err.print(f"warning: {self.redact(message)}", markup=False)
+        self.err.print(f"warning: {self.shown(message)}", markup=False)
 
     def info(self, message: str) -> None:
         if not self.quiet:
-            self.err.print(self.redact(message), markup=False)
+            self.err.print(self.shown(message), markup=False)
 
     def result(self, message: str, *, err: bool = False) -> None:
         """A command's result, for a person: stdout (stderr with ``err``, when stdout carries
         data, such as the console provider's messages)."""
-        (self.err if err else self.out).print(self.redact(message), markup=False)
+        (self.err if err else self.out).print(self.shown(message), markup=False)
 
     def json(self, payload: Any) -> None:
         # Redact the values, not the serialized text: a secret such as "100" would turn numbers
@@ -88,7 +99,7 @@ class Output:
         for row in rows:
             # Cells are data (reasons, sources, provider answers), never rich markup: "[/x]"
             # would raise MarkupError.
-            table.add_row(*(Text(self.redact("" if v is None else str(v))) for v in row))
+            table.add_row(*(Text(self.shown("" if v is None else str(v))) for v in row))
         (self.err if err else self.out).print(table)
 
     def fail(self, exc: BaseException) -> int:
@@ -96,7 +107,7 @@ class Output:
         if isinstance(exc, CampaignError):
             self.error(str(exc))
             if self.verbose:
-                self.err.print(self.redact(traceback.format_exc()), markup=False)
+                self.err.print(self.shown(traceback.format_exc()), markup=False)
             return int(exc.exit_code)
         if isinstance(exc, BrokenPipeError):  # `campaign ... | head`: not a bug
             self.error("standard output was closed before everything was written (broken pipe): "
@@ -105,7 +116,7 @@ class Output:
         self.error(f"internal error: {type(exc).__name__}: {exc} (a bug: please report it; "
                    "--verbose shows the traceback)")
         if self.verbose:
-            self.err.print(self.redact(traceback.format_exc()), markup=False)
+            self.err.print(self.shown(traceback.format_exc()), markup=False)
         return int(ExitCode.INTERNAL)
 
 
