@@ -368,6 +368,20 @@ def test_why_a_run_was_aborted_is_on_stderr_also_with_quiet_or_json(
     assert "not-a-folder" in line
 
 
+def test_the_resume_command_is_printed_also_with_quiet(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    """--quiet is "only errors and results": a run stopped at its spend cap (exit 3) printed
+    nothing at all, so a cron log held no word of how to go on."""
+    campaign = make_campaign(people(5))
+    code, out, err = invoke(store_path, "--quiet", "send", str(campaign), "--run-key", "k",
+                            "--max-spend", "0.02")
+    assert code == 3, err
+    assert out == ""
+    [hint] = [line for line in err.splitlines() if "To resume" in line]
+    assert "--run-key k" in hint and "--max-spend" in hint
+
+
 def test_the_plain_progress_line_shows_spend_exactly_in_the_runs_currency() -> None:
     """Off a terminal, progress is a plain line every few seconds. Its spend was a float printed
     with four decimals: 0.00395 USD showed as 0.0040, 12 JPY as 12.0000; the summary and

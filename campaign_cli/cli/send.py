@@ -163,8 +163,8 @@ def _send(app: AppContext, campaign_file: Path, recipients: Path | None, dry_run
         out.error(report.error)
     hint = _resume_hint(app, report, campaign_file, recipients, max_spend, limit, rate,
                         single_process)
-    if hint:
-        out.info(hint)
+    if hint:  # the way on from a stop: a result, also with --quiet (a cron log needs it most)
+        out.result(hint, err=True)
     raise typer.Exit(int(report.exit_code or 0))
 
 
