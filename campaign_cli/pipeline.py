@@ -646,20 +646,24 @@ class Runner:
                     f"an earlier session is lowered to the campaign file's "
                     f"{from_micros(kept)} (give --max-spend {from_micros(had)} to keep it)"
                 )
-            runs.mark_in_doubt(store.conn, run.id, now)
-            if self.options.retry_failed:
-                self.retried = runs.reopen_transient_failures(store.conn, run.id, now,
-                                                            self.options.limit)
-            for states in runs.counts(store.conn, run.id).values():
-                self._baseline.update(states)
-            # In doubt at the start of this session: left `sending` by one that died just
-            # now, or recorded in doubt earlier (an unanswered send, a skipped resend).
-            in_doubt_found = self._baseline[_IN_DOUBT]
-            self._max_row_start = _max_row(store.conn, run.id)
-            # A smaller --limit than an earlier session's does not unjournal rows: they count.
-            total_rows = max(total_rows, self._max_row_start)
-            runs.begin_session(store.conn, run.id, total_rows=total_rows,
-                               in_doubt_found=in_doubt_found)
+            # One transaction that waits out another process's long write (up to LOCK_WAIT),
+            # as the journal writer does: SQLite's busy timeout alone would fail the session.
+            with suppression_store.write_transaction(store.conn):
+                runs.mark_in_doubt(store.conn, run.id, now)
+                if self.options.retry_failed:
+                    self.retried = runs.reopen_transient_failures(store.conn, run.id, now,
+                                                                self.options.limit)
+                for states in runs.counts(store.conn, run.id).values():
+                    self._baseline.update(states)
+                # In doubt at the start of this session: left `sending` by one that died just
+                # now, or recorded in doubt earlier (an unanswered send, a skipped resend).
+                in_doubt_found = self._baseline[_IN_DOUBT]
+                self._max_row_start = _max_row(store.conn, run.id)
+                # A smaller --limit than an earlier session's does not unjournal rows: they
+                # count.
+                total_rows = max(total_rows, self._max_row_start)
+                runs.begin_session(store.conn, run.id, total_rows=total_rows,
+                                   in_doubt_found=in_doubt_found)
             committed = runs.committed_spend(store.conn, run.id)
             start_row = _first_open_row(store.conn, run.id)
             policy = Policy(
@@ -723,9 +727,11 @@ class Runner:
             writer = JournalWriter(store.path).start()
         except CampaignError as exc:  # the journal's connection
             await self._close_providers(routes, http)
-            runs.finish_run(store.conn, run.id, status="aborted", exit_code=int(exc.exit_code),
-                            now=iso(self.clock.now()), total_rows=total_rows,
-                            last_error=redact(str(exc), self.secrets), stopped="error")
+            with suppression_store.write_transaction(store.conn):
+                runs.finish_run(store.conn, run.id, status="aborted",
+                                exit_code=int(exc.exit_code), now=iso(self.clock.now()),
+                                total_rows=total_rows,
+                                last_error=redact(str(exc), self.secrets), stopped="error")
             raise
         budget = Budget(run.max_spend_micros, committed)  # this session's, or the run's own
         concurrency = self.campaign.limits.concurrency
@@ -767,24 +773,28 @@ class Runner:
         # Rows still `sending` had their send cut off: the outcome is unknown.
         now = iso(self.clock.now())
         try:
-            runs.mark_in_doubt(store.conn, run.id, now)
-            by_channel = runs.counts(store.conn, run.id)
-            spend = runs.committed_spend(store.conn, run.id)
-            # Dead letters, and messages whose template failed for this recipient: either way
-            # someone was not sent to for a reason the operator must look at (exit 4).
-            failed = sum(s.get(State.FAILED.value, 0) + s.get(State.RENDER_FAILED.value, 0)
-                         for s in by_channel.values())
-            exit_code, status, stopped = self._outcome(failed)
-            if self.options.dry_run:
-                # The journal of a dry run is thrown away: its reasons are said now or never.
-                for channel, detail, n, row in runs.render_failures(store.conn, run.id):
-                    self.warnings.append(f"dry run: {n} {channel} message(s) would fail to "
-                                         f"render (first: row {row}): {detail}")
-            if self._abort is not None:
-                error = redact(str(self._abort), self.secrets)
-            runs.finish_run(store.conn, run.id, status=status, exit_code=int(exit_code), now=now,
-                            total_rows=total_rows, last_error=error, stopped=stopped,
-                            in_doubt_resent=self._in_doubt_resent)
+            # Waits out another process's long write, as the session's start does.
+            with suppression_store.write_transaction(store.conn):
+                runs.mark_in_doubt(store.conn, run.id, now)
+                by_channel = runs.counts(store.conn, run.id)
+                spend = runs.committed_spend(store.conn, run.id)
+                # Dead letters, and messages whose template failed for this recipient: either
+                # way someone was not sent to for a reason the operator must look at (exit 4).
+                failed = sum(s.get(State.FAILED.value, 0)
+                             + s.get(State.RENDER_FAILED.value, 0) for s in by_channel.values())
+                exit_code, status, stopped = self._outcome(failed)
+                if self.options.dry_run:
+                    # The journal of a dry run is thrown away: its reasons are said now or
+                    # never.
+                    for channel, detail, n, row in runs.render_failures(store.conn, run.id):
+                        self.warnings.append(
+                            f"dry run: {n} {channel} message(s) would fail to render "
+                            f"(first: row {row}): {detail}")
+                if self._abort is not None:
+                    error = redact(str(self._abort), self.secrets)
+                runs.finish_run(store.conn, run.id, status=status, exit_code=int(exit_code),
+                                now=now, total_rows=total_rows, last_error=error,
+                                stopped=stopped, in_doubt_resent=self._in_doubt_resent)
         except sqlite3.Error as exc:
             cause = "" if self._abort is None else f"{self._abort}; "
             raise JournalError(

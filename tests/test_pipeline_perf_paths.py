@@ -37,7 +37,7 @@ from campaign_cli.recipients import (
 from campaign_cli.store.db import Store, insert_rows
 from campaign_cli.store.journal import JournalWriter
 from campaign_cli.testing import FakeClock, FakeProvider, fake_registry
-from tests.conftest import CampaignFactory, journal, people, write_csv
+from tests.conftest import CampaignFactory, journal, people, query, write_csv
 
 MIXED = (
     "id,name,phone,email\n"
@@ -510,3 +510,98 @@ def test_a_reader_child_that_crashes_says_why_in_one_line(tmp_path: Path) -> Non
         "the recipient reader process ended unexpectedly (exit code 1: ValueError: "
         "'carrier-pigeon' is not a valid Channel)"
     )
+
+
+# -- another process's long write (a big `suppress import`) around a run ------------------------
+
+
+class _LockHolder:
+    """Another connection that holds the store's write lock, as a long import does, until the
+    run has found it taken ``times`` times (each a busy timeout): a condition, not a sleep."""
+
+    def __init__(self, path: Path, monkeypatch: pytest.MonkeyPatch, times: int = 3) -> None:
+        import threading
+
+        from campaign_cli.store import db
+
+        self.met = 0
+        self.times = times
+        real = db.is_busy
+
+        def counting(exc: sqlite3.OperationalError) -> bool:
+            self.met += 1
+            return real(exc)
+
+        monkeypatch.setattr(db, "is_busy", counting)
+        monkeypatch.setattr(db, "BUSY_TIMEOUT_MS", 20)
+        self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.released = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def take(self) -> None:
+        import threading
+
+        self.met = 0
+        self.conn.execute("BEGIN IMMEDIATE")
+        self.thread = threading.Thread(target=self._release_when_met, daemon=True)
+        self.thread.start()
+
+    def _release_when_met(self) -> None:
+        deadline = time.monotonic() + 60
+        while self.met < self.times and time.monotonic() < deadline:
+            time.sleep(0.005)
+        self.conn.execute("COMMIT")
+        self.released.set()
+
+    def close(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+        self.conn.close()
+
+
+def test_a_run_that_starts_while_another_process_writes_waits_for_the_lock(
+    make_campaign: CampaignFactory, store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run started while a big `suppress import` commits (one transaction, longer than
+    SQLite's 10 s busy timeout) used to exit 1 ("internal error: database is locked") when it
+    recorded its session. It waits for the lock (up to LOCK_WAIT), as its journal writer does."""
+    campaign = make_campaign(people(30))
+    Store.open(store_path).close()
+    holder = _LockHolder(store_path, monkeypatch)
+    holder.take()
+    try:
+        report = run_campaign(load_campaign(campaign, {}), store_path,
+                              SendOptions(run_key="k"), clock=FakeClock())
+    finally:
+        holder.close()
+    assert holder.met >= holder.times  # it did meet the lock
+    assert report.exit_code == 0, report.error
+    assert Counter(r["state"] for r in journal(store_path)) == {"sent": 30}
+
+
+def test_a_run_that_finishes_while_another_process_writes_waits_for_the_lock(
+    make_campaign: CampaignFactory, store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same at the end of a run: everything sent and journaled, then another process takes
+    the write lock for longer than the busy timeout before the run records how it ended. That
+    used to fail the run (exit 1, "finishing the journal failed: database is locked")."""
+    campaign = make_campaign(people(30))
+    Store.open(store_path).close()
+    holder = _LockHolder(store_path, monkeypatch)
+    real_close = JournalWriter.close
+
+    def close_then_lock(self: JournalWriter) -> None:
+        real_close(self)
+        holder.take()  # the last journal batch is in: the run's own finish comes next
+
+    monkeypatch.setattr(JournalWriter, "close", close_then_lock)
+    try:
+        report = run_campaign(load_campaign(campaign, {}), store_path,
+                              SendOptions(run_key="k"), clock=FakeClock())
+    finally:
+        holder.close()
+    assert holder.met >= holder.times
+    assert report.exit_code == 0, report.error
+    assert report.status == "done"
+    status = query(store_path, "SELECT status, exit_code FROM runs")
+    assert status == [("done", 0)]

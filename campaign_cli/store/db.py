@@ -290,7 +290,7 @@ def migrate(conn: sqlite3.Connection) -> int:
             f"({len(MIGRATIONS)}): upgrade campaign-cli"
         )
     for number, migration in enumerate(MIGRATIONS[version:], start=version + 1):
-        conn.execute("BEGIN IMMEDIATE")
+        begin_immediate(conn)
         try:
             # Another process may have migrated while we waited for the lock.
             current = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -341,6 +341,8 @@ def insert_rows(conn: sqlite3.Connection, head: str, rows: Sequence[Sequence[Any
 #: importing a big list: one transaction each) before it gives up: SQLite's busy timeout (10 s)
 #: is one try of it. A run's sends wait at their intent barrier meanwhile: nothing unjournaled.
 LOCK_WAIT = 300.0
+#: SQLite's busy timeout on every store connection (milliseconds): one try of `begin_immediate`.
+BUSY_TIMEOUT_MS = 10_000
 
 
 def begin_immediate(conn: sqlite3.Connection, wait: float = LOCK_WAIT,
@@ -395,7 +397,7 @@ def connect(path: Path, *, create: bool = True, readonly: bool = False) -> sqlit
             )
         else:
             conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA busy_timeout = 10000")
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS:d}")
         if not readonly:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")

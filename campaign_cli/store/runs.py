@@ -22,7 +22,7 @@ import sqlite_utils
 
 from campaign_cli.errors import RunLockedError, UsageError
 from campaign_cli.models import State
-from campaign_cli.store.db import insert_rows
+from campaign_cli.store.db import begin_immediate, insert_rows
 
 RUN_COLUMNS = (
     "id", "campaign", "run_key", "campaign_file", "recipients_file", "recipients_sha256",
@@ -131,7 +131,7 @@ def start_run(
     strategy (it decides which channels of a row the journal holds), nor how the file is read
     (``reading``: address columns, region, delimiter)."""
     stored_reading = None if reading is None else json.dumps(reading, sort_keys=True)
-    conn.execute("BEGIN IMMEDIATE")
+    begin_immediate(conn)  # waits out another process's long write (a big `suppress import`)
     try:
         existing = find_run(conn, campaign, run_key)
         if existing is None:
