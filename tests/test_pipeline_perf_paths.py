@@ -605,3 +605,34 @@ def test_a_run_that_finishes_while_another_process_writes_waits_for_the_lock(
     assert report.status == "done"
     status = query(store_path, "SELECT status, exit_code FROM runs")
     assert status == [("done", 0)]
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_a_store_deleted_or_replaced_under_a_run_stops_it(
+    make_campaign: CampaignFactory, store_path: Path, tmp_path: Path, how: str
+) -> None:
+    """In WAL mode SQLite keeps writing to a store file that was deleted (or renamed over) while
+    a run goes: the run used to send every message and exit 0 "done" with its journal in a file
+    nobody can open, so the next run sent everyone again. It stops (exit 1) at the next journal
+    batch: the sends waiting for their intent to commit never go out."""
+    total = 2000
+    campaign = make_campaign(people(total))
+    other = tmp_path / "other.db"
+    Store.open(other).close()
+    done: list[bool] = []
+
+    def pull_the_store(message: Any) -> None:
+        if not done:
+            if how == "deleted":
+                store_path.unlink()
+            else:
+                os.replace(other, store_path)
+            done.append(True)
+
+    provider = FakeProvider(handler=pull_the_store)
+    report = run_campaign(load_campaign(campaign, {}), store_path,
+                          SendOptions(run_key="k", chunk_size=20), clock=FakeClock(),
+                          registry=fake_registry(provider))
+    assert done and report.exit_code == 1
+    assert "the store file was deleted or replaced while the run was going" in (report.error or "")
+    assert len(provider.accepted) < total // 4

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import queue
 import sqlite3
 import threading
@@ -67,6 +68,7 @@ class JournalWriter:
         self._failure: BaseException | None = None
         self._ready = threading.Event()
         self._conn: sqlite3.Connection | None = None
+        self._identity: tuple[int, int] | None = None  # (device, inode) of the store it opened
         self.commits = 0
         self.statements = 0
         # Barrier bookkeeping. `_queued` is touched by the loop thread only, `_taken` by the writer
@@ -188,6 +190,7 @@ class JournalWriter:
             return
         if self._busy_timeout_ms is not None:
             self._conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
+        self._identity = _identity(self._path)
         self._ready.set()
         conn = self._conn
         stopping = False
@@ -278,6 +281,14 @@ class JournalWriter:
 
     def _begin(self, conn: sqlite3.Connection) -> None:
         begin_immediate(conn, self._lock_wait, self._met_lock)
+        # In WAL mode SQLite goes on writing to a store file that was deleted (or renamed over)
+        # without a word: every batch would commit to a file nobody can open again, and the
+        # run would send everyone with no journal. One stat per batch tells.
+        if _identity(self._path) != self._identity:
+            raise StoreError(
+                f"{self._path}: the store file was deleted or replaced while the run was going; "
+                "stopped so as not to send without a journal"
+            )
 
     def _met_lock(self) -> None:
         self.busy_waits += 1
@@ -288,6 +299,14 @@ class JournalWriter:
     ) -> None:
         _resolve(entries)
         self._on_commit(taken, failure)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino
 
 
 def _resolve(entries: list[tuple[_Call, Any, BaseException | None]]) -> None:
