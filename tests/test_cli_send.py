@@ -13,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from campaign_cli.cli.main import get_app
+from campaign_cli.pipeline import RunReport
 from campaign_cli.store.db import MIGRATIONS
 from tests.conftest import CampaignFactory, people, query
 
@@ -380,6 +381,47 @@ def test_the_resume_command_is_printed_also_with_quiet(
     assert out == ""
     [hint] = [line for line in err.splitlines() if "To resume" in line]
     assert "--run-key k" in hint and "--max-spend" in hint
+
+
+@pytest.mark.parametrize("store", ["kept", "deleted", "replaced"])
+def test_no_resume_command_when_the_run_s_store_is_gone(
+    make_campaign: CampaignFactory, store_path: Path, tmp_path: Path, store: str
+) -> None:
+    """A run stopped because its store was deleted or replaced under it (exit 1): the printed
+    resume command would have started the run afresh in a new store and sent everyone already
+    sent their message again. It says the store is gone instead."""
+    import io
+
+    from campaign_cli.cli.context import AppContext
+    from campaign_cli.cli.output import Output
+    from campaign_cli.cli.send import _resume_hint
+
+    campaign = make_campaign(people(2))
+    code, out, _ = invoke(store_path, "send", str(campaign), "--run-key", "k", "--json")
+    report = run_status_of(store_path, "test-campaign/k")
+    report.exit_code = 1
+    if store == "deleted":
+        store_path.unlink()
+    elif store == "replaced":
+        store_path.unlink()
+        invoke(store_path, "suppress", "add", "+14155550100")  # a new, valid store
+    app = AppContext(output=Output(stdout=io.StringIO(), stderr=io.StringIO()),
+                     store_option=store_path, env={})
+    hint = _resume_hint(app, report, campaign, None, None, None, None) or ""
+    if store == "kept":
+        assert hint.startswith("to resume: ")
+    else:
+        assert "to resume" not in hint
+        assert hint.startswith("the store that journaled run test-campaign/k is gone from ")
+
+
+def run_status_of(store: Path, run: str) -> RunReport:
+    from campaign_cli.pipeline import run_status
+    from campaign_cli.store import runs
+    from campaign_cli.store.db import Store
+
+    with Store.open(store) as opened:
+        return run_status(opened.conn, runs.get_run(opened.conn, run))
 
 
 def test_the_plain_progress_line_shows_spend_exactly_in_the_runs_currency() -> None:

@@ -7,6 +7,7 @@ import math
 import os
 import shlex
 import signal
+import sqlite3
 import sys
 from decimal import ROUND_DOWN, Decimal, InvalidOperation
 from pathlib import Path
@@ -248,12 +249,36 @@ def _print_summary(app: AppContext, report: RunReport) -> None:
                  "`campaign status`")
 
 
+def _store_holds(store_path: Path, report: RunReport) -> bool:
+    """Whether the store at ``store_path`` still journals the run (read only; a store that
+    cannot be read for another reason is given the benefit of the doubt)."""
+    if not store_path.exists():
+        return False
+    try:
+        conn = sqlite3.connect(f"{store_path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            found = conn.execute("SELECT 1 FROM runs WHERE id = ? AND campaign = ? AND "
+                                 "run_key = ?", (report.run_id, report.campaign,
+                                                 report.run_key)).fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        return "no such table" not in str(exc)  # (another kind of file under the name)
+    return found is not None
+
+
 def _resume_hint(app: AppContext, report: RunReport, campaign_file: Path,
                  recipients: Path | None, max_spend: str | None, limit: int | None,
                  rate: float | None, single_process: bool = False) -> str | None:
     if report.dry_run or report.exit_code not in (ExitCode.SPEND_CAP, ExitCode.INTERRUPTED,
                                                    ExitCode.PROVIDER_AUTH, ExitCode.INTERNAL):
         return None
+    if not _store_holds(app.store_path, report):
+        # Deleted or replaced under the run: the same command would start it afresh in a new
+        # store and send everyone already sent their message again.
+        return (f"the store that journaled run {report.run_name} is gone from "
+                f"{app.store_path} (deleted or replaced): do not resume against another store, "
+                "which would send everyone again; restore it from a backup first")
     parts = ["campaign"]
     # The store this run used, always and as an absolute path, as are the files: pasted into
     # another shell (no CAMPAIGN_STORE, another working directory), the command would otherwise
