@@ -1,0 +1,40 @@
+"""What an install gets: the dependency ranges in pyproject.toml and the files of the package.
+
+The lowest versions the ranges allow were installed in a fresh virtual environment (with the
+newest versions of everything they leave open, as pip resolves them) and the suite run there; the
+floors below are the versions that worked. Installing them takes a minute, so the suite checks
+the declared floors themselves."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.version import Version
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def declared_floors() -> dict[str, Version]:
+    """Each runtime dependency's lowest allowed version, read from pyproject.toml (tomllib is
+    3.11+ and the project supports 3.10: the list is plain enough to read with a pattern)."""
+    text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    block = re.search(r"^dependencies = \[\n(.*?)^\]", text, re.MULTILINE | re.DOTALL)
+    assert block is not None, "no [project] dependencies list in pyproject.toml"
+    floors: dict[str, Version] = {}
+    for line in re.findall(r'^\s*"([^"]+)"', block.group(1), re.MULTILINE):
+        requirement = Requirement(line)
+        lows = [Version(s.version) for s in requirement.specifier if s.operator == ">="]
+        assert lows, f"{requirement.name}: no lower bound"
+        floors[requirement.name.lower()] = max(lows)
+    return floors
+
+
+def test_typer_floor_works_with_the_click_pip_installs_beside_it() -> None:
+    """typer declares click>=8.0 with no upper bound, so pip installs the newest click. With it,
+    typer 0.12 ran the eager --version callback on every command line (`campaign send x.yaml`
+    printed "campaign-cli 0.1.0" and exited 0, nothing sent), 0.13-0.15.3 crashed on --help and
+    on every command-line mistake (make_metavar() takes 1 positional argument), and 0.16-0.17
+    turned a missing argument into "a bug: please report it" (exit 1, not 2)."""
+    assert declared_floors()["typer"] >= Version("0.18")
