@@ -269,7 +269,8 @@ def test_a_request_the_client_refuses_to_write_raises_what_the_client_raised(whe
         async with sink() as s, client(where) as c:
             request = post(s.url)
             request.headers["Authorization"] = "Bearer tok\nX-Injected: yes"
-            with pytest.raises(ValueError, match="control character") as info:
+            # aiohttp's wording: "Newline or carriage return character detected" up to 3.10.
+            with pytest.raises(ValueError, match="control character|Newline or carriage") as info:
                 await c.send(request)
             assert type(info.value) is ValueError
             assert s.requests == []

@@ -38,3 +38,13 @@ def test_typer_floor_works_with_the_click_pip_installs_beside_it() -> None:
     on every command-line mistake (make_metavar() takes 1 positional argument), and 0.16-0.17
     turned a missing argument into "a bug: please report it" (exit 1, not 2)."""
     assert declared_floors()["typer"] >= Version("0.18")
+
+
+def test_aiohttp_floor_has_the_exceptions_the_http_transport_maps() -> None:
+    """map_aiohttp_error (campaign_cli/providers/http.py) reads aiohttp.ClientConnectionResetError,
+    which aiohttp added in 3.10.6: at 3.10.0-3.10.5 every failure that reached that line (a
+    connection reset or broken while reading) raised AttributeError in place of the in-doubt
+    error. The tests also use ClientConnectorDNSError. 3.10.11 has both and needs yarl>=1.12."""
+    floors = declared_floors()
+    assert floors["aiohttp"] >= Version("3.10.11")
+    assert floors["yarl"] >= Version("1.12")
