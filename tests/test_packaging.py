@@ -48,3 +48,13 @@ def test_aiohttp_floor_has_the_exceptions_the_http_transport_maps() -> None:
     floors = declared_floors()
     assert floors["aiohttp"] >= Version("3.10.11")
     assert floors["yarl"] >= Version("1.12")
+
+
+def test_the_package_says_it_is_typed() -> None:
+    """README offers campaign_cli.pipeline.run_campaign and campaign_cli.testing to other code,
+    and the package is typed throughout (strict mypy); without a py.typed marker (PEP 561) mypy
+    in a project that installed it skips every import ("module is installed, but missing library
+    stubs or py.typed marker"). The wheel ships every file under campaign_cli/."""
+    import campaign_cli
+
+    assert (Path(campaign_cli.__file__).parent / "py.typed").is_file()
