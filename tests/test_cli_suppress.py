@@ -486,3 +486,33 @@ def test_erase_blanks_the_address_where_it_is_the_recipient_key(
     assert b"bob@example.com" in raw  # another recipient's key stays
     check = json.loads(cli("suppress", "check", "Ann@Example.com", "--json").out)
     assert check["suppressed"] and check["entries"][0]["channel"] == "all"
+
+
+@pytest.mark.parametrize("platform", ["relative", "no home"])
+def test_an_opt_out_without_a_home_for_the_default_store_is_refused_not_kept_in_the_cwd(
+    platform: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cron job or a container user with no passwd entry and no HOME (or a relative one), and
+    neither --store nor CAMPAIGN_STORE. platformdirs up to 4.2 then answers a relative path
+    ("~/.local/share/campaign-cli", or "rel/.local/share/..." for HOME=rel): the opt-out went
+    into a store under whatever folder the command ran in, and a send run from elsewhere never
+    saw it. Later platformdirs raise RuntimeError: "internal error ... a bug" and exit 1. Either
+    way: one line saying how to name the store, exit 2, nothing written."""
+    import platformdirs
+
+    def user_data_dir(appname: str, appauthor: object = None) -> str:
+        if platform == "relative":
+            return f"~/.local/share/{appname}"
+        raise RuntimeError("could not determine the home directory for '~/.local/share', "
+                           "set an absolute HOME or XDG variable")
+
+    monkeypatch.setattr(platformdirs, "user_data_dir", user_data_dir)
+    monkeypatch.chdir(tmp_path)
+    from campaign_cli.cli.main import get_app
+
+    result = CliRunner().invoke(get_app(), ["suppress", "add", "+14155550100"],
+                                env={"CAMPAIGN_STORE": ""})
+    assert result.exit_code == 2, result.output
+    [line] = result.stderr.splitlines()
+    assert "--store" in line and "CAMPAIGN_STORE" in line and "a bug" not in line
+    assert list(tmp_path.iterdir()) == []

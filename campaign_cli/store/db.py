@@ -34,7 +34,19 @@ def default_store_path(explicit: str | Path | None, env: Mapping[str, str]) -> P
         return Path(env["CAMPAIGN_STORE"]).expanduser()
     import platformdirs  # deferred: nothing happens at import time
 
-    return Path(platformdirs.user_data_dir(APP_NAME, appauthor=False)) / "store.db"
+    # Without a home (no HOME and no passwd entry, or a relative one) platformdirs answers a
+    # relative path, or raises in later versions: a store under the current folder would hold
+    # opt-outs that a command run from elsewhere never sees.
+    try:
+        folder = Path(platformdirs.user_data_dir(APP_NAME, appauthor=False))
+    except RuntimeError:
+        folder = None
+    if folder is None or not folder.is_absolute():
+        raise StoreError(
+            "cannot tell where the store lives: no absolute home or data directory (HOME, "
+            "XDG_DATA_HOME); give --store PATH or set CAMPAIGN_STORE"
+        )
+    return folder / "store.db"
 
 
 
