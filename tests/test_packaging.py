@@ -58,3 +58,18 @@ def test_the_package_says_it_is_typed() -> None:
     import campaign_cli
 
     assert (Path(campaign_cli.__file__).parent / "py.typed").is_file()
+
+
+def test_the_version_is_written_in_one_place() -> None:
+    """pyproject.toml said 0.1.0 and so did campaign_cli/__init__.py (what --version prints),
+    with nothing tying them: a release bumping one would publish the other. The build reads it
+    from the package (hatch's dynamic version)."""
+    from importlib.metadata import version
+
+    import campaign_cli
+
+    text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    assert re.search(r"^version\s*=", text, re.MULTILINE) is None
+    assert 'dynamic = ["version"]' in text
+    assert 'path = "campaign_cli/__init__.py"' in text
+    assert version("campaign-cli") == campaign_cli.__version__
