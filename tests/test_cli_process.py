@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CampaignFactory, journal, people, phone
+from tests.conftest import CampaignFactory, journal, people, phone, query
 
 CAMPAIGN = [sys.executable, "-m", "campaign_cli"]
 DEADLINE = 60.0
@@ -591,3 +591,20 @@ def test_a_command_that_succeeds_with_standard_output_closed_exits_0_without_a_t
                           capture_output=True, text=True, timeout=DEADLINE)
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_console_campaign_with_standard_output_closed_is_refused_before_anything_is_sent(
+    store_path: Path, make_campaign: CampaignFactory
+) -> None:
+    """`campaign send console.yaml >&-`: the console provider's messages have nowhere to go. It
+    "sent" them into None: each raised AttributeError, the rows ended in doubt though nothing was
+    written, and the run exited 1 as a provider failure. Now: one line, exit 2, no run."""
+    campaign = console_campaign(make_campaign, 3)
+    done = subprocess.run(["/bin/sh", "-c", 'exec "$@" >&-', "sh",
+                           *campaign_cmd(store_path, "send", str(campaign))],
+                          capture_output=True, text=True, timeout=DEADLINE)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "error: provider con: standard output is closed, and the console provider writes its "
+        "messages there"]
+    assert query(store_path, "SELECT count(*) FROM runs") == [(0,)]

@@ -18,7 +18,7 @@ from json.encoder import encode_basestring, encode_basestring_ascii
 from typing import IO, Any
 
 from campaign_cli.config import ConsoleProviderConfig
-from campaign_cli.errors import ProviderError
+from campaign_cli.errors import ProviderError, UsageError
 from campaign_cli.models import Channel, EmailContent, OutboundMessage, SendResult, SmsContent
 from campaign_cli.providers.base import ProviderContext
 from campaign_cli.providers.outbox import _payload
@@ -40,7 +40,11 @@ class ConsoleProvider:
     def from_config(
         cls, name: str, config: ConsoleProviderConfig, context: ProviderContext
     ) -> ConsoleProvider:
-        return cls(name, context.stdout or whole_writes(sys.stdout))
+        stream = context.stdout or (None if sys.stdout is None else whole_writes(sys.stdout))
+        if stream is None:  # `>&-`: nowhere to write; refused before anything is journaled
+            raise UsageError(f"provider {name}: standard output is closed, and the console "
+                             "provider writes its messages there")
+        return cls(name, stream)
 
     async def send(self, message: OutboundMessage) -> SendResult:
         self._stream.write(_ascii_line(message) if self._ascii else _line(message))
