@@ -55,11 +55,12 @@ def status(
             out.table(
                 ["id", "run", "status", "rows", "sent", "skipped", "failed", "in doubt",
                  "pending", "spend", "started", "finished"],
-                [[r.run_id, r.run_name, _shown_status(app.store_path, r), r.total_rows, r.sent,
-                  r.skipped, r.definitely_failed, _in_doubt(app.store_path, r),
+                [[r.run_id, r.run_name, _shown_status(r, live), r.total_rows, r.sent,
+                  r.skipped, r.definitely_failed, _in_doubt(r, live),
                   r.counts.get("pending", 0),
                   f"{from_micros(r.spend_micros)} {r.currency}", r.started_at or "",
-                  r.finished_at or ""] for r in reports],
+                  r.finished_at or ""]
+                 for r in reports for live in [_holder(app.store_path, r) is not None]],
             )
             return
         record = runs.get_run(conn, run)
@@ -118,16 +119,15 @@ def _holder(store_path: Path, report: RunReport) -> str | None:
     return runs.RunLock.holder(store_path, report.campaign, report.run_key)
 
 
-def _in_doubt(store_path: Path, report: RunReport) -> int:
+def _in_doubt(report: RunReport, live: bool) -> int:
     """In doubt, and rows left `sending` by a process that is gone (killed: they become
-    `in_doubt` when the run resumes), so that the columns add up to the rows."""
-    left = report.counts.get("sending", 0)
-    if left and _holder(store_path, report) is not None:
-        left = 0  # a live process is sending them now
+    `in_doubt` when the run resumes), so that the columns add up to the rows. ``live``: a
+    process holds the run (and is sending them now)."""
+    left = 0 if live else report.counts.get("sending", 0)
     return report.counts.get("in_doubt", 0) + left
 
 
-def _shown_status(store_path: Path, report: RunReport) -> str:
-    if report.status == "running" and _holder(store_path, report) is None:
+def _shown_status(report: RunReport, live: bool) -> str:
+    if report.status == "running" and not live:
         return "running (stopped: no process)"
     return report.status
