@@ -38,10 +38,11 @@ import random
 import sqlite3
 import tempfile
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
+from types import MappingProxyType
 from typing import IO, TYPE_CHECKING, Any, Literal
 
 from campaign_cli.addresses import address_hash
@@ -354,7 +355,8 @@ _PENDING = State.PENDING.value
 _INVALID = State.INVALID.value
 _IN_DOUBT = State.IN_DOUBT.value
 _SENT = State.SENT.value
-_NO_REFUSALS: dict[str, Refusal] = {}  # (read only: the answer when the store is not asked)
+#: The answer when the store is not asked (immutable: no module-level mutable state).
+_NO_REFUSALS: Mapping[str, Refusal] = MappingProxyType({})
 _CHANNELS = {channel.value: channel for channel in Channel}
 #: Batches one local provider may have on their way at once: one being written while the next
 #: one's intents commit, and a little slack.
@@ -1384,7 +1386,7 @@ class Runner:
             if last:
                 return
 
-    async def _refused_in_store(self, channel: str, jobs: list[_Job]) -> dict[str, Refusal]:
+    async def _refused_in_store(self, channel: str, jobs: list[_Job]) -> Mapping[str, Refusal]:
         """Nothing, unless more opt-outs arrived during the run than the policy holds: then the
         store's answer for these jobs, asked right before they leave."""
         if not self._policy.overflowed or self.stop.stopping or self._abort is not None:
