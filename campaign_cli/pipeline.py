@@ -311,6 +311,7 @@ def default_run_key(recipients_sha256: str) -> str:
 
 class DryRunProvider:
     deduplicates = True
+    local = True  # nothing leaves this machine: the journal need not sync each commit
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -726,7 +727,7 @@ class Runner:
     ) -> RunReport:
         http, routes = opened
         try:
-            writer = JournalWriter(store.path).start()
+            writer = JournalWriter(store.path, durable=_leaves_this_machine(routes)).start()
         except CampaignError as exc:  # the journal's connection
             await self._close_providers(routes, http)
             with suppression_store.write_transaction(store.conn):
@@ -1922,6 +1923,16 @@ SQL_DRY_RUN = (
     "attempts = attempts + 1, cost_micros = ?, content_hash = ?, updated_at = ? "
     "WHERE run_id = ? AND row = ? AND channel = ?"
 )
+
+
+def _leaves_this_machine(routes: Mapping[Channel, list[_Route]]) -> bool:
+    """Whether any of the run's providers delivers beyond this machine. Then each journal commit
+    is synced to disk before the run goes on: a `sending` intent lost in a power cut after its
+    message left would have the resume send that message again. Only providers that say they
+    are ``local`` (console, outbox, the dry run's) may skip the sync: their output is lost in the
+    same power cut as their journal rows."""
+    return not all(getattr(route.provider, "local", False)
+                   for channel_routes in routes.values() for route in channel_routes)
 
 
 def _reading(campaign: Campaign) -> dict[str, Any]:

@@ -28,6 +28,10 @@ class Provider(Protocol):
     # provider's own endpoint answers for every message (Twilio, SendGrid, FCM), so the same
     # permanent refusal ten times in a row is our configuration, not the recipients: the
     # pipeline stops the run with exit 6 instead of dead-lettering the whole list.
+    # Optional, read with getattr (default False): ``local = True`` says that its messages never
+    # leave this machine (console, outbox). A run whose providers are all local commits its
+    # journal without syncing each commit to disk; any other provider makes every commit durable
+    # (`campaign_cli.store.db.connect`), so that no power cut can lose an intent whose message left.
 
     async def send(self, message: OutboundMessage) -> SendResult: ...
 

@@ -29,6 +29,7 @@ class ConsoleProvider:
     channels = frozenset(Channel)
     deduplicates = False
     batch_size = 256
+    local = True  # its output stays on this machine (`Provider`: the journal need not sync)
 
     def __init__(self, name: str, stream: IO[str]) -> None:
         self.name = name

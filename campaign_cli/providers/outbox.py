@@ -36,6 +36,7 @@ class OutboxProvider:
     channels = frozenset(Channel)
     deduplicates = True
     batch_size = 128
+    local = True  # its output stays on this machine (`Provider`: the journal need not sync)
 
     def __init__(self, name: str, directory: Path, context: ProviderContext) -> None:
         self.name = name

@@ -381,9 +381,18 @@ def is_busy(exc: sqlite3.OperationalError) -> bool:
     return "locked" in str(exc) or "busy" in str(exc)
 
 
-def connect(path: Path, *, create: bool = True, readonly: bool = False) -> sqlite3.Connection:
+def connect(
+    path: Path, *, create: bool = True, readonly: bool = False, durable: bool = True
+) -> sqlite3.Connection:
     """Open (and if need be create, 0600, and migrate) the store. Autocommit mode: callers say
-    BEGIN themselves, so that a batch is one transaction."""
+    BEGIN themselves, so that a batch is one transaction.
+
+    ``durable``: each commit reaches the disk before it returns (``synchronous = FULL``: the WAL
+    is synced at every commit), so that it survives a power cut or a kernel crash, not only the
+    death of the process. An opt-out, a consent and a `sending` intent are records of that kind.
+    False (``NORMAL``, the WAL synced only at checkpoints) is for a journal whose messages stay
+    on this machine (console, outbox, dry run): they are lost in the same power cut as their
+    journal rows, and a resend of one replaces or repeats only local output."""
     path = Path(path)
     if not path.exists():
         if not create or readonly:
@@ -412,7 +421,7 @@ def connect(path: Path, *, create: bool = True, readonly: bool = False) -> sqlit
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS:d}")
         if not readonly:
             conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
             migrate(conn)
         else:
             version = conn.execute("PRAGMA user_version").fetchone()[0]

@@ -57,8 +57,9 @@ class _Many:
 
 class JournalWriter:
     def __init__(self, path: Path, *, max_batch: int = 2000, lock_wait: float = LOCK_WAIT,
-                 busy_timeout_ms: int | None = None) -> None:
+                 busy_timeout_ms: int | None = None, durable: bool = True) -> None:
         self._path = path
+        self.durable = durable  # each commit synced to disk (`campaign_cli.store.db.connect`)
         self._max_batch = max_batch
         self._lock_wait = lock_wait
         self._busy_timeout_ms = busy_timeout_ms
@@ -183,7 +184,7 @@ class JournalWriter:
 
     def _run(self) -> None:
         try:
-            self._conn = connect(self._path)
+            self._conn = connect(self._path, durable=self.durable)
         except BaseException as exc:  # noqa: BLE001 - reported to the starting thread
             self._failure = exc
             self._ready.set()
