@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import socket
 import sqlite3
 from decimal import Decimal
 from pathlib import Path
@@ -604,6 +606,61 @@ def test_a_second_process_on_the_same_run_is_refused(
             send(campaign, store_path, FakeProvider(), run_key="held")
     finally:
         lock.release()
+
+
+def test_the_refusal_names_the_holder_in_one_line(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    campaign = make_campaign(people(2))
+    lock = runs.RunLock.acquire(store_path, "test-campaign", "held", "now")
+    try:
+        with pytest.raises(RunLockedError) as refused:
+            send(campaign, store_path, FakeProvider(), run_key="held")
+    finally:
+        lock.release()
+    assert "\n" not in str(refused.value)
+    assert f"pid {os.getpid()} on {socket.gethostname()} since now" in str(refused.value)
+
+
+def _lock_file(store_path: Path, campaign: str, run_key: str) -> Path:
+    lock = runs.RunLock.acquire(store_path, campaign, run_key, "now")
+    lock.release()
+    [path] = Path(f"{store_path.resolve()}.locks").glob("*.lock")
+    return path
+
+
+def test_a_run_s_holder_is_this_process_while_it_holds_the_lock(store_path: Path) -> None:
+    lock = runs.RunLock.acquire(store_path, "c", "k", "now")
+    try:
+        assert runs.RunLock.holder(store_path, "c", "k") == (
+            f"pid {os.getpid()} on {socket.gethostname()} since now")
+    finally:
+        lock.release()
+    assert runs.RunLock.holder(store_path, "c", "k") is None
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux's /proc")
+def test_a_pid_reused_after_the_holder_was_killed_is_not_taken_for_the_holder(
+    store_path: Path,
+) -> None:
+    """A run killed by SIGKILL (or by the machine going down) leaves its pid in the lock file;
+    after a reboot that pid soon names another live process. `status` must not call the run
+    held by it: the operator would wait for a process that is not there."""
+    path = _lock_file(store_path, "c", "k")
+    me = f"pid {os.getpid()} on {socket.gethostname()} since then"
+    boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    # This process is alive under the recorded pid, but it is not the process that wrote it:
+    # another boot, or the same boot and another start time.
+    path.write_text(f"{me}\nprocess 00000000-0000-0000-0000-000000000000:1")
+    assert runs.RunLock.holder(store_path, "c", "k") is None
+    path.write_text(f"{me}\nprocess {boot}:1")
+    assert runs.RunLock.holder(store_path, "c", "k") is None
+    # The process that wrote it: held.
+    path.write_text(f"{me}\nprocess {runs._process_instance(os.getpid())}")
+    assert runs.RunLock.holder(store_path, "c", "k") == me
+    # A lock file written before the start time was recorded: the pid alone decides.
+    path.write_text(me)
+    assert runs.RunLock.holder(store_path, "c", "k") == me
 
 
 def test_a_stop_request_leaves_unsent_rows_pending(

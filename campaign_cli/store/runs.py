@@ -481,11 +481,16 @@ class RunLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "unknown process"
+            text = os.pread(fd, 512, 0).decode("utf-8", "replace").strip()
             os.close(fd)
-            raise RunLockedError(f"{campaign}/{run_key}", holder) from None
+            raise RunLockedError(f"{campaign}/{run_key}",
+                                 text.partition("\n")[0] or "unknown process") from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {started}".encode(), 0)
+        named = f"pid {os.getpid()} on {socket.gethostname()} since {started}"
+        instance = _process_instance(os.getpid())
+        if instance is not None:
+            named += f"\nprocess {instance}"
+        os.pwrite(fd, named.encode(), 0)
         return cls(path, fd)
 
     @staticmethod
@@ -496,7 +501,7 @@ class RunLock:
         digest = hashlib.sha256(f"{campaign}\0{run_key}".encode()).hexdigest()[:16]
         path = Path(f"{Path(store_path).resolve()}.locks") / f"{digest}.lock"
         try:
-            text = path.read_text("utf-8", "replace").strip()
+            text, _, instance = path.read_text("utf-8", "replace").strip().partition("\n")
         except OSError:
             return None
         found = re.fullmatch(r"pid (\d+) on (\S+) since .*", text)
@@ -504,12 +509,16 @@ class RunLock:
             return text or None
         if found[2] != socket.gethostname():
             return text  # another machine's process: cannot tell from here
+        pid = int(found[1])
         try:
-            os.kill(int(found[1]), 0)
+            os.kill(pid, 0)
         except ProcessLookupError:
             return None  # killed without releasing it (the kernel did)
         except PermissionError:
             pass  # alive, another user's
+        recorded = instance.removeprefix("process ").strip()
+        if recorded and _process_instance(pid) not in (None, recorded):
+            return None  # the pid was reused (after a reboot, or wrapped): not the holder
         return text
 
     def release(self) -> None:
@@ -520,6 +529,23 @@ class RunLock:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
                 os.close(self._fd)
                 self._fd = -1
+
+
+def _process_instance(pid: int) -> str | None:
+    """What tells this process from a later one given the same pid: the boot's id and the
+    process's start time in clock ticks since boot (Linux's /proc); None where there is no /proc.
+    A run killed by SIGKILL, or by the machine going down, leaves its pid in the lock file, and
+    after a reboot that pid soon names some other live process."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            boot = f.read().strip()
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as f:
+            # "pid (comm) state ppid ...": comm may hold spaces and parentheses; starttime is
+            # the 22nd field, the 20th after comm.
+            start = f.read().rpartition(")")[2].split()[19]
+    except (OSError, IndexError):
+        return None
+    return f"{boot}:{start}"
 
 
 def state_names() -> list[str]:
