@@ -620,6 +620,66 @@ def test_username_without_auth_on_the_server_is_an_auth_error(smtpd: ServerFacto
     assert isinstance(error, ProviderAuthError) and error.code == "auth"
 
 
+class Greeting:
+    """A server on 127.0.0.1 that greets with ``reply`` instead of 220 and then, as RFC 5321
+    3.1 asks of a 554 greeting, answers every command but QUIT with 503."""
+
+    def __init__(self, reply: str) -> None:
+        self.reply = reply
+        self.connections = 0
+
+    async def __aenter__(self) -> int:
+        self._server = await asyncio.start_server(self._client, "127.0.0.1", 0)
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._server.close()
+        await self._server.wait_closed()
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        writer.write(f"{self.reply}\r\n".encode())
+        try:
+            while line := await reader.readline():
+                if line.upper().startswith(b"QUIT"):
+                    writer.write(b"221 bye\r\n")
+                    break
+                writer.write(b"503 5.5.1 no service\r\n")
+                await writer.drain()
+        finally:
+            writer.close()
+
+
+def greeted(reply: str, **config: Any) -> tuple[ProviderError, int]:
+    """What a send meets from a server that greets with ``reply``, and how many connections it
+    made."""
+    greeting = Greeting(reply)
+
+    async def scenario() -> ProviderError:
+        async with greeting as port:
+            p = provider(None, port=port, **config)
+            first = await send_one_expecting_error(p, message(1))
+            return first
+
+    return run(scenario()), greeting.connections
+
+
+def test_a_5xx_greeting_is_the_server_refusing_us_not_a_passing_fault() -> None:
+    """554 in place of the 220 greeting (RFC 5321 3.1: "no SMTP service here", or our address is
+    blocked) refuses every message alike: the run must stop with exit 6 and say why, rather
+    than retry every recipient into a dead letter."""
+    error, _ = greeted("554 5.7.1 No SMTP service here")
+    assert isinstance(error, ProviderAuthError)
+    assert (error.code, error.status) == ("554", 554)
+    assert "554 5.7.1 No SMTP service here" in error.text
+
+
+def test_a_4xx_greeting_is_transient() -> None:
+    error, _ = greeted("421 4.3.2 Service not available, try later")
+    assert isinstance(error, TransientError) and error.code == "421"
+
+
 def test_server_gone_is_transient() -> None:
     error = run(send_one_expecting_error(provider(None), message()))
     assert isinstance(error, TransientError) and error.code == "connect"

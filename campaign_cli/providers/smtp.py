@@ -6,7 +6,8 @@ transaction is driven step by step rather than through ``sendmail`` so that a fa
 have happened before or after the message was handed over:
 
 - opening a connection (TCP, greeting, EHLO, STARTTLS, AUTH) fails as `TransientError`, or as
-  `ProviderAuthError` when the server refuses our credentials, the HELO name or TLS is missing;
+  `ProviderAuthError` when the server refuses our credentials or the HELO name, TLS is missing,
+  or it greets or answers STARTTLS with a 5xx code (a 554 greeting: no service for us);
   connections are opened one at a time until one is logged in, and after such a refusal none is
   tried again (each refused login counts towards the account's lockout);
 - a reply code is definite: 4xx is `TransientError`; 5xx is `PermanentError`, except 530/534/535
@@ -438,6 +439,10 @@ def _classify_connect(exc: BaseException, where: str) -> ProviderError:
         return ProviderAuthError(text, code=str(exc.code), status=exc.code)
     if isinstance(exc, aiosmtplib.SMTPResponseException):  # the greeting, STARTTLS
         text = f"SMTP {where}: {exc.code} {exc.message}"
+        if 500 <= exc.code < 600:
+            # 554 in place of the 220 greeting (RFC 5321 3.1: no service for us, often our
+            # address blocked), or STARTTLS refused for good: every message alike.
+            return ProviderAuthError(text, code=str(exc.code), status=exc.code)
         return TransientError(text, code=str(exc.code), status=exc.code)
     if isinstance(exc, (aiosmtplib.SMTPTimeoutError, TimeoutError)):
         return TransientError(f"SMTP {where}: {_describe(exc)}", code="timeout")
