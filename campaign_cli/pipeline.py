@@ -132,6 +132,9 @@ class SendOptions:
     #: Send HTTP providers' requests from a second process, on another core
     #: (`campaign_cli.providers.process`); False keeps them in this one.
     http_process: bool = True
+    #: A dry run's private copy of the store (with its journal) is written here and kept, rather
+    #: than in a temporary folder removed at the end (`campaign_cli.preview` reads it).
+    dry_run_store: Path | None = None
 
 
 class StopController:
@@ -549,7 +552,9 @@ class Runner:
 
         tmp: tempfile.TemporaryDirectory[str] | None = None
         store_path = self.store_path
-        if self.options.dry_run:
+        if self.options.dry_run and self.options.dry_run_store is not None:
+            store_path = _snapshot_store(self.store_path, self.options.dry_run_store)
+        elif self.options.dry_run:
             tmp = tempfile.TemporaryDirectory(prefix="campaign-dry-run-")
             store_path = _snapshot_store(self.store_path, Path(tmp.name) / "dry-run.db")
         lock: runs.RunLock | None = None

@@ -67,13 +67,14 @@ def main_callback(
 
 
 def _register() -> None:
-    from campaign_cli.cli import consent, send, status, suppress, trace
+    from campaign_cli.cli import consent, preview, send, status, suppress, trace
 
     app.add_typer(suppress.app, name="suppress")
     app.add_typer(consent.app, name="consent")
     send.register(app)
     status.register(app)
     trace.register(app)
+    preview.register(app)
 
 
 def main() -> None:
