@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
@@ -36,6 +37,11 @@ app = typer.Typer(
 )
 
 
+class LogFormat(str, Enum):
+    text = "text"
+    json = "json"
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"campaign-cli {__version__}")
@@ -51,6 +57,11 @@ def main_callback(
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors and results."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Tracebacks on errors."),
+    log_format: LogFormat = typer.Option(
+        "text", "--log-format", envvar="CAMPAIGN_LOG_FORMAT", case_sensitive=False,
+        help="What stderr carries: text for people, or json, one object per line ({\"time\", "
+        "\"level\", \"message\", ...}) for log collectors.",
+    ),
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
     ),
@@ -60,9 +71,12 @@ def main_callback(
         existing.store_option = store or existing.store_option
         existing.output.quiet = quiet or existing.output.quiet
         existing.output.verbose = verbose or existing.output.verbose
+        if log_format == "json":
+            existing.output.log_format = "json"
         return
     ctx.obj = AppContext(
-        output=Output(quiet=quiet, verbose=verbose), store_option=store, env=dict(os.environ)
+        output=Output(quiet=quiet, verbose=verbose, log_format=log_format.value),
+        store_option=store, env=dict(os.environ),
     )
 
 
@@ -102,7 +116,7 @@ def _run() -> int:
     except typer.Abort as exc:
         # Ctrl-C (outside a run's own handlers, e.g. at the confirmation prompt) is an
         # interruption by a signal, not a bug; Ctrl-D at a prompt is no answer, so no.
-        print("error: aborted", file=sys.stderr)
+        _error("aborted")
         if isinstance(exc.__cause__ or exc.__context__, KeyboardInterrupt):
             return int(ExitCode.INTERRUPTED)
         return int(ExitCode.USAGE)
@@ -118,7 +132,7 @@ def _run() -> int:
             return exit_code
         text = " ".join(str(message()).split())
         line = f"{text} (see: {ctx.command_path} --help)"
-        print(f"error: {line}", file=sys.stderr)
+        _error(line)
         if ctx.info_name == "send" and _asked_for_json(ctx, sys.argv[1:]):
             # The one JSON object a cron job's `send --json` parses, also for a mistyped option.
             from campaign_cli.cli.send import print_not_started
@@ -126,6 +140,27 @@ def _run() -> int:
             print_not_started(ctx, line, exit_code)
         return exit_code
     return result if isinstance(result, int) else 0
+
+
+def _error(message: str) -> None:
+    """An error found before the command ran (its options were not all read): in the log format
+    the command line or $CAMPAIGN_LOG_FORMAT asked for, if it can be told."""
+    Output(stdout=sys.stdout, stderr=sys.stderr,
+           log_format="json" if _wants_json_logs(sys.argv[1:], os.environ) else "text",
+           ).error(message)
+
+
+def _wants_json_logs(argv: list[str], env: dict[str, str] | os._Environ[str]) -> bool:
+    chosen = env.get("CAMPAIGN_LOG_FORMAT", "text")
+    words = iter(argv)
+    for word in words:
+        if word == "--":
+            break
+        if word == "--log-format":
+            chosen = next(words, chosen)
+        elif word.startswith("--log-format="):
+            chosen = word.partition("=")[2]
+    return chosen.strip().lower() == "json"
 
 
 def _asked_for_json(ctx: typer.Context, argv: list[str]) -> bool:

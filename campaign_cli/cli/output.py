@@ -2,6 +2,12 @@
 
 Human output and progress go to stderr; `--json` output goes to stdout. Every message passes through
 `redact`, so a secret taken from the environment can never be printed.
+
+With ``log_format = "json"`` (`--log-format json`, for log collectors) everything written to
+stderr is one JSON object per line: ``{"time", "level", "message", ...}`` with ``level`` one of
+``error``, ``warning``, ``info``, ``result`` (a command's result shown on stderr, such as the send
+summary and the resume command) and ``progress`` (with the counts as fields). What goes to
+stdout (command results, `--json`, the console provider's lines) is unchanged.
 """
 
 from __future__ import annotations
@@ -12,12 +18,14 @@ import sys
 import traceback
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import IO, Any
+from datetime import datetime, timezone
+from typing import IO, Any, Literal
 
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from campaign_cli.clock import iso
 from campaign_cli.errors import CampaignError, ExitCode, redact
 from campaign_cli.models import from_micros
 from campaign_cli.streams import writes_unicode
@@ -33,6 +41,8 @@ class Output:
     quiet: bool = False
     verbose: bool = False
     secrets: set[str] = field(default_factory=set)
+    log_format: Literal["text", "json"] = "text"
+    now: Callable[[], datetime] = field(default=lambda: datetime.now(timezone.utc))
 
     def __post_init__(self) -> None:
         # Off a terminal (cron logs, pipes) rich would assume 80 columns and squeeze tables.
@@ -59,20 +69,54 @@ class Output:
         return _CONTROL.sub(lambda m: m[0].encode("unicode_escape").decode("ascii"),
                             self.redact(text))
 
+    @property
+    def logs_json(self) -> bool:
+        return self.log_format == "json"
+
+    def log(self, level: str, message: str, **fields: Any) -> None:
+        """One JSON log record on stderr (``log_format = "json"``)."""
+        record = {"time": iso(self.now()), "level": level, "message": self.redact(message),
+                  **self._redacted(fields)}
+        self.stderr.write(json.dumps(record, ensure_ascii=not writes_unicode(self.stderr)) + "\n")
+        self.stderr.flush()
+
     def error(self, message: str) -> None:
+        if self.logs_json:
+            self.log("error", message)
+            return
         self.err.print(f"error: {self.shown(message)}", markup=False)
 
     def warn(self, message: str) -> None:
+        if self.logs_json:
+            self.log("warning", message)
+            return
         self.err.print(f"warning: {self.shown(message)}", markup=False)
 
-    def info(self, message: str) -> None:
-        if not self.quiet:
-            self.err.print(self.shown(message), markup=False)
+    def info(self, message: str, **fields: Any) -> None:
+        if self.quiet:
+            return
+        if self.logs_json:
+            self.log(fields.pop("level", "info"), message, **fields)
+            return
+        self.err.print(self.shown(message), markup=False)
 
     def result(self, message: str, *, err: bool = False) -> None:
         """A command's result, for a person: stdout (stderr with ``err``, when stdout carries
         data, such as the console provider's messages)."""
+        if err and self.logs_json:
+            self.log("result", message)
+            return
         (self.err if err else self.out).print(self.shown(message), markup=False)
+
+    def traceback(self) -> None:
+        """The traceback of the exception being handled, with ``verbose``."""
+        if not self.verbose:
+            return
+        text = traceback.format_exc()
+        if self.logs_json:
+            self.log("error", "traceback", traceback=text)
+            return
+        self.err.print(self.shown(text), markup=False)
 
     def json(self, payload: Any) -> None:
         # Redact the values, not the serialized text: a secret such as "100" would turn numbers
@@ -95,6 +139,10 @@ class Output:
         self, columns: Sequence[str], rows: Iterable[Sequence[Any]], *, title: str | None = None,
         err: bool = False,
     ) -> None:
+        if err and self.logs_json:
+            self.log("result", title or "", columns=list(columns),
+                     rows=[["" if v is None else v for v in row] for row in rows])
+            return
         table = Table(*columns, title=title, show_edge=False, pad_edge=False)
         for row in rows:
             # Cells are data (reasons, sources, provider answers), never rich markup: "[/x]"
@@ -106,8 +154,7 @@ class Output:
         """Report an exception on one line and return the exit code for it."""
         if isinstance(exc, CampaignError):
             self.error(str(exc))
-            if self.verbose:
-                self.err.print(self.shown(traceback.format_exc()), markup=False)
+            self.traceback()
             return int(exc.exit_code)
         if isinstance(exc, BrokenPipeError):  # `campaign ... | head`: not a bug
             self.error("standard output was closed before everything was written (broken pipe): "
@@ -115,8 +162,7 @@ class Output:
             return int(ExitCode.INTERNAL)
         self.error(f"internal error: {type(exc).__name__}: {exc} (a bug: please report it; "
                    "--verbose shows the traceback)")
-        if self.verbose:
-            self.err.print(self.shown(traceback.format_exc()), markup=False)
+        self.traceback()
         return int(ExitCode.INTERNAL)
 
 
@@ -151,7 +197,7 @@ class ProgressDisplay:
     def __enter__(self) -> ProgressDisplay:
         if self._output.quiet:
             return self
-        if self._output.stderr_is_tty and self._live_allowed:
+        if self._output.stderr_is_tty and self._live_allowed and not self._output.logs_json:
             from rich.progress import (
                 BarColumn,
                 MofNCompleteColumn,
@@ -181,7 +227,13 @@ class ProgressDisplay:
         if p.elapsed_s - self._last_plain >= self._plain_every:
             self._last_plain = p.elapsed_s
             eta = "" if p.eta_s is None else f"  eta {p.eta_s:,.0f}s"
-            self._output.info(f"{self._title}: {p.done:,}/{p.total:,} done  {detail}{eta}")
+            self._output.info(
+                f"{self._title}: {p.done:,}/{p.total:,} done  {detail}{eta}", level="progress",
+                done=p.done, total=p.total, sent=p.sent, skipped=p.skipped, failed=p.failed,
+                pending=p.pending, rate_per_s=round(p.rate_per_s, 1),
+                spend=str(from_micros(p.spend_micros)), currency=p.currency,
+                eta_s=None if p.eta_s is None else round(p.eta_s, 1),
+            )
 
     def __exit__(self, *exc: object) -> None:
         if self._progress is not None:
