@@ -677,3 +677,26 @@ def test_the_live_progress_display_ends_on_the_runs_last_counts(
     assert json.loads(stdout.getvalue())["counts"] == {"sent": 10}
     [bar] = [line for line in _screen_lines(stderr.getvalue()) if "test-campaign" in line]
     assert "sent 10 " in bar and "spend 0.1 USD" in bar, bar
+
+
+def test_validate_is_the_dry_run_under_its_preflight_name(tmp_path: Path) -> None:
+    """DESIGN.md's `campaign validate`: the same checks, output and exit codes as
+    `send --dry-run`, and nothing written (not even a store)."""
+    store = tmp_path / "store.db"
+    demo = str(ROOT / "campaigns" / "demo.yaml")
+    code, out, err = invoke(store, "validate", demo, "--json")
+    assert code == 0, err
+    validated = json.loads(out)
+    code, out, err = invoke(store, "send", demo, "--dry-run", "--json")
+    assert code == 0, err
+    dry = json.loads(out)
+    assert {k: v for k, v in validated.items() if k not in TIMED_KEYS | {"started_at",
+                                                                         "finished_at"}} == {
+        k: v for k, v in dry.items() if k not in TIMED_KEYS | {"started_at", "finished_at"}}
+    assert validated["dry_run"] is True and validated["counts"]["sent"] == 93
+    assert not store.exists()
+    code, out, _ = invoke(store, "validate", demo, "--max-spend", "0.1", "--json")
+    assert code == 3 and json.loads(out)["stopped"] == "spend_cap"
+    code, out, err = invoke(store, "validate", str(tmp_path / "none.yaml"), "--json")
+    assert code == 2 and json.loads(out)["status"] == "not_started"
+    assert err.strip().endswith("none.yaml: campaign file not found")

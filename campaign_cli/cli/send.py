@@ -34,6 +34,40 @@ def register(app: typer.Typer) -> None:
         "2 bad input; 3 stopped at the spend cap; 4 done with failures; 5 run locked; "
         "6 provider refused credentials; 130 interrupted.",
     )(send)
+    app.command(
+        "validate",
+        help="Preflight a campaign: the same as `send --dry-run` (schema, templates, the "
+        "recipient file's columns and every row, opt-outs and consent, rendering, cost against "
+        "the cap), with its output and exit codes: 0 ready; 2 bad input; 3 the cap would stop "
+        "the run; 4 some messages would fail to render. Sends nothing, changes nothing.",
+    )(validate)
+
+
+@command
+def validate(
+    ctx: typer.Context,
+    campaign_file: Path = typer.Argument(..., help="The campaign YAML file.", show_default=False),
+    recipients: Optional[Path] = typer.Option(
+        None, "--recipients", "-r", help="Recipient CSV (overrides recipients.file).",
+        show_default=False,
+    ),
+    limit: Optional[int] = typer.Option(
+        None, "--limit", min=1, help="Only the first N recipients.", show_default=False
+    ),
+    max_spend: Optional[str] = typer.Option(
+        None, "--max-spend", help="Spend cap to check against (overrides limits.max_spend).",
+        show_default=False,
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout."),
+) -> None:
+    app = app_context(ctx)
+    try:
+        _send(app, campaign_file, recipients, True, limit, None, None, max_spend, as_json,
+              True, None, 10.0)
+    except CampaignError as exc:
+        if as_json:
+            app.output.json(_not_started(app, campaign_file, None, True, exc))
+        raise
 
 
 @command
