@@ -81,6 +81,7 @@ from campaign_cli.providers.base import (
     Provider,
     ProviderContext,
     ProviderRegistry,
+    type_deduplicates,
 )
 from campaign_cli.recipients import (
     Chunk,
@@ -313,12 +314,13 @@ def default_run_key(recipients_sha256: str) -> str:
 
 
 class DryRunProvider:
-    deduplicates = True
     local = True  # nothing leaves this machine: the journal need not sync each commit
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, deduplicates: bool = True) -> None:
         self.name = name
         self.channels = frozenset(Channel)
+        #: The real provider's: it decides which in-doubt messages a resume would send again.
+        self.deduplicates = deduplicates
 
     async def send(self, message: OutboundMessage) -> SendResult:
         return SendResult(provider_message_id="dry-run")
@@ -901,7 +903,7 @@ class Runner:
                cooldown: float) -> _Route:
         config = self.campaign.providers[name]
         if self.options.dry_run:
-            provider: Provider = DryRunProvider(name)
+            provider: Provider = DryRunProvider(name, type_deduplicates(config.type))
             rate = None
         else:
             try:
@@ -1221,7 +1223,7 @@ class Runner:
         if not admits:
             return None
         states = await self._admit(admits)
-        resend_policy = self.campaign.in_doubt_policy == "resend" or self.options.dry_run
+        resend_policy = self.campaign.in_doubt_policy == "resend"
 
         # Which admitted rows are still open: pending, or in doubt and allowed a resend.
         open_rows: list[tuple[Recipient, Channel, str, str, str | None]] = []
@@ -1331,6 +1333,8 @@ class Runner:
                                  channel_name))
                 self._count(State.SENT, State.IN_DOUBT if resend else State.PENDING)
                 self._sent_this_session += 1
+                if resend:
+                    self._in_doubt_resent += 1  # what the real resume would report
                 continue
             message = OutboundMessage(
                 run.id, recipient.row, channel, recipient.key, address,

@@ -596,6 +596,50 @@ def test_a_resume_with_a_smaller_limit_still_counts_the_rows_journaled(
     assert query(store_path, "SELECT total_rows FROM runs") == [(3,)]
 
 
+@pytest.mark.parametrize(("provider_type", "policy", "resent"), [
+    ("twilio", "skip", False),   # cannot deduplicate, and the campaign says skip: stays
+    ("twilio", "resend", True),  # the campaign accepts a possible duplicate
+    ("outbox", "skip", True),    # the provider drops a second copy: always resent
+])
+def test_a_dry_run_of_a_resume_resends_in_doubt_rows_only_as_the_real_resume_would(
+    make_campaign: CampaignFactory, store_path: Path, provider_type: str, policy: str,
+    resent: bool,
+) -> None:
+    """The dry run sent every in-doubt row again whatever the policy and the provider: it told
+    an operator checking a resume that a twilio campaign with `in_doubt: skip` would resend
+    them (and charged them to the estimate) when the real resume leaves them in doubt."""
+    providers = {"p": {"type": provider_type, "price_per_segment": "0.01",
+                       **({"dir": "outbox"} if provider_type == "outbox" else
+                          {"account_sid": "AC" + "0" * 32, "auth_token": "t",
+                           "from": "+14155550100"})}}
+    campaign = make_campaign(people(4), channels={"sms": {"provider": "p", "body": "Hi"}},
+                             providers=providers,
+                             compliance={"consent": "not_required", "in_doubt": policy})
+    def real_send(provider: FakeProvider, **options: Any) -> RunReport:
+        return run_campaign(load_campaign(campaign, {}), store_path,
+                            SendOptions(run_key="k", **options), clock=FakeClock(),
+                            registry=fake_registry(provider, provider_type))
+
+    real_send(FakeProvider(), limit=2)
+    conn = sqlite3.connect(store_path)
+    conn.execute("UPDATE messages SET state = 'sending' WHERE row = 2")  # killed mid-send
+    conn.commit()
+    conn.close()
+
+    dry = send(campaign, store_path, run_key="k", dry_run=True)
+    assert dry.in_doubt_found == 1
+    if resent:
+        assert (dry.counts, dry.in_doubt_resent) == ({"sent": 4}, 1)
+        # the in-doubt message may have been charged once already: a resend counts twice
+        assert dry.spend_micros == 5 * 10_000
+    else:
+        assert (dry.counts, dry.in_doubt_resent) == ({"in_doubt": 1, "sent": 3}, 0)
+        assert dry.spend_micros == 4 * 10_000
+    real = real_send(FakeProvider(deduplicates=provider_type == "outbox"))
+    assert (real.counts, real.in_doubt_resent, real.spend_micros) == (
+        dry.counts, dry.in_doubt_resent, dry.spend_micros)
+
+
 def test_a_second_process_on_the_same_run_is_refused(
     make_campaign: CampaignFactory, store_path: Path
 ) -> None:
@@ -1182,3 +1226,13 @@ def test_a_stop_during_a_retry_after_an_ambiguous_answer_leaves_the_row_in_doubt
     assert report.exit_code == ExitCode.INTERRUPTED
     assert report.counts == {"in_doubt": 1}
     assert report.spend_micros == 10_000  # the first attempt may have been charged
+
+
+def test_only_the_outbox_and_the_webhook_deduplicate_by_idempotency_key() -> None:
+    """What a dry run assumes of each type's in-doubt messages (`type_deduplicates`): the
+    outbox re-writes the same file and a webhook receiver is sent the same key; every other
+    provider may deliver a second copy. A type not built in is assumed not to."""
+    from campaign_cli.providers.base import BUILTIN_PROVIDERS, type_deduplicates
+
+    assert {t for t in BUILTIN_PROVIDERS if type_deduplicates(t)} == {"outbox", "webhook"}
+    assert type_deduplicates("carrier-pigeon") is False

@@ -132,6 +132,20 @@ def _lazy(target: str) -> ProviderFactory:
     return factory
 
 
+def type_deduplicates(type_name: str) -> bool:
+    """Whether a built-in provider type drops a second copy sent with the same idempotency key
+    (its class says ``deduplicates``), without building one: a dry run needs to know which
+    in-doubt messages the real run would send again. False for a type that is not built in."""
+    target = BUILTIN_PROVIDERS.get(type_name)
+    if target is None:
+        return False
+    import importlib
+
+    module_name, _, class_name = target.partition(":")
+    return bool(getattr(getattr(importlib.import_module(module_name), class_name),
+                        "deduplicates", False))
+
+
 def default_registry() -> ProviderRegistry:
     registry = ProviderRegistry()
     for type_name, target in BUILTIN_PROVIDERS.items():

@@ -161,6 +161,8 @@ class SendGridAdapter:
 
 
 class SendGridProvider(HttpProvider):
+    deduplicates = False  # no idempotency key (from_config passes this on)
+
     #: Its own endpoint answers for every message: ten identical refusals in a row mean our
     #: configuration is refused (the pipeline stops the run, exit 6).
     refusals_mean_config = True
@@ -173,7 +175,8 @@ class SendGridProvider(HttpProvider):
             api_key=config.api_key, base_url=config.base_url, clock=context.clock
         )
         client = client_for(config, context, config.base_url or DEFAULT_BASE_URL)
-        return cls(name, adapter, client, channels=frozenset({Channel.EMAIL}), deduplicates=False)
+        return cls(name, adapter, client, channels=frozenset({Channel.EMAIL}),
+                   deduplicates=cls.deduplicates)
 
 
 def _clean(field: str, value: str) -> str:

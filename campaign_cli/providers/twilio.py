@@ -144,6 +144,8 @@ class TwilioAdapter:
 
 
 class TwilioProvider(HttpProvider):
+    deduplicates = False  # no idempotency key (from_config passes this on)
+
     #: Its own endpoint answers for every message: ten identical refusals in a row mean our
     #: configuration is refused (the pipeline stops the run, exit 6).
     refusals_mean_config = True
@@ -163,7 +165,8 @@ class TwilioProvider(HttpProvider):
             clock=context.clock,
         )
         client = client_for(config, context, config.base_url or DEFAULT_BASE_URL)
-        return cls(name, adapter, client, channels=frozenset({Channel.SMS}), deduplicates=False)
+        return cls(name, adapter, client, channels=frozenset({Channel.SMS}),
+                   deduplicates=cls.deduplicates)
 
 
 def _json(response: httpx.Response) -> dict[str, Any]:
