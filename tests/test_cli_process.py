@@ -236,6 +236,34 @@ def test_sigterm_and_sighup_are_handled_like_ctrl_c(
 
 
 
+def test_ctrl_c_whose_log_reader_died_with_it_still_stops_gracefully(
+    paced: Path, store_path: Path
+) -> None:
+    """`campaign send x.yaml 2>&1 | tee send.log`, then Ctrl-C: the terminal signals the whole
+    pipeline, tee dies at once, and our stderr is a broken pipe. Writing the stop warning there
+    made rich raise SystemExit(1) out of the signal handler, through the event loop: the run
+    was left `running` (not finished, no resume command), outcomes still queued for the journal
+    were lost, and the exit code was 1. What cannot be shown is dropped; the stop goes on."""
+    read_end, write_end = os.pipe()
+    proc = subprocess.Popen(campaign_cmd(store_path, "send", str(paced), "--run-key", "tee"),
+                            stdout=write_end, stderr=write_end)
+    os.close(write_end)
+    try:
+        wait_for(lambda: sent_rows(store_path) >= 5, proc, "5 messages sent")
+    finally:
+        os.close(read_end)  # tee is gone
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=DEADLINE) == 130
+    assert query(store_path, "SELECT status, exit_code, stopped FROM runs") == [
+        ("interrupted", 130, "interrupted")]
+    states = Counter(r["state"] for r in journal(store_path))
+    assert set(states) <= {"sent", "pending"} and states["sent"] >= 5
+
+    result = run(store_path, "send", str(paced), "--run-key", "tee", "--rate", "1000", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["counts"] == {"sent": 120}
+
+
 def test_sigkill_inside_an_unthrottled_console_batch_prints_nobody_twice_and_reports_doubts(
     make_campaign: CampaignFactory, store_path: Path, tmp_path: Path
 ) -> None:

@@ -13,6 +13,7 @@ stdout (command results, `--json`, the console provider's lines) is unchanged.
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import traceback
@@ -34,6 +35,26 @@ from campaign_cli.streams import writes_unicode
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
+class _StderrConsole(Console):
+    """rich's Console for stderr, which outlives the program reading it. `campaign send 2>&1 |
+    tee log` and Ctrl-C: the terminal signals the whole pipeline, tee dies at once, and the stop
+    warning meets a broken pipe. rich's answer, SystemExit(1) raised from the signal handler
+    through the event loop, left the run unfinished and the journal's last outcomes unwritten.
+    Messages, progress and warnings are for a person who is no longer reading: they are dropped
+    (stderr now goes to /dev/null), and the run goes on to its own end and exit code."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(devnull, self.file.fileno())
+            finally:
+                os.close(devnull)
+        except (OSError, ValueError):
+            pass  # no descriptor of its own (a test's StringIO): quiet is enough
+
+
 @dataclass
 class Output:
     stdout: IO[str] = field(default_factory=lambda: sys.stdout)
@@ -50,8 +71,8 @@ class Output:
             return None if getattr(stream, "isatty", lambda: False)() else 200
 
         # No emoji codes: rich would print "file.csv:100: ..." as "file.csv💯 ...".
-        self.err = Console(file=self.stderr, highlight=False, soft_wrap=True, emoji=False,
-                           width=width(self.stderr))
+        self.err = _StderrConsole(file=self.stderr, highlight=False, soft_wrap=True,
+                                  emoji=False, width=width(self.stderr))
         self.out = Console(file=self.stdout, highlight=False, soft_wrap=True, emoji=False,
                            width=width(self.stdout))
 
