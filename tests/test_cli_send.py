@@ -202,6 +202,37 @@ def test_secret_values_are_redacted_from_output(
     assert secret not in out + err
 
 
+@pytest.mark.parametrize(("limits", "code", "says"), [
+    ({"concurrency": 2}, 0, "status done; exit 0"),
+    ({"concurrency": 2, "max_spend": "0.03"}, 3, "To resume with a larger budget"),
+])
+def test_a_signal_while_the_outcome_is_printed_does_not_cut_it_off(
+    make_campaign: CampaignFactory, store_path: Path, monkeypatch: pytest.MonkeyPatch,
+    limits: dict[str, object], code: int, says: str,
+) -> None:
+    """The run is over and journaled when its summary and resume command are printed; the stop
+    handlers were already gone. A Ctrl-C then (the second of two, a moment late) or a
+    supervisor's SIGTERM cut the output short: no resume command, and exit 130 (or death by
+    SIGTERM) for a run the store records as done (0) or stopped at its cap (3)."""
+    import os
+    import signal
+
+    from campaign_cli.cli import send as send_cli
+
+    summary = send_cli._print_summary
+
+    def signalled(*args: object) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        summary(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(send_cli, "_print_summary", signalled)
+    before = signal.getsignal(signal.SIGINT)
+    campaign = make_campaign(people(10), limits=limits)
+    got, _, err = invoke(store_path, "send", str(campaign), "--run-key", "sig")
+    assert (got, says in err) == (code, True), err
+    assert signal.getsignal(signal.SIGINT) is before  # restored for whoever runs next
+
+
 def test_spend_cap_exit_3_prints_how_to_resume(make_campaign: CampaignFactory, store_path: Path) -> None:
     campaign = make_campaign(people(10), limits={"concurrency": 2, "max_spend": "0.03"})
     code, out, err = invoke(store_path, "send", str(campaign), "--run-key", "cap")

@@ -116,6 +116,7 @@ def send(
     ),
 ) -> None:
     app = app_context(ctx)
+    previous = {sig: signal.getsignal(sig) for sig in _STOP_SIGNALS}
     try:
         _send(app, campaign_file, recipients, dry_run, limit, run_key, rate, max_spend,
               as_json, yes, retry_failed, grace, single_process)
@@ -123,6 +124,10 @@ def send(
         if as_json:  # the one JSON object a script reads, also when the run could not start
             app.output.json(_not_started(app, campaign_file, run_key, dry_run, exc))
         raise
+    finally:  # (ignored once the run ended: see `_send`)
+        for sig, handler in previous.items():
+            if handler is not None:
+                signal.signal(sig, handler)
 
 
 def _send(app: AppContext, campaign_file: Path, recipients: Path | None, dry_run: bool,
@@ -185,6 +190,11 @@ def _send(app: AppContext, campaign_file: Path, recipients: Path | None, dry_run
             finally:
                 for sig in _STOP_SIGNALS:
                     loop.remove_signal_handler(sig)
+                    # The run is over and journaled: a signal from here on (a second Ctrl-C
+                    # a moment late, a supervisor's SIGTERM) must not cut off its outcome and
+                    # resume command, nor make a finished run's exit code 130. `send` puts
+                    # the handlers back on its way out.
+                    signal.signal(sig, signal.SIG_IGN)
 
         report = asyncio.run(main())
 
