@@ -112,6 +112,24 @@ def test_a_changed_purpose_cannot_resume_the_same_run(
         send(transactional, store_path, FakeProvider(), run_key="k")
 
 
+def test_a_changed_currency_cannot_resume_the_same_run(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    """The run spent 0.02 USD; the file then said EUR and a resume went on: `send --json` said
+    0.04 EUR (half of it dollars) while `status --json` said 0.04 USD, and the cap of the first
+    session was kept as if it were euros. Spend and cap are in one currency: refused, exit 2."""
+    campaign = make_campaign(people(4), limits={"currency": "USD", "max_spend": "0.02"})
+    first = send(campaign, store_path, FakeProvider(), run_key="k")
+    assert (first.exit_code, first.spend_micros, first.currency) == (
+        ExitCode.SPEND_CAP, 20_000, "USD")
+    euros = make_campaign(people(4), limits={"currency": "EUR", "max_spend": "0.02"})
+    provider = FakeProvider()
+    with pytest.raises(UsageError, match="was started in USD; the campaign now says EUR"):
+        send(euros, store_path, provider, run_key="k", max_spend=Decimal("1"))
+    assert provider.history == []
+    assert query(store_path, "SELECT currency, sessions FROM runs") == [("USD", 1)]
+
+
 def test_a_changed_recipient_key_column_cannot_resume_the_same_run(
     make_campaign: CampaignFactory, store_path: Path
 ) -> None:

@@ -127,7 +127,8 @@ def start_run(
     so a changed file would silently skip or repeat people. Only a cap given on the command line
     (``cap_given``) replaces the run's cap on a resume; otherwise the run keeps the smaller of its
     own and the file's (none given: its own), so that leaving out --max-spend never lifts it.
-    Nor may the recipient key column change (the journal claims each key once per run), nor the
+    Nor may the currency change (the spend so far and the cap are counted in it), nor the
+    recipient key column (the journal claims each key once per run), nor the
     strategy (it decides which channels of a row the journal holds), nor how the file is read
     (``reading``: address columns, region, delimiter)."""
     stored_reading = None if reading is None else json.dumps(reading, sort_keys=True)
@@ -159,6 +160,13 @@ def start_run(
                     f"run {existing.name} was started as {existing.purpose}; the campaign now "
                     f"says {purpose}, which changes who may be sent to (consent) and what an "
                     "in-doubt message becomes: start a new run with another --run-key"
+                )
+            if existing.currency != currency:
+                raise UsageError(
+                    f"run {existing.name} was started in {existing.currency}; the campaign now "
+                    f"says {currency}: its spend so far and its cap are in {existing.currency}, "
+                    "and the two cannot be added up; restore it, or start a new run with "
+                    "another --run-key"
                 )
             if tuple(existing.channels) != tuple(channels):
                 raise UsageError(
