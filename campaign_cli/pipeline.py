@@ -1690,7 +1690,7 @@ class Runner:
             self._record(key, State.IN_DOUBT, "in_doubt", error)
             return False, pinned
         if isinstance(error, ProviderAuthError):
-            self._budget.release(job.reserved)
+            self._settle_or_release(job, cost)  # doubted: it stays in doubt, and spent
             self._unsend(key, job)
             self._fail_run(_Abort(
                 ExitCode.PROVIDER_AUTH, "provider_auth",
@@ -1700,7 +1700,14 @@ class Runner:
             return False, pinned
         assert isinstance(error, PermanentError)
         route.breaker.success()  # it answered: the provider is up
-        self._budget.release(job.reserved)
+        self._settle_or_release(job, cost)
+        if job.doubted:
+            # A timeout this session may have been charged: the row ends refused, and what that
+            # attempt may have cost is banked as an in-doubt resend's is (`runs.BANK_DOUBT`).
+            self._writer.submit(
+                "UPDATE messages SET doubt_micros = doubt_micros + cost_micros "
+                "WHERE run_id = ? AND row = ? AND channel = ?", key,
+            )
         if error.action == "invalid":
             self._record(key, State.INVALID, error.code or "rejected", error)
         else:
@@ -1710,6 +1717,15 @@ class Runner:
             if error.action is None:
                 self._note_refusal(route, key, error, job.resend)
         return False, pinned
+
+    def _settle_or_release(self, job: _Job, cost: int) -> None:
+        """The message is done with this session: spent if an attempt this session may have
+        been charged (``doubted``), else its reservation goes back."""
+        if job.doubted:
+            self._budget.settle(job.reserved, cost)
+            self._spent += cost
+        else:
+            self._budget.release(job.reserved)
 
     def _note_refusal(self, route: _Route, key: tuple[int, int, str],
                       error: PermanentError, resend: bool) -> None:

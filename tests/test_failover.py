@@ -366,6 +366,34 @@ def test_retries_that_run_out_after_an_ambiguous_attempt_leave_the_row_in_doubt(
     assert report.counts == {"sent": 3}
 
 
+def test_a_permanent_refusal_after_an_ambiguous_attempt_keeps_its_possible_cost(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    """Row 1 timed out on a deduplicating provider (it may have been delivered and charged);
+    its same-key retry was then refused outright. The refusal dropped the timed-out attempt's
+    cost: the run reported 0.01 spent, and a resume under the same cap of 0.02 sent row 3 too,
+    0.03 possibly charged. An in-doubt row resent by a later session and refused keeps that
+    cost (`doubt_micros`); so must a row doubted in this session."""
+    seen: list[int] = []
+
+    def handler(m: OutboundMessage) -> BaseException | None:
+        seen.append(m.row)
+        if m.row == 1:
+            return (InDoubtError("timeout after write") if seen.count(1) == 1
+                    else PermanentError("rejected", code="400", status=400))
+        return None
+
+    campaign = make_campaign(people(3), limits={"concurrency": 1, "max_spend": "0.02"})
+    report = send(campaign, store_path, _only(FakeProvider(deduplicates=True, handler=handler)),
+                  run_key="r")
+    assert report.counts == {"failed": 1, "pending": 1, "sent": 1}
+    assert report.spend_micros == 20_000  # row 2, and row 1's timed-out attempt
+    again = FakeProvider(deduplicates=True)
+    report = send(campaign, store_path, _only(again), run_key="r")
+    assert again.history == []
+    assert (report.exit_code, report.spend_micros) == (ExitCode.SPEND_CAP, 20_000)
+
+
 def test_an_in_doubt_resend_whose_retries_run_out_stays_in_doubt(
     make_campaign: CampaignFactory, store_path: Path
 ) -> None:
