@@ -114,3 +114,21 @@ def test_a_mistyped_command_line_is_logged_as_json_too(tmp_path: Path) -> None:
 def test_text_stays_the_default(tmp_path: Path) -> None:
     code, _, err = invoke(tmp_path / "s.db", "send", "missing.yaml")
     assert code == 2 and err == "error: missing.yaml: campaign file not found\n"
+
+
+def test_json_records_to_a_stderr_whose_reader_died_are_dropped_not_raised() -> None:
+    """`campaign --log-format json send ... 2>&1 | tee log` and Ctrl-C: tee dies first. The
+    records nobody reads are dropped, as text lines are, and the command goes on to its own
+    end (a BrokenPipeError from a signal handler would leave the run unfinished)."""
+    import os
+
+    read, write = os.pipe()
+    os.close(read)
+    stream = os.fdopen(write, "w")
+    try:
+        output = Output(stdout=io.StringIO(), stderr=stream, log_format="json")
+        output.warn("stopping intake")  # would raise BrokenPipeError
+        output.error("and again")
+        assert output.err.quiet
+    finally:
+        stream.close()

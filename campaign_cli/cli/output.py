@@ -96,10 +96,16 @@ class Output:
 
     def log(self, level: str, message: str, **fields: Any) -> None:
         """One JSON log record on stderr (``log_format = "json"``)."""
+        if self.err.quiet:  # its reader is gone (`_StderrConsole`): nobody reads these
+            return
         record = {"time": iso(self.now()), "level": level, "message": self.redact(message),
                   **self._redacted(fields)}
-        self.stderr.write(json.dumps(record, ensure_ascii=not writes_unicode(self.stderr)) + "\n")
-        self.stderr.flush()
+        try:
+            self.stderr.write(
+                json.dumps(record, ensure_ascii=not writes_unicode(self.stderr)) + "\n")
+            self.stderr.flush()
+        except BrokenPipeError:
+            self.err.on_broken_pipe()  # as for text: dropped, and the command goes on
 
     def error(self, message: str) -> None:
         if self.logs_json:

@@ -61,6 +61,7 @@ def validate(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout."),
 ) -> None:
     app = app_context(ctx)
+    previous = {sig: signal.getsignal(sig) for sig in _STOP_SIGNALS}
     try:
         _send(app, campaign_file, recipients, True, limit, None, None, max_spend, as_json,
               True, None, 10.0)
@@ -68,6 +69,10 @@ def validate(
         if as_json:
             app.output.json(_not_started(app, campaign_file, None, True, exc))
         raise
+    finally:  # (ignored once the run ended: see `_send`)
+        for sig, handler in previous.items():
+            if handler is not None:
+                signal.signal(sig, handler)
 
 
 @command
