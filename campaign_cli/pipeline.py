@@ -826,12 +826,15 @@ class Runner:
         )
 
     def _outcome(self, failed: int) -> tuple[ExitCode, str, str | None]:
+        # The cap is met only while intake runs, so when both happened it came first: it is
+        # why the run stopped, and its resume needs --max-spend (a signal while the last
+        # messages finish does not make it an interruption that resumes into the same cap).
+        if self._cap_hit and self._abort is None:
+            return ExitCode.SPEND_CAP, "spend_cap", "spend_cap"
         if self.stop.stopping and self._abort is None:
             return ExitCode.INTERRUPTED, "interrupted", "interrupted"
         if self._abort is not None:
             return self._abort.code, "aborted", self._abort.reason
-        if self._cap_hit:
-            return ExitCode.SPEND_CAP, "spend_cap", "spend_cap"
         if failed:
             return ExitCode.FAILURES, "done_with_failures", None
         return ExitCode.OK, "done", None

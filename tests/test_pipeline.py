@@ -386,6 +386,24 @@ def test_spend_cap_is_never_exceeded_and_resume_with_a_larger_cap_finishes(
     assert not {m.row for m in more.accepted} & {m.row for m in provider.accepted}
 
 
+def test_a_signal_after_the_cap_was_reached_still_reports_the_cap(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    """The cap stopped intake; a Ctrl-C while the last messages finish used to turn exit 3
+    into 130, so the resume command lacked --max-spend and the resume stopped at once, at the
+    same cap. The cap is why the run stopped: it stays exit 3 with its hint."""
+    campaign = make_campaign(people(6), limits={"concurrency": 1, "max_spend": "0.03"})
+    stop = StopController()
+
+    def interrupt(message: OutboundMessage) -> SendResult:
+        stop.request()  # by now the source has met the cap: rows 1-3 fit, row 4 does not
+        return SendResult(provider_message_id=f"m{message.row}")
+
+    report = send(campaign, store_path, FakeProvider(handler=interrupt), run_key="k", stop=stop)
+    assert (report.exit_code, report.stopped) == (ExitCode.SPEND_CAP, "spend_cap")
+    assert report.spend_micros <= 30_000 and report.counts["pending"] >= 3
+
+
 def test_a_resume_that_gives_no_cap_keeps_the_one_the_run_was_given(
     make_campaign: CampaignFactory, store_path: Path
 ) -> None:
