@@ -731,3 +731,45 @@ def test_validate_is_the_dry_run_under_its_preflight_name(tmp_path: Path) -> Non
     code, out, err = invoke(store, "validate", str(tmp_path / "none.yaml"), "--json")
     assert code == 2 and json.loads(out)["status"] == "not_started"
     assert err.strip().endswith("none.yaml: campaign file not found")
+
+
+def test_ctrl_c_in_a_command_without_a_run_says_so_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """`suppress import` of a large file, Ctrl-C: typer exited 130 without a word. The import's
+    one transaction is rolled back; the operator is told the command was interrupted."""
+    import sys
+
+    from campaign_cli.cli import main as entry
+    from campaign_cli.cli import suppress
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(suppress.suppressions, "import_csv", interrupted)
+    listing = tmp_path / "optouts.csv"
+    listing.write_text("phone\n+12015550100\n")
+    monkeypatch.setattr(sys, "argv", ["campaign", "--store", str(tmp_path / "s.db"),
+                                      "suppress", "import", str(listing)])
+    with pytest.raises(SystemExit) as exited:
+        entry.main()
+    assert exited.value.code == 130
+    assert capsys.readouterr().err == "error: interrupted\n"
+
+
+def test_ctrl_c_while_the_commands_are_set_up_is_one_line_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import sys
+
+    from campaign_cli.cli import main as entry
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(entry, "_register", interrupted)
+    monkeypatch.setattr(sys, "argv", ["campaign", "status"])
+    with pytest.raises(SystemExit) as exited:
+        entry.main()
+    assert exited.value.code == 130
+    assert capsys.readouterr().err == "error: interrupted\n"

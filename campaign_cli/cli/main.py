@@ -99,9 +99,13 @@ def main() -> None:
         # `2>&-`: Python has no sys.stderr, and rich's console and print(file=None) would write
         # errors, warnings and progress to stdout, after the summary a script reads last.
         sys.stderr = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 - for the process
-    _register()
     try:
-        code = _run()
+        try:
+            _register()
+            code = _run()
+        except KeyboardInterrupt:  # Ctrl-C while the commands are being set up
+            _error("interrupted")
+            code = int(ExitCode.INTERRUPTED)
     finally:
         _flush_stdout()
     sys.exit(code)

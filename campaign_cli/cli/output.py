@@ -199,8 +199,13 @@ def guarded(fn: Callable[..., Any], output: Output, *args: Any, **kwargs: Any) -
 
     try:
         return fn(*args, **kwargs)
-    except (typer.Exit, typer.Abort, KeyboardInterrupt):
+    except (typer.Exit, typer.Abort):
         raise
+    except KeyboardInterrupt:
+        # Ctrl-C outside a run's own handlers (`suppress import`, `status`): typer would exit
+        # 130 without a word. What was not committed is rolled back by the store.
+        output.error("interrupted")
+        raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
     except Exception as exc:  # noqa: BLE001 - the one place errors become exit codes
         raise typer.Exit(output.fail(exc)) from None
 
