@@ -8,6 +8,7 @@
     ├── JournalError                   exit 1  writing the journal failed mid-run
     ├── NotSentError                   exit 1  a provider cannot take messages any more
     ├── RunLockedError                 exit 5  another process drives this run
+    ├── StoppedBeforeStart             exit 130  a signal before the run started: nothing done
     └── ProviderError                  raised by provider adapters; the pipeline decides by class
         ├── TransientError             retry with backoff (5xx, 408, resets before sending)
         │   └── RateLimitedError       retry after `retry_after` seconds; slows the provider
@@ -97,6 +98,13 @@ class NotSentError(CampaignError):
     The run stops (exit 1) and the row stays as it was before the attempt, for the resume."""
 
     exit_code = ExitCode.INTERNAL
+
+
+class StoppedBeforeStart(CampaignError):
+    """A stop (Ctrl-C, SIGTERM) arrived while the run was being prepared (the recipient file
+    checked, providers started): nothing was sent and no session recorded."""
+
+    exit_code = ExitCode.INTERRUPTED
 
 
 class RunLockedError(CampaignError):

@@ -59,6 +59,7 @@ from campaign_cli.errors import (
     ProviderAuthError,
     ProviderError,
     RateLimitedError,
+    StoppedBeforeStart,
     TransientError,
     UsageError,
     redact,
@@ -538,7 +539,8 @@ class Runner:
         self.stop.bind()
         started_mono = self.clock.monotonic()
         spec = RecipientSpec.from_config(self.campaign, self._recipients_path())
-        scan = await asyncio.to_thread(scan_recipients, spec)
+        scan = await asyncio.to_thread(scan_recipients, spec, lambda: self.stop.stopping)
+        self._not_stopped()
         # The readers read the file that was hashed (the run key, the resume check), or stop.
         spec = replace(spec, expect=scan.identity)
         if self.options.limit is not None and self.options.limit < 1:
@@ -579,7 +581,13 @@ class Runner:
                 # Providers are built before the session is recorded: one that cannot be (an
                 # unreadable key file) is a configuration error like any other, with nothing
                 # started (exit 2; `status` shows no session it did not have).
+                self._not_stopped()
                 opened = await self._open_providers(f"{self.campaign.name}/{run_key}")
+                if self.stop.stopping:  # while the HTTP process started: record nothing
+                    http, routes = opened
+                    opened = None
+                    await self._close_providers(routes, http)
+                    raise _stopped_before_start()
             finally:
                 if opened is None:
                     store.close()
@@ -689,6 +697,12 @@ class Runner:
         finally:
             if not driving:
                 await self._close_providers(opened[1], opened[0])
+
+    def _not_stopped(self) -> None:
+        """A stop before the session is recorded ends the command here: nothing was sent, and
+        no session is recorded (a stopped run would claim one that never ran)."""
+        if self.stop.stopping:
+            raise _stopped_before_start()
 
     def _max_spend_micros(self) -> int | None:
         cap = self.options.max_spend
@@ -1951,6 +1965,10 @@ SQL_DRY_RUN = (
     "attempts = attempts + 1, cost_micros = ?, content_hash = ?, updated_at = ? "
     "WHERE run_id = ? AND row = ? AND channel = ?"
 )
+
+
+def _stopped_before_start() -> StoppedBeforeStart:
+    return StoppedBeforeStart("stopped before the run started: nothing was sent or recorded")
 
 
 def _leaves_this_machine(routes: Mapping[Channel, list[_Route]]) -> bool:

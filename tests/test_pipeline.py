@@ -24,14 +24,16 @@ from campaign_cli.errors import (
     ProviderAuthError,
     RateLimitedError,
     RunLockedError,
+    StoppedBeforeStart,
     TransientError,
     UsageError,
 )
-from campaign_cli.models import OutboundMessage, SendResult
+from campaign_cli.models import Channel, OutboundMessage, SendResult
 from campaign_cli.pipeline import RunReport, SendOptions, StopController, run_campaign
+from campaign_cli.providers.base import ProviderRegistry
 from campaign_cli.store import runs
 from campaign_cli.testing import FakeClock, FakeProvider, fake_registry
-from tests.conftest import CampaignFactory, journal, people, phone, query
+from tests.conftest import CampaignFactory, journal, people, phone, query, write_csv
 
 MARKETING_SMS = {"sms": {"provider": "box", "body": "Hi {{ first_name }}. Reply STOP to opt out"}}
 
@@ -741,6 +743,60 @@ def test_a_pid_reused_after_the_holder_was_killed_is_not_taken_for_the_holder(
     # A lock file written before the start time was recorded: the pid alone decides.
     path.write_text(me)
     assert runs.RunLock.holder(store_path, "c", "k") == me
+
+
+def test_a_stop_before_the_run_starts_sends_and_records_nothing(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    """Ctrl-C while a large recipient file is checked used to wait for the whole scan (seconds
+    per million rows; a second Ctrl-C did not help), then start the HTTP process and record an
+    empty `interrupted` session. It now ends there: exit 130, nothing sent, no session."""
+    campaign = make_campaign(people(3))
+    stop = StopController()
+    stop.request()
+    provider = FakeProvider()
+    with pytest.raises(StoppedBeforeStart, match="nothing was sent or recorded"):
+        send(campaign, store_path, provider, stop=stop)
+    assert provider.history == []
+    assert not store_path.exists() or query(store_path, "SELECT count(*) FROM runs") == [(0,)]
+
+
+def test_a_stop_while_providers_start_closes_them_and_records_nothing(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    campaign = make_campaign(people(3))
+    stop = StopController()
+    provider = FakeProvider()
+    registry = ProviderRegistry()
+
+    def factory(name: str, config: Any, context: Any) -> FakeProvider:
+        stop.request()  # the signal arrives while the providers (the HTTP process) start
+        return provider
+
+    registry.register("outbox", factory)
+    with pytest.raises(StoppedBeforeStart):
+        run_campaign(load_campaign(campaign, {}), store_path, SendOptions(), clock=FakeClock(),
+                     registry=registry, stop=stop)
+    assert provider.history == [] and provider.closed
+    assert query(store_path, "SELECT count(*) FROM runs") == [(0,)]
+
+
+def test_the_scan_of_a_large_file_stops_when_asked(tmp_path: Path) -> None:
+    from campaign_cli.recipients import SCAN_STOP_EVERY, RecipientSpec, scan_recipients
+
+    rows = people(3 * SCAN_STOP_EVERY)
+    path = write_csv(tmp_path / "big.csv", rows)
+    spec = RecipientSpec(path=path, key="id", columns={Channel.SMS: "phone"})
+    asked: list[int] = []
+
+    def stopped() -> bool:
+        asked.append(1)
+        return len(asked) == 2
+
+    with pytest.raises(StoppedBeforeStart, match="stopped while the file was being checked"):
+        scan_recipients(spec, stopped)
+    assert len(asked) == 2  # asked every SCAN_STOP_EVERY records, stopped at the second
+    assert scan_recipients(spec, lambda: False).rows == len(rows)
 
 
 def test_a_stop_request_leaves_unsent_rows_pending(
