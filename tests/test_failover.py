@@ -455,3 +455,21 @@ def test_in_doubt_rows_refused_ten_in_a_row_stay_in_doubt_and_never_fail_over(
     send(campaign, store_path, two(down, secondary))
     assert secondary.history == []
     assert {r["provider"] for r in journal(store_path)} == {"primary"}
+
+
+def test_a_run_stopped_short_of_its_cap_by_dearer_reservations_resumes_within_it(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    """Failover reserves the dearest provider's price (0.02) and the primary charges 0.01, so the
+    run stops at 0.05 of a 0.10 cap: never over it. Resuming with the same cap sends on, and the
+    run never goes past it."""
+    campaign = make_campaign(people(20), channels=FAILOVER_SMS, providers=TWO_PROVIDERS,
+                             limits={"concurrency": 1, "max_spend": "0.10"})
+    spent = []
+    for _ in range(6):
+        report = send(campaign, store_path, two(FakeProvider("primary"), FakeProvider("second")),
+                      run_key="k")
+        spent.append(report.spend_micros)
+        assert report.spend_micros <= 100_000
+    assert spent[0] == 50_000 and spent[1] > spent[0]  # the first resume sent on
+    assert spent[-1] >= 90_000  # within one dearest price of the cap
