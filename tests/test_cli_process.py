@@ -87,6 +87,26 @@ def paced(make_campaign: CampaignFactory) -> Path:
     )
 
 
+@pytest.fixture
+def long_paced(make_campaign: CampaignFactory) -> Path:
+    """15 s of sending: for tests that start another command while the run is going (which can
+    take seconds on a loaded machine) and end the run themselves."""
+    return make_campaign(
+        people(600),
+        providers={"box": {"type": "outbox", "dir": "outbox", "rate": "40/s", "burst": 2,
+                           "price_per_segment": "0.01"}},
+        limits={"concurrency": 4},
+    )
+
+
+def journal_state(store: Path, row: int) -> str | None:
+    try:
+        found = query(store, "SELECT state FROM messages WHERE row = ?", row)
+    except sqlite3.OperationalError:
+        return None
+    return str(found[0][0]) if found else None
+
+
 def test_sigkill_mid_run_then_resume_sends_everyone_exactly_once(
     paced: Path, store_path: Path, tmp_path: Path
 ) -> None:
@@ -120,11 +140,11 @@ def test_sigkill_mid_run_then_resume_sends_everyone_exactly_once(
 
 
 def test_status_tells_a_live_run_from_one_whose_process_was_killed(
-    paced: Path, store_path: Path
+    long_paced: Path, store_path: Path
 ) -> None:
     """A killed run stays `running` in the store until it is resumed; status says whether a
     process still drives it (and who), so an operator is not left waiting for a dead one."""
-    proc = start(store_path, "send", str(paced), "--run-key", "live")
+    proc = start(store_path, "send", str(long_paced), "--run-key", "live")
     wait_for(lambda: sent_rows(store_path) >= 5, proc, "5 messages sent")
     live = json.loads(run(store_path, "status", "test-campaign/live", "--json").stdout)
     assert live["status"] == "running"
@@ -190,12 +210,12 @@ def test_ctrl_c_exits_130_prints_the_resume_command_and_resume_completes(
 
 
 def test_a_second_process_on_the_same_run_exits_5_naming_the_holder(
-    paced: Path, store_path: Path
+    long_paced: Path, store_path: Path
 ) -> None:
-    proc = start(store_path, "send", str(paced), "--run-key", "lock")
+    proc = start(store_path, "send", str(long_paced), "--run-key", "lock")
     try:
         wait_for(lambda: sent_rows(store_path) >= 1, proc, "the first message")
-        second = run(store_path, "send", str(paced), "--run-key", "lock")
+        second = run(store_path, "send", str(long_paced), "--run-key", "lock")
         assert second.returncode == 5, second.stderr
         assert f"pid {proc.pid}" in second.stderr
         assert len(second.stderr.strip().splitlines()) == 1
@@ -204,19 +224,23 @@ def test_a_second_process_on_the_same_run_exits_5_naming_the_holder(
         proc.communicate()
 
 
-def test_an_opt_out_added_mid_run_is_honoured(paced: Path, store_path: Path, tmp_path: Path) -> None:
-    proc = start(store_path, "send", str(paced), "--run-key", "optout")
+def test_an_opt_out_added_mid_run_is_honoured(
+    long_paced: Path, store_path: Path, tmp_path: Path
+) -> None:
+    proc = start(store_path, "send", str(long_paced), "--run-key", "optout")
     wait_for(lambda: sent_rows(store_path) >= 5, proc, "5 messages sent")
-    late = phone(110)  # row 110, far from being sent at 40/s
+    late = phone(200)  # row 200, five seconds from being sent at 40/s
     added = run(store_path, "suppress", "add", late.replace("+1", ""), "--channel", "sms")
     assert added.returncode == 0, added.stderr
+    assert journal_state(store_path, 200) in ("pending", None), "the opt-out came too late"
+    wait_for(lambda: journal_state(store_path, 201) == "sent", proc, "row 201 sent")
+    proc.send_signal(signal.SIGINT)  # the rest would take ten more seconds
     _, err = proc.communicate(timeout=DEADLINE)
-    assert proc.returncode == 0, err
-    row = next(r for r in journal(store_path) if r["row"] == 110)
-    assert row["state"] == "suppressed"
+    assert proc.returncode == 130, err
+    assert journal_state(store_path, 200) == "suppressed"
     printed = [json.loads(f.read_text())["to"]
                for f in (tmp_path / "outbox" / "test-campaign_optout").glob("*.json")]
-    assert late not in printed and len(printed) == 119
+    assert late not in printed and phone(199) in printed and phone(201) in printed
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
