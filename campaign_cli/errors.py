@@ -7,6 +7,7 @@
     ├── StoreError                     exit 2  the store cannot be opened or is too new
     ├── JournalError                   exit 1  writing the journal failed mid-run
     ├── NotSentError                   exit 1  a provider cannot take messages any more
+    ├── ReaderProcessError             exit 1  the recipient reader process died (resumable)
     ├── RunLockedError                 exit 5  another process drives this run
     ├── StoppedBeforeStart             exit 130  a signal before the run started: nothing done
     └── ProviderError                  raised by provider adapters; the pipeline decides by class
@@ -96,6 +97,14 @@ class JournalError(CampaignError):
 class NotSentError(CampaignError):
     """A provider could not take a message at all (its sending process is gone): nothing left.
     The run stops (exit 1) and the row stays as it was before the attempt, for the resume."""
+
+    exit_code = ExitCode.INTERNAL
+
+
+class ReaderProcessError(CampaignError):
+    """The child process reading the recipient file died or stopped making sense (killed, out
+    of memory): not a bug of ours to report, and nothing is lost. The run stops; a resume reads
+    on from the first open row."""
 
     exit_code = ExitCode.INTERNAL
 

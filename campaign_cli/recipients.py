@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, BinaryIO, NamedTuple, Protocol
 
 from campaign_cli.addresses import AddressError, normalize_address
-from campaign_cli.errors import InputError, StoppedBeforeStart
+from campaign_cli.errors import InputError, ReaderProcessError, StoppedBeforeStart
 from campaign_cli.models import Channel, InvalidRow, Recipient
 from campaign_cli.streams import last_line
 
@@ -418,7 +418,7 @@ class ProcessChunkReader:
             except subprocess.TimeoutExpired:
                 self._process.kill()
                 self._process.wait()
-                raise RuntimeError(
+                raise ReaderProcessError(
                     f"the recipient reader process sent data that could not be read "
                     f"({type(exc).__name__}: {exc})"
                 ) from None
@@ -426,7 +426,7 @@ class ProcessChunkReader:
             said = last_line(self._stderr)
             if said:
                 why += f": {said}"
-            raise RuntimeError(
+            raise ReaderProcessError(
                 f"the recipient reader process ended unexpectedly ({why})"
             ) from None
         if kind == "chunk":
@@ -437,7 +437,7 @@ class ProcessChunkReader:
             file, line, column, message = payload
             raise InputError(file, line, column, message)
         if kind == "failed":
-            raise RuntimeError(f"reading the recipient file failed: {payload}")
+            raise ReaderProcessError(f"reading the recipient file failed: {payload}")
         return None  # "done"
 
     def close(self) -> None:
