@@ -1116,12 +1116,20 @@ class Runner:
                     continue
                 task = asyncio.ensure_future(self._prepare_chunk(chunk, policy, start_row))
                 self._admitting.add(task)
-                task.add_done_callback(self._admitting.discard)
+                task.add_done_callback(self._admitted)
                 await ready.put(task)
         except Exception as exc:  # noqa: BLE001 - raised by the source, which owns the outcome
             await ready.put(exc)
             return
         await ready.put(None)
+
+    def _admitted(self, task: asyncio.Future[_Ready | None]) -> None:
+        self._admitting.discard(task)
+        # Its failure (the journal's, which stops the run and is reported once) counts as seen:
+        # the source may stop before it reaches this task, or before the task reaches its queue,
+        # and asyncio would print the unretrieved exception with a traceback on standard error.
+        if not task.cancelled():
+            task.exception()
 
     async def _source(
         self,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
 import os
 import re
 import socket
@@ -996,6 +998,37 @@ def test_a_journal_that_fails_mid_run_stops_the_run_with_exit_1_and_a_consistent
     report = send(campaign, store_path, FakeProvider(), run_key="k")
     assert report.exit_code == ExitCode.OK
     assert report.counts == {"sent": 30}
+
+
+def test_a_journal_that_fails_with_chunks_in_admission_prints_no_traceback(
+    make_campaign: CampaignFactory, store_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The disk fills up: row 5's `sent` and every admission past row 20 fail. The run stops on
+    the first failure with chunks still being admitted, and their tasks fail too, unawaited:
+    asyncio printed each ("Task exception was never retrieved" and a traceback) on standard
+    error when it was collected, after the one clear error line."""
+    campaign = make_campaign(people(200))
+    from campaign_cli.store.db import Store
+
+    Store.open(store_path).close()
+    conn = sqlite3.connect(store_path)
+    conn.execute(
+        "CREATE TRIGGER disk_full_admit BEFORE INSERT ON messages WHEN NEW.row > 20 "
+        "BEGIN SELECT RAISE(ABORT, 'disk is full'); END"
+    )
+    conn.execute(
+        "CREATE TRIGGER disk_full_sent BEFORE UPDATE OF state ON messages "
+        "WHEN NEW.state = 'sent' AND NEW.row = 5 BEGIN SELECT RAISE(ABORT, 'disk is full'); END"
+    )
+    conn.commit()
+    conn.close()
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        report = send(campaign, store_path, FakeProvider(), run_key="k", chunk_size=5,
+                      reader="inline")
+        gc.collect()
+    assert report.exit_code == ExitCode.INTERNAL
+    assert report.error is not None and "writing the journal failed" in report.error
+    assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
 
 
 def test_an_in_doubt_message_is_not_resent_through_a_provider_that_replaced_its_own(
