@@ -3,9 +3,11 @@ from __future__ import annotations
 import csv
 import io
 import json
+import sqlite3
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 import typer  # noqa: TID251 - a CLI test
@@ -102,6 +104,38 @@ def test_add_bad_address_is_one_line_exit_2_and_adds_nothing(cli: Cli) -> None:
     assert len(r.err.strip().splitlines()) == 1
     assert "Traceback" not in r.err + r.out
     assert cli.addresses() == set()
+
+
+def read_only_opens(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SQLite opens a file it may not write (mode 0400, `chattr +i`, a read-only mount) for
+    reading, silently: the same, without needing root to make a file that root cannot write."""
+    real = sqlite3.connect
+
+    def connect(database: Any, *args: Any, uri: bool = False, **kwargs: Any) -> Any:
+        if not uri:
+            database, uri = f"{Path(database).resolve().as_uri()}?mode=ro", True
+        return real(database, *args, uri=uri, **kwargs)
+
+    monkeypatch.setattr(sqlite3, "connect", connect)
+
+
+def test_a_read_only_store_is_read_and_a_write_to_it_is_one_line_exit_2(
+    cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store this user cannot write: `add` was an internal error ("a bug", exit 1) naming
+    SQLite's OperationalError; it is a store error, one line naming the file, and the lists
+    still read."""
+    assert cli("suppress", "add", "+12015550100").exit_code == 0
+    read_only_opens(monkeypatch)
+    result = cli("suppress", "add", "+12015550101")
+    assert result.exit_code == 2, result.err
+    assert result.err.strip().splitlines() == [
+        f"error: {cli.store_path}: the store is read-only here (file permissions, an immutable "
+        "file or a read-only file system): nothing was written"]
+    listed = cli("suppress", "list")
+    assert listed.exit_code == 0 and "+12015550100" in listed.out
+    monkeypatch.undo()
+    assert cli.addresses() == {("+12015550100", "sms")}
 
 
 def test_unknown_channel_is_a_usage_error(cli: Cli) -> None:

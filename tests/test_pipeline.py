@@ -27,6 +27,7 @@ from campaign_cli.errors import (
     RateLimitedError,
     RunLockedError,
     StoppedBeforeStart,
+    StoreError,
     TransientError,
     UsageError,
 )
@@ -1029,6 +1030,23 @@ def test_a_journal_that_fails_with_chunks_in_admission_prints_no_traceback(
     assert report.exit_code == ExitCode.INTERNAL
     assert report.error is not None and "writing the journal failed" in report.error
     assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
+
+
+def test_a_read_only_store_stops_the_send_before_anything_is_sent_with_exit_2(
+    make_campaign: CampaignFactory, store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite opens a store it may not write read-only, silently; recording the run then
+    failed with a raw OperationalError (an "internal error, a bug", exit 1)."""
+    from tests.test_cli_suppress import read_only_opens
+
+    campaign = make_campaign(people(3))
+    send(campaign, store_path, FakeProvider(), run_key="first")
+    read_only_opens(monkeypatch)
+    provider = FakeProvider()
+    with pytest.raises(StoreError, match="the store is read-only here") as caught:
+        send(campaign, store_path, provider, run_key="second")
+    assert caught.value.exit_code == ExitCode.USAGE
+    assert provider.history == []
 
 
 def test_an_in_doubt_message_is_not_resent_through_a_provider_that_replaced_its_own(

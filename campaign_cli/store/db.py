@@ -381,6 +381,22 @@ def is_busy(exc: sqlite3.OperationalError) -> bool:
     return "locked" in str(exc) or "busy" in str(exc)
 
 
+def is_read_only(exc: sqlite3.Error) -> bool:
+    """SQLite opened the store read-only (it does so silently when the file cannot be opened
+    for writing: its mode, an immutable file, a read-only file system) and a write was refused."""
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+; maybe an extended code
+    if isinstance(code, int):
+        return (code & 0xFF) == 8  # SQLITE_READONLY
+    return "readonly database" in str(exc)
+
+
+def read_only_error(path: Path) -> StoreError:
+    return StoreError(
+        f"{path}: the store is read-only here (file permissions, an immutable file or a "
+        "read-only file system): nothing was written"
+    )
+
+
 def connect(
     path: Path, *, create: bool = True, readonly: bool = False, durable: bool = True
 ) -> sqlite3.Connection:
@@ -459,5 +475,9 @@ class Store:
     def __enter__(self) -> Store:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
         self.close()
+        # The store opens for reading where it cannot be written (status and the lists work);
+        # the first write says so on one line rather than as an internal error.
+        if isinstance(exc, sqlite3.OperationalError) and is_read_only(exc):
+            raise read_only_error(self.path) from None
