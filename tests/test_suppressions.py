@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from campaign_cli.addresses import AddressError, address_hash, normalize_email
-from campaign_cli.errors import InputError
-from campaign_cli.store.db import MIGRATIONS, Store
+from campaign_cli.errors import InputError, StoreError
+from campaign_cli.store.db import MIGRATIONS, Store, connect
 from campaign_cli.store.suppressions import (
     _byte_lines,
     add_suppressions,
@@ -534,3 +534,22 @@ def test_export_holds_no_read_transaction_while_its_output_blocks(tmp_path: Path
     finally:
         other.close()
         store.close()
+
+
+def test_a_store_of_a_newer_campaign_cli_is_refused_untouched(tmp_path: Path) -> None:
+    """A store with more migrations than this program knows is refused, naming it; opening it
+    switched its journal mode to WAL first (a change to the file a newer program wrote)."""
+    path = tmp_path / "store.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE future (a)")
+    conn.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1:d}")
+    conn.commit()
+    conn.close()
+    before = path.read_bytes()
+    for readonly in (False, True):
+        with pytest.raises(StoreError) as caught:
+            connect(path, readonly=readonly)
+        assert path.read_bytes() == before
+        assert str(caught.value) == (
+            f"{path}: the store has schema version {len(MIGRATIONS) + 1}, newer than this "
+            f"campaign-cli knows ({len(MIGRATIONS)}): upgrade campaign-cli")

@@ -435,14 +435,19 @@ def connect(
         else:
             conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS:d}")
+        # A newer program's store is refused before anything here changes it (journal_mode
+        # WAL rewrites the file's header).
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > len(MIGRATIONS):
+            conn.close()
+            raise StoreError(
+                f"{path}: the store has schema version {version}, newer than this campaign-cli "
+                f"knows ({len(MIGRATIONS)}): upgrade campaign-cli"
+            )
         if not readonly:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
             migrate(conn)
-        else:
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > len(MIGRATIONS):
-                raise StoreError(f"{path}: store schema {version} is newer than this campaign-cli")
     except sqlite3.DatabaseError as exc:
         raise StoreError(f"{path}: not a usable campaign store: {exc}") from None
     return conn
