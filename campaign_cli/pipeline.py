@@ -97,7 +97,7 @@ from campaign_cli.render.engine import Renderer, RenderError, content_hash, cost
 from campaign_cli.store import consents as consent_store
 from campaign_cli.store import runs
 from campaign_cli.store import suppressions as suppression_store
-from campaign_cli.store.db import Store, is_read_only, read_only_error
+from campaign_cli.store.db import Store, refused_write
 from campaign_cli.store.journal import JournalWriter
 
 if TYPE_CHECKING:
@@ -597,10 +597,11 @@ class Runner:
             finally:
                 store.close()
             return report
-        except sqlite3.OperationalError as exc:
+        except sqlite3.Error as exc:
             # Before anything is sent (the session's own writes become a JournalError).
-            if is_read_only(exc):
-                raise read_only_error(self.store_path) from None
+            refused = refused_write(self.store_path, exc)
+            if refused is not None:
+                raise refused from None
             raise
         finally:
             if lock is not None:

@@ -138,6 +138,34 @@ def test_a_read_only_store_is_read_and_a_write_to_it_is_one_line_exit_2(
     assert cli.addresses() == {("+12015550100", "sms")}
 
 
+def test_an_import_into_a_store_whose_disk_fills_up_is_one_line_exit_2(
+    cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk fills up during `suppress import`: SQLite rolls the transaction back itself, and
+    the ROLLBACK after it failed ("cannot rollback - no transaction is active"), hiding the full
+    disk behind an internal error (exit 1, "a bug")."""
+    assert cli("suppress", "add", "+12015550100").exit_code == 0
+    real = sqlite3.connect
+
+    def full(*args: Any, **kwargs: Any) -> Any:  # a disk with no room for a page more
+        conn = real(*args, **kwargs)
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        conn.execute(f"PRAGMA max_page_count = {pages:d}")
+        return conn
+
+    monkeypatch.setattr(sqlite3, "connect", full)
+    listed = tmp_path / "list.csv"
+    listed.write_text("address,channel\n" + "".join(
+        f"+1201{200 + i // 10000:03d}{i % 10000:04d},sms\n" for i in range(3000)))
+    result = cli("suppress", "import", str(listed))
+    assert result.exit_code == 2, result.err
+    assert result.err.strip().splitlines() == [
+        f"error: {cli.store_path}: the store's disk is full: nothing was written; free some "
+        "space and try again"]
+    monkeypatch.undo()
+    assert cli.addresses() == {("+12015550100", "sms")}
+
+
 def test_unknown_channel_is_a_usage_error(cli: Cli) -> None:
     r = cli("suppress", "add", "+14155550100", "--channel", "fax")
     assert r.exit_code == 2

@@ -313,7 +313,7 @@ def migrate(conn: sqlite3.Connection) -> int:
             conn.execute(f"PRAGMA user_version = {number:d}")
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            rollback(conn)
             raise
     return len(MIGRATIONS)
 
@@ -395,6 +395,25 @@ def read_only_error(path: Path) -> StoreError:
         f"{path}: the store is read-only here (file permissions, an immutable file or a "
         "read-only file system): nothing was written"
     )
+
+
+def refused_write(path: Path, exc: sqlite3.Error) -> StoreError | None:
+    """The store error for a write SQLite refused before anything was written (a read-only
+    store, a full disk: the transaction is rolled back); None for any other error."""
+    if is_read_only(exc):
+        return read_only_error(path)
+    code = getattr(exc, "sqlite_errorcode", None)
+    if (code & 0xFF) == 13 if isinstance(code, int) else "disk is full" in str(exc):
+        return StoreError(f"{path}: the store's disk is full: nothing was written; free some "
+                          "space and try again")
+    return None
+
+
+def rollback(conn: sqlite3.Connection) -> None:
+    """ROLLBACK, unless SQLite already rolled the transaction back itself (it does on a full
+    disk or an I/O error, and ROLLBACK would then fail, hiding why)."""
+    if conn.in_transaction:
+        conn.execute("ROLLBACK")
 
 
 def connect(
@@ -484,5 +503,6 @@ class Store:
         self.close()
         # The store opens for reading where it cannot be written (status and the lists work);
         # the first write says so on one line rather than as an internal error.
-        if isinstance(exc, sqlite3.OperationalError) and is_read_only(exc):
-            raise read_only_error(self.path) from None
+        refused = refused_write(self.path, exc) if isinstance(exc, sqlite3.Error) else None
+        if refused is not None:
+            raise refused from None

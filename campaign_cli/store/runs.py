@@ -22,7 +22,7 @@ import sqlite_utils
 
 from campaign_cli.errors import RunLockedError, UsageError
 from campaign_cli.models import State
-from campaign_cli.store.db import begin_immediate, insert_rows
+from campaign_cli.store.db import begin_immediate, insert_rows, rollback
 
 RUN_COLUMNS = (
     "id", "campaign", "run_key", "campaign_file", "recipients_file", "recipients_sha256",
@@ -219,7 +219,7 @@ def start_run(
             resumed = True
         conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        rollback(conn)
         raise
     run = find_run(conn, campaign, run_key)
     assert run is not None

@@ -39,7 +39,7 @@ from campaign_cli.addresses import (
 )
 from campaign_cli.errors import InputError
 from campaign_cli.models import Channel
-from campaign_cli.store.db import MAX_PARAMS, batched, begin_immediate
+from campaign_cli.store.db import MAX_PARAMS, batched, begin_immediate, rollback
 
 #: Channels a suppression or a consent record may name: every channel, or all of them at once.
 CHANNELS: tuple[str, ...] = tuple(c.value for c in Channel) + ("all",)
@@ -106,7 +106,7 @@ def write_transaction(conn: sqlite3.Connection) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        conn.execute("ROLLBACK")
+        rollback(conn)
         raise
     conn.execute("COMMIT")
 
