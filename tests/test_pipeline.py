@@ -1049,6 +1049,26 @@ def test_a_read_only_store_stops_the_send_before_anything_is_sent_with_exit_2(
     assert provider.history == []
 
 
+def test_a_run_lock_that_cannot_be_written_stops_the_send_with_one_line_exit_2(
+    make_campaign: CampaignFactory, store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store's disk is full: writing the holder into the run's lock file failed with a raw
+    OSError (ENOSPC), an "internal error, a bug" (exit 1), before anything was sent."""
+    campaign = make_campaign(people(3))
+    send(campaign, store_path, FakeProvider(), run_key="first")
+
+    def full(fd: int, data: bytes, offset: int) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(runs.os, "pwrite", full)
+    provider = FakeProvider()
+    with pytest.raises(StoreError, match="cannot take the run's lock: No space left on device"):
+        send(campaign, store_path, provider, run_key="second")
+    assert provider.history == []
+    monkeypatch.undo()
+    assert send(campaign, store_path, provider, run_key="second").counts == {"sent": 3}
+
+
 def test_an_in_doubt_message_is_not_resent_through_a_provider_that_replaced_its_own(
     make_campaign: CampaignFactory, store_path: Path
 ) -> None:

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 
 import sqlite_utils
 
-from campaign_cli.errors import RunLockedError, UsageError
+from campaign_cli.errors import RunLockedError, StoreError, UsageError
 from campaign_cli.models import State
 from campaign_cli.store.db import begin_immediate, insert_rows, rollback
 
@@ -468,6 +468,11 @@ def iter_rows(
 # The run lock
 
 
+def _lock_error(path: Path, exc: OSError) -> StoreError:
+    return StoreError(f"{path}: cannot take the run's lock: {exc.strerror or exc}; nothing was "
+                      "sent")
+
+
 class RunLock:
     """An exclusive lock on one run, held by this process (``flock`` on a file beside the store).
 
@@ -482,10 +487,13 @@ class RunLock:
     def acquire(cls, store_path: Path, campaign: str, run_key: str, started: str) -> RunLock:
         # Beside the store's real file: another path to it (a symlink) must meet the same lock.
         lock_dir = Path(f"{Path(store_path).resolve()}.locks")
-        lock_dir.mkdir(mode=0o700, exist_ok=True)
         digest = hashlib.sha256(f"{campaign}\0{run_key}".encode()).hexdigest()[:16]
         path = lock_dir / f"{digest}.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            lock_dir.mkdir(mode=0o700, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise _lock_error(path, exc) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -493,12 +501,16 @@ class RunLock:
             os.close(fd)
             raise RunLockedError(f"{campaign}/{run_key}",
                                  text.partition("\n")[0] or "unknown process") from None
-        os.ftruncate(fd, 0)
         named = f"pid {os.getpid()} on {socket.gethostname()} since {started}"
         instance = _process_instance(os.getpid())
         if instance is not None:
             named += f"\nprocess {instance}"
-        os.pwrite(fd, named.encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, named.encode(), 0)
+        except OSError as exc:  # a full disk: the store beside it cannot record the run either
+            os.close(fd)
+            raise _lock_error(path, exc) from None
         return cls(path, fd)
 
     @staticmethod
