@@ -48,6 +48,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
@@ -336,7 +337,11 @@ def _check_chunk_args(chunk_size: int, limit: int | None) -> None:
 
 
 class InlineChunkReader:
-    """`iter_recipient_chunks` in this process (call `next_chunk` from one thread at a time)."""
+    """`iter_recipient_chunks` in this process (call `next_chunk` from one thread at a time).
+
+    `close` waits for a `next_chunk` running in another thread (a run that stops mid-read
+    cancels the coroutine awaiting it, not the thread) and then closes the file: a generator
+    cannot be closed while it runs, and leaving it to the garbage collector left the file open."""
 
     def __init__(
         self, spec: RecipientSpec, chunk_size: int = 500, start_row: int = 1,
@@ -344,15 +349,15 @@ class InlineChunkReader:
     ) -> None:
         _check_chunk_args(chunk_size, limit)
         self._chunks = iter_recipient_chunks(spec, chunk_size, start_row, limit)
+        self._reading = threading.Lock()
 
     def next_chunk(self) -> Chunk | None:
-        return next(self._chunks, None)
+        with self._reading:
+            return next(self._chunks, None)
 
     def close(self) -> None:
-        try:
+        with self._reading:  # one chunk at most: milliseconds
             self._chunks.close()
-        except ValueError:  # still running in another thread: it finishes and is collected
-            pass
 
 
 class ProcessChunkReader:

@@ -638,3 +638,49 @@ def test_a_store_deleted_or_replaced_under_a_run_stops_it(
     assert done and report.exit_code == 1
     assert "the store file was deleted or replaced while the run was going" in (report.error or "")
     assert len(provider.accepted) < total // 4
+
+
+def test_closing_an_inline_reader_while_a_thread_reads_waits_and_closes_the_file(
+    tmp_path: Path,
+) -> None:
+    """A run that stops mid-read cancels the coroutine awaiting `next_chunk`, not the thread
+    running it, and then closes the reader: the generator, still running, could not be closed,
+    and its file was left open for the garbage collector (a ResourceWarning, and a flaky test)."""
+    reader = InlineChunkReader(spec_for(big_file(tmp_path, 40_000)), 40_000)
+    chunks = reader._chunks
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        reading = pool.submit(reader.next_chunk)
+        deadline = time.monotonic() + 20
+        while not chunks.gi_running:  # the thread is inside the generator now
+            assert time.monotonic() < deadline and not reading.done(), "never started reading"
+            time.sleep(0.001)
+        reader.close()
+        assert chunks.gi_frame is None  # closed: its file with it
+        assert len(reading.result(timeout=20) or []) == 40_000
+
+
+def test_a_call_the_journal_refuses_is_a_journal_error_for_its_caller(tmp_path: Path) -> None:
+    """Admission runs as a `call` in the writer's transaction. A full disk there reached the
+    run as a raw sqlite3 error, reported as "internal error: OperationalError ... (a bug)"
+    whenever it came before the batch's own failure: it is the journal failing."""
+    path = tmp_path / "s.db"
+    Store.open(path).close()
+
+    def full(conn: sqlite3.Connection) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    def refused(conn: sqlite3.Connection) -> None:
+        raise ValueError("not the journal's")
+
+    async def scenario() -> None:
+        writer = JournalWriter(path).start()
+        try:
+            with pytest.raises(JournalError, match="writing the journal failed: database or "
+                                                   "disk is full"):
+                await writer.call(full)
+            with pytest.raises(ValueError):  # the caller's own bug stays its own
+                await writer.call(refused)
+        finally:
+            writer.close()
+
+    asyncio.run(scenario())

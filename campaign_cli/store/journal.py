@@ -238,6 +238,11 @@ class JournalWriter:
                         run_sql, run_params = None, []
                     try:
                         done.append((item, item.fn(conn), None))
+                    except sqlite3.Error as exc:
+                        # The journal refused it (a full disk, an I/O error): for the caller,
+                        # as for every other waiter when a batch fails, not a bug of its own.
+                        done.append((item, None, JournalError(
+                            f"writing the journal failed: {exc}")))
                     except Exception as exc:  # noqa: BLE001 - handed to the awaiting caller
                         done.append((item, None, exc))
                 else:
