@@ -773,3 +773,42 @@ def test_ctrl_c_while_the_commands_are_set_up_is_one_line_not_a_traceback(
         entry.main()
     assert exited.value.code == 130
     assert capsys.readouterr().err == "error: interrupted\n"
+
+
+def test_a_run_raises_its_open_file_limit_to_what_its_connections_need() -> None:
+    """Under `ulimit -n 64` a twilio campaign with 200 connections failed to connect ("Too many
+    open files") and ended messages `failed` as if the provider had refused them (helper s2).
+    The soft limit is raised towards what the campaign's providers need, within the hard one;
+    the helper processes inherit it. Checked in a child, to leave this process's limit alone."""
+    import subprocess
+    import sys
+
+    code = (
+        "import resource\n"
+        "from campaign_cli.cli.send import raise_fd_limit\n"
+        "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))\n"
+        "print(raise_fd_limit(600), resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (64, 100))\n"
+        "print(raise_fd_limit(600))\n"
+        "print(resource.getrlimit(resource.RLIMIT_NOFILE))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True, timeout=60)
+    first, warning, after = done.stdout.splitlines()
+    assert first == "None 600"
+    assert warning.startswith("only 100 open files allowed (ulimit -n) for about 600")
+    assert after == "(100, 100)"
+
+
+def test_the_descriptors_a_campaign_wants_count_every_provider_s_connections(
+    make_campaign: CampaignFactory,
+) -> None:
+    from campaign_cli.cli.send import descriptors_wanted
+    from campaign_cli.config import load_campaign
+
+    campaign = make_campaign(people(1), limits={"concurrency": 50}, providers={
+        "box": {"type": "outbox", "dir": "outbox"},
+        "fast": {"type": "console", "concurrency": 300},
+    })
+    assert descriptors_wanted(load_campaign(campaign, {}).campaign) == 50 + 300 + 50 + 128

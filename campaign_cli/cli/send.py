@@ -17,7 +17,7 @@ import typer
 
 from campaign_cli.cli.context import AppContext, app_context, command
 from campaign_cli.cli.output import ProgressDisplay
-from campaign_cli.config import load_campaign
+from campaign_cli.config import Campaign, load_campaign
 from campaign_cli.errors import CampaignError, ExitCode, JournalError, UsageError
 from campaign_cli.models import from_micros
 from campaign_cli.pipeline import Runner, RunReport, SendOptions, StopController
@@ -158,6 +158,9 @@ def _send(app: AppContext, campaign_file: Path, recipients: Path | None, dry_run
         max_spend=cap, grace_seconds=grace, retry_failed=retry_failed is not None,
         reader="inline" if single_process else "auto", http_process=not single_process,
     )
+    low = raise_fd_limit(descriptors_wanted(loaded.campaign))
+    if low is not None:
+        out.warn(low)
     real = {p.type for p in loaded.campaign.providers.values()} - LOCAL_PROVIDER_TYPES
     if real and not dry_run and not yes and sys.stdin.isatty():
         names = ", ".join(sorted(real))
@@ -216,6 +219,41 @@ def _send(app: AppContext, campaign_file: Path, recipients: Path | None, dry_run
     if hint:  # the way on from a stop: a result, also with --quiet (a cron log needs it most)
         out.result(hint, err=True)
     raise typer.Exit(int(report.exit_code or 0))
+
+
+def descriptors_wanted(campaign: Campaign) -> int:
+    """File descriptors a run may hold at once: a connection per provider slot (each provider's
+    `concurrency`, else the campaign's), and a margin for the store, the journal, pipes to the
+    helper processes, the recipient file and the outbox's files."""
+    slots = sum(p.concurrency or campaign.limits.concurrency
+                for p in campaign.providers.values())
+    return slots + campaign.limits.concurrency + 128
+
+
+def raise_fd_limit(wanted: int) -> str | None:
+    """Raise this process's soft limit on open files towards ``wanted`` (never past the hard
+    limit; the helper processes inherit it). Many systems start programs at 1,024 or less: a
+    provider with a few hundred connections then fails to connect, and its messages end
+    `failed` as if the provider had refused them. A warning when the limit stays too low."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on this platform
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return None
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft >= wanted:
+        return None
+    return (f"only {soft} open files allowed (ulimit -n) for about {wanted} this campaign may "
+            "use (its providers' connections): some connections may fail and their messages "
+            "end failed; lower limits.concurrency or raise the limit")
 
 
 def _not_started(app: AppContext, campaign_file: Path | None, run_key: str | None,
