@@ -22,6 +22,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -31,6 +32,7 @@ from campaign_cli.errors import (
     PermanentError,
     ProviderAuthError,
     RateLimitedError,
+    StoppedBeforeStart,
     TransientError,
 )
 from campaign_cli.models import OutboundMessage, SendResult, State
@@ -358,6 +360,7 @@ def run_plan(plan: Plan, seed: int, root: Path) -> None:
 
     final = {"weights": {}, "stops": (), "cap": Decimal(1000), "cap_in_file": False,
              "limit": None, "retry_failed": False, "grace": 5.0, "healthy": True}
+    recorded = False  # a session recorded the run (one stopped before its start does not)
     for number, session in enumerate([*plan.sessions, final], 1):
         world.session = number
         world.calls = 0
@@ -373,12 +376,22 @@ def run_plan(plan: Plan, seed: int, root: Path) -> None:
         campaign = write_campaign(make, plan, in_file)
         options = SendOptions(
             limit=session["limit"], max_spend=None if session["cap_in_file"] else session["cap"],
-            retry_failed=session["retry_failed"] and number > 1, grace_seconds=session["grace"],
+            retry_failed=session["retry_failed"] and recorded, grace_seconds=session["grace"],
             reader="inline",
         )
+        if 0 in world.stop_at:
+            # A stop before the session starts ends the command there: nothing is sent or
+            # recorded (exit 130), and the journal is as the last session left it.
+            with pytest.raises(StoppedBeforeStart):
+                run_campaign(load_campaign(campaign, {}), store, options, clock=clock,
+                             registry=registry, stop=world.stop,
+                             rng=random.Random(seed + number))
+            assert (journal_rows(store) if store.exists() else {}) == before
+            continue
         report = run_campaign(load_campaign(campaign, {}), store, options, clock=clock,
                               registry=registry, stop=world.stop,
                               rng=random.Random(seed + number))
+        recorded = True
         if world.stop.requests >= 2 or (world.stop.requests and not session["grace"]):
             world.cut_off.add(number)
         check_session(plan, world, report, journal_rows(store), committed(before),
