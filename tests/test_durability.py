@@ -92,28 +92,17 @@ PROVIDERS = {
 }
 
 
+@pytest.mark.parametrize("providers", [["sms"], ["box", "sms"]], ids=["alone", "among-local"])
 def test_a_run_through_a_provider_that_leaves_this_machine_syncs_each_journal_commit(
-    make_campaign: CampaignFactory, store_path: Path, writers: list[JournalWriter]
+    make_campaign: CampaignFactory, store_path: Path, writers: list[JournalWriter],
+    providers: list[str],
 ) -> None:
-    # A provider that does not say it is local is taken to deliver beyond this machine: every
-    # fake stands for a real one.
-    remote = FakeProvider("sms")
-    registry = ProviderRegistry()
-    registry.register("twilio", lambda name, config, context: remote)
-    campaign = make_campaign(channels={"sms": {"provider": "sms", "body": "Hi"}},
-                             providers=PROVIDERS)
-    run(campaign, store_path, registry)
-    assert len(remote.accepted) == 10
-    assert [w.durable for w in writers] == [True]
-
-
-def test_a_run_with_one_remote_provider_among_local_ones_syncs(
-    make_campaign: CampaignFactory, store_path: Path, writers: list[JournalWriter]
-) -> None:
+    """A provider that does not say it is local is taken to deliver beyond this machine (every
+    fake stands for a real one), also as the failover of a local one."""
     remote = FakeProvider("sms")
     registry = default_registry()
     registry.register("twilio", lambda name, config, context: remote)
-    campaign = make_campaign(channels={"sms": {"provider": ["box", "sms"], "body": "Hi"}},
+    campaign = make_campaign(channels={"sms": {"provider": providers, "body": "Hi"}},
                              providers=PROVIDERS)
     run(campaign, store_path, registry)
     assert [w.durable for w in writers] == [True]

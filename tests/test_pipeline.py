@@ -681,19 +681,7 @@ def test_a_dry_run_of_a_resume_resends_in_doubt_rows_only_as_the_real_resume_wou
         dry.counts, dry.in_doubt_resent, dry.spend_micros)
 
 
-def test_a_second_process_on_the_same_run_is_refused(
-    make_campaign: CampaignFactory, store_path: Path
-) -> None:
-    campaign = make_campaign(people(2))
-    lock = runs.RunLock.acquire(store_path, "test-campaign", "held", "now")
-    try:
-        with pytest.raises(RunLockedError, match=r"pid \d+"):
-            send(campaign, store_path, FakeProvider(), run_key="held")
-    finally:
-        lock.release()
-
-
-def test_the_refusal_names_the_holder_in_one_line(
+def test_a_second_process_on_the_same_run_is_refused_naming_the_holder_in_one_line(
     make_campaign: CampaignFactory, store_path: Path
 ) -> None:
     campaign = make_campaign(people(2))
@@ -703,7 +691,7 @@ def test_the_refusal_names_the_holder_in_one_line(
             send(campaign, store_path, FakeProvider(), run_key="held")
     finally:
         lock.release()
-    assert "\n" not in str(refused.value)
+    assert "\n" not in str(refused.value)  # the lock file's second line is not shown
     assert f"pid {os.getpid()} on {socket.gethostname()} since now" in str(refused.value)
 
 
@@ -959,6 +947,18 @@ def test_a_chunk_missing_from_the_journal_is_not_skipped_by_the_resume(
     assert sorted(m.row for m in provider.accepted) == list(range(11, 61))
 
 
+def refusing_writes(store: Path, *triggers: str) -> None:
+    """A store whose ``triggers`` refuse some journal writes, as a full disk would."""
+    from campaign_cli.store.db import Store
+
+    Store.open(store).close()
+    conn = sqlite3.connect(store)
+    for trigger in triggers:
+        conn.execute(trigger)
+    conn.commit()
+    conn.close()
+
+
 def test_a_journal_that_fails_mid_run_stops_the_run_with_exit_1_and_a_consistent_store(
     make_campaign: CampaignFactory, store_path: Path
 ) -> None:
@@ -967,16 +967,9 @@ def test_a_journal_that_fails_mid_run_stops_the_run_with_exit_1_and_a_consistent
     messages went out), the run is finished in the store rather than left `running`, nothing is
     counted sent that the journal does not hold, and the run resumes once the store is fixed."""
     campaign = make_campaign(people(30))
-    from campaign_cli.store.db import Store
-
-    Store.open(store_path).close()
-    conn = sqlite3.connect(store_path)
-    conn.execute(
-        "CREATE TRIGGER disk_full BEFORE UPDATE OF state ON messages "
-        "WHEN NEW.state = 'sent' AND NEW.row = 5 BEGIN SELECT RAISE(ABORT, 'disk is full'); END"
-    )
-    conn.commit()
-    conn.close()
+    refusing_writes(store_path,
+                    "CREATE TRIGGER disk_full BEFORE UPDATE OF state ON messages WHEN NEW.state "
+                    "= 'sent' AND NEW.row = 5 BEGIN SELECT RAISE(ABORT, 'disk is full'); END")
 
     first = FakeProvider()
     report = send(campaign, store_path, first, run_key="k")
@@ -1009,20 +1002,13 @@ def test_a_journal_that_fails_with_chunks_in_admission_prints_no_traceback(
     asyncio printed each ("Task exception was never retrieved" and a traceback) on standard
     error when it was collected, after the one clear error line."""
     campaign = make_campaign(people(200))
-    from campaign_cli.store.db import Store
-
-    Store.open(store_path).close()
-    conn = sqlite3.connect(store_path)
-    conn.execute(
+    refusing_writes(
+        store_path,
         "CREATE TRIGGER disk_full_admit BEFORE INSERT ON messages WHEN NEW.row > 20 "
-        "BEGIN SELECT RAISE(ABORT, 'disk is full'); END"
+        "BEGIN SELECT RAISE(ABORT, 'disk is full'); END",
+        "CREATE TRIGGER disk_full_sent BEFORE UPDATE OF state ON messages WHEN NEW.state = "
+        "'sent' AND NEW.row = 5 BEGIN SELECT RAISE(ABORT, 'disk is full'); END",
     )
-    conn.execute(
-        "CREATE TRIGGER disk_full_sent BEFORE UPDATE OF state ON messages "
-        "WHEN NEW.state = 'sent' AND NEW.row = 5 BEGIN SELECT RAISE(ABORT, 'disk is full'); END"
-    )
-    conn.commit()
-    conn.close()
     with caplog.at_level(logging.ERROR, logger="asyncio"):
         report = send(campaign, store_path, FakeProvider(), run_key="k", chunk_size=5,
                       reader="inline")

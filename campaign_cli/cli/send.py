@@ -11,7 +11,7 @@ import sqlite3
 import sys
 from decimal import ROUND_DOWN, Decimal, InvalidOperation
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -43,53 +43,41 @@ def register(app: typer.Typer) -> None:
     )(validate)
 
 
+CampaignArg = Annotated[Path, typer.Argument(help="The campaign YAML file.", show_default=False)]
+RecipientsOpt = Annotated[Optional[Path], typer.Option(
+    "--recipients", "-r", help="Recipient CSV (overrides recipients.file).", show_default=False,
+)]
+LimitOpt = Annotated[Optional[int], typer.Option(
+    "--limit", min=1, help="Only the first N recipients.", show_default=False,
+)]
+
+
 @command
 def validate(
     ctx: typer.Context,
-    campaign_file: Path = typer.Argument(..., help="The campaign YAML file.", show_default=False),
-    recipients: Optional[Path] = typer.Option(
-        None, "--recipients", "-r", help="Recipient CSV (overrides recipients.file).",
-        show_default=False,
-    ),
-    limit: Optional[int] = typer.Option(
-        None, "--limit", min=1, help="Only the first N recipients.", show_default=False
-    ),
+    campaign_file: CampaignArg,
+    recipients: RecipientsOpt = None,
+    limit: LimitOpt = None,
     max_spend: Optional[str] = typer.Option(
         None, "--max-spend", help="Spend cap to check against (overrides limits.max_spend).",
         show_default=False,
     ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout."),
 ) -> None:
-    app = app_context(ctx)
-    previous = {sig: signal.getsignal(sig) for sig in _STOP_SIGNALS}
-    try:
-        _send(app, campaign_file, recipients, True, limit, None, None, max_spend, as_json,
-              True, None, 10.0)
-    except CampaignError as exc:
-        if as_json:
-            app.output.json(_not_started(app, campaign_file, None, True, exc))
-        raise
-    finally:  # (ignored once the run ended: see `_send`)
-        for sig, handler in previous.items():
-            if handler is not None:
-                signal.signal(sig, handler)
+    _command(app_context(ctx), campaign_file, recipients, True, limit, None, None, max_spend,
+             as_json, True, None, 10.0)
 
 
 @command
 def send(
     ctx: typer.Context,
-    campaign_file: Path = typer.Argument(..., help="The campaign YAML file.", show_default=False),
-    recipients: Optional[Path] = typer.Option(
-        None, "--recipients", "-r", help="Recipient CSV (overrides recipients.file).",
-        show_default=False,
-    ),
+    campaign_file: CampaignArg,
+    recipients: RecipientsOpt = None,
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Read, check, render and cost everything; send nothing and "
         "leave the store untouched."
     ),
-    limit: Optional[int] = typer.Option(
-        None, "--limit", min=1, help="Only the first N recipients.", show_default=False
-    ),
+    limit: LimitOpt = None,
     run_key: Optional[str] = typer.Option(
         None, "--run-key", help="Names the run (default: derived from the recipient file's "
         "contents). Same campaign and key = resume.", show_default=False,
@@ -120,7 +108,16 @@ def send(
         "process, not in helper processes: ~60 MiB less memory, slower on large runs."
     ),
 ) -> None:
-    app = app_context(ctx)
+    _command(app_context(ctx), campaign_file, recipients, dry_run, limit, run_key, rate,
+             max_spend, as_json, yes, retry_failed, grace, single_process)
+
+
+def _command(app: AppContext, campaign_file: Path, recipients: Path | None, dry_run: bool,
+             limit: int | None, run_key: str | None, rate: float | None,
+             max_spend: str | None, as_json: bool, yes: bool, retry_failed: str | None,
+             grace: float, single_process: bool = False) -> None:
+    """`send` and `validate`: the run, the not-started JSON when it cannot start, and the
+    signal handlers as they were on the way out."""
     previous = {sig: signal.getsignal(sig) for sig in _STOP_SIGNALS}
     try:
         _send(app, campaign_file, recipients, dry_run, limit, run_key, rate, max_spend,
