@@ -159,3 +159,6 @@ class SendResult:
     provider_message_id: str | None = None
     status_code: int | None = None
     detail: str | None = None
+    #: How many SMS segments the provider says it will bill (Twilio's ``num_segments``), when
+    #: it says: the run records that cost, and warns when it differs from its own count.
+    segments: int | None = None

@@ -70,6 +70,7 @@ from campaign_cli.models import (
     OutboundMessage,
     Recipient,
     SendResult,
+    SmsContent,
     State,
     from_micros,
     to_micros,
@@ -519,6 +520,7 @@ class Runner:
         self._baseline: Counter[str] = Counter()
         self._sent_this_session = 0
         self._in_doubt_resent = 0
+        self._segment_mismatches = 0  # messages a provider counted other segments for
         self._max_row_start = 0
         self._admitting: set[asyncio.Future[_Ready | None]] = set()
         self._sentinels: asyncio.Task[None] | None = None  # queued by a source that failed
@@ -1664,6 +1666,8 @@ class Runner:
                 route.refusals.clear()
                 route.breaker.success()
                 route.pacer.succeeded()
+                if result.segments is not None:
+                    cost = self._billed(route, message, result.segments, cost, key)
                 self._budget.settle(job.reserved, cost)
                 self._spent += cost
                 self._writer.submit(
@@ -1679,6 +1683,28 @@ class Runner:
                                                     probe)
             if not retry:
                 return
+
+    def _billed(self, route: _Route, message: OutboundMessage, segments: int, cost: int,
+                key: tuple[int, int, str]) -> int:
+        """What a message the provider counted ``segments`` SMS segments for costs. The cap
+        reserved our own count; when the provider's differs (an encoding it chose, a character
+        counted otherwise), what it bills is what the run records as spent, and it says so."""
+        content = message.content
+        if not isinstance(content, SmsContent) or segments == content.segments:
+            return cost
+        billed = route.price_per_message + segments * route.price_per_segment
+        self._segment_mismatches += 1
+        if self._segment_mismatches == 1:
+            self.warnings.append(
+                f"{route.name} counted {segments} SMS segment(s) for row {message.row} where "
+                f"this run counted {content.segments} ({content.encoding}): the spend records "
+                "the provider's count (see `campaign trace` for each such message's cost)"
+            )
+        self._writer.submit(
+            "UPDATE messages SET cost_micros = ? WHERE run_id = ? AND row = ? AND channel = ?",
+            (billed, *key),
+        )
+        return billed
 
     async def _after_error(
         self, job: _Job, route: _Route, attempt: int, error: ProviderError,

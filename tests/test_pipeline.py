@@ -391,6 +391,28 @@ def test_spend_cap_is_never_exceeded_and_resume_with_a_larger_cap_finishes(
     assert not {m.row for m in more.accepted} & {m.row for m in provider.accepted}
 
 
+def test_the_spend_records_the_segments_the_provider_bills_when_they_differ(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    """Twilio bills the segments it counts. When its count differs from ours (an encoding it
+    chose, a character counted otherwise), the spend reported, the journal's cost and the cap's
+    accounting follow the provider's count, and the run says so once."""
+    campaign = make_campaign(people(3), channels={"sms": {"provider": "box", "body": "Hi"}})
+
+    def billed(message: OutboundMessage) -> SendResult:
+        segments = 3 if message.row == 2 else 1  # rows 1 and 3 as we counted them
+        return SendResult(provider_message_id=f"SM{message.row}", segments=segments)
+
+    report = send(campaign, store_path, FakeProvider(handler=billed), run_key="k")
+    assert report.counts == {"sent": 3}
+    assert report.spend_micros == (1 + 3 + 1) * 10_000
+    costs = {r["row"]: r["cost_micros"] for r in journal(store_path)}
+    assert costs == {1: 10_000, 2: 30_000, 3: 10_000}
+    [warning] = report.warnings
+    assert warning.startswith("box counted 3 SMS segment(s) for row 2 where this run counted 1")
+    assert runs.committed_spend(sqlite3.connect(store_path), report.run_id) == 50_000
+
+
 def test_a_signal_after_the_cap_was_reached_still_reports_the_cap(
     make_campaign: CampaignFactory, store_path: Path
 ) -> None:

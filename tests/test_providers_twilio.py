@@ -342,6 +342,20 @@ def test_accepted_without_json_still_succeeds() -> None:
     assert result.status_code == 201 and result.provider_message_id is None
 
 
+@pytest.mark.parametrize(("num_segments", "segments"), [
+    ("3", 3), (2, 2), (None, None), ("", None), ("many", None), ("0", None), (True, None),
+    ("1000", None),
+])
+def test_the_segments_twilio_counts_are_read_from_its_answer(num_segments: object,
+                                                             segments: int | None) -> None:
+    """Twilio bills the segments it counts (`num_segments`, a string in its Message resource);
+    the run records that cost when it differs from its own count. Anything that is not a
+    plausible count is no count."""
+    answer = httpx.Response(201, json={"sid": "SM" + "b" * 32, "status": "queued",
+                                       "num_segments": num_segments})
+    assert send(provider(Recorder(answer)), sms()).segments == segments
+
+
 # --------------------------------------------------------------------------------------------
 # Transport failures
 

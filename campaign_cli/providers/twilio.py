@@ -111,10 +111,13 @@ class TwilioAdapter:
         data = _json(response)
         if 200 <= status < 300:
             sid = data.get("sid")
+            raw = data.get("num_segments")  # a string in Twilio's answers ("2")
+            segments = raw if type(raw) is int else _int(raw)
             return SendResult(
                 provider_message_id=sid if isinstance(sid, str) else None,
                 status_code=status,
                 detail=data.get("status") if isinstance(data.get("status"), str) else None,
+                segments=segments if segments is not None and 0 < segments <= 100 else None,
             )
         raw_code = data.get("code")
         number = raw_code if isinstance(raw_code, int) else _int(raw_code)
