@@ -127,7 +127,7 @@ def test_send_posts_the_form_with_basic_auth(spec: OpenAPI) -> None:
     rec = Recorder()
     result = send(provider(rec, status_callback="https://hooks.example.com/twilio"), sms())
     assert result == SendResult(provider_message_id="SM" + "a" * 32, status_code=201,
-                                detail="queued")
+                                detail="queued", segments=1)
     (request,) = rec.requests
     assert request.method == "POST"
     assert str(request.url) == f"https://api.twilio.com/2010-04-01/Accounts/{ACCOUNT}/Messages.json"
