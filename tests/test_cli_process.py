@@ -7,6 +7,7 @@ on conditions in the journal (rows sent so far), never on fixed sleeps.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -16,7 +17,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -31,9 +32,28 @@ def campaign_cmd(store: Path, *args: str) -> list[str]:
     return [*CAMPAIGN, "--store", str(store), *args]
 
 
-def start(store: Path, *args: str, stdout: int | object = subprocess.PIPE) -> subprocess.Popen[str]:
-    return subprocess.Popen(campaign_cmd(store, *args), stdout=stdout,  # type: ignore[arg-type]
-                            stderr=subprocess.PIPE, text=True)
+@contextlib.contextmanager
+def signals_as_a_terminal_leaves_them(*ignored: signal.Signals) -> Iterator[None]:
+    """Children started inside get SIGINT and SIGHUP with their default action, as a program
+    started from a terminal does, even when this test process was itself started ignoring them
+    (under `nohup`, or as a script's background job: the children would inherit that, and
+    `campaign` keeps an inherited ignore). ``ignored``: these are ignored instead, as `nohup`
+    leaves SIGHUP."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGHUP)}
+    try:
+        for sig in saved:
+            signal.signal(sig, signal.SIG_IGN if sig in ignored else signal.default_int_handler)
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+
+def start(store: Path, *args: str, stdout: int | object = subprocess.PIPE,
+          ignored: tuple[signal.Signals, ...] = ()) -> subprocess.Popen[str]:
+    with signals_as_a_terminal_leaves_them(*ignored):
+        return subprocess.Popen(campaign_cmd(store, *args), stdout=stdout,  # type: ignore[arg-type]
+                                stderr=subprocess.PIPE, text=True)
 
 
 def sent_rows(store: Path) -> int:
@@ -243,6 +263,20 @@ def test_an_opt_out_added_mid_run_is_honoured(
     assert late not in printed and phone(199) in printed and phone(201) in printed
 
 
+def test_a_run_started_under_nohup_outlives_its_terminal(paced: Path, store_path: Path) -> None:
+    """`nohup campaign send ... &` asks for the run to go on when the terminal closes. The run
+    stopped on SIGHUP anyway (its stop handler replaced the ignore it was started with), so
+    logging out stopped a campaign its operator had put in the background for that purpose."""
+    proc = start(store_path, "send", str(paced), "--run-key", "nohup",
+                 ignored=(signal.SIGHUP,))
+    wait_for(lambda: sent_rows(store_path) >= 5, proc, "5 messages sent")
+    proc.send_signal(signal.SIGHUP)  # the terminal closed
+    _, err = proc.communicate(timeout=DEADLINE)
+    assert proc.returncode == 0, err
+    assert Counter(r["state"] for r in journal(store_path)) == {"sent": 120}
+    assert "SIGHUP" not in err
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
 def test_sigterm_and_sighup_are_handled_like_ctrl_c(
     paced: Path, store_path: Path, signum: signal.Signals
@@ -434,6 +468,16 @@ def test_no_command_at_all_still_shows_the_help(store_path: Path) -> None:
     assert done.returncode == 2 and "COMMAND [ARGS]" in done.stdout + done.stderr
 
 
+def _signal_state(pid: int) -> str:
+    """The signals a process blocks, ignores and has pending (Linux), for a failure message."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return ""
+    return " ".join(line for line in lines if line.startswith(("SigBlk", "SigIgn", "SigPnd",
+                                                               "ShdPnd", "State")))
+
+
 @pytest.mark.parametrize(("key", "expected"), [("SIGINT", 130), (b"\x04", 2)])
 def test_ctrl_c_or_ctrl_d_at_the_confirmation_prompt_is_not_an_internal_error(
     make_campaign: CampaignFactory, store_path: Path, key: str | bytes, expected: int
@@ -453,8 +497,9 @@ def test_ctrl_c_or_ctrl_d_at_the_confirmation_prompt_is_not_an_internal_error(
         "type": "webhook", "url": "http://127.0.0.1:9/never-contacted"}},
         channels={"webhook": {"provider": "hook", "body": "Hi {{ first_name }}"}})
     master, slave = pty.openpty()
-    proc = subprocess.Popen(campaign_cmd(store_path, "send", str(campaign)), stdin=slave,
-                            stdout=slave, stderr=slave, close_fds=True)
+    with signals_as_a_terminal_leaves_them():
+        proc = subprocess.Popen(campaign_cmd(store_path, "send", str(campaign)), stdin=slave,
+                                stdout=slave, stderr=slave, close_fds=True)
     os.close(slave)
     seen = b""
     deadline = time.monotonic() + DEADLINE
@@ -469,15 +514,22 @@ def test_ctrl_c_or_ctrl_d_at_the_confirmation_prompt_is_not_an_internal_error(
             # and its wait for a key (the handler has run; the wait has not begun): a person's
             # Ctrl-C a moment later is not lost. So, as a person would, press it again if the
             # first one found the prompt not yet waiting: the wait is on the exit, not on time.
+            # The terminal is read all the while, as a real one is: a child writing more than
+            # the pty holds (a warning, a traceback) would otherwise block and never exit.
             proc.send_signal(signal.SIGINT)
-            for _ in range(int(DEADLINE)):
-                try:
-                    code = proc.wait(timeout=1)
-                    break
-                except subprocess.TimeoutExpired:
+            pressed = first = time.monotonic()
+            while proc.poll() is None:
+                assert time.monotonic() < first + 20, (
+                    f"still running: {seen!r} {_signal_state(proc.pid)}")
+                if select.select([master], [], [], 0.1)[0]:
+                    try:
+                        seen += os.read(master, 1024)
+                    except OSError:
+                        pass
+                if time.monotonic() - pressed >= 1:
                     proc.send_signal(signal.SIGINT)
-            else:
-                raise AssertionError(f"still running after Ctrl-C: {seen!r}")
+                    pressed = time.monotonic()
+            code = proc.returncode
         else:
             assert isinstance(key, bytes)
             os.write(master, key)

@@ -188,12 +188,16 @@ def _send(app: AppContext, campaign_file: Path, recipients: Path | None, dry_run
                 else:
                     out.warn("stopping now; the journal stays consistent")
 
-            for sig in _STOP_SIGNALS:
+            # A signal this process was started ignoring stays ignored: `nohup campaign send
+            # ... &` asked for the run to outlive a closed terminal (SIGHUP), and a background
+            # job of a script ignores SIGINT. SIGTERM and the others stop it as usual.
+            watched = [sig for sig in _STOP_SIGNALS if signal.getsignal(sig) != signal.SIG_IGN]
+            for sig in watched:
                 loop.add_signal_handler(sig, on_signal, sig)
             try:
                 return await runner.execute()
             finally:
-                for sig in _STOP_SIGNALS:
+                for sig in watched:
                     loop.remove_signal_handler(sig)
                     # The run is over and journaled: a signal from here on (a second Ctrl-C
                     # a moment late, a supervisor's SIGTERM) must not cut off its outcome and
