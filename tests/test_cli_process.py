@@ -303,8 +303,9 @@ def test_ctrl_c_whose_log_reader_died_with_it_still_stops_gracefully(
     was left `running` (not finished, no resume command), outcomes still queued for the journal
     were lost, and the exit code was 1. What cannot be shown is dropped; the stop goes on."""
     read_end, write_end = os.pipe()
-    proc = subprocess.Popen(campaign_cmd(store_path, "send", str(paced), "--run-key", "tee"),
-                            stdout=write_end, stderr=write_end)
+    with signals_as_a_terminal_leaves_them():
+        proc = subprocess.Popen(campaign_cmd(store_path, "send", str(paced), "--run-key", "tee"),
+                                stdout=write_end, stderr=write_end)
     os.close(write_end)
     try:
         wait_for(lambda: sent_rows(store_path) >= 5, proc, "5 messages sent")
