@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import signal
 import sqlite3
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -122,3 +124,20 @@ def query(store: Path, sql: str, *params: Any) -> list[tuple[Any, ...]]:
 
 
 Factory = Callable[..., Path]
+
+
+@contextlib.contextmanager
+def signals_as_a_terminal_leaves_them(*ignored: signal.Signals) -> Iterator[None]:
+    """Children started inside get SIGINT and SIGHUP with their default action, as a program
+    started from a terminal does, even when this test process was itself started ignoring them
+    (under `nohup`, or as a script's background job: the children would inherit that, and
+    `campaign` keeps an inherited ignore). ``ignored``: these are ignored instead, as `nohup`
+    leaves SIGHUP."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGHUP)}
+    try:
+        for sig in saved:
+            signal.signal(sig, signal.SIG_IGN if sig in ignored else signal.default_int_handler)
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)

@@ -7,7 +7,6 @@ on conditions in the journal (rows sent so far), never on fixed sleeps.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -17,12 +16,19 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import CampaignFactory, journal, people, phone, query
+from tests.conftest import (
+    CampaignFactory,
+    journal,
+    people,
+    phone,
+    query,
+    signals_as_a_terminal_leaves_them,
+)
 
 CAMPAIGN = [sys.executable, "-m", "campaign_cli"]
 DEADLINE = 60.0
@@ -30,23 +36,6 @@ DEADLINE = 60.0
 
 def campaign_cmd(store: Path, *args: str) -> list[str]:
     return [*CAMPAIGN, "--store", str(store), *args]
-
-
-@contextlib.contextmanager
-def signals_as_a_terminal_leaves_them(*ignored: signal.Signals) -> Iterator[None]:
-    """Children started inside get SIGINT and SIGHUP with their default action, as a program
-    started from a terminal does, even when this test process was itself started ignoring them
-    (under `nohup`, or as a script's background job: the children would inherit that, and
-    `campaign` keeps an inherited ignore). ``ignored``: these are ignored instead, as `nohup`
-    leaves SIGHUP."""
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGHUP)}
-    try:
-        for sig in saved:
-            signal.signal(sig, signal.SIG_IGN if sig in ignored else signal.default_int_handler)
-        yield
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
 
 def start(store: Path, *args: str, stdout: int | object = subprocess.PIPE,

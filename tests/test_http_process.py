@@ -33,7 +33,13 @@ from campaign_cli.providers.process import (
     HttpProcessGone,
     _frame,
 )
-from tests.conftest import CampaignFactory, journal, people, query
+from tests.conftest import (
+    CampaignFactory,
+    journal,
+    people,
+    query,
+    signals_as_a_terminal_leaves_them,
+)
 from tests.fakeserver import (  # noqa: F401 - pytest fixtures
     FakeProviderServer,
     fake_server_fixture,
@@ -467,9 +473,10 @@ def test_a_stop_signal_to_the_whole_process_group_stops_gracefully(
         providers={"tw": {**fake_server.provider_config("twilio"), "concurrency": 4}},
         limits={"concurrency": 4},
     )
-    proc = subprocess.Popen(campaign_cmd(store_path, "send", str(campaign), "--run-key", "k"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    with signals_as_a_terminal_leaves_them():
+        proc = subprocess.Popen(campaign_cmd(store_path, "send", str(campaign), "--run-key", "k"),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
     try:
         wait_for(lambda: len(fake_server.requests_for("twilio")) >= 6, proc,
                  "requests in flight")
