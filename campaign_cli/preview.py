@@ -27,7 +27,7 @@ from campaign_cli.pipeline import SendOptions, run_campaign
 from campaign_cli.recipients import RecipientSpec, iter_recipient_chunks
 from campaign_cli.render.engine import Renderer, RenderError
 from campaign_cli.store import runs
-from campaign_cli.store.db import connect
+from campaign_cli.store.db import Store, connect
 
 #: What the dry run's journal calls a message it would send.
 WOULD_SEND = "send"
@@ -91,13 +91,9 @@ def preview_row(
         if report.total_rows < row:
             raise UsageError(f"{path}: --row {row}: the file has {report.total_rows} data "
                              f"row{'s' if report.total_rows != 1 else ''}")
-        conn = connect(private, create=False)
-        try:
-            decided = _journal(conn, report.campaign, report.run_key, row)
-            secret = conn.execute(
-                "SELECT value FROM settings WHERE key = 'unsubscribe_secret'").fetchone()[0]
-        finally:
-            conn.close()
+        with Store.open(private, create=False) as store:
+            decided = _journal(store.conn, report.campaign, report.run_key, row)
+            secret = store.setting("unsubscribe_secret") or ""
     earlier = _journal_if_any(store_path, report.campaign, report.run_key, row)
     spec = RecipientSpec.from_config(campaign, Path(path))
     with contextlib.closing(iter_recipient_chunks(spec, 1, start_row=row, limit=row)) as chunks:
@@ -105,8 +101,7 @@ def preview_row(
     renderer = Renderer.compile(campaign, secret, source=loaded)
     channels: list[ChannelPreview] = []
     for channel, (state, reason, detail, address, cost) in decided.items():
-        before = earlier.get(channel)
-        already = before is not None and before in _DECIDED
+        already = earlier.get(channel) in _DECIDED
         content: Content | None = None
         outcome = WOULD_SEND if state == State.SENT.value and not already else state
         if (isinstance(item, Recipient) and address is not None

@@ -119,11 +119,13 @@ class Output:
             return
         self.err.print(f"warning: {self.shown(message)}", markup=False)
 
-    def info(self, message: str, **fields: Any) -> None:
+    def info(self, message: str, level: str = "info", **fields: Any) -> None:
+        """Chatter for a person (not with ``quiet``); as JSON, a ``level`` record with
+        ``fields`` (progress gives its counts)."""
         if self.quiet:
             return
         if self.logs_json:
-            self.log(fields.pop("level", "info"), message, **fields)
+            self.log(level, message, **fields)
             return
         self.err.print(self.shown(message), markup=False)
 
