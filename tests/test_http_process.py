@@ -192,6 +192,7 @@ def test_close_lets_the_child_finish_or_kills_it_when_requests_are_still_held() 
             assert host._process.returncode == 0  # asked to close, it closed its pools and left
 
             s.mode = "withhold"
+            s.received.clear()  # set by the first request: wait for the held one itself
             host = await HttpProcess.start()
             client = make_client(base_url=s.url, timeout=30.0, concurrency=2,
                                  transport=host.transport(2))
