@@ -469,13 +469,17 @@ def _signal_state(pid: int) -> str:
                                                                "ShdPnd", "State")))
 
 
-@pytest.mark.parametrize(("key", "expected"), [("SIGINT", 130), (b"\x04", 2)])
+@pytest.mark.parametrize(("key", "expected", "as_json"), [
+    ("SIGINT", 130, False), (b"\x04", 2, False), (b"n\r", 2, True), ("SIGINT", 130, True)])
 def test_ctrl_c_or_ctrl_d_at_the_confirmation_prompt_is_not_an_internal_error(
-    make_campaign: CampaignFactory, store_path: Path, key: str | bytes, expected: int
+    make_campaign: CampaignFactory, store_path: Path, key: str | bytes, expected: int,
+    as_json: bool,
 ) -> None:
     """`send` through a real provider asks first. Ctrl-C there exited 1 ("internal error: a bug")
     with "error: aborted"; it is an interruption by a signal (130). Ctrl-D, no answer, is the
-    answer no (2, as typing n). Either way nothing is sent.
+    answer no (2, as typing n). Either way nothing is sent. With `--json`, a run that does not
+    start still prints its one `not_started` object (README): the answer n or a Ctrl-C exited
+    with nothing on stdout, so a script reading the summary had nothing to parse.
 
     The prompt reads a pseudo-terminal. The child is started by subprocess (fork and exec in C):
     `pty.fork()` runs Python in a child forked from this multi-threaded test process, which can
@@ -489,8 +493,9 @@ def test_ctrl_c_or_ctrl_d_at_the_confirmation_prompt_is_not_an_internal_error(
         channels={"webhook": {"provider": "hook", "body": "Hi {{ first_name }}"}})
     master, slave = pty.openpty()
     with signals_as_a_terminal_leaves_them():
-        proc = subprocess.Popen(campaign_cmd(store_path, "send", str(campaign)), stdin=slave,
-                                stdout=slave, stderr=slave, close_fds=True)
+        proc = subprocess.Popen(
+            campaign_cmd(store_path, "send", str(campaign), *(["--json"] if as_json else [])),
+            stdin=slave, stdout=slave, stderr=slave, close_fds=True)
     os.close(slave)
     seen = b""
     deadline = time.monotonic() + DEADLINE
@@ -539,7 +544,13 @@ def test_ctrl_c_or_ctrl_d_at_the_confirmation_prompt_is_not_an_internal_error(
             proc.wait()
         os.close(master)
     assert code == expected, seen
-    assert b"Traceback" not in seen and b"error: aborted" in seen
+    said = b"error: not confirmed" if key == b"n\r" else b"error: aborted"
+    assert b"Traceback" not in seen and said in seen
+    if as_json:
+        # (after a Ctrl-C it follows the prompt on the same line)
+        [summary] = [json.loads(found) for found in re.findall(rb'\{"run".*', seen)]
+        assert summary["status"] == "not_started" and summary["exit_code"] == expected
+        assert summary["campaign_file"] == str(campaign)
     assert not store_path.exists() or journal(store_path) == []
 
 

@@ -18,7 +18,13 @@ import typer
 from campaign_cli.cli.context import AppContext, app_context, command
 from campaign_cli.cli.output import ProgressDisplay
 from campaign_cli.config import Campaign, load_campaign
-from campaign_cli.errors import CampaignError, ExitCode, JournalError, UsageError
+from campaign_cli.errors import (
+    CampaignError,
+    ExitCode,
+    JournalError,
+    StoppedBeforeStart,
+    UsageError,
+)
 from campaign_cli.models import from_micros
 from campaign_cli.pipeline import Runner, RunReport, SendOptions, StopController
 
@@ -161,9 +167,16 @@ def _send(app: AppContext, campaign_file: Path, recipients: Path | None, dry_run
     real = {p.type for p in loaded.campaign.providers.values()} - LOCAL_PROVIDER_TYPES
     if real and not dry_run and not yes and sys.stdin.isatty():
         names = ", ".join(sorted(real))
-        if not typer.confirm(f"Send {loaded.campaign.name} through {names} (real messages, "
-                             "real money)?", err=True):
-            raise typer.Exit(int(ExitCode.USAGE))
+        # Not sent, whatever the answer: errors, so that `--json` still prints its one object.
+        try:
+            confirmed = typer.confirm(f"Send {loaded.campaign.name} through {names} (real "
+                                      "messages, real money)?", err=True)
+        except typer.Abort as exc:  # Ctrl-C: an interruption (130); Ctrl-D: no answer, so no
+            if isinstance(exc.__cause__ or exc.__context__, KeyboardInterrupt):
+                raise StoppedBeforeStart("aborted") from None
+            raise UsageError("aborted") from None
+        if not confirmed:
+            raise UsageError("not confirmed: nothing sent")
 
     stop = StopController()
     runner = Runner(loaded, app.store_path, options, clock=app.clock, registry=None, stop=stop,
