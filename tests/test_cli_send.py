@@ -8,6 +8,7 @@ import re
 import shlex
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -613,6 +614,36 @@ def test_the_help_of_send_names_every_exit_code_of_the_readme_table() -> None:
     listed = shown.split("Exit codes:")[1].split("Arguments:")[0]
     for code in codes:
         assert re.search(rf"(^|; ){code} ", listed.strip()), (code, listed)
+
+
+def test_the_help_of_every_command_lists_its_exit_codes() -> None:
+    """DESIGN.md section 5: exit codes are a contract, and each command's `--help` says which it
+    ends with. Only the top level, `send` and `validate` did: `status`, `trace`, `preview` and
+    every `suppress` and `consent` command said nothing, so a script's author had to guess what
+    an unknown run or a bad address exits with. Every code a help names is one of the README's."""
+    import typer.main
+
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("## Exit codes")[1].split("## ")[0]
+    known = set(re.findall(r"^\| (\d+) \|", table, flags=re.M))
+    group = typer.main.get_command(get_app())
+
+    def leaves(command: Any, path: list[str]) -> list[list[str]]:
+        if not hasattr(command, "list_commands"):
+            return [path]
+        ctx = command.make_context("campaign", ["--help"], resilient_parsing=True)
+        return [path] * bool(path) + [
+            found for name in command.list_commands(ctx)
+            for found in leaves(command.get_command(ctx, name), [*path, name])]
+
+    commands = leaves(group, [])
+    assert ["status"] in commands and ["suppress", "erase"] in commands and len(commands) >= 18
+    for command in commands:
+        shown = " ".join(CliRunner().invoke(get_app(), [*command, "--help"]).stdout.split())
+        assert "Exit codes:" in shown or "exit codes:" in shown, command
+        listed = re.split(r"[Ee]xit codes:", shown)[1]
+        codes = re.findall(r"(?:^|; )(\d+) ", listed.strip())
+        assert {"0", "1", "2", "130"} <= set(codes) <= known, (command, listed)
 
 
 def test_the_commands_the_example_campaigns_show_exist() -> None:

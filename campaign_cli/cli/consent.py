@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer  # noqa: TID251 - this is campaign_cli/cli/
 
-from campaign_cli.cli.context import app_context, command
+from campaign_cli.cli.context import EXIT_CODES, app_context, command
 from campaign_cli.cli.suppress import (
     Addresses,
     ChannelChoice,
@@ -31,6 +31,7 @@ from campaign_cli.store import consents
 app = typer.Typer(
     help="Consent evidence: who agreed to (or withdrew from) which messages, and when. Marketing "
     "campaigns send only where consent is in force.",
+    epilog=EXIT_CODES,
     no_args_is_help=True,
     rich_markup_mode=None,
 )
@@ -91,7 +92,7 @@ def _record(
     )
 
 
-@app.command("grant")
+@app.command("grant", epilog=EXIT_CODES)
 @command
 def grant(
     ctx: typer.Context,
@@ -106,7 +107,7 @@ def grant(
     _record(ctx, "granted", addresses, channel, purpose, source, at, region)
 
 
-@app.command("revoke")
+@app.command("revoke", epilog=EXIT_CODES)
 @command
 def revoke(
     ctx: typer.Context,
@@ -121,7 +122,7 @@ def revoke(
     _record(ctx, "revoked", addresses, channel, purpose, source, at, region)
 
 
-@app.command("import")
+@app.command("import", epilog=EXIT_CODES)
 @command
 def import_(
     ctx: typer.Context,
@@ -150,7 +151,7 @@ def import_(
     )
 
 
-@app.command("list")
+@app.command("list", epilog=EXIT_CODES)
 @command
 def list_(
     ctx: typer.Context,

@@ -34,6 +34,11 @@ class AppContext:
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+#: The end of the `--help` of every command but `send` and `validate` (which list their own):
+#: the exit codes it can end with, as DESIGN.md section 5 and the README's table name them.
+EXIT_CODES = ("Exit codes: 0 done; 1 internal error; 2 usage, configuration or input error "
+              "(nothing changed); 130 interrupted by a signal.")
+
 
 def command(fn: F) -> F:
     """Wrap a command: library errors become one line on stderr and their exit code.

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from campaign_cli.cli.context import app_context, command
+from campaign_cli.cli.context import EXIT_CODES, app_context, command
 from campaign_cli.cli.suppress import JsonOpt
 from campaign_cli.config import load_campaign
 from campaign_cli.models import (
@@ -24,6 +24,7 @@ from campaign_cli.preview import WOULD_SEND, ChannelPreview, Preview, preview_ro
 def register(app: typer.Typer) -> None:
     app.command(
         "preview",
+        epilog=EXIT_CODES,
         help="Show one recipient's messages as `campaign send` would send them: for each "
         "channel the address, whether it would be sent (or why not: suppressed, no consent, "
         "invalid, duplicate, render failed), the provider and cost, and the rendered text. "

@@ -44,8 +44,9 @@ def register(app: typer.Typer) -> None:
         "validate",
         help="Preflight a campaign: the same as `send --dry-run` (schema, templates, the "
         "recipient file's columns and every row, opt-outs and consent, rendering, cost against "
-        "the cap), with its output and exit codes: 0 ready; 2 bad input; 3 the cap would stop "
-        "the run; 4 some messages would fail to render. Sends nothing, changes nothing.",
+        "the cap), with its output and exit codes: 0 ready; 1 internal error; 2 bad input; 3 "
+        "the cap would stop the run; 4 some messages would fail to render; 130 interrupted. "
+        "Sends nothing, changes nothing.",
     )(validate)
 
 

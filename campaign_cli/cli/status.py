@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from campaign_cli.cli.context import app_context, command
+from campaign_cli.cli.context import EXIT_CODES, app_context, command
 from campaign_cli.errors import UsageError
 from campaign_cli.models import from_micros
 from campaign_cli.pipeline import RunReport, run_status
@@ -17,6 +17,7 @@ from campaign_cli.store import runs
 def register(app: typer.Typer) -> None:
     app.command(
         "status",
+        epilog=EXIT_CODES,
         help="Show the runs in the store, or one run (RUN = id, campaign/key, or campaign "
         "name for its latest run): state, counts per state and channel, spend, rate, last errors.",
     )(status)

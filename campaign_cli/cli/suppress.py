@@ -11,7 +11,7 @@ import phonenumbers
 import typer  # noqa: TID251 - this is campaign_cli/cli/
 
 from campaign_cli.addresses import AddressError, normalize_push_token
-from campaign_cli.cli.context import app_context, command
+from campaign_cli.cli.context import EXIT_CODES, app_context, command
 from campaign_cli.cli.output import Output
 from campaign_cli.clock import iso
 from campaign_cli.errors import UsageError
@@ -21,6 +21,7 @@ from campaign_cli.store.suppressions import normalize_for
 app = typer.Typer(
     help="The suppression (opt-out) list: addresses that must not be sent to. Every run checks "
     "it, including for suppressions added while the run is going.",
+    epilog=EXIT_CODES,
     no_args_is_help=True,
     rich_markup_mode=None,
 )
@@ -126,7 +127,7 @@ def _display(entry: dict[str, Any]) -> str:
     return str(entry["address"]) if entry["address"] is not None else "(erased)"
 
 
-@app.command("add")
+@app.command("add", epilog=EXIT_CODES)
 @command
 def add(
     ctx: typer.Context,
@@ -145,7 +146,7 @@ def add(
     app_ctx.output.result(f"added {result.added}, already present {result.already}")
 
 
-@app.command("remove")
+@app.command("remove", epilog=EXIT_CODES)
 @command
 def remove(
     ctx: typer.Context,
@@ -196,7 +197,7 @@ def _warn_removed(output: Output, address: str, entry: dict[str, Any]) -> None:
         )
 
 
-@app.command("list")
+@app.command("list", epilog=EXIT_CODES)
 @command
 def list_(
     ctx: typer.Context,
@@ -223,7 +224,7 @@ def list_(
     app_ctx.output.info(f"{len(entries)} entries")
 
 
-@app.command("erase")
+@app.command("erase", epilog=EXIT_CODES)
 @command
 def erase(
     ctx: typer.Context,
@@ -254,7 +255,7 @@ def erase(
             )
 
 
-@app.command("check")
+@app.command("check", epilog=EXIT_CODES)
 @command
 def check(
     ctx: typer.Context,
@@ -287,7 +288,7 @@ def check(
     app_ctx.output.result(f"suppressed: {normalised} ({details})")
 
 
-@app.command("import")
+@app.command("import", epilog=EXIT_CODES)
 @command
 def import_(
     ctx: typer.Context,
@@ -315,7 +316,7 @@ def import_(
     )
 
 
-@app.command("export")
+@app.command("export", epilog=EXIT_CODES)
 @command
 def export(
     ctx: typer.Context,

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from campaign_cli.cli.context import app_context, command
+from campaign_cli.cli.context import EXIT_CODES, app_context, command
 from campaign_cli.cli.suppress import JsonOpt, RegionOpt
 from campaign_cli.errors import UsageError
 from campaign_cli.store import runs
@@ -16,6 +16,7 @@ from campaign_cli.store.trace import trace as trace_recipient
 def register(app: typer.Typer) -> None:
     app.command(
         "trace",
+        epilog=EXIT_CODES,
         help="Show every decision taken for one recipient (its key, or an address: phone, "
         "email, push token, webhook URL): each run's journal row with its state and reason, "
         "every send attempt and what the provider answered, and the opt-outs and consents held "
