@@ -559,6 +559,14 @@ class Campaign(_Model):
             return self.purpose is Purpose.MARKETING
         return self.compliance.consent == "required"
 
+    def providers_in_use(self) -> tuple[str, ...]:
+        """The providers some channel sends through (primaries and failovers), each once, in
+        the order the channels name them. A provider no channel names sends nothing."""
+        names: dict[str, None] = {}
+        for channel in self.channels.enabled():
+            names.update(dict.fromkeys(self.channels.get(channel).provider_names))
+        return tuple(names)
+
     @property
     def in_doubt_policy(self) -> Literal["resend", "skip"]:
         if self.compliance.in_doubt is None:

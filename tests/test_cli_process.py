@@ -554,6 +554,50 @@ def test_ctrl_c_or_ctrl_d_at_the_confirmation_prompt_is_not_an_internal_error(
     assert not store_path.exists() or journal(store_path) == []
 
 
+@pytest.mark.parametrize("unused", [{"type": "slack", "url": "http://127.0.0.1:9/never"},
+                                    {"type": "twilio", "account_sid": "AC" + "0" * 32, "auth_token": "t",
+                                     "from": "+14155550100"}])
+def test_the_confirmation_asks_only_about_providers_that_channels_send_through(
+    make_campaign: CampaignFactory, store_path: Path, tmp_path: Path, unused: dict[str, str]
+) -> None:
+    """A provider defined but named by no channel sends nothing. The question was asked of every
+    real provider *defined*: a campaign sending only to the outbox stopped to ask "real messages,
+    real money?" on a terminal (and a person answering n sent nothing), and one sending through
+    a webhook named the unused provider too. Here the terminal has "n" typed ahead: asked, the
+    run would read it and send nothing."""
+    import pty
+
+    outbox_only = make_campaign(people(2), providers={
+        "box": {"type": "outbox", "dir": "outbox", "price_per_segment": "0.01"},
+        "spare": unused})
+    master, slave = pty.openpty()
+    try:
+        os.write(master, b"n\r")
+        proc = subprocess.run(campaign_cmd(store_path, "send", str(outbox_only), "--json"),
+                              stdin=slave, capture_output=True, timeout=DEADLINE, check=False)
+    finally:
+        os.close(slave)
+        os.close(master)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["counts"] == {"sent": 2}
+    assert b"real money" not in proc.stderr
+
+    campaign = make_campaign(people(2), providers={
+        "hook": {"type": "webhook", "url": "http://127.0.0.1:9/never-contacted"},
+        "spare": unused}, channels={"webhook": {"provider": "hook", "body": "Hi"}})
+    master, slave = pty.openpty()
+    try:
+        os.write(master, b"n\r")
+        proc = subprocess.run(campaign_cmd(store_path, "send", str(campaign)),
+                              stdin=slave, capture_output=True, timeout=DEADLINE, check=False)
+    finally:
+        os.close(slave)
+        os.close(master)
+    assert proc.returncode == 2, proc.stderr
+    assert b"through webhook (real messages" in proc.stderr
+    assert unused["type"].encode() not in proc.stderr
+
+
 def test_json_output_on_a_standard_output_that_is_not_utf8(
     make_campaign: CampaignFactory, tmp_path: Path
 ) -> None:

@@ -165,7 +165,9 @@ def _send(app: AppContext, campaign_file: Path, recipients: Path | None, dry_run
     low = raise_fd_limit(descriptors_wanted(loaded.campaign))
     if low is not None:
         out.warn(low)
-    real = {p.type for p in loaded.campaign.providers.values()} - LOCAL_PROVIDER_TYPES
+    providers = loaded.campaign.providers
+    real = {providers[name].type for name in loaded.campaign.providers_in_use()}
+    real -= LOCAL_PROVIDER_TYPES
     if real and not dry_run and not yes and sys.stdin.isatty():
         names = ", ".join(sorted(real))
         # Not sent, whatever the answer: errors, so that `--json` still prints its one object.
