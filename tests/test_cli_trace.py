@@ -137,6 +137,15 @@ def test_limit_bounds_the_rows_and_says_there_are_more(demo: Path) -> None:
     assert "3 journal row(s) in 1 run(s), more than 3" in out.splitlines()[0]
 
 
+def test_a_limit_past_what_sqlite_counts_means_every_row(demo: Path) -> None:
+    """`--limit 9223372036854775807` (or any "all of them" number) is every row, not an internal
+    error from SQLite's 64-bit integers."""
+    every = traced(demo, "C1007")["messages"]
+    for huge in ("9223372036854775807", "99999999999999999999999"):
+        found = traced(demo, "C1007", "--limit", huge)
+        assert found["messages"] == every and found["more"] is False
+
+
 def test_an_unknown_recipient_is_no_rows_not_an_error(demo: Path) -> None:
     found = traced(demo, "nobody")
     assert (found["messages"], found["addresses"], found["suppressions"]) == ([], [], [])

@@ -46,6 +46,9 @@ _ATTEMPTS = (
     "error_text, latency_ms, at FROM attempts WHERE run_id = ? AND row = ? AND channel = ? "
     "ORDER BY at, attempt"
 )
+#: SQLite's LIMIT is a signed 64-bit integer: a larger ``limit`` (an operator's "all of them")
+#: is every row.
+_MAX_LIMIT = 2**62
 
 
 def addresses_of(raw: str, default_region: str = "US") -> list[str]:
@@ -76,6 +79,7 @@ def trace(
     first, each with its attempts; the suppressions and consent records of its addresses (those
     it was given as, and those the journal rows found by key were sent to). ``limit`` bounds the
     journal rows returned; ``more`` says whether there were others."""
+    limit = min(limit, _MAX_LIMIT)
     given = addresses_of(recipient, default_region)
     holes = ", ".join("?" * len(given))
     where = f"(m.rkey = ?{f' OR m.address IN ({holes})' if given else ''})"
