@@ -21,9 +21,9 @@ from pathlib import Path
 
 from campaign_cli.clock import Clock
 from campaign_cli.config import LoadedCampaign
-from campaign_cli.errors import UsageError
+from campaign_cli.errors import ExitCode, StoppedBeforeStart, UsageError
 from campaign_cli.models import FINAL_STATES, Channel, Content, Recipient, State
-from campaign_cli.pipeline import SendOptions, run_campaign
+from campaign_cli.pipeline import SendOptions, StopController, run_campaign
 from campaign_cli.recipients import RecipientSpec, iter_recipient_chunks
 from campaign_cli.render.engine import Renderer, RenderError
 from campaign_cli.store import runs
@@ -71,10 +71,11 @@ def preview_row(
     recipients: Path | None = None,
     run_key: str | None = None,
     clock: Clock | None = None,
+    stop: StopController | None = None,
 ) -> Preview:
     """Row ``row`` (data record number, from 1) of the recipient file, as the run would send it.
-    Raises `CampaignError` subclasses as `campaign send` does, and `UsageError` for a row the
-    file does not have."""
+    Raises `CampaignError` subclasses as `campaign send` does, `UsageError` for a row the file
+    does not have, and `StoppedBeforeStart` when ``stop`` was requested during the dry run."""
     if row < 1:
         raise UsageError("--row must be at least 1")
     campaign = loaded.campaign
@@ -84,8 +85,10 @@ def preview_row(
             loaded, store_path,
             SendOptions(dry_run=True, limit=row, recipients=recipients, run_key=run_key,
                         reader="inline", dry_run_store=private),
-            clock=clock,
+            clock=clock, stop=stop,
         )
+        if report.exit_code == ExitCode.INTERRUPTED:
+            raise StoppedBeforeStart("interrupted: nothing was previewed (nor sent or changed)")
         path = recipients or campaign.recipients.file
         assert path is not None  # the dry run refused a campaign without one
         if report.total_rows < row:

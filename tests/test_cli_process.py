@@ -758,3 +758,34 @@ def test_a_console_campaign_with_standard_output_closed_is_refused_before_anythi
         "error: provider con: standard output is closed, and the console provider writes its "
         "messages there"]
     assert query(store_path, "SELECT count(*) FROM runs") == [(0,)]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_stops_a_preview_and_leaves_no_copy_of_the_store(
+    make_campaign: CampaignFactory, store_path: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, signum: signal.Signals,
+) -> None:
+    """`campaign preview --row N` dry-runs rows 1..N on a private copy of the store, in the
+    temporary folder. It had no signal handling: SIGTERM (a supervisor, `timeout`) or SIGHUP
+    (the terminal went away) killed it and left the copy, every address and opt-out in the store,
+    behind; Ctrl-C cancelled the run mid-step, which now and then crashed the interpreter (a
+    policy thread reading a connection being closed). Each stops it as it stops `send`: exit 130,
+    one line, nothing printed as a preview, the copy removed, the real store untouched."""
+    campaign = console_campaign(make_campaign, 60_000)
+    assert run(store_path, "suppress", "add", phone(3)).returncode == 0
+    before = store_path.read_bytes()
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temp))
+    proc = start(store_path, "preview", str(campaign), "--row", "60000")
+
+    def dry_run_going() -> bool:  # rows decided in the dry run's copy of the store
+        return any(sent_rows(copy) >= 5 for copy in temp.glob("campaign-preview-*/preview.db"))
+
+    wait_for(dry_run_going, proc, "the dry run under way")
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=DEADLINE)
+    assert proc.returncode == 130, err
+    assert out == "" and err == "error: interrupted: nothing was previewed (nor sent or changed)\n"
+    assert list(temp.iterdir()) == []
+    assert store_path.read_bytes() == before

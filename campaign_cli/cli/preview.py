@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import signal
+from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Annotated, Any, Optional
 
 import typer
 
 from campaign_cli.cli.context import EXIT_CODES, app_context, command
+from campaign_cli.cli.send import _STOP_SIGNALS
 from campaign_cli.cli.suppress import JsonOpt
 from campaign_cli.config import load_campaign
 from campaign_cli.models import (
@@ -18,6 +24,7 @@ from campaign_cli.models import (
     WebhookContent,
     from_micros,
 )
+from campaign_cli.pipeline import StopController
 from campaign_cli.preview import WOULD_SEND, ChannelPreview, Preview, preview_row
 
 
@@ -54,8 +61,10 @@ def preview(
     out = app.output
     loaded = load_campaign(campaign_file, app.env)
     out.secrets.update(loaded.secrets)
-    shown = preview_row(loaded, app.store_path, row, recipients=recipients, run_key=run_key,
-                        clock=app.clock)
+    stop = StopController()
+    with _stopped_by_signals(stop):
+        shown = preview_row(loaded, app.store_path, row, recipients=recipients,
+                            run_key=run_key, clock=app.clock, stop=stop)
     for warning in shown.warnings:
         out.warn(warning)
     if as_json:
@@ -72,6 +81,34 @@ def preview(
                 out.result(f"    {text}")
     if shown.stopped:
         out.result(f"(the dry run stopped before this row: {shown.stopped})")
+
+
+@contextlib.contextmanager
+def _stopped_by_signals(stop: StopController) -> Iterator[None]:
+    """Ctrl-C, SIGTERM and SIGHUP stop the preview's dry run as they stop a send's (exit 130):
+    its threads finish and its private copy of the store is removed. Uncaught, Ctrl-C cancelled
+    the run mid-step (a policy thread still reading a connection being closed: a segfault now
+    and then), and SIGTERM or SIGHUP killed the process: either way the copy, every address in
+    the store, was left behind in the temporary folder. A signal this process was started
+    ignoring stays ignored, as for `send`."""
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.request()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not in the dry run (reading the campaign, rendering): stop here
+            raise KeyboardInterrupt from None
+        loop.call_soon_threadsafe(lambda: None)  # wake the loop to see the stop
+
+    previous = {sig: signal.getsignal(sig) for sig in _STOP_SIGNALS}
+    for sig, handler in previous.items():
+        if handler != signal.SIG_IGN:
+            signal.signal(sig, on_signal)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            if handler is not None:
+                signal.signal(sig, handler)
 
 
 def _headline(channel: ChannelPreview, currency: str) -> str:
