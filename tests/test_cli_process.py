@@ -645,6 +645,26 @@ def test_a_command_line_click_refuses_still_prints_the_json_summary(
     assert run(store_path, "send", str(campaign), "--run-key", "k2", *mistake).stdout == ""
 
 
+@pytest.mark.parametrize("mistake", [["--bogus"], ["--limit", "ten"], ["--", "extra"]])
+def test_validate_json_prints_its_summary_for_a_command_line_click_refuses_too(
+    store_path: Path, make_campaign: CampaignFactory, mistake: list[str]
+) -> None:
+    """`campaign validate x.yaml --json` is `send --dry-run --json` under its preflight name: a
+    mistyped option gave `send` its not-started summary on stdout but left `validate`'s empty,
+    so a CI step's `jq .exit_code` failed on no input instead of reading 2."""
+    campaign = console_campaign(make_campaign, 2)
+    result = run(store_path, "validate", str(campaign), "--json", *mistake)
+    assert result.returncode == 2
+    [line] = result.stderr.splitlines()
+    assert line.startswith("error: ") and line.endswith(" validate --help)")
+    summary = json.loads(result.stdout)
+    assert (summary["exit_code"], summary["status"], summary["dry_run"], summary["error"]) == (
+        2, "not_started", True, line.removeprefix("error: "))
+    dry = run(store_path, "send", str(campaign), "--dry-run", "--json", *mistake).stdout
+    assert set(summary) == set(json.loads(dry))
+    assert run(store_path, "validate", str(campaign), *mistake).stdout == ""
+
+
 @pytest.mark.parametrize("words", [["--run-key", "--json", "--limit", "ten"],
                                    ["-r", "--json", "--bogus"],
                                    ["--max-spend", "--json", "--rate", "x"]])

@@ -137,8 +137,9 @@ def _run() -> int:
         text = " ".join(str(message()).split())
         line = f"{text} (see: {ctx.command_path} --help)"
         _error(line)
-        if ctx.info_name == "send" and _asked_for_json(ctx, sys.argv[1:]):
-            # The one JSON object a cron job's `send --json` parses, also for a mistyped option.
+        if ctx.info_name in ("send", "validate") and _asked_for_json(ctx, sys.argv[1:]):
+            # The one JSON object a cron job's `send --json` (or a CI step's `validate --json`)
+            # parses, also for a mistyped option.
             from campaign_cli.cli.send import print_not_started
 
             print_not_started(ctx, line, exit_code)

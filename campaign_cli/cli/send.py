@@ -293,15 +293,16 @@ def _not_started(app: AppContext, campaign_file: Path | None, run_key: str | Non
 
 
 def print_not_started(ctx: typer.Context, message: str, exit_code: int) -> None:
-    """`_not_started` for a command line click refused before `send` ran (an unknown option, a
-    value of the wrong type): what was parsed of it, the rest null."""
+    """`_not_started` for a command line click refused before `send` or `validate` ran (an
+    unknown option, a value of the wrong type): what was parsed of it, the rest null."""
     app = ctx.find_object(AppContext)
     if app is None:
         return
     params = ctx.params
     file = params.get("campaign_file")
-    summary = _not_started(app, Path(file) if file else None, params.get("run_key"),
-                           bool(params.get("dry_run")), UsageError(message))
+    dry_run = ctx.info_name == "validate" or bool(params.get("dry_run"))
+    summary = _not_started(app, Path(file) if file else None, params.get("run_key"), dry_run,
+                           UsageError(message))
     summary["exit_code"] = exit_code
     app.output.json(summary)
 
