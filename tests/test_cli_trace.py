@@ -146,6 +146,13 @@ def test_a_limit_past_what_sqlite_counts_means_every_row(demo: Path) -> None:
         assert found["messages"] == every and found["more"] is False
 
 
+def test_a_key_pasted_with_spaces_is_found(demo: Path) -> None:
+    """The run strips the key column (" C1002 " in the file is key C1002): a key pasted with a
+    space from a spreadsheet found nothing, and "0 journal row(s)" reads as "never contacted"."""
+    assert len(traced(demo, " C1002\t")["messages"]) == 2
+    assert traced(demo, " C1002\t")["messages"] == traced(demo, "C1002")["messages"]
+
+
 def test_an_unknown_recipient_is_no_rows_not_an_error(demo: Path) -> None:
     found = traced(demo, "nobody")
     assert (found["messages"], found["addresses"], found["suppressions"]) == ([], [], [])

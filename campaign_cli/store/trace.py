@@ -83,7 +83,7 @@ def trace(
     given = addresses_of(recipient, default_region)
     holes = ", ".join("?" * len(given))
     where = f"(m.rkey = ?{f' OR m.address IN ({holes})' if given else ''})"
-    params: list[Any] = [recipient, *given]
+    params: list[Any] = [recipient.strip(), *given]  # (a run strips the key column too)
     if run_id is not None:
         where = f"m.run_id = ? AND {where}"
         params.insert(0, run_id)
