@@ -60,6 +60,7 @@ from campaign_cli.errors import (
     ProviderError,
     RateLimitedError,
     StoppedBeforeStart,
+    StoreError,
     TransientError,
     UsageError,
     redact,
@@ -98,7 +99,7 @@ from campaign_cli.render.engine import Renderer, RenderError, content_hash, cost
 from campaign_cli.store import consents as consent_store
 from campaign_cli.store import runs
 from campaign_cli.store import suppressions as suppression_store
-from campaign_cli.store.db import Store, refused_write
+from campaign_cli.store.db import Store, connect, refused_write
 from campaign_cli.store.journal import JournalWriter
 
 if TYPE_CHECKING:
@@ -562,7 +563,11 @@ class Runner:
             store_path = _snapshot_store(self.store_path, self.options.dry_run_store)
         elif self.options.dry_run:
             tmp = tempfile.TemporaryDirectory(prefix="campaign-dry-run-")
-            store_path = _snapshot_store(self.store_path, Path(tmp.name) / "dry-run.db")
+            try:
+                store_path = _snapshot_store(self.store_path, Path(tmp.name) / "dry-run.db")
+            except BaseException:
+                tmp.cleanup()
+                raise
         lock: runs.RunLock | None = None
         opened: tuple[HttpProcess | None, dict[Channel, list[_Route]]] | None = None
         try:
@@ -2108,14 +2113,16 @@ def _max_row(conn: sqlite3.Connection, run_id: int) -> int:
 
 
 def _snapshot_store(source: Path, target: Path) -> Path:
-    """A private copy of the store for a dry run: the real one is only read."""
+    """A private copy of the store for a dry run: the real one is only read. A file that is not
+    a store, or a newer program's, is refused here, under its own name (not the copy's)."""
     if source.exists():
-        # as_uri() escapes '#', '?' and '%', which a bare "file:" URI would take as its syntax.
-        src = sqlite3.connect(f"{source.resolve().as_uri()}?mode=ro", uri=True)
+        src = connect(source, readonly=True)
         try:
             dst = sqlite3.connect(target)
             try:
                 src.backup(dst)
+            except sqlite3.DatabaseError as exc:
+                raise StoreError(f"{source}: not a usable campaign store: {exc}") from None
             finally:
                 dst.close()
         finally:

@@ -4,9 +4,11 @@ to the store."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -175,3 +177,28 @@ def test_a_row_the_file_does_not_have_is_a_usage_error(demo: Path, tmp_path: Pat
     code, out, err = invoke(tmp_path / "store.db", "preview", str(demo), "--row", row)
     assert (code, out) == (2, "")
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", [["preview", "--row", "1"], ["validate"],
+                                     ["send", "--dry-run"]])
+def test_a_store_that_cannot_be_used_is_named_in_one_line(
+    demo: Path, tmp_path: Path, command: list[str]
+) -> None:
+    """A dry run reads the store through a private copy. A file that is not a store was an
+    internal error (exit 1, "DatabaseError: file is not a database"), and a newer program's
+    store was refused under the copy's temporary name, a path that no longer exists; both are
+    the store's own one-line error (exit 2), as `send` and `trace` give them."""
+    not_a_store = tmp_path / "notes.db"
+    not_a_store.write_text("hello\n")
+    code, out, err = invoke(not_a_store, command[0], str(demo), *command[1:])
+    assert code == 2 and out == ""
+    assert err == f"error: {not_a_store}: not a usable campaign store: file is not a database\n"
+    newer = tmp_path / "newer.db"
+    assert invoke(newer, "send", str(demo), "--yes")[0] == 0
+    with contextlib.closing(sqlite3.connect(newer)) as conn:
+        conn.execute("PRAGMA user_version = 99")
+    before = digest(newer)
+    code, out, err = invoke(newer, command[0], str(demo), *command[1:])
+    assert code == 2 and out == ""
+    assert err.startswith(f"error: {newer}: the store has schema version 99, newer than")
+    assert len(err.splitlines()) == 1 and digest(newer) == before
