@@ -627,7 +627,10 @@ class Runner:
         try:
             now = iso(self.clock.now())
             before = runs.find_run(store.conn, self.campaign.name, run_key)
-            run, resumed = runs.start_run(
+            # In a thread: the wait for another process's write lock (up to LOCK_WAIT) leaves
+            # the loop free to take a Ctrl-C, which ends the wait with nothing recorded.
+            run, resumed = await asyncio.to_thread(
+                runs.start_run,
                 store.conn,
                 campaign=self.campaign.name,
                 run_key=run_key,
@@ -644,6 +647,7 @@ class Runner:
                 recipient_key=self.campaign.recipients.key,
                 strategy=self.campaign.strategy,
                 reading=_reading(self.campaign),
+                on_busy=self._not_stopped,
             )
             if resumed and before is not None and before.campaign_file != str(self.loaded.path):
                 self.warnings.append(

@@ -34,6 +34,7 @@ from campaign_cli.recipients import (
     iter_recipient_chunks,
     scan_recipients,
 )
+from campaign_cli.store import db
 from campaign_cli.store.db import Store, insert_rows
 from campaign_cli.store.journal import JournalWriter
 from campaign_cli.testing import FakeClock, FakeProvider, fake_registry
@@ -607,6 +608,48 @@ def test_a_run_that_finishes_while_another_process_writes_waits_for_the_lock(
     assert report.status == "done"
     status = query(store_path, "SELECT status, exit_code FROM runs")
     assert status == [("done", 0)]
+
+
+def test_a_stop_while_the_run_waits_for_another_process_s_write_lock_ends_the_wait(
+    make_campaign: CampaignFactory, store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C while a starting run waits (up to LOCK_WAIT, five minutes) for another process's
+    long write used to be ignored until that write ended: the wait blocked the event loop, so
+    the signal's handler only ran after it, and the run then recorded a session and exited 130.
+    It ends the wait: exit 130, nothing sent or recorded, the other write still going on."""
+    from campaign_cli.errors import StoppedBeforeStart
+    from campaign_cli.pipeline import StopController
+
+    class LoopStop(StopController):  # a stop delivered as a signal's handler is: on the loop
+        loop: asyncio.AbstractEventLoop | None = None
+
+        def bind(self) -> None:
+            self.loop = asyncio.get_running_loop()
+            super().bind()
+
+    campaign = make_campaign(people(30))
+    Store.open(store_path).close()
+    stop = LoopStop()
+    holder = _LockHolder(store_path, monkeypatch, times=200)  # 200 tries of 20 ms: 4 s
+    counting = db.is_busy
+
+    def busy_then_stop(exc: sqlite3.OperationalError) -> bool:
+        if holder.met == 0 and stop.loop is not None:
+            stop.loop.call_soon_threadsafe(stop.request)  # Ctrl-C, once the run waits
+        return counting(exc)
+
+    monkeypatch.setattr(db, "is_busy", busy_then_stop)
+    holder.take()
+    try:
+        with pytest.raises(StoppedBeforeStart):
+            run_campaign(load_campaign(campaign, {}), store_path, SendOptions(run_key="k"),
+                         clock=FakeClock(), stop=stop)
+        assert not holder.released.is_set()  # it did not wait for the other write to end
+    finally:
+        holder.times = 0  # the other write ends now
+        holder.close()
+    assert query(store_path, "SELECT count(*) FROM runs") == [(0,)]
+    assert journal(store_path) == []
 
 
 @pytest.mark.parametrize("how", ["deleted", "replaced"])

@@ -357,21 +357,36 @@ LOCK_WAIT = 300.0
 BUSY_TIMEOUT_MS = 10_000
 
 
+#: One try of `begin_immediate` when its caller may give the wait up (milliseconds): SQLite's
+#: busy wait cannot be interrupted, so a Ctrl-C is seen at the end of the try.
+GIVE_UP_TRY_MS = 200
+
+
 def begin_immediate(conn: sqlite3.Connection, wait: float = LOCK_WAIT,
-                    on_busy: Callable[[], None] | None = None) -> None:
+                    on_busy: Callable[[], None] | None = None, *,
+                    short_tries: bool = False) -> None:
     """BEGIN IMMEDIATE, trying again while another process holds the write lock, up to ``wait``
     seconds in all (each try waits the connection's busy timeout); ``on_busy`` is told of each
-    try that found the lock taken."""
+    try that found the lock taken, and may raise to give the wait up. ``short_tries``: each try
+    waits at most `GIVE_UP_TRY_MS`, so that ``on_busy`` is asked that often."""
     deadline = time.monotonic() + wait
-    while True:
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            return
-        except sqlite3.OperationalError as exc:
-            if not is_busy(exc) or time.monotonic() >= deadline:
-                raise
-            if on_busy is not None:
-                on_busy()
+    timeout: int | None = None
+    if short_tries:
+        timeout = conn.execute("PRAGMA busy_timeout").fetchone()[0]
+        conn.execute(f"PRAGMA busy_timeout = {min(timeout, GIVE_UP_TRY_MS):d}")
+    try:
+        while True:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if not is_busy(exc) or time.monotonic() >= deadline:
+                    raise
+                if on_busy is not None:
+                    on_busy()
+    finally:
+        if timeout is not None:
+            conn.execute(f"PRAGMA busy_timeout = {timeout:d}")
 
 
 def is_busy(exc: sqlite3.OperationalError) -> bool:

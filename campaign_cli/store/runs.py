@@ -13,7 +13,7 @@ import os
 import re
 import socket
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -120,6 +120,7 @@ def start_run(
     recipient_key: str | None = None,
     strategy: str | None = None,
     reading: dict[str, Any] | None = None,
+    on_busy: Callable[[], None] | None = None,
 ) -> tuple[RunRecord, bool]:
     """Create the run, or resume it. Returns (run, resumed).
 
@@ -130,9 +131,13 @@ def start_run(
     Nor may the currency change (the spend so far and the cap are counted in it), nor the
     recipient key column (the journal claims each key once per run), nor the
     strategy (it decides which channels of a row the journal holds), nor how the file is read
-    (``reading``: address columns, region, delimiter)."""
+    (``reading``: address columns, region, delimiter).
+
+    ``on_busy``: asked every few tenths of a second while another process holds the store's
+    write lock; it may raise to give the wait up (a stop), and nothing is recorded."""
     stored_reading = None if reading is None else json.dumps(reading, sort_keys=True)
-    begin_immediate(conn)  # waits out another process's long write (a big `suppress import`)
+    # Waits out another process's long write (a big `suppress import`).
+    begin_immediate(conn, on_busy=on_busy, short_tries=on_busy is not None)
     try:
         existing = find_run(conn, campaign, run_key)
         if existing is None:
