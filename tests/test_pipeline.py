@@ -758,6 +758,29 @@ def test_a_pid_reused_after_the_holder_was_killed_is_not_taken_for_the_holder(
     assert runs.RunLock.holder(store_path, "c", "k") == me
 
 
+@pytest.mark.skipif(not Path("/proc/locks").exists(), reason="needs Linux's /proc")
+def test_a_run_held_by_a_process_in_another_pid_namespace_is_not_called_stopped(
+    store_path: Path,
+) -> None:
+    """A run sent from another pid namespace on this host (`unshare -p`, a container sharing the
+    host name and the store) records its pid as that namespace sees it: here it names another
+    process, or none. `status` called that live run "running (stopped: no process)" with no
+    holder, while a second `send` was refused with exit 5. The kernel's list of held locks
+    tells: the run's lock is held."""
+    boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    lock = runs.RunLock.acquire(store_path, "c", "k", "now")
+    try:
+        [path] = Path(f"{store_path.resolve()}.locks").glob("*.lock")
+        # What a holder that is pid 1 of its own namespace writes: here pid 1 is another
+        # process (another start time).
+        other = f"pid 1 on {socket.gethostname()} since then"
+        path.write_text(f"{other}\nprocess {boot}:999999999")
+        assert runs.RunLock.holder(store_path, "c", "k") == other
+    finally:
+        lock.release()
+    assert runs.RunLock.holder(store_path, "c", "k") is None
+
+
 def test_a_stop_before_the_run_starts_sends_and_records_nothing(
     make_campaign: CampaignFactory, store_path: Path
 ) -> None:

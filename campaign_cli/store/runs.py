@@ -532,6 +532,8 @@ class RunLock:
         found = re.fullmatch(r"pid (\d+) on (\S+) since .*", text)
         if found is None:
             return text or None
+        if text and _flock_held(path):
+            return text  # the kernel says so (the pid may be another pid namespace's)
         if found[2] != socket.gethostname():
             return text  # another machine's process: cannot tell from here
         pid = int(found[1])
@@ -554,6 +556,26 @@ class RunLock:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
                 os.close(self._fd)
                 self._fd = -1
+
+
+def _flock_held(path: Path) -> bool:
+    """Whether some process holds a ``flock`` on ``path``, as Linux's /proc/locks lists them
+    (those of this pid namespace and the ones below it); False where it cannot tell. The pid in
+    the lock file cannot tell for a holder in another pid namespace: there it names another
+    process, or none."""
+    try:
+        found = os.stat(path)
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            listed = f.read()
+    except OSError:
+        return False
+    # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:2499237 0 EOF": device major:minor in hex, inode.
+    where = f"{os.major(found.st_dev):02x}:{os.minor(found.st_dev):02x}:{found.st_ino}"
+    return any(
+        fields[1] == "FLOCK" and where in fields
+        for fields in (line.split() for line in listed.splitlines())
+        if len(fields) > 5
+    )
 
 
 def _process_instance(pid: int) -> str | None:
