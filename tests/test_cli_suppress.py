@@ -138,6 +138,37 @@ def test_a_read_only_store_is_read_and_a_write_to_it_is_one_line_exit_2(
     assert cli.addresses() == {("+12015550100", "sms")}
 
 
+def test_a_store_in_a_folder_nobody_may_write_is_still_read(
+    cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store on a read-only mount (a snapshot, a backup) or in a folder this user may not
+    write: SQLite cannot create the WAL's index file (-shm) beside it, and every command failed
+    with "not a usable campaign store: unable to open database file", `status` and the lists
+    too. A store closed cleanly (no write-ahead log left) is read as it is; a write still says
+    the store is read-only."""
+    assert cli("suppress", "add", "+12015550100").exit_code == 0
+    assert not Path(f"{cli.store_path}-shm").exists()  # the last connection removed it
+    real = sqlite3.connect
+
+    def connect(database: Any, *args: Any, uri: bool = False, **kwargs: Any) -> Any:
+        # What a folder that cannot be written does: no -shm can be created.
+        if not uri:
+            database, uri = f"{Path(database).resolve().as_uri()}?mode=ro&readonly_shm=1", True
+        return real(database, *args, uri=uri, **kwargs)
+
+    monkeypatch.setattr(sqlite3, "connect", connect)
+    listed = cli("suppress", "list")
+    assert listed.exit_code == 0, listed.err
+    assert "+12015550100" in listed.out
+    added = cli("suppress", "add", "+12015550101")
+    assert added.exit_code == 2
+    assert added.err.strip().splitlines()[-1] == (
+        f"error: {cli.store_path}: the store is read-only here (file permissions, an immutable "
+        "file or a read-only file system): nothing was written")
+    monkeypatch.undo()
+    assert cli.addresses() == {("+12015550100", "sms")}
+
+
 def test_an_import_into_a_store_whose_disk_fills_up_is_one_line_exit_2(
     cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -471,7 +471,22 @@ def connect(
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS:d}")
         # A newer program's store is refused before anything here changes it (journal_mode
         # WAL rewrites the file's header).
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+        except sqlite3.OperationalError as exc:
+            if not _cannot_open_wal_index(path, exc):
+                raise
+            # In a folder this user may not write (a read-only mount, a snapshot) SQLite cannot
+            # create the WAL's index (-shm) it reads through. A store closed cleanly has all
+            # its data in the file (no write-ahead log): read as it is, nobody can write it
+            # here. A write then fails as read-only.
+            conn.close()
+            conn = sqlite3.connect(
+                f"{path.resolve().as_uri()}?mode=ro&immutable=1", uri=True,
+                isolation_level=None, check_same_thread=False,
+            )
+            readonly = True
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version > len(MIGRATIONS):
             conn.close()
             raise StoreError(
@@ -485,6 +500,21 @@ def connect(
     except sqlite3.DatabaseError as exc:
         raise StoreError(f"{path}: not a usable campaign store: {exc}") from None
     return conn
+
+
+def _cannot_open_wal_index(path: Path, exc: sqlite3.OperationalError) -> bool:
+    """SQLite could not open the store (SQLITE_CANTOPEN), though it exists, and no write-ahead log
+    with data is beside it (its -shm is what could not be made)."""
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+; maybe an extended code
+    if not ((code & 0xFF) == 14 if isinstance(code, int)
+            else "unable to open database file" in str(exc)):
+        return False
+    try:
+        return Path(f"{path}-wal").stat().st_size == 0
+    except FileNotFoundError:
+        return path.exists()
+    except OSError:
+        return False
 
 
 class Store:
