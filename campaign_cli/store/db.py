@@ -358,7 +358,7 @@ BUSY_TIMEOUT_MS = 10_000
 
 
 #: One try of `begin_immediate` when its caller may give the wait up (milliseconds): SQLite's
-#: busy wait cannot be interrupted, so a Ctrl-C is seen at the end of the try.
+#: busy wait cannot be interrupted, and Python runs a signal's handler (a Ctrl-C) only after it.
 GIVE_UP_TRY_MS = 200
 
 

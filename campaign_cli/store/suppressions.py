@@ -101,8 +101,9 @@ def write_transaction(conn: sqlite3.Connection) -> Iterator[None]:
         yield
         return
     # Waits for another process's long write (up to LOCK_WAIT): an opt-out being recorded must
-    # not give up after SQLite's 10 s busy timeout.
-    begin_immediate(conn)
+    # not give up after SQLite's 10 s busy timeout. In short tries: Python sees a Ctrl-C only
+    # between two.
+    begin_immediate(conn, short_tries=True)
     try:
         yield
     except BaseException:
