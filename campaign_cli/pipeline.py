@@ -807,9 +807,7 @@ class Runner:
                 await asyncio.to_thread(writer.close)
             except JournalError as exc:
                 self._crashed(exc)
-            policy_conn = getattr(policy, "_conn", None)
-            if policy_conn is not None:
-                policy_conn.close()
+            await asyncio.to_thread(policy.close)
 
         # Rows still `sending` had their send cut off: the outcome is unknown.
         now = iso(self.clock.now())

@@ -140,6 +140,13 @@ class Policy:
             for h, (state, _) in self.check_chunk(channel, hashes).items()
         }
 
+    def close(self) -> None:
+        """Close the connection once no thread is using it (blocking: use a thread). A task
+        cancelled while its `check_chunk` or `fetch_updates` runs leaves that thread going; a
+        connection closed under it can crash the interpreter."""
+        with self._lock:
+            self._conn.close()
+
     def refused_now(self, channel: str, address_hash: str) -> Refusal | None:
         late = self._late_suppressed
         if late and ((address_hash, channel) in late or (address_hash, "all") in late):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -552,3 +553,70 @@ def test_provider_opt_outs_past_the_limit_do_not_make_the_poll_read_everything(
     updates = policy.fetch_updates()
     assert updates.overflow
     assert read and max(read) <= 1
+
+
+class _Watched:
+    """A connection whose `close` is seen: everything else is the real connection's."""
+
+    def __init__(self, conn: sqlite3.Connection, closing: threading.Event) -> None:
+        self._real = conn
+        self._closing = closing
+
+    def close(self) -> None:
+        self._closing.set()
+        self._real.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+def test_a_cancelled_run_closes_the_policy_connection_only_after_its_thread_is_done(
+    make_campaign: CampaignFactory, store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run cancelled (a library user's Ctrl-C: asyncio.run cancels its task) while a policy
+    thread checked a chunk closed the policy's connection under that thread, which went on using
+    it: "Cannot operate on a closed database" at best, a crashed interpreter at worst (seen: a
+    segfault in `suppressed_among` during a preview). The connection now closes once the thread
+    is done with it."""
+    import campaign_cli.pipeline as pipeline_module
+
+    closing = threading.Event()  # someone asked to close the policy's connection
+    entered = threading.Event()
+    failures: list[BaseException] = []
+    real_suppressed_among = policy_module.suppressed_among
+
+    def slow_suppressed_among(conn: Any, hashes: Sequence[str], channel: str) -> set[str]:
+        if not entered.is_set():
+            entered.set()
+            assert closing.wait(60), "the run never closed the policy's connection"
+        try:
+            return real_suppressed_among(conn, hashes, channel)
+        except BaseException as exc:
+            failures.append(exc)
+            raise
+
+    class WatchedPolicy(Policy):
+        def __init__(self, conn: sqlite3.Connection, **kwargs: Any) -> None:
+            super().__init__(_Watched(conn, closing), **kwargs)  # type: ignore[arg-type]
+
+        def close(self) -> None:
+            closing.set()  # asked: the thread may go on, and the close waits for it
+            super().close()
+
+    monkeypatch.setattr(policy_module, "suppressed_among", slow_suppressed_among)
+    monkeypatch.setattr(pipeline_module, "Policy", WatchedPolicy)
+    loaded = load_campaign(make_campaign(people(30)), {})
+
+    async def scenario() -> None:
+        runner = Runner(loaded, store_path, SendOptions(reader="inline", chunk_size=10),
+                        clock=FakeClock(), registry=fake_registry(FakeProvider()),
+                        stop=pipeline_module.StopController())
+        task = asyncio.create_task(runner.execute())
+        await asyncio.to_thread(entered.wait, 60)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())
+    assert closing.is_set()
+    assert failures == []
