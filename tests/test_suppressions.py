@@ -588,3 +588,82 @@ def test_a_store_of_a_newer_campaign_cli_is_refused_untouched(tmp_path: Path) ->
         assert str(caught.value) == (
             f"{path}: the store has schema version {len(MIGRATIONS) + 1}, newer than this "
             f"campaign-cli knows ({len(MIGRATIONS)}): upgrade campaign-cli")
+
+
+@pytest.mark.parametrize("kind", ["suppressions", "consents"])
+def test_an_import_holds_the_store_only_to_copy_its_checked_entries_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """An import read, checked and normalised its whole file inside one write transaction: a
+    100,000-line list held every running campaign's journal for ~5 s (no message sent), and a
+    file of a few million lines past the five minutes a run waits, so every run aborted (exit 1).
+    Now the file is staged in a temporary table first: while it is read another process writes
+    at once, and the import still adds all of it, or nothing."""
+    from campaign_cli.store import consents as consent_store
+    from campaign_cli.store import suppressions as suppression_store
+
+    store = Store.open(tmp_path / "store.db")
+    lines = 2500
+    path = tmp_path / "list.csv"
+    with path.open("w", encoding="utf-8") as handle:
+        handle.write("phone,status,recorded_at\n")
+        handle.writelines(f"+1415555{i:04d},granted,2024-01-01\n" for i in range(lines))
+    module = suppression_store if kind == "suppressions" else consent_store
+    real_normalize = module.normalize_for
+    calls = 0
+    writes_meanwhile: list[str] = []
+
+    def normalize_and_write_elsewhere(*args: object) -> tuple[str, str]:
+        nonlocal calls
+        calls += 1
+        if calls in (10, lines // 2, lines):  # another process writes, waiting for no one
+            other = sqlite3.connect(tmp_path / "store.db", timeout=0, isolation_level=None)
+            try:
+                other.execute("BEGIN IMMEDIATE")
+                other.execute("ROLLBACK")
+                writes_meanwhile.append("written")
+            except sqlite3.OperationalError as exc:
+                writes_meanwhile.append(str(exc))
+            finally:
+                other.close()
+        return real_normalize(*args)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(module, "normalize_for", normalize_and_write_elsewhere)
+    if kind == "suppressions":
+        result = suppression_store.import_csv(store.conn, path, None, "import", None, "US", NOW)
+    else:
+        result = consent_store.import_csv(store.conn, path, None, "marketing", None, "US", NOW)
+    assert writes_meanwhile == ["written"] * 3
+    assert (result.added, result.already, result.invalid_total) == (lines, 0, 0)
+    assert store.conn.execute(f"SELECT count(*) FROM {kind}").fetchone()[0] == lines
+    # In the file's order, as one by one.
+    first = store.conn.execute(f"SELECT address FROM {kind} ORDER BY id LIMIT 1").fetchone()[0]
+    assert first == "+14155550000"
+
+    # Stopped while it reads (a Ctrl-C, a bad disk): nothing of it is in the store, and the
+    # next import is not troubled by what was staged.
+    store.conn.execute(f"DELETE FROM {kind}")
+    calls = 0
+
+    def interrupted(*args: object) -> tuple[str, str]:
+        nonlocal calls
+        calls += 1
+        if calls == lines // 2:
+            raise KeyboardInterrupt
+        return real_normalize(*args)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(module, "normalize_for", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        if kind == "suppressions":
+            suppression_store.import_csv(store.conn, path, None, "import", None, "US", NOW)
+        else:
+            consent_store.import_csv(store.conn, path, None, "marketing", None, "US", NOW)
+    assert store.conn.execute(f"SELECT count(*) FROM {kind}").fetchone()[0] == 0
+    monkeypatch.setattr(module, "normalize_for", real_normalize)
+    if kind == "suppressions":
+        again = suppression_store.import_csv(store.conn, path, None, "import", None, "US", NOW)
+    else:
+        again = consent_store.import_csv(store.conn, path, None, "marketing", None, "US", NOW)
+    assert (again.added, again.already) == (lines, 0)
+    assert not store.conn.in_transaction
+    store.close()

@@ -34,6 +34,7 @@ from campaign_cli.store.suppressions import (
     InvalidLines,
     address_columns,
     check_channel,
+    insert_all,
     normalize_for,
     open_csv,
     read_snapshot,
@@ -222,6 +223,10 @@ def revocations_since(
 # Recording.
 
 
+_COLUMNS_IN = ("address_hash", "address", "channel", "purpose", "status", "source",
+               "recorded_at", "created_at")
+
+
 def _insert(
     conn: sqlite3.Connection,
     address: str | None,
@@ -292,7 +297,8 @@ def import_csv(
     default_region: str,
     now: str,
 ) -> ImportResult:
-    """Record the consent evidence of a CSV file, in one transaction.
+    """Record the consent evidence of a CSV file, all or nothing (`insert_all`: the store's
+    write lock is held only while the checked records are copied in).
 
     Columns (header required, case-insensitive): ``address``, ``phone`` or ``email`` (each one
     present is read: a line about a phone and an email records both),
@@ -313,8 +319,8 @@ def import_csv(
                 raise InputError(name, 1, None, f"no {required} column: consent records need one")
         default_source = source or f"import:{name}"
         invalid = InvalidLines()
-        added = already = 0
-        with write_transaction(conn):
+
+        def entries() -> Iterator[tuple[str, str, str, str, str, str, str, str]]:
             for record in records:
                 raws = row_addresses(record.fields, address_cols)
                 raw = raws[0]
@@ -344,11 +350,10 @@ def import_csv(
                     except AddressError as exc:
                         invalid.append((record.line, raw, f"address: {exc.detail}"))
                         continue
-                    if _insert(conn, address, address_hash(address), channel, purpose, status,
-                               row_source, at, now):
-                        added += 1
-                    else:
-                        already += 1
+                    yield (address_hash(address), address, channel, purpose, status, row_source,
+                           at, now)
+
+        added, already = insert_all(conn, "consents", _COLUMNS_IN, entries())
     return ImportResult(added, already, invalid.kept, invalid.total)
 
 
