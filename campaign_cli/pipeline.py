@@ -99,7 +99,7 @@ from campaign_cli.render.engine import Renderer, RenderError, content_hash, cost
 from campaign_cli.store import consents as consent_store
 from campaign_cli.store import runs
 from campaign_cli.store import suppressions as suppression_store
-from campaign_cli.store.db import Store, connect, refused_write
+from campaign_cli.store.db import LockWaitAbandoned, Store, connect, refused_write
 from campaign_cli.store.journal import JournalWriter
 
 if TYPE_CHECKING:
@@ -151,6 +151,15 @@ class StopController:
         self.reason: str | None = None
         self._graceful: asyncio.Event | None = None
         self._immediate: asyncio.Event | None = None
+        self._at_once: list[Callable[[], None]] = []
+
+    def on_immediate(self, action: Callable[[], None]) -> None:
+        """Call ``action`` on the immediate stop (at once if it was already asked for). It runs
+        in the signal handler: it must only set a flag."""
+        if self.requests >= 2:
+            action()
+        else:
+            self._at_once.append(action)
 
     def bind(self) -> None:
         self._graceful = asyncio.Event()
@@ -164,6 +173,9 @@ class StopController:
         self.requests += 1
         if self.reason is None:
             self.reason = reason
+        if self.requests == 2:
+            for action in self._at_once:
+                action()
         if self._graceful is not None:
             self._graceful.set()
             if self.requests >= 2 and self._immediate is not None:
@@ -766,6 +778,9 @@ class Runner:
         http, routes = opened
         try:
             writer = JournalWriter(store.path, durable=_leaves_this_machine(routes)).start()
+            # A second Ctrl-C stops at once, also while another process holds the store's
+            # write lock (a large import): the journal gives up its wait (DESIGN section 4).
+            self.stop.on_immediate(writer.abandon)
         except CampaignError as exc:  # the journal's connection
             await self._close_providers(routes, http)
             with suppression_store.write_transaction(store.conn):
@@ -812,8 +827,9 @@ class Runner:
         # Rows still `sending` had their send cut off: the outcome is unknown.
         now = iso(self.clock.now())
         try:
-            # Waits out another process's long write, as the session's start does.
-            with suppression_store.write_transaction(store.conn):
+            # Waits out another process's long write, as the session's start does, unless the
+            # stop is immediate: then the session's end is not recorded (below).
+            with suppression_store.write_transaction(store.conn, self._unless_stopped_at_once):
                 runs.mark_in_doubt(store.conn, run.id, now)
                 by_channel = runs.counts(store.conn, run.id)
                 spend = runs.committed_spend(store.conn, run.id)
@@ -834,6 +850,18 @@ class Runner:
                 runs.finish_run(store.conn, run.id, status=status, exit_code=int(exit_code),
                                 now=now, total_rows=total_rows, last_error=error,
                                 stopped=stopped, in_doubt_resent=self._in_doubt_resent)
+        except LockWaitAbandoned:
+            # As if the process had been killed here: the run stays `running` in the store
+            # (`status`: stopped, no process); `sending` rows are in doubt when it resumes.
+            with suppression_store.read_snapshot(store.conn):
+                by_channel = runs.counts(store.conn, run.id)
+                spend = runs.committed_spend(store.conn, run.id)
+            exit_code, status, stopped = self._outcome(0)
+            self.warnings.append(
+                "stopped at once while another process held the store's write lock: this "
+                "session's end is not recorded, and its last changes may not be either (the "
+                "run resumes as after a killed process: messages that were in flight are in "
+                "doubt)")
         except sqlite3.Error as exc:
             cause = "" if self._abort is None else f"{self._abort}; "
             raise JournalError(
@@ -853,6 +881,12 @@ class Runner:
             in_doubt_resent=self._in_doubt_resent, warnings=self.warnings,
             started_at=run.started_at, finished_at=now,
         )
+
+    def _unless_stopped_at_once(self) -> None:
+        """``on_busy`` for the session's last transaction: an immediate stop gives up waiting
+        for another process's write lock."""
+        if self.stop.requests >= 2:
+            raise LockWaitAbandoned("stopped at once")
 
     def _outcome(self, failed: int) -> tuple[ExitCode, str, str | None]:
         # The cap is met only while intake runs, so when both happened it came first: it is
@@ -1026,6 +1060,8 @@ class Runner:
                     helper.cancel()
 
     def _crashed(self, exc: BaseException) -> None:
+        if isinstance(exc, JournalError) and isinstance(exc.__cause__, LockWaitAbandoned):
+            return  # the immediate stop gave up the journal's wait: it decides the outcome
         if isinstance(exc, CampaignError):
             self._fail_run(_Abort(exc.exit_code, "error", redact(str(exc), self.secrets)))
         else:

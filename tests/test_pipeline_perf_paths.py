@@ -22,9 +22,9 @@ from hypothesis import strategies as st
 from campaign_cli import recipients
 from campaign_cli.clock import Stamper, SystemClock, iso
 from campaign_cli.config import load_campaign
-from campaign_cli.errors import InputError, JournalError, ReaderProcessError
+from campaign_cli.errors import ExitCode, InputError, JournalError, ReaderProcessError
 from campaign_cli.models import Channel
-from campaign_cli.pipeline import SendOptions, run_campaign
+from campaign_cli.pipeline import SendOptions, StopController, run_campaign
 from campaign_cli.recipients import (
     Chunk,
     ChunkReader,
@@ -727,3 +727,52 @@ def test_a_call_the_journal_refuses_is_a_journal_error_for_its_caller(tmp_path: 
             writer.close()
 
     asyncio.run(scenario())
+
+
+def test_a_second_stop_ends_the_run_at_once_while_another_process_holds_the_store(
+    make_campaign: CampaignFactory, store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DESIGN section 4: a second Ctrl-C stops at once. While another process held the store's
+    write lock (a large import), it did not: the journal writer and the session's last
+    transaction waited for that lock (up to five minutes), so the run went on until the other
+    write ended. Now both give up: exit 130 at once, the run left as a killed process leaves it,
+    and its resume ends every row in exactly one state."""
+    total = 200
+    campaign = make_campaign(people(total))
+    Store.open(store_path).close()
+    holder = _LockHolder(store_path, monkeypatch, times=10**9)  # held until the test ends it
+    stop = StopController()
+
+    def two_ctrl_c_while_locked(message: Any) -> None:
+        if holder.thread is None and len(provider.accepted) >= 20:
+            holder.take()  # another process starts a long write
+            stop.request()
+            stop.request()
+
+    provider = FakeProvider(handler=two_ctrl_c_while_locked)
+    try:
+        report = run_campaign(load_campaign(campaign, {}), store_path,
+                              SendOptions(run_key="k", chunk_size=20), clock=FakeClock(),
+                              registry=fake_registry(provider), stop=stop)
+        assert not holder.released.is_set()  # it ended while the other write still went on
+    finally:
+        holder.times = 0
+        holder.close()
+    assert report.exit_code == ExitCode.INTERRUPTED
+    assert any("session's end is not recorded" in w for w in report.warnings)
+    assert len(provider.accepted) < total
+    first = len(provider.accepted)
+
+    again = FakeProvider()
+    resumed = run_campaign(load_campaign(campaign, {}), store_path,
+                           SendOptions(run_key="k", chunk_size=20), clock=FakeClock(),
+                           registry=fake_registry(again))
+    assert resumed.exit_code == ExitCode.OK
+    rows = journal(store_path)
+    assert sorted(r["row"] for r in rows) == list(range(1, total + 1))  # each row once
+    assert {r["state"] for r in rows} <= {"sent", "in_doubt"}
+    # Nobody skipped: each message went out once, or was in flight at the stop and is reported.
+    keys = [m.recipient_key for m in provider.accepted + again.accepted]
+    in_doubt = sum(1 for r in rows if r["state"] == "in_doubt") + resumed.in_doubt_resent
+    assert len(set(keys)) == total and len(keys) - total <= in_doubt
+    assert first + len(again.accepted) >= total

@@ -362,6 +362,11 @@ BUSY_TIMEOUT_MS = 10_000
 GIVE_UP_TRY_MS = 200
 
 
+class LockWaitAbandoned(Exception):
+    """A wait for another process's write lock given up on purpose (an immediate stop): the
+    write was not made."""
+
+
 def begin_immediate(conn: sqlite3.Connection, wait: float = LOCK_WAIT,
                     on_busy: Callable[[], None] | None = None, *,
                     short_tries: bool = False) -> None:

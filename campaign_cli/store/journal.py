@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from campaign_cli.errors import JournalError, StoreError
-from campaign_cli.store.db import LOCK_WAIT, begin_immediate, connect
+from campaign_cli.store.db import LOCK_WAIT, LockWaitAbandoned, begin_immediate, connect
 
 T = TypeVar("T")
 
@@ -68,6 +68,7 @@ class JournalWriter:
         self._thread = threading.Thread(target=self._run, name="journal-writer", daemon=True)
         self._failure: BaseException | None = None
         self._ready = threading.Event()
+        self._abandoned = threading.Event()
         self._conn: sqlite3.Connection | None = None
         self._identity: tuple[int, int] | None = None  # (device, inode) of the store it opened
         self.commits = 0
@@ -100,6 +101,13 @@ class JournalWriter:
             self._queue.put(_STOP)
             self._thread.join()
         self.check()
+
+    def abandon(self) -> None:
+        """Give up any wait for another process's write lock, now and from now on (an immediate
+        stop). What is not committed then is lost, as when the process is killed: the rows
+        stay as the last commit left them (`sending` ones are in doubt when the run resumes).
+        Safe from any thread."""
+        self._abandoned.set()
 
     def check(self) -> None:
         if self._failure is not None:
@@ -170,9 +178,7 @@ class JournalWriter:
             if future.done():
                 continue
             if failure is not None:
-                future.set_exception(
-                    JournalError(f"writing the journal failed: {failure}")
-                )
+                future.set_exception(_failed(failure))
             else:
                 future.set_result(None)
 
@@ -263,7 +269,7 @@ class JournalWriter:
                 conn.execute("ROLLBACK")
             except sqlite3.Error:
                 pass
-            failed = JournalError(f"writing the journal failed: {exc}")
+            failed = _failed(exc)
             done = [(call, None, failed) for call in (i for i in batch if isinstance(i, _Call))]
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Call, Any, BaseException | None]]] = {}
         for entry in done:
@@ -286,7 +292,9 @@ class JournalWriter:
                 pass
 
     def _begin(self, conn: sqlite3.Connection) -> None:
-        begin_immediate(conn, self._lock_wait, self._met_lock)
+        # In short tries: `abandon` is seen within one (a try otherwise waits the connection's
+        # busy timeout, 10 s).
+        begin_immediate(conn, self._lock_wait, self._met_lock, short_tries=True)
         # In WAL mode SQLite goes on writing to a store file that was deleted (or renamed over)
         # without a word: every batch would commit to a file nobody can open again, and the
         # run would send everyone with no journal. One stat per batch tells.
@@ -297,6 +305,8 @@ class JournalWriter:
             )
 
     def _met_lock(self) -> None:
+        if self._abandoned.is_set():
+            raise LockWaitAbandoned("the wait for another process's write lock was given up")
         self.busy_waits += 1
 
     def _resolve_and_release(
@@ -323,3 +333,10 @@ def _resolve(entries: list[tuple[_Call, Any, BaseException | None]]) -> None:
             call.future.set_exception(exc)
         else:
             call.future.set_result(result)
+
+
+def _failed(failure: BaseException) -> JournalError:
+    """The error every waiter gets when a batch failed; its cause is the batch's failure."""
+    error = JournalError(f"writing the journal failed: {failure}")
+    error.__cause__ = failure
+    return error

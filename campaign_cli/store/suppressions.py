@@ -24,7 +24,7 @@ import csv
 import os
 import re
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -94,16 +94,19 @@ class InvalidLines:
 
 
 @contextlib.contextmanager
-def write_transaction(conn: sqlite3.Connection) -> Iterator[None]:
+def write_transaction(
+    conn: sqlite3.Connection, on_busy: Callable[[], None] | None = None
+) -> Iterator[None]:
     """One ``BEGIN IMMEDIATE`` ... ``COMMIT`` (store connections are in autocommit mode). Inside a
-    transaction the caller already opened, it adds nothing: the caller commits."""
+    transaction the caller already opened, it adds nothing: the caller commits. ``on_busy``: as
+    for `begin_immediate` (it may raise to give up waiting for another process's write)."""
     if conn.in_transaction:
         yield
         return
     # Waits for another process's long write (up to LOCK_WAIT): an opt-out being recorded must
     # not give up after SQLite's 10 s busy timeout. In short tries: Python sees a Ctrl-C only
     # between two.
-    begin_immediate(conn, short_tries=True)
+    begin_immediate(conn, on_busy=on_busy, short_tries=True)
     try:
         yield
     except BaseException:
