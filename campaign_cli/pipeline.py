@@ -139,6 +139,19 @@ class SendOptions:
     #: A dry run's private copy of the store (with its journal) is written here and kept, rather
     #: than in a temporary folder removed at the end (`campaign_cli.preview` reads it).
     dry_run_store: Path | None = None
+    #: Refuse the run (`TooFewRows`, before anything else is done) when the recipient file has
+    #: fewer data rows: `campaign preview --row N` needs row N.
+    rows_needed: int | None = None
+
+
+class TooFewRows(UsageError):
+    """The recipient file has fewer data rows than `SendOptions.rows_needed`."""
+
+    def __init__(self, path: Path, rows: int, needed: int) -> None:
+        super().__init__(f"{path}: the file has {rows} data row{'s' if rows != 1 else ''}, "
+                         f"fewer than {needed}")
+        self.path = path
+        self.rows = rows
 
 
 class StopController:
@@ -560,6 +573,8 @@ class Runner:
         spec = replace(spec, expect=scan.identity)
         if self.options.limit is not None and self.options.limit < 1:
             raise UsageError("--limit must be at least 1")
+        if self.options.rows_needed is not None and scan.rows < self.options.rows_needed:
+            raise TooFewRows(spec.path, scan.rows, self.options.rows_needed)
         total_rows = scan.rows if self.options.limit is None else min(scan.rows, self.options.limit)
         # An empty --run-key (a cron job's "$UNSET") is refused, not taken for "derive one".
         run_key = (self.options.run_key if self.options.run_key is not None

@@ -23,7 +23,7 @@ from campaign_cli.clock import Clock
 from campaign_cli.config import LoadedCampaign
 from campaign_cli.errors import ExitCode, StoppedBeforeStart, UsageError
 from campaign_cli.models import FINAL_STATES, Channel, Content, Recipient, State
-from campaign_cli.pipeline import SendOptions, StopController, run_campaign
+from campaign_cli.pipeline import SendOptions, StopController, TooFewRows, run_campaign
 from campaign_cli.recipients import RecipientSpec, iter_recipient_chunks
 from campaign_cli.render.engine import Renderer, RenderError
 from campaign_cli.store import runs
@@ -81,19 +81,21 @@ def preview_row(
     campaign = loaded.campaign
     with tempfile.TemporaryDirectory(prefix="campaign-preview-") as tmp:
         private = Path(tmp) / "preview.db"
-        report = run_campaign(
-            loaded, store_path,
-            SendOptions(dry_run=True, limit=row, recipients=recipients, run_key=run_key,
-                        reader="inline", dry_run_store=private),
-            clock=clock, stop=stop,
-        )
+        path = recipients or campaign.recipients.file
+        try:
+            # (A row past the end is refused once the file is counted, before the dry run.)
+            report = run_campaign(
+                loaded, store_path,
+                SendOptions(dry_run=True, limit=row, recipients=recipients, run_key=run_key,
+                            reader="inline", dry_run_store=private, rows_needed=row),
+                clock=clock, stop=stop,
+            )
+        except TooFewRows as exc:
+            raise UsageError(f"{exc.path}: --row {row}: the file has {exc.rows} data "
+                             f"row{'s' if exc.rows != 1 else ''}") from None
         if report.exit_code == ExitCode.INTERRUPTED:
             raise StoppedBeforeStart("interrupted: nothing was previewed (nor sent or changed)")
-        path = recipients or campaign.recipients.file
         assert path is not None  # the dry run refused a campaign without one
-        if report.total_rows < row:
-            raise UsageError(f"{path}: --row {row}: the file has {report.total_rows} data "
-                             f"row{'s' if report.total_rows != 1 else ''}")
         with Store.open(private, create=False) as store:
             decided = _journal(store.conn, report.campaign, report.run_key, row)
             secret = store.setting("unsubscribe_secret") or ""

@@ -179,6 +179,30 @@ def test_a_row_the_file_does_not_have_is_a_usage_error(demo: Path, tmp_path: Pat
     assert message in err and len(err.strip().splitlines()) == 1
 
 
+def test_a_row_past_the_end_is_refused_before_any_row_is_dry_run(
+    demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`preview --row N` dry-ran every row of the file before it found N past the end: a typo
+    of one digit too many on a 400,000-row file cost ~80 s before the error. The count that
+    the run takes first (the file's scan) refuses it: the dry run's store is never made."""
+    import campaign_cli.pipeline as pipeline_module
+
+    snapshots: list[Path] = []
+    real = pipeline_module._snapshot_store
+
+    def snapshot(source: Path, target: Path) -> Path:
+        snapshots.append(target)
+        return real(source, target)
+
+    monkeypatch.setattr(pipeline_module, "_snapshot_store", snapshot)
+    code, out, err = invoke(tmp_path / "store.db", "preview", str(demo), "--row", "5000000")
+    assert (code, out) == (2, "")
+    assert "--row 5000000: the file has 51 data rows" in err
+    assert snapshots == []
+    assert invoke(tmp_path / "store.db", "preview", str(demo), "--row", "51")[0] == 0
+    assert len(snapshots) == 1
+
+
 @pytest.mark.parametrize("command", [["preview", "--row", "1"], ["validate"],
                                      ["send", "--dry-run"]])
 def test_a_store_that_cannot_be_used_is_named_in_one_line(
