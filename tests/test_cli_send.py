@@ -63,6 +63,19 @@ def test_send_json_summary_and_status_share_one_shape(
     assert "test-campaign/r1" in out and "done" in out
 
 
+def test_a_status_limit_past_what_sqlite_counts_means_every_run(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    """`status --limit 99999999999999999999` was an internal error (exit 1: OverflowError binding
+    SQLite's 64-bit LIMIT); it lists every run."""
+    campaign = make_campaign(people(2))
+    assert invoke(store_path, "send", str(campaign), "--run-key", "r1")[0] == 0
+    for huge in ("9223372036854775807", "99999999999999999999"):
+        code, out, err = invoke(store_path, "status", "--json", "--limit", huge)
+        assert code == 0, err
+        assert [r["run"] for r in json.loads(out)] == ["test-campaign/r1"]
+
+
 #: Keys `status --json` computes its own way: the session's time from its timestamps (send uses a
 #: monotonic clock), and so its rate.
 TIMED_KEYS = {"duration_s", "rate_per_s"}

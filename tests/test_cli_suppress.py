@@ -609,3 +609,13 @@ def test_an_opt_out_without_a_home_for_the_default_store_is_refused_not_kept_in_
     [line] = result.stderr.splitlines()
     assert "--store" in line and "CAMPAIGN_STORE" in line and "a bug" not in line
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_list_limit_past_what_sqlite_counts_means_every_entry(cli: Cli) -> None:
+    """`suppress list --limit 99999999999999999999` (an operator's "all of them") was an
+    internal error (exit 1: OverflowError binding SQLite's 64-bit LIMIT); it lists every entry."""
+    cli("suppress", "add", "+14155550100", "ann@example.com")
+    every = cli("suppress", "list", "--json")
+    for huge in ("9223372036854775807", "99999999999999999999"):
+        r = cli("suppress", "list", "--json", "--limit", huge)
+        assert (r.exit_code, r.out) == (0, every.out), r.err

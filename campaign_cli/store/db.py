@@ -362,6 +362,12 @@ BUSY_TIMEOUT_MS = 10_000
 GIVE_UP_TRY_MS = 200
 
 
+def sql_limit(limit: int) -> int:
+    """``limit`` as SQLite's LIMIT takes it: a signed 64-bit integer, where a larger number (an
+    operator's "all of them") would fail to bind. Negative: none."""
+    return max(0, min(limit, 2**62))
+
+
 class LockWaitAbandoned(Exception):
     """A wait for another process's write lock given up on purpose (an immediate stop): the
     write was not made."""

@@ -22,7 +22,7 @@ import sqlite_utils
 
 from campaign_cli.errors import RunLockedError, StoreError, UsageError
 from campaign_cli.models import State
-from campaign_cli.store.db import begin_immediate, insert_rows, rollback
+from campaign_cli.store.db import begin_immediate, insert_rows, rollback, sql_limit
 
 RUN_COLUMNS = (
     "id", "campaign", "run_key", "campaign_file", "recipients_file", "recipients_sha256",
@@ -99,7 +99,7 @@ def get_run(conn: sqlite3.Connection, ref: str) -> RunRecord:
 
 
 def list_runs(conn: sqlite3.Connection, limit: int = 50) -> list[RunRecord]:
-    return _runs(conn, "ORDER BY id DESC LIMIT ?", (limit,))
+    return _runs(conn, "ORDER BY id DESC LIMIT ?", (sql_limit(limit),))
 
 
 def start_run(

@@ -39,7 +39,7 @@ from campaign_cli.addresses import (
 )
 from campaign_cli.errors import InputError
 from campaign_cli.models import Channel
-from campaign_cli.store.db import MAX_PARAMS, batched, begin_immediate, rollback
+from campaign_cli.store.db import MAX_PARAMS, batched, begin_immediate, rollback, sql_limit
 
 #: Channels a suppression or a consent record may name: every channel, or all of them at once.
 CHANNELS: tuple[str, ...] = tuple(c.value for c in Channel) + ("all",)
@@ -553,7 +553,7 @@ def list_suppressions(
     sql += " ORDER BY id"
     if limit is not None:
         sql += " LIMIT ?"
-        params.append(max(0, limit))
+        params.append(sql_limit(limit))
     for row in conn.execute(sql, params):
         yield _as_dict(row)
 

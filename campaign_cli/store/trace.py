@@ -27,6 +27,7 @@ from campaign_cli.addresses import (
 )
 from campaign_cli.models import from_micros
 from campaign_cli.store import consents, suppressions
+from campaign_cli.store.db import sql_limit
 
 _MESSAGE_COLUMNS = (
     "run_id", "campaign", "run_key", "currency", "row", "line", "channel", "recipient_key",
@@ -46,9 +47,6 @@ _ATTEMPTS = (
     "error_text, latency_ms, at FROM attempts WHERE run_id = ? AND row = ? AND channel = ? "
     "ORDER BY at, attempt"
 )
-#: SQLite's LIMIT is a signed 64-bit integer: a larger ``limit`` (an operator's "all of them")
-#: is every row.
-_MAX_LIMIT = 2**62
 
 
 def addresses_of(raw: str, default_region: str = "US") -> list[str]:
@@ -79,7 +77,7 @@ def trace(
     first, each with its attempts; the suppressions and consent records of its addresses (those
     it was given as, and those the journal rows found by key were sent to). ``limit`` bounds the
     journal rows returned; ``more`` says whether there were others."""
-    limit = min(limit, _MAX_LIMIT)
+    limit = sql_limit(limit)
     given = addresses_of(recipient, default_region)
     holes = ", ".join("?" * len(given))
     where = f"(m.rkey = ?{f' OR m.address IN ({holes})' if given else ''})"
