@@ -777,6 +777,21 @@ def test_validate_is_the_dry_run_under_its_preflight_name(tmp_path: Path) -> Non
     assert err.strip().endswith("none.yaml: campaign file not found")
 
 
+def test_validate_checks_the_resume_of_a_named_run(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    """`validate --run-key K`, as `send --dry-run --run-key K`: the preflight of resuming run K
+    (what it would still send, its cap), where validate could only check a new run."""
+    campaign = make_campaign(people(5))
+    assert invoke(store_path, "send", str(campaign), "--run-key", "r1", "--limit", "3")[0] == 0
+    code, out, err = invoke(store_path, "validate", str(campaign), "--run-key", "r1", "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert (summary["run"], summary["resumed"], summary["dry_run"]) == (
+        "test-campaign/r1", True, True)
+    assert summary["counts"] == {"sent": 5} and summary["total_rows"] == 5
+
+
 def test_ctrl_c_in_a_command_without_a_run_says_so_in_one_line(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

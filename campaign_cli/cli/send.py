@@ -54,6 +54,10 @@ CampaignArg = Annotated[Path, typer.Argument(help="The campaign YAML file.", sho
 RecipientsOpt = Annotated[Optional[Path], typer.Option(
     "--recipients", "-r", help="Recipient CSV (overrides recipients.file).", show_default=False,
 )]
+RunKeyOpt = Annotated[Optional[str], typer.Option(
+    "--run-key", help="Names the run (default: derived from the recipient file's contents). "
+    "Same campaign and key = resume.", show_default=False,
+)]
 LimitOpt = Annotated[Optional[int], typer.Option(
     "--limit", min=1, help="Only the first N recipients.", show_default=False,
 )]
@@ -65,14 +69,15 @@ def validate(
     campaign_file: CampaignArg,
     recipients: RecipientsOpt = None,
     limit: LimitOpt = None,
+    run_key: RunKeyOpt = None,
     max_spend: Optional[str] = typer.Option(
         None, "--max-spend", help="Spend cap to check against (overrides limits.max_spend).",
         show_default=False,
     ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout."),
 ) -> None:
-    _command(app_context(ctx), campaign_file, recipients, True, limit, None, None, max_spend,
-             as_json, True, None, 10.0)
+    _command(app_context(ctx), campaign_file, recipients, True, limit, run_key, None,
+             max_spend, as_json, True, None, 10.0)
 
 
 @command
@@ -85,10 +90,7 @@ def send(
         "leave the store untouched."
     ),
     limit: LimitOpt = None,
-    run_key: Optional[str] = typer.Option(
-        None, "--run-key", help="Names the run (default: derived from the recipient file's "
-        "contents). Same campaign and key = resume.", show_default=False,
-    ),
+    run_key: RunKeyOpt = None,
     rate: Optional[float] = typer.Option(
         None, "--rate", min=0.001, help="Messages per second per provider (overrides the "
         "campaign).", show_default=False,
