@@ -797,6 +797,7 @@ class Runner:
             # write lock (a large import): the journal gives up its wait (DESIGN section 4).
             self.stop.on_immediate(writer.abandon)
         except CampaignError as exc:  # the journal's connection
+            policy.close()  # (no thread uses it yet)
             await self._close_providers(routes, http)
             with suppression_store.write_transaction(store.conn):
                 runs.finish_run(store.conn, run.id, status="aborted",
@@ -832,12 +833,14 @@ class Runner:
         except JournalError as exc:
             self._crashed(exc)  # the run ends here, and is finished below like any abort
         finally:
-            await self._close_providers(routes, http)
             try:
-                await asyncio.to_thread(writer.close)
-            except JournalError as exc:
-                self._crashed(exc)
-            await asyncio.to_thread(policy.close)
+                await self._close_providers(routes, http)
+                try:
+                    await asyncio.to_thread(writer.close)
+                except JournalError as exc:
+                    self._crashed(exc)
+            finally:
+                await asyncio.to_thread(policy.close)
 
         # Rows still `sending` had their send cut off: the outcome is unknown.
         now = iso(self.clock.now())

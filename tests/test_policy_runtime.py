@@ -620,3 +620,31 @@ def test_a_cancelled_run_closes_the_policy_connection_only_after_its_thread_is_d
     asyncio.run(scenario())
     assert closing.is_set()
     assert failures == []
+
+
+def test_a_run_whose_journal_cannot_start_closes_the_policy_connection(
+    make_campaign: CampaignFactory, store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The journal writer failing to open the store (a full disk, a vanished file) ended the
+    run with the policy's connection left open for the garbage collector (a ResourceWarning on
+    Python 3.13, a file descriptor held by a library user's process)."""
+    import campaign_cli.pipeline as pipeline_module
+    from campaign_cli.errors import StoreError
+    from campaign_cli.store.journal import JournalWriter
+
+    closing = threading.Event()
+
+    class WatchedPolicy(Policy):
+        def __init__(self, conn: sqlite3.Connection, **kwargs: Any) -> None:
+            super().__init__(_Watched(conn, closing), **kwargs)  # type: ignore[arg-type]
+
+    def cannot_start(self: JournalWriter) -> JournalWriter:
+        raise StoreError("journal writer could not open the store: disk I/O error")
+
+    monkeypatch.setattr(pipeline_module, "Policy", WatchedPolicy)
+    monkeypatch.setattr(JournalWriter, "start", cannot_start)
+    with pytest.raises(StoreError, match="disk I/O error"):
+        run_campaign(load_campaign(make_campaign(people(3)), {}), store_path,
+                     SendOptions(run_key="k"), clock=FakeClock(),
+                     registry=fake_registry(FakeProvider()))
+    assert closing.is_set()

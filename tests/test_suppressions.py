@@ -6,6 +6,7 @@ import io
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -667,3 +668,30 @@ def test_an_import_holds_the_store_only_to_copy_its_checked_entries_in(
     assert (again.added, again.already) == (lines, 0)
     assert not store.conn.in_transaction
     store.close()
+
+
+def test_a_store_that_cannot_be_used_is_refused_with_its_connection_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Opening a file that is not a store raised StoreError and left the connection it had
+    opened to the garbage collector: a file descriptor held for nothing, and on Python 3.13 a
+    ResourceWarning ("unclosed database") that failed the suite wherever it was collected."""
+    from campaign_cli.store import db
+
+    opened: list[sqlite3.Connection] = []
+    real = sqlite3.connect
+
+    def counting(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        opened.append(real(*args, **kwargs))
+        return opened[-1]
+
+    monkeypatch.setattr(db.sqlite3, "connect", counting)
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"this is not a database" * 100)
+    for readonly in (False, True):
+        with pytest.raises(StoreError, match="not a usable campaign store"):
+            connect(junk, readonly=readonly)
+    assert len(opened) == 2
+    for conn in opened:
+        with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+            conn.execute("SELECT 1")

@@ -471,6 +471,7 @@ def connect(
             pass
         except OSError as exc:
             raise StoreError(f"{path}: cannot create the store: {exc.strerror}") from None
+    conn: sqlite3.Connection | None = None
     try:
         if readonly:
             conn = sqlite3.connect(
@@ -508,8 +509,12 @@ def connect(
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
             migrate(conn)
-    except sqlite3.DatabaseError as exc:
-        raise StoreError(f"{path}: not a usable campaign store: {exc}") from None
+    except BaseException as exc:
+        if conn is not None:
+            conn.close()  # not left to the garbage collector (Python 3.13 warns of it)
+        if isinstance(exc, sqlite3.DatabaseError):
+            raise StoreError(f"{path}: not a usable campaign store: {exc}") from None
+        raise
     return conn
 
 
