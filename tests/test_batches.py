@@ -35,7 +35,7 @@ from campaign_cli.pipeline import RunReport, SendOptions, StopController, run_ca
 from campaign_cli.providers import console, outbox
 from campaign_cli.providers.webhook import WebhookAdapter
 from campaign_cli.testing import FakeBatchProvider, FakeClock, FakeProvider, fake_registry
-from tests.conftest import CampaignFactory, journal, people, phone
+from tests.conftest import CampaignFactory, journal, people, phone, query
 
 
 def send(campaign: Path, store: Path, provider: FakeProvider, **options: Any) -> RunReport:
@@ -68,10 +68,10 @@ def test_an_unthrottled_local_provider_gets_batches_and_everyone_once(
     assert sorted(sent) == sorted(f"c{i}" for i in range(1, 301))  # each once
     rows = journal(store_path)
     assert {r["state"] for r in rows} == {"sent"} and all(r["attempts"] == 1 for r in rows)
-    attempts = sqlite3.connect(store_path).execute(
-        "SELECT count(*), count(DISTINCT row), min(outcome), max(outcome) FROM attempts"
-    ).fetchone()
-    assert attempts == (300, 300, "sent", "sent")
+    attempts = query(
+        store_path,
+        "SELECT count(*), count(DISTINCT row), min(outcome), max(outcome) FROM attempts")
+    assert attempts == [(300, 300, "sent", "sent")]
 
 
 def test_every_intent_of_a_batch_is_committed_before_the_batch_leaves(
@@ -121,8 +121,7 @@ def test_a_failed_message_of_a_batch_is_retried_or_recorded_on_its_own(
     assert Counter(s for s, _, _ in states.values()) == {"sent": 9, "invalid": 1, "failed": 1,
                                                           "in_doubt": 1}
     assert report.exit_code == ExitCode.FAILURES
-    outcomes = sqlite3.connect(store_path).execute(
-        "SELECT outcome FROM attempts WHERE row = 1 ORDER BY attempt").fetchall()
+    outcomes = query(store_path, "SELECT outcome FROM attempts WHERE row = 1 ORDER BY attempt")
     assert outcomes == [("transient",), ("sent",)]
     assert [m.recipient_key for m in provider.history].count("c1") == 2
     assert sum(1 for b in provider.batches for m in b if m.recipient_key == "c1") == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import re
@@ -122,7 +123,7 @@ def test_the_status_list_does_not_count_in_doubt_rows_as_failed_too(
 ) -> None:
     campaign = make_campaign(people(3))
     assert invoke(store_path, "send", str(campaign), "--run-key", "r1")[0] == 0
-    with sqlite3.connect(store_path) as conn:  # as a killed session and a dead letter leave them
+    with contextlib.closing(sqlite3.connect(store_path)) as conn, conn:  # as a killed session and a dead letter leave them
         conn.execute("UPDATE messages SET state = 'in_doubt' WHERE row = 1")
         conn.execute("UPDATE messages SET state = 'failed' WHERE row = 2")
     code, out, _ = invoke(store_path, "status")
@@ -134,7 +135,7 @@ def test_the_status_list_does_not_count_in_doubt_rows_as_failed_too(
     assert (cells["sent"], cells["failed"], cells["in doubt"]) == ("1", "1", "1"), cells
 
     # Killed mid-send: the row it was sending is in doubt (so the columns add up to the rows).
-    with sqlite3.connect(store_path) as conn:
+    with contextlib.closing(sqlite3.connect(store_path)) as conn, conn:
         conn.execute("UPDATE messages SET state = 'sending' WHERE row = 3")
         conn.execute("UPDATE runs SET status = 'running'")
     out = invoke(store_path, "status")[1]
@@ -690,7 +691,7 @@ def test_a_run_finished_before_version_5_shows_with_its_session_keys_blank(
     """A store from before migration 5 (no `stopped`, `in_doubt_*` on runs) opens, migrates and
     lists its runs: what it did not record reads `null` and 0."""
     assert invoke(store_path, "send", str(make_campaign(people(2))), "--run-key", "r1")[0] == 0
-    with sqlite3.connect(store_path) as conn:  # back to version 4, as it wrote runs
+    with contextlib.closing(sqlite3.connect(store_path)) as conn, conn:  # back to version 4, as it wrote runs
         for column in ("stopped", "in_doubt_found", "in_doubt_resent", "recipient_key",
                        "strategy", "reading"):
             conn.execute(f"ALTER TABLE runs DROP COLUMN {column}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -410,7 +411,8 @@ def test_the_spend_records_the_segments_the_provider_bills_when_they_differ(
     assert costs == {1: 10_000, 2: 30_000, 3: 10_000}
     [warning] = report.warnings
     assert warning.startswith("box counted 3 SMS segment(s) for row 2 where this run counted 1")
-    assert runs.committed_spend(sqlite3.connect(store_path), report.run_id) == 50_000
+    with contextlib.closing(sqlite3.connect(store_path)) as conn:
+        assert runs.committed_spend(conn, report.run_id) == 50_000
 
 
 def test_a_signal_after_the_cap_was_reached_still_reports_the_cap(

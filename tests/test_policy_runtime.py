@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -320,14 +320,28 @@ def consents(store: Path, rows: Sequence[int], status: str, at: str) -> None:
         conn.close()
 
 
+@pytest.fixture
+def make_policy(store_path: Path) -> Iterator[Callable[..., Policy]]:
+    """A Policy on its own connection to the store, closed when the test ends."""
+    made: list[Policy] = []
+
+    def make(**kwargs: Any) -> Policy:
+        made.append(Policy(Store.open(store_path).conn, **kwargs))
+        return made[-1]
+
+    yield make
+    for policy in made:
+        policy.close()
+
+
 def test_the_policy_holds_at_most_its_limit_of_late_opt_outs_then_asks_the_store(
-    store_path: Path,
+    store_path: Path, make_policy: Callable[..., Policy]
 ) -> None:
     """A mid-run import of a million opt-outs would hold a million entries in the run: past its
     limit the policy lets go of them all (`overflowed`) and answers from the store instead,
     with the same refusals. A provider's opt-out (Twilio 21610) is kept in memory through it."""
     Store.open(store_path).close()
-    policy = Policy(Store.open(store_path).conn, consent_required=False, purpose="marketing",
+    policy = make_policy(consent_required=False, purpose="marketing",
                     late_limit=3)
     hashes = {i: address_hash(normalize_phone(phone(i))) for i in range(1, 8)}
     opt_outs(store_path, [1, 2, 3])
@@ -350,14 +364,14 @@ def test_the_policy_holds_at_most_its_limit_of_late_opt_outs_then_asks_the_store
 
 
 def test_a_large_import_of_grants_during_a_run_is_read_through_and_holds_nothing(
-    store_path: Path, monkeypatch: pytest.MonkeyPatch
+    store_path: Path, monkeypatch: pytest.MonkeyPatch, make_policy: Callable[..., Policy]
 ) -> None:
     """Consent records are read a page at a time; grants are not held. A revocation recorded
     after a large import of grants is found by the same poll, not pages (polls) later."""
     monkeypatch.setattr(policy_module, "CONSENT_PAGE", 4)
     Store.open(store_path).close()
     consents(store_path, [1], "granted", "2026-01-01T00:00:00Z")
-    policy = Policy(Store.open(store_path).conn, consent_required=True, purpose="marketing",
+    policy = make_policy(consent_required=True, purpose="marketing",
                     late_limit=3)
     consents(store_path, range(2, 20), "granted", "2026-01-01T00:00:00Z")
     consents(store_path, [1], "revoked", "2026-01-01T01:00:00Z")
@@ -527,13 +541,13 @@ def test_a_stop_while_the_store_is_asked_keeps_the_message_from_leaving(
 
 
 def test_provider_opt_outs_past_the_limit_do_not_make_the_poll_read_everything(
-    store_path: Path, monkeypatch: pytest.MonkeyPatch
+    store_path: Path, monkeypatch: pytest.MonkeyPatch, make_policy: Callable[..., Policy]
 ) -> None:
     """The poll reads at most one opt-out more than it has room for. Opt-outs from providers
     (Twilio 21610) are held beyond the limit: with two more than it, the room was -2, the query
     asked for LIMIT -1, which SQLite takes for no limit - a million-row import read whole."""
     Store.open(store_path).close()
-    policy = Policy(Store.open(store_path).conn, consent_required=False, purpose="marketing",
+    policy = make_policy(consent_required=False, purpose="marketing",
                     late_limit=2)
     opt_outs(store_path, [1, 2])
     policy.apply(policy.fetch_updates())
