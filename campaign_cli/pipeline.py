@@ -601,7 +601,9 @@ class Runner:
             store = Store.open(store_path)
             try:
                 now = iso(self.clock.now())
-                self._import_compliance_lists(store.conn, now)
+                # In a thread, as it may read a long list and wait for another process's write
+                # lock: the loop stays free to take a Ctrl-C, which gives the import up.
+                await asyncio.to_thread(self._import_compliance_lists, store.conn, now)
                 secret = store.setting("unsubscribe_secret") or ""
                 renderer = Renderer.compile(self.campaign, secret, source=self.loaded)
                 if self.options.retry_failed and runs.find_run(
@@ -763,13 +765,14 @@ class Runner:
         for path in self.campaign.compliance.suppression_lists:
             result = suppression_store.import_csv(
                 conn, path, channel_default=None, reason="list", source=f"list:{path.name}",
-                default_region=region, now=now,
+                default_region=region, now=now, check=self._not_stopped,
             )
             _refuse_unread_lines(path, result)
         for path in self.campaign.compliance.consent_records:
             result = consent_store.import_csv(
                 conn, path, channel_default=None, purpose_default=self.campaign.purpose.value,
                 source=f"list:{path.name}", default_region=region, now=now,
+                check=self._not_stopped,
             )
             _refuse_unread_lines(path, result)
 

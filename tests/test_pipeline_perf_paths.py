@@ -776,3 +776,52 @@ def test_a_second_stop_ends_the_run_at_once_while_another_process_holds_the_stor
     in_doubt = sum(1 for r in rows if r["state"] == "in_doubt") + resumed.in_doubt_resent
     assert len(set(keys)) == total and len(keys) - total <= in_doubt
     assert first + len(again.accepted) >= total
+
+
+def test_a_stop_while_a_campaign_s_own_opt_out_list_is_imported_gives_the_import_up(
+    make_campaign: CampaignFactory, store_path: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A campaign's `compliance.suppression_lists` are imported before each run. The import ran
+    on the event loop: a long list (or a wait for another process's write lock) kept a Ctrl-C
+    from being seen until it ended. It runs in a thread and gives up on a stop: exit 130,
+    nothing of the list imported, no run recorded."""
+    from campaign_cli.errors import StoppedBeforeStart
+    from campaign_cli.store import suppressions as suppression_store
+
+    lines = 3000
+    with (tmp_path / "optout.csv").open("w", encoding="utf-8") as handle:
+        handle.write("address,channel\n")
+        handle.writelines(f"+1415555{i:04d},sms\n" for i in range(lines))
+    campaign = make_campaign(people(3), compliance={"consent": "not_required",
+                                                    "suppression_lists": ["optout.csv"]})
+    loop_of_run: list[asyncio.AbstractEventLoop] = []
+
+    class LoopStop(StopController):  # a stop delivered as a signal's handler is: on the loop
+        def bind(self) -> None:
+            loop_of_run.append(asyncio.get_running_loop())
+            super().bind()
+
+    stop = LoopStop()
+    real = suppression_store.normalize_for
+    calls = 0
+
+    def ctrl_c_midway(*args: Any) -> tuple[str, str]:
+        nonlocal calls
+        calls += 1
+        if calls == lines // 2:
+            loop_of_run[0].call_soon_threadsafe(stop.request)
+            deadline = time.monotonic() + 30  # the loop takes the signal, unless blocked
+            while not stop.stopping and time.monotonic() < deadline:
+                time.sleep(0.001)
+        return real(*args)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(suppression_store, "normalize_for", ctrl_c_midway)
+    provider = FakeProvider()
+    with pytest.raises(StoppedBeforeStart):
+        run_campaign(load_campaign(campaign, {}), store_path, SendOptions(run_key="k"),
+                     clock=FakeClock(), registry=fake_registry(provider), stop=stop)
+    assert calls < lines  # given up midway
+    assert query(store_path, "SELECT count(*) FROM suppressions") == [(0,)]
+    assert query(store_path, "SELECT count(*) FROM runs") == [(0,)]
+    assert provider.history == []

@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 import re
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -296,6 +296,7 @@ def import_csv(
     source: str | None,
     default_region: str,
     now: str,
+    check: Callable[[], None] | None = None,
 ) -> ImportResult:
     """Record the consent evidence of a CSV file, all or nothing (`insert_all`: the store's
     write lock is held only while the checked records are copied in).
@@ -353,7 +354,7 @@ def import_csv(
                     yield (address_hash(address), address, channel, purpose, status, row_source,
                            at, now)
 
-        added, already = insert_all(conn, "consents", _COLUMNS_IN, entries())
+        added, already = insert_all(conn, "consents", _COLUMNS_IN, entries(), check)
     return ImportResult(added, already, invalid.kept, invalid.total)
 
 

@@ -120,19 +120,24 @@ STAGE_BATCH = 1000
 
 
 def insert_all(
-    conn: sqlite3.Connection, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]
+    conn: sqlite3.Connection, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]],
+    check: Callable[[], None] | None = None,
 ) -> tuple[int, int]:
     """``INSERT OR IGNORE`` every row into ``table``, in order, all or nothing: ``(added,
     already)``. The rows are staged first in a TEMP table of this connection (writing it takes
     no lock on the store), then copied in one statement, so the store's write lock is held for
     the copy alone, not while ``rows`` reads and checks a file: a large import no longer holds
     up every running campaign's journal (and past five minutes, aborted them). Inside a
-    transaction the caller opened, the rows go straight in (the caller holds the lock)."""
+    transaction the caller opened, the rows go straight in (the caller holds the lock).
+    ``check`` is called before each batch of rows and while the lock is waited for: it may raise
+    to give the import up (nothing of it is then in the store)."""
     names = ", ".join(columns)
     marks = ", ".join("?" * len(columns))
     if conn.in_transaction:
         added = total = 0
         for batch in _chunks(rows):
+            if check is not None:
+                check()
             before = conn.total_changes
             conn.executemany(f"INSERT OR IGNORE INTO {table} ({names}) VALUES ({marks})", batch)
             added += conn.total_changes - before
@@ -144,9 +149,11 @@ def insert_all(
     try:
         total = 0
         for batch in _chunks(rows):
+            if check is not None:
+                check()
             conn.executemany(f"INSERT INTO {stage} ({names}) VALUES ({marks})", batch)
             total += len(batch)
-        with write_transaction(conn):
+        with write_transaction(conn, check):
             added = conn.execute(
                 f"INSERT OR IGNORE INTO main.{table} ({names}) "
                 f"SELECT {names} FROM {stage} ORDER BY rowid"
@@ -570,6 +577,7 @@ def import_csv(
     source: str | None,
     default_region: str,
     now: str,
+    check: Callable[[], None] | None = None,
 ) -> ImportResult:
     """Add the addresses of a CSV file, all or nothing (`insert_all`: the store's write lock is
     held only while the checked entries are copied in).
@@ -616,6 +624,7 @@ def import_csv(
         added, already = insert_all(
             conn, "suppressions",
             ("address_hash", "address", "channel", "reason", "source", "created_at"), entries(),
+            check,
         )
     return ImportResult(added, already, invalid.kept, invalid.total)
 
