@@ -106,14 +106,15 @@ def test_add_bad_address_is_one_line_exit_2_and_adds_nothing(cli: Cli) -> None:
     assert cli.addresses() == set()
 
 
-def read_only_opens(monkeypatch: pytest.MonkeyPatch) -> None:
+def read_only_opens(monkeypatch: pytest.MonkeyPatch, how: str = "mode=ro") -> None:
     """SQLite opens a file it may not write (mode 0400, `chattr +i`, a read-only mount) for
-    reading, silently: the same, without needing root to make a file that root cannot write."""
+    reading, silently: the same, without needing root to make a file that root cannot write.
+    ``how``: the URI parameters that say so."""
     real = sqlite3.connect
 
     def connect(database: Any, *args: Any, uri: bool = False, **kwargs: Any) -> Any:
         if not uri:
-            database, uri = f"{Path(database).resolve().as_uri()}?mode=ro", True
+            database, uri = f"{Path(database).resolve().as_uri()}?{how}", True
         return real(database, *args, uri=uri, **kwargs)
 
     monkeypatch.setattr(sqlite3, "connect", connect)
@@ -148,15 +149,7 @@ def test_a_store_in_a_folder_nobody_may_write_is_still_read(
     the store is read-only."""
     assert cli("suppress", "add", "+12015550100").exit_code == 0
     assert not Path(f"{cli.store_path}-shm").exists()  # the last connection removed it
-    real = sqlite3.connect
-
-    def connect(database: Any, *args: Any, uri: bool = False, **kwargs: Any) -> Any:
-        # What a folder that cannot be written does: no -shm can be created.
-        if not uri:
-            database, uri = f"{Path(database).resolve().as_uri()}?mode=ro&readonly_shm=1", True
-        return real(database, *args, uri=uri, **kwargs)
-
-    monkeypatch.setattr(sqlite3, "connect", connect)
+    read_only_opens(monkeypatch, "mode=ro&readonly_shm=1")  # no -shm can be created there
     listed = cli("suppress", "list")
     assert listed.exit_code == 0, listed.err
     assert "+12015550100" in listed.out
