@@ -2156,9 +2156,9 @@ def _first_open_row(conn: sqlite3.Connection, run_id: int) -> int:
         return bound
     # A gap (rare): the first record missing below the bound.
     row = conn.execute(
-        "SELECT MIN(m.row) + 1 FROM messages m WHERE m.run_id = ?1 AND m.row < ?2 "
-        "AND NOT EXISTS (SELECT 1 FROM messages n WHERE n.run_id = ?1 AND n.row = m.row + 1)",
-        (run_id, bound),
+        "SELECT MIN(m.row) + 1 FROM messages m WHERE m.run_id = :run_id AND m.row < :bound "
+        "AND NOT EXISTS (SELECT 1 FROM messages n WHERE n.run_id = :run_id AND n.row = m.row + 1)",
+        {"run_id": run_id, "bound": bound},
     ).fetchone()
     has_first = conn.execute(
         "SELECT 1 FROM messages WHERE run_id = ? AND row = 1 LIMIT 1", (run_id,)
