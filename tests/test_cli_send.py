@@ -77,6 +77,19 @@ def test_a_status_limit_past_what_sqlite_counts_means_every_run(
         assert [r["run"] for r in json.loads(out)] == ["test-campaign/r1"]
 
 
+def test_a_send_to_a_store_other_users_can_read_is_warned_of(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    """As the store's commands do (`suppress list`), a send says when the store it records in
+    can be read by other users; it still sends."""
+    campaign = make_campaign(people(2))
+    assert invoke(store_path, "send", str(campaign), "--run-key", "r1")[0] == 0
+    store_path.chmod(0o640)
+    code, out, err = invoke(store_path, "send", str(campaign), "--run-key", "r2", "--json")
+    assert code == 0 and json.loads(out)["counts"] == {"sent": 2}
+    assert f"warning: {store_path} can be read by other users (mode 0640)" in err
+
+
 #: Keys `status --json` computes its own way: the session's time from its timestamps (send uses a
 #: monotonic clock), and so its rate.
 TIMED_KEYS = {"duration_s", "rate_per_s"}

@@ -4,6 +4,7 @@ import csv
 import io
 import json
 import sqlite3
+import stat
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -612,3 +613,19 @@ def test_a_list_limit_past_what_sqlite_counts_means_every_entry(cli: Cli) -> Non
     for huge in ("9223372036854775807", "99999999999999999999"):
         r = cli("suppress", "list", "--json", "--limit", huge)
         assert (r.exit_code, r.out) == (0, every.out), r.err
+
+
+def test_a_store_other_users_can_read_is_warned_of(cli: Cli) -> None:
+    """The store is created 0600, but a chmod, a copy or a restore from a backup may open it to
+    other users, and nothing said so: it holds every address, opt-out and consent record."""
+    assert cli("suppress", "add", "+12015550100").exit_code == 0
+    assert stat.S_IMODE(cli.store_path.stat().st_mode) == 0o600
+    assert "warning" not in cli("suppress", "list").err
+    cli.store_path.chmod(0o644)
+    listed = cli("suppress", "list")
+    assert listed.exit_code == 0 and "+12015550100" in listed.out
+    assert listed.err.splitlines()[0] == (
+        f"warning: {cli.store_path} can be read by other users (mode 0644): it holds addresses, "
+        f"opt-outs and consent records; restrict it with: chmod 600 {cli.store_path}")
+    cli.store_path.chmod(0o600)
+    assert "warning" not in cli("suppress", "list").err

@@ -14,7 +14,7 @@ import typer
 
 from campaign_cli.cli.output import Output, guarded
 from campaign_cli.clock import Clock, SystemClock
-from campaign_cli.store.db import Store, default_store_path
+from campaign_cli.store.db import Store, default_store_path, loose_permissions
 
 
 @dataclass
@@ -23,13 +23,24 @@ class AppContext:
     store_option: Path | None = None
     env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
     clock: Clock = field(default_factory=SystemClock)
+    _warned: bool = field(default=False, repr=False)
 
     @property
     def store_path(self) -> Path:
         return default_store_path(self.store_option, self.env)
 
     def open_store(self, *, create: bool = True) -> Store:
-        return Store.open(self.store_path, create=create)
+        store = Store.open(self.store_path, create=create)
+        self.warn_if_exposed()
+        return store
+
+    def warn_if_exposed(self) -> None:
+        """Once per command: a store other users can read (`loose_permissions`)."""
+        if not self._warned:
+            self._warned = True
+            exposed = loose_permissions(self.store_path)
+            if exposed is not None:
+                self.output.warn(exposed)
 
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -67,6 +67,7 @@ def preview(
                             run_key=run_key, clock=app.clock, stop=stop)
     for warning in shown.warnings:
         out.warn(warning)
+    app.warn_if_exposed()
     if as_json:
         out.json(to_json(shown))
         return

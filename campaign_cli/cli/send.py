@@ -227,6 +227,7 @@ def _send(app: AppContext, campaign_file: Path, recipients: Path | None, dry_run
 
     for warning in report.warnings:
         out.warn(warning)
+    app.warn_if_exposed()  # (the store the run recorded in: said once it opened as one)
     if as_json:
         out.json(report.to_json())
     elif not out.quiet:

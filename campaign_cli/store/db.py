@@ -362,6 +362,21 @@ BUSY_TIMEOUT_MS = 10_000
 GIVE_UP_TRY_MS = 200
 
 
+def loose_permissions(path: Path) -> str | None:
+    """A warning when the store can be read or written by users other than its owner: it holds
+    every address, opt-out and consent record. The store is created 0600, but a `chmod`, a copy
+    or a restore from a backup may loosen it (and SQLite gives its -wal and -shm the same mode).
+    None when it cannot tell."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None
+    if mode & 0o077 == 0:
+        return None
+    return (f"{path} can be read by other users (mode {mode & 0o777:04o}): it holds addresses, "
+            f"opt-outs and consent records; restrict it with: chmod 600 {path}")
+
+
 def sql_limit(limit: int) -> int:
     """``limit`` as SQLite's LIMIT takes it: a signed 64-bit integer, where a larger number (an
     operator's "all of them") would fail to bind. Negative: none."""
