@@ -137,12 +137,13 @@ def _run() -> int:
         text = " ".join(str(message()).split())
         line = f"{text} (see: {ctx.command_path} --help)"
         _error(line)
-        if ctx.info_name in ("send", "validate") and _asked_for_json(ctx, sys.argv[1:]):
+        if ctx.info_name in ("send", "validate") and _flag_given(ctx, sys.argv[1:], "--json"):
             # The one JSON object a cron job's `send --json` (or a CI step's `validate --json`)
             # parses, also for a mistyped option.
             from campaign_cli.cli.send import print_not_started
 
-            print_not_started(ctx, line, exit_code)
+            print_not_started(ctx, line, exit_code,
+                              dry_run=_flag_given(ctx, sys.argv[1:], "--dry-run"))
         return exit_code
     return result if isinstance(result, int) else 0
 
@@ -168,10 +169,10 @@ def _wants_json_logs(argv: list[str], env: dict[str, str] | os._Environ[str]) ->
     return chosen.strip().lower() == "json"
 
 
-def _asked_for_json(ctx: typer.Context, argv: list[str]) -> bool:
-    """Whether the command line asked for `--json`, read from the raw arguments: click stops at
-    the first mistake, so the option may not have been parsed."""
-    if ctx.params.get("as_json"):
+def _flag_given(ctx: typer.Context, argv: list[str], flag: str) -> bool:
+    """Whether the command line gave ``flag`` (`--json`, `--dry-run`), read from the raw
+    arguments: click stops at the first mistake, so the option may not have been parsed."""
+    if ctx.params.get({"--json": "as_json", "--dry-run": "dry_run"}.get(flag, flag)):
         return True
     # The options that take a value (`--run-key --json` names the run "--json"), this command's
     # and the group's (`--store`).
@@ -182,7 +183,7 @@ def _asked_for_json(ctx: typer.Context, argv: list[str]) -> bool:
               for name in param.opts}
     words = iter(argv)
     for word in words:
-        if word == "--json":
+        if word == flag:
             return True
         if word == "--":
             return False

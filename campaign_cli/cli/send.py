@@ -295,15 +295,17 @@ def _not_started(app: AppContext, campaign_file: Path | None, run_key: str | Non
     return empty
 
 
-def print_not_started(ctx: typer.Context, message: str, exit_code: int) -> None:
+def print_not_started(ctx: typer.Context, message: str, exit_code: int, *,
+                      dry_run: bool = False) -> None:
     """`_not_started` for a command line click refused before `send` or `validate` ran (an
-    unknown option, a value of the wrong type): what was parsed of it, the rest null."""
+    unknown option, a value of the wrong type): what was parsed of it, the rest null.
+    ``dry_run``: the command line asked for one (read from it, as click may not have)."""
     app = ctx.find_object(AppContext)
     if app is None:
         return
     params = ctx.params
     file = params.get("campaign_file")
-    dry_run = ctx.info_name == "validate" or bool(params.get("dry_run"))
+    dry_run = dry_run or ctx.info_name == "validate" or bool(params.get("dry_run"))
     summary = _not_started(app, Path(file) if file else None, params.get("run_key"), dry_run,
                            UsageError(message))
     summary["exit_code"] = exit_code
