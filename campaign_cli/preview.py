@@ -123,7 +123,7 @@ def preview_row(
         ))
     key = item.key if isinstance(item, Recipient) else None
     warnings = list(report.warnings)
-    if not store_path.exists():
+    if renderer.uses_secret and not store_path.exists():
         warnings.append(f"no store at {store_path} yet: unsubscribe links and tokens use a "
                         "secret made for this preview; the real run's will differ")
     return Preview(run=report.run_name, row=row, line=item.line, key=key, currency=report.currency,

@@ -179,6 +179,21 @@ def test_a_row_the_file_does_not_have_is_a_usage_error(demo: Path, tmp_path: Pat
     assert message in err and len(err.strip().splitlines()) == 1
 
 
+def test_no_store_yet_is_warned_of_only_where_a_template_uses_the_store_s_secret(
+    make_campaign: CampaignFactory, tmp_path: Path
+) -> None:
+    """Without a store, a preview makes a secret of its own, so unsubscribe tokens differ from
+    the real run's: said. A campaign whose templates use no token was told so too, for
+    nothing (helper t1)."""
+    plain = make_campaign(people(2))
+    found = previewed(tmp_path / "none.db", plain, 1)
+    assert not any("unsubscribe links" in w for w in found["warnings"])
+    tokens = make_campaign(people(2), channels={"sms": {
+        "provider": "box", "body": "Hi. Stop: https://x.test/u/{{ unsubscribe_token }}"}})
+    found = previewed(tmp_path / "none.db", tokens, 1)
+    assert any("unsubscribe links" in w for w in found["warnings"])
+
+
 def test_a_row_past_the_end_is_refused_before_any_row_is_dry_run(
     demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

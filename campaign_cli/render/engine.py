@@ -291,6 +291,11 @@ class Renderer:
     def channels(self) -> tuple[Channel, ...]:
         return tuple(self._parts)
 
+    @property
+    def uses_secret(self) -> bool:
+        """Whether any template renders an ``unsubscribe_token`` (made with the store's secret)."""
+        return bool(self._token_prefix)
+
     def fields_used(self, channel: Channel | None = None) -> frozenset[str]:
         """Names the templates read that neither the campaign's vars nor the renderer provide:
         they must come from the recipient file (for ``validate`` to check against its header)."""
