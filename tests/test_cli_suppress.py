@@ -629,3 +629,51 @@ def test_a_store_other_users_can_read_is_warned_of(cli: Cli) -> None:
         f"opt-outs and consent records; restrict it with: chmod 600 {cli.store_path}")
     cli.store_path.chmod(0o600)
     assert "warning" not in cli("suppress", "list").err
+
+
+@pytest.mark.parametrize("command", ["suppress", "consent"])
+def test_an_import_whose_temporary_folder_fills_up_names_that_folder_not_the_store(
+    cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    """An import stages its checked entries in a temporary table before it copies them in: SQLite
+    writes that table to its temporary folder (SQLITE_TMPDIR, else TMPDIR, else /var/tmp), not
+    beside the store. That folder full (a small tmpfs), the import said "the store's disk is
+    full ... free some space", sending the operator to a disk with room to spare."""
+    assert cli("suppress", "add", "+12015550100").exit_code == 0
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setenv("SQLITE_TMPDIR", str(folder))
+    real = sqlite3.connect
+
+    class TemporaryFolderFull(sqlite3.Connection):
+        filled = False
+
+        def executemany(self, sql: str, rows: Any) -> sqlite3.Cursor:
+            try:
+                return super().executemany(sql, rows)
+            except sqlite3.OperationalError:
+                self.filled = True
+                raise
+
+        def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+            if self.filled and sql.startswith("DROP TABLE"):  # on a full tmpfs: it needs a
+                raise sqlite3.OperationalError("database or disk is full")  # journal there
+            return super().execute(sql, *args)
+
+    def temporary_folder_full(*args: Any, **kwargs: Any) -> Any:  # the store's disk has room
+        conn = real(*args, factory=TemporaryFolderFull, **kwargs)
+        conn.execute("PRAGMA temp.max_page_count = 2")
+        return conn
+
+    monkeypatch.setattr(sqlite3, "connect", temporary_folder_full)
+    listed = tmp_path / "list.csv"
+    listed.write_text("phone,status,recorded_at\n" + "".join(
+        f"+1201{200 + i // 10000:03d}{i % 10000:04d},granted,2024-01-01\n" for i in range(3000)))
+    args = ["--purpose", "marketing"] if command == "consent" else []
+    result = cli(command, "import", str(listed), *args)
+    assert result.exit_code == 2, result.err
+    assert result.err.strip().splitlines() == [
+        f"error: SQLite's temporary folder {folder} is full: nothing was written; free some "
+        "space there, or set SQLITE_TMPDIR to a folder with room"]
+    monkeypatch.undo()
+    assert cli.addresses() == {("+12015550100", "sms")}

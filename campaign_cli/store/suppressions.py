@@ -37,7 +37,7 @@ from campaign_cli.addresses import (
     normalize_phone,
     normalize_webhook_url,
 )
-from campaign_cli.errors import InputError
+from campaign_cli.errors import InputError, StoreError
 from campaign_cli.models import Channel
 from campaign_cli.store.db import MAX_PARAMS, batched, begin_immediate, rollback, sql_limit
 
@@ -148,19 +148,47 @@ def insert_all(
     conn.execute(f"CREATE TEMP TABLE staged_{table} AS SELECT {names} FROM main.{table} WHERE 0")
     try:
         total = 0
-        for batch in _chunks(rows):
-            if check is not None:
-                check()
-            conn.executemany(f"INSERT INTO {stage} ({names}) VALUES ({marks})", batch)
-            total += len(batch)
+        try:
+            for batch in _chunks(rows):
+                if check is not None:
+                    check()
+                conn.executemany(f"INSERT INTO {stage} ({names}) VALUES ({marks})", batch)
+                total += len(batch)
+        except sqlite3.OperationalError as exc:
+            # The staged rows spill to SQLite's temporary folder, not to the store's disk.
+            code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+            if not ((code & 0xFF) == 13 if isinstance(code, int) else "disk is full" in str(exc)):
+                raise
+            raise StoreError(
+                f"SQLite's temporary folder {sqlite_temp_folder()} is full: nothing was "
+                "written; free some space there, or set SQLITE_TMPDIR to a folder with room"
+            ) from None
         with write_transaction(conn, check):
             added = conn.execute(
                 f"INSERT OR IGNORE INTO main.{table} ({names}) "
                 f"SELECT {names} FROM {stage} ORDER BY rowid"
             ).rowcount
     finally:
-        conn.execute(f"DROP TABLE IF EXISTS {stage}")
+        # A full temporary folder may refuse this too (it needs a journal there), which would
+        # hide why the import stopped, or fail one already copied in: the next import drops it.
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute(f"DROP TABLE IF EXISTS {stage}")
     return added, total - added
+
+
+def sqlite_temp_folder() -> str:
+    """The folder SQLite writes its temporary files in (a TEMP table that outgrows its cache):
+    on Unix the first writable of SQLITE_TMPDIR, TMPDIR, /var/tmp, /usr/tmp, /tmp, else ".";
+    elsewhere the system's temporary folder."""
+    if os.name != "posix":
+        import tempfile
+
+        return tempfile.gettempdir()
+    for folder in (os.environ.get("SQLITE_TMPDIR"), os.environ.get("TMPDIR"),
+                   "/var/tmp", "/usr/tmp", "/tmp"):  # noqa: S108 (SQLite's list, os_unix.c)
+        if folder and os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK):
+            return folder
+    return "."
 
 
 def _chunks(rows: Iterable[Sequence[Any]]) -> Iterator[list[Sequence[Any]]]:
