@@ -37,6 +37,7 @@ import hashlib
 import random
 import sqlite3
 import tempfile
+import threading
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -99,7 +100,14 @@ from campaign_cli.render.engine import Renderer, RenderError, content_hash, cost
 from campaign_cli.store import consents as consent_store
 from campaign_cli.store import runs
 from campaign_cli.store import suppressions as suppression_store
-from campaign_cli.store.db import LockWaitAbandoned, Store, connect, refused_write
+from campaign_cli.store.db import (
+    LockWaitAbandoned,
+    Store,
+    begin_immediate,
+    connect,
+    refused_write,
+    rollback,
+)
 from campaign_cli.store.journal import JournalWriter
 
 if TYPE_CHECKING:
@@ -850,7 +858,8 @@ class Runner:
         try:
             # Waits out another process's long write, as the session's start does, unless the
             # stop is immediate: then the session's end is not recorded (below).
-            with suppression_store.write_transaction(store.conn, self._unless_stopped_at_once):
+            await self._begin_last_transaction(store.conn)
+            try:
                 runs.mark_in_doubt(store.conn, run.id, now)
                 by_channel = runs.counts(store.conn, run.id)
                 spend = runs.committed_spend(store.conn, run.id)
@@ -871,6 +880,10 @@ class Runner:
                 runs.finish_run(store.conn, run.id, status=status, exit_code=int(exit_code),
                                 now=now, total_rows=total_rows, last_error=error,
                                 stopped=stopped, in_doubt_resent=self._in_doubt_resent)
+            except BaseException:
+                rollback(store.conn)
+                raise
+            store.conn.execute("COMMIT")
         except LockWaitAbandoned:
             # As if the process had been killed here: the run stays `running` in the store
             # (`status`: stopped, no process); `sending` rows are in doubt when it resumes.
@@ -902,6 +915,29 @@ class Runner:
             in_doubt_resent=self._in_doubt_resent, warnings=self.warnings,
             started_at=run.started_at, finished_at=now,
         )
+
+    async def _begin_last_transaction(self, conn: sqlite3.Connection) -> None:
+        """BEGIN IMMEDIATE for the session's last transaction, waiting for another process's
+        write lock in a thread: on the loop's thread the wait (up to LOCK_WAIT) kept a Ctrl-C's
+        handler from running, so the immediate stop that gives it up was never seen. A
+        cancelled task gives the wait up too, and leaves the connection only once the thread
+        is done with it."""
+        cancelled = threading.Event()
+
+        def on_busy() -> None:
+            if cancelled.is_set():
+                raise LockWaitAbandoned("cancelled")
+            self._unless_stopped_at_once()
+
+        waiting = asyncio.ensure_future(asyncio.to_thread(
+            begin_immediate, conn, on_busy=on_busy, short_tries=True))
+        try:
+            await asyncio.shield(waiting)
+        except asyncio.CancelledError:
+            cancelled.set()
+            await asyncio.gather(waiting, return_exceptions=True)
+            rollback(conn)
+            raise
 
     def _unless_stopped_at_once(self) -> None:
         """``on_busy`` for the session's last transaction: an immediate stop gives up waiting

@@ -825,3 +825,59 @@ def test_a_stop_while_a_campaign_s_own_opt_out_list_is_imported_gives_the_import
     assert query(store_path, "SELECT count(*) FROM suppressions") == [(0,)]
     assert query(store_path, "SELECT count(*) FROM runs") == [(0,)]
     assert provider.history == []
+
+
+def test_ctrl_c_twice_while_the_session_s_end_waits_for_another_process_s_lock_stops_at_once(
+    make_campaign: CampaignFactory, store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The session's last transaction waited for another process's write lock (a large
+    import) on the event loop's thread: the Ctrl-C handler installed with add_signal_handler
+    runs on that loop, so a second Ctrl-C pressed during that wait (up to five minutes) was
+    never seen, though `_unless_stopped_at_once` was there to give the wait up (the earlier
+    test asks for the stop before the wait, from the loop). The wait is in a thread now."""
+    from campaign_cli.policy import Policy
+
+    class LoopStop(StopController):  # a stop delivered as a signal's handler is: on the loop
+        loop: asyncio.AbstractEventLoop | None = None
+
+        def bind(self) -> None:
+            self.loop = asyncio.get_running_loop()
+            super().bind()
+
+    total = 30
+    campaign = make_campaign(people(total))
+    Store.open(store_path).close()
+    stop = LoopStop()
+    holder = _LockHolder(store_path, monkeypatch, times=200)  # 200 tries of 20 ms: 4 s
+    counting = db.is_busy
+
+    def busy_then_two_ctrl_c(exc: sqlite3.OperationalError) -> bool:
+        if holder.met == 0 and stop.loop is not None:
+            stop.loop.call_soon_threadsafe(stop.request)  # Ctrl-C twice, once the run waits
+            stop.loop.call_soon_threadsafe(stop.request)
+        return counting(exc)
+
+    monkeypatch.setattr(db, "is_busy", busy_then_two_ctrl_c)
+    real_close = Policy.close
+
+    def close_then_another_writes(policy: Policy) -> None:
+        real_close(policy)
+        holder.take()  # every message journaled; another process's long write starts
+
+    monkeypatch.setattr(Policy, "close", close_then_another_writes)
+    provider = FakeProvider()
+    try:
+        report = run_campaign(load_campaign(campaign, {}), store_path,
+                              SendOptions(run_key="k"), clock=FakeClock(),
+                              registry=fake_registry(provider), stop=stop)
+        assert not holder.released.is_set()  # it ended while the other write still went on
+    finally:
+        holder.times = 0
+        holder.close()
+    assert report.exit_code == ExitCode.INTERRUPTED
+    assert any("session's end is not recorded" in w for w in report.warnings)
+    monkeypatch.undo()
+    resumed = run_campaign(load_campaign(campaign, {}), store_path, SendOptions(run_key="k"),
+                           clock=FakeClock(), registry=fake_registry(FakeProvider()))
+    assert resumed.exit_code == ExitCode.OK
+    assert Counter(r["state"] for r in journal(store_path)) == {"sent": total}
