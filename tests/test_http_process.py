@@ -208,6 +208,36 @@ def test_close_lets_the_child_finish_or_kills_it_when_requests_are_still_held() 
     run(scenario())
 
 
+def test_a_start_cancelled_before_the_child_is_ready_ends_the_child(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A user's task cancelled (or Ctrl-C in `asyncio.run`) while the child starts: the child
+    is ended, not left waiting for ever on a pipe this process keeps open (with a thread and
+    two descriptors of this process)."""
+    import campaign_cli.providers.process as process
+
+    # A child that never says it is ready (the real one takes a few hundred ms to).
+    monkeypatch.setattr(process, "_CHILD_CODE",
+                        "# campaign_cli.providers.process\nimport sys\nsys.stdin.buffer.read()\n")
+
+    async def scenario() -> list[int]:
+        starting = asyncio.create_task(HttpProcess.start())
+        end = time.monotonic() + DEADLINE
+        while not (children := http_children(os.getpid())):
+            assert time.monotonic() < end, "the HTTP process never started"
+            await asyncio.sleep(0.01)
+        starting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await starting
+        return children
+
+    children = run(scenario())
+    alive = [pid for pid in children if not gone(pid)]
+    for pid in alive:
+        os.kill(pid, signal.SIGKILL)
+    assert alive == []
+
+
 # --------------------------------------------------------------------------------------------
 # The parent fails
 

@@ -166,6 +166,12 @@ class HttpProcess:
                 f"the HTTP process did not start ({type(exc).__name__}: {exc}"
                 f"{'; it said: ' + said if said else ''})"
             ) from None
+        except BaseException:
+            # Cancelled (a user's task, Ctrl-C in `asyncio.run`) while it started: nobody will
+            # close it, and it would wait for ever for the pipe this process keeps open.
+            await host._kill()
+            host._forget_last_words()
+            raise
         host._reader = asyncio.create_task(host._read_answers())
         host._watchdog = asyncio.create_task(host._watch())
         return host
