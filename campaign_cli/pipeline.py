@@ -828,6 +828,7 @@ class Runner:
         self._policy = policy
         self._spent = committed
         error: str | None = None
+        ticker: asyncio.Task[None] | None = None
         try:
             workers = [asyncio.create_task(self._worker(queue)) for _ in range(concurrency)]
             source = asyncio.create_task(
@@ -838,12 +839,13 @@ class Runner:
             if self._sentinels is not None:
                 self._sentinels.cancel()  # done, unless an immediate stop cancelled the workers
                 await asyncio.gather(self._sentinels, return_exceptions=True)
-            ticker.cancel()
-            await asyncio.gather(ticker, return_exceptions=True)
             await writer.flush()
         except JournalError as exc:
             self._crashed(exc)  # the run ends here, and is finished below like any abort
         finally:
+            if ticker is not None:
+                ticker.cancel()
+                await asyncio.gather(ticker, return_exceptions=True)
             try:
                 await self._close_providers(routes, http)
                 try:
@@ -1115,6 +1117,13 @@ class Runner:
             for helper in (graceful, immediate, deadline):
                 if helper is not None:
                     helper.cancel()
+            if tasks:
+                # The caller's task was cancelled (an application's own loop, a timeout; Ctrl-C
+                # in `asyncio.run`): the run's tasks end with it, as in an immediate stop, not
+                # after it in that loop, against providers and a journal closed under them.
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
 
     def _crashed(self, exc: BaseException) -> None:
         if isinstance(exc, JournalError) and isinstance(exc.__cause__, LockWaitAbandoned):
@@ -1279,14 +1288,19 @@ class Runner:
             self._sentinels = asyncio.create_task(self._put_sentinels(queue, workers))
             raise
         finally:
-            for helper in helpers:
-                helper.cancel()
-            await asyncio.gather(*helpers, return_exceptions=True)
-            # Admissions still in flight finish (their rows are journaled as pending, to resume),
-            # including one whose task was made just before its helper was cancelled.
-            if self._admitting:
-                await asyncio.gather(*self._admitting, return_exceptions=True)
-            await asyncio.to_thread(reader.close)
+            try:
+                for helper in helpers:
+                    helper.cancel()
+                await asyncio.gather(*helpers, return_exceptions=True)
+                # Admissions still in flight finish (their rows are journaled as pending, to
+                # resume), including one whose task was made just before its helper was cancelled.
+                if self._admitting:
+                    await asyncio.gather(*self._admitting, return_exceptions=True)
+            finally:
+                # Also when a second cancellation cuts the waits above short (KeyboardInterrupt
+                # out of `asyncio.run` cancels every task, and the run cancels its own): the
+                # reader's child process and file are closed, not left to the collector.
+                await asyncio.to_thread(reader.close)
         await self._put_sentinels(queue, workers)
 
     async def _put_sentinels(self, queue: asyncio.Queue[_Job | None], workers: int) -> None:

@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -613,3 +614,45 @@ def test_a_child_that_crashes_says_why_in_one_line() -> None:
             assert "exit code 1: ValueError: not enough values to unpack" in str(info.value)
 
     run(scenario())
+
+
+def test_a_keyboard_interrupt_out_of_the_loop_still_closes_both_child_processes(
+    make_campaign: CampaignFactory, store_path: Path, fake_server: FakeProviderServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """KeyboardInterrupt raised in the loop (here by a progress callback) leaves `asyncio.run`,
+    which cancels every task while the run cancels its own too: the source's cleanup, cut short
+    by the second cancellation, still ends the reader's child process and reaps it, and the
+    HTTP process ends with the run."""
+    import campaign_cli.pipeline as pipeline
+    from campaign_cli.config import load_campaign
+    from campaign_cli.pipeline import SendOptions, run_campaign
+    from campaign_cli.recipients import ProcessChunkReader
+
+    readers: list[ProcessChunkReader] = []
+
+    class Recorded(ProcessChunkReader):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            readers.append(self)
+
+    monkeypatch.setattr(pipeline, "ProcessChunkReader", Recorded)
+    started = count_starts(monkeypatch)
+    campaign = make_campaign(
+        people(2000), channels={"sms": {"provider": "tw", "body": "Code {{ row }}"}},
+        providers={"tw": fake_server.provider_config("twilio")}, limits={"concurrency": 8},
+    )
+
+    def interrupt(progress: Any) -> None:
+        if progress.sent >= 50:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_campaign(load_campaign(campaign), store_path,
+                     SendOptions(reader="process", poll_interval=0.05), on_progress=interrupt)
+    assert len(readers) == 1 and len(started) == 1
+    reaped = readers[0]._process.returncode is not None
+    if not reaped:
+        readers[0].close()
+    assert reaped
+    assert gone(started[0])

@@ -1432,3 +1432,47 @@ def test_only_the_outbox_and_the_webhook_deduplicate_by_idempotency_key() -> Non
 
     assert {t for t in BUILTIN_PROVIDERS if type_deduplicates(t)} == {"outbox", "webhook"}
     assert type_deduplicates("carrier-pigeon") is False
+
+
+def test_cancelling_execute_in_the_caller_s_loop_ends_every_task_of_the_run(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    """`Runner.execute()` awaited in an application's own event loop and cancelled there (a
+    timeout, a shutdown): the run's workers, its source and its poll end with it, and the sends
+    it cut off are in doubt when it resumes; none is left running in that loop against a closed
+    journal."""
+    from campaign_cli.pipeline import Runner
+
+    class Held(FakeProvider):
+        """Sends that are never answered."""
+
+        async def send(self, message: OutboundMessage) -> SendResult:
+            self.history.append(message)
+            await asyncio.Event().wait()
+            raise AssertionError("unreachable")
+
+    campaign = make_campaign(people(50))
+
+    async def application() -> list[str]:
+        provider = Held()
+        runner = Runner(load_campaign(campaign, {}), store_path, SendOptions(run_key="k"),
+                        clock=FakeClock(), registry=fake_registry(provider),
+                        stop=StopController())
+        task = asyncio.create_task(runner.execute())
+        for _ in range(6000):  # until the four workers each hold a send (a guard, not a wait)
+            if len(provider.history) == 4:
+                break
+            await asyncio.sleep(0.01)
+        assert len(provider.history) == 4
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return sorted(t.get_coro().__qualname__  # type: ignore[union-attr]
+                      for t in asyncio.all_tasks() if t is not asyncio.current_task())
+
+    assert asyncio.run(application()) == []
+    # As after a killed process: the cut-off sends stay `sending`, in doubt when it resumes.
+    assert sorted(r["state"] for r in journal(store_path) if r["state"] != "pending") == [
+        "sending"] * 4
+    report = send(campaign, store_path, FakeProvider(), run_key="k")
+    assert report.exit_code == ExitCode.OK and report.in_doubt_found == 4
