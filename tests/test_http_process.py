@@ -239,6 +239,43 @@ def test_a_start_cancelled_before_the_child_is_ready_ends_the_child(
     assert alive == []
 
 
+def test_a_start_cancelled_while_the_child_is_made_closes_its_stderr_file(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Cancelled before the child exists (asyncio is still making it): the file kept for its
+    last words is closed, not left open for the garbage collector (a ResourceWarning, which a
+    test suite that turns warnings into errors fails on)."""
+    import tempfile
+
+    opened: list[Any] = []
+    real = tempfile.TemporaryFile
+    making = asyncio.Event()
+
+    def temporary_file(*args: Any, **kwargs: Any) -> Any:
+        opened.append(real(*args, **kwargs))
+        return opened[-1]
+
+    async def create_subprocess_exec(*args: Any, **kwargs: Any) -> Any:
+        making.set()
+        await asyncio.Event().wait()  # never made
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", temporary_file)
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", create_subprocess_exec)
+
+    async def scenario() -> None:
+        starting = asyncio.create_task(HttpProcess.start())
+        await making.wait()
+        starting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await starting
+
+    run(scenario())
+    assert len(opened) == 1
+    closed = opened[0].closed
+    opened[0].close()
+    assert closed
+
+
 # --------------------------------------------------------------------------------------------
 # The parent fails
 

@@ -144,9 +144,11 @@ class HttpProcess:
                 # SIGHUP when it hangs up) is for the parent, even while the child starts up.
                 start_new_session=True,
             )
-        except OSError as exc:
+        except BaseException as exc:  # cancelled too: the file would be left to the collector
             if last_words is not None:
                 last_words.close()
+            if not isinstance(exc, OSError):
+                raise
             raise HttpProcessError(
                 f"the HTTP process did not start ({type(exc).__name__}: {exc})"
             ) from None
