@@ -510,7 +510,15 @@ def run_campaign(
     """Run (or resume) a campaign to completion, a stop, or the spend cap. Blocking.
 
     Raises `CampaignError` subclasses for problems found before anything is sent (bad input exit 2,
-    locked run exit 5); outcomes of the run itself are in the report's ``exit_code``."""
+    locked run exit 5); outcomes of the run itself are in the report's ``exit_code``. In a
+    running event loop (an application's own), await `Runner.execute` instead."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        raise RuntimeError("run_campaign blocks until the run ends, so it cannot run in a running "
+                           "event loop: await Runner(...).execute() there instead")
     run = Runner(loaded, store_path, options or SendOptions(), clock=clock or SystemClock(),
                  registry=registry, stop=stop or StopController(), on_progress=on_progress,
                  stdout=stdout, rng=rng)

@@ -1476,3 +1476,22 @@ def test_cancelling_execute_in_the_caller_s_loop_ends_every_task_of_the_run(
         "sending"] * 4
     report = send(campaign, store_path, FakeProvider(), run_key="k")
     assert report.exit_code == ExitCode.OK and report.in_doubt_found == 4
+
+
+def test_run_campaign_in_a_running_event_loop_says_to_await_runner_execute(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    """An application's own loop (a web handler, a notebook): the blocking entry point refuses
+    at once and names the one to await, with nothing started (no coroutine left unawaited for
+    the garbage collector to warn about)."""
+    loaded = load_campaign(make_campaign(people(2)), {})
+    provider = FakeProvider()
+
+    async def application() -> None:
+        with pytest.raises(RuntimeError, match=r"await Runner\(\.\.\.\)\.execute\(\)"):
+            run_campaign(loaded, store_path, SendOptions(), clock=FakeClock(),
+                         registry=fake_registry(provider))
+
+    asyncio.run(application())
+    gc.collect()
+    assert provider.history == [] and not store_path.exists()
