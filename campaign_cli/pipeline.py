@@ -566,6 +566,7 @@ class Runner:
         self._max_row_start = 0
         self._admitting: set[asyncio.Future[_Ready | None]] = set()
         self._sentinels: asyncio.Task[None] | None = None  # queued by a source that failed
+        self._given_up = False  # the session's start was cancelled while it waited
         self.retried = 0
         self._stamp = Stamper(clock).now
 
@@ -674,7 +675,7 @@ class Runner:
             before = runs.find_run(store.conn, self.campaign.name, run_key)
             # In a thread: the wait for another process's write lock (up to LOCK_WAIT) leaves
             # the loop free to take a Ctrl-C, which ends the wait with nothing recorded.
-            run, resumed = await asyncio.to_thread(
+            starting = asyncio.ensure_future(asyncio.to_thread(
                 runs.start_run,
                 store.conn,
                 campaign=self.campaign.name,
@@ -692,8 +693,20 @@ class Runner:
                 recipient_key=self.campaign.recipients.key,
                 strategy=self.campaign.strategy,
                 reading=_reading(self.campaign),
-                on_busy=self._not_stopped,
-            )
+                on_busy=self._starting,
+            ))
+            try:
+                run, resumed = await asyncio.shield(starting)
+            except asyncio.CancelledError:
+                # The thread uses the store's connection, which is closed on the way out: closed
+                # under it, the interpreter crashes. It gives its wait up at its next try
+                # (GIVE_UP_TRY_MS) and is waited for, however often the caller cancels.
+                self._given_up = True
+                while not starting.done():
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await asyncio.wait({starting})
+                starting.exception()  # (the wait given up, or a run recorded as if killed)
+                raise
             if resumed and before is not None and before.campaign_file != str(self.loaded.path):
                 self.warnings.append(
                     f"run {run.name} was started from {before.campaign_file}; this session "
@@ -759,6 +772,13 @@ class Runner:
         finally:
             if not driving:
                 await self._close_providers(opened[1], opened[0])
+
+    def _starting(self) -> None:
+        """``on_busy`` of the session's start: a stop ends the wait (nothing recorded), and so
+        does the cancellation of the task that waits for it."""
+        if self._given_up:
+            raise LockWaitAbandoned("cancelled")
+        self._not_stopped()
 
     def _not_stopped(self) -> None:
         """A stop before the session is recorded ends the command here: nothing was sent, and

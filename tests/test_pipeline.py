@@ -1495,3 +1495,69 @@ def test_run_campaign_in_a_running_event_loop_says_to_await_runner_execute(
     asyncio.run(application())
     gc.collect()
     assert provider.history == [] and not store_path.exists()
+
+
+_CANCELLED_IN_LOCK_WAIT = """
+import asyncio, sqlite3, sys, threading
+from pathlib import Path
+from campaign_cli.config import load_campaign
+from campaign_cli.pipeline import Runner, SendOptions, StopController
+from campaign_cli.store import runs
+from campaign_cli.testing import FakeClock, FakeProvider, fake_registry
+
+campaign, store = Path(sys.argv[1]), Path(sys.argv[2])
+entered, left = threading.Event(), threading.Event()
+real = runs.start_run
+
+def start_run(*args, **kwargs):
+    entered.set()
+    try:
+        return real(*args, **kwargs)
+    finally:
+        left.set()
+
+runs.start_run = start_run
+
+async def main():
+    runner = Runner(load_campaign(campaign, {}), store, SendOptions(run_key="k"),
+                    clock=FakeClock(), registry=fake_registry(FakeProvider()),
+                    stop=StopController())
+    task = asyncio.create_task(runner.execute())
+    while not entered.is_set():
+        await asyncio.sleep(0.01)
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    print("left" if left.is_set() else "still waiting", flush=True)
+
+holder = sqlite3.connect(store, isolation_level=None)  # another process's long write
+holder.execute("BEGIN IMMEDIATE")
+asyncio.run(main())
+holder.execute("ROLLBACK")
+holder.close()
+"""
+
+
+def test_cancelled_while_the_session_waits_for_the_store_s_write_lock(
+    make_campaign: CampaignFactory, store_path: Path, tmp_path: Path
+) -> None:
+    """`execute` cancelled (Ctrl-C in `asyncio.run` around `run_campaign`, an application's
+    timeout) while the session's start waits in a thread for another process's write lock: the
+    thread gives the wait up and is waited for before the store's connection is closed. Closed
+    under it, the interpreter crashed (a segmentation fault). In a child process, as a crash
+    would take the test run with it."""
+    import subprocess
+    import sys
+
+    campaign = make_campaign(people(3))
+    send(campaign, store_path, FakeProvider(), run_key="first")  # the store exists
+    script = tmp_path / "cancel.py"
+    script.write_text(_CANCELLED_IN_LOCK_WAIT, encoding="utf-8")
+    done = subprocess.run(
+        [sys.executable, str(script), str(campaign), str(store_path)], capture_output=True,
+        text=True, timeout=120, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    assert (done.returncode, done.stdout.strip(), done.stderr) == (0, "left", "")
+    assert [r[0] for r in query(store_path, "SELECT run_key FROM runs")] == ["first"]
