@@ -44,7 +44,7 @@ from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
 from types import MappingProxyType
-from typing import IO, TYPE_CHECKING, Any, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal, TypeVar
 
 from campaign_cli.addresses import address_hash
 from campaign_cli.clock import Clock, Stamper, SystemClock, iso
@@ -109,6 +109,8 @@ from campaign_cli.store.db import (
     rollback,
 )
 from campaign_cli.store.journal import JournalWriter
+
+_T = TypeVar("_T")
 
 if TYPE_CHECKING:
     from campaign_cli.providers.process import HttpProcess
@@ -620,7 +622,7 @@ class Runner:
                 now = iso(self.clock.now())
                 # In a thread, as it may read a long list and wait for another process's write
                 # lock: the loop stays free to take a Ctrl-C, which gives the import up.
-                await asyncio.to_thread(self._import_compliance_lists, store.conn, now)
+                await self._store_thread(self._import_compliance_lists, store.conn, now)
                 secret = store.setting("unsubscribe_secret") or ""
                 renderer = Renderer.compile(self.campaign, secret, source=self.loaded)
                 if self.options.retry_failed and runs.find_run(
@@ -675,7 +677,7 @@ class Runner:
             before = runs.find_run(store.conn, self.campaign.name, run_key)
             # In a thread: the wait for another process's write lock (up to LOCK_WAIT) leaves
             # the loop free to take a Ctrl-C, which ends the wait with nothing recorded.
-            starting = asyncio.ensure_future(asyncio.to_thread(
+            run, resumed = await self._store_thread(
                 runs.start_run,
                 store.conn,
                 campaign=self.campaign.name,
@@ -694,19 +696,7 @@ class Runner:
                 strategy=self.campaign.strategy,
                 reading=_reading(self.campaign),
                 on_busy=self._starting,
-            ))
-            try:
-                run, resumed = await asyncio.shield(starting)
-            except asyncio.CancelledError:
-                # The thread uses the store's connection, which is closed on the way out: closed
-                # under it, the interpreter crashes. It gives its wait up at its next try
-                # (GIVE_UP_TRY_MS) and is waited for, however often the caller cancels.
-                self._given_up = True
-                while not starting.done():
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await asyncio.wait({starting})
-                starting.exception()  # (the wait given up, or a run recorded as if killed)
-                raise
+            )
             if resumed and before is not None and before.campaign_file != str(self.loaded.path):
                 self.warnings.append(
                     f"run {run.name} was started from {before.campaign_file}; this session "
@@ -773,9 +763,25 @@ class Runner:
             if not driving:
                 await self._close_providers(opened[1], opened[0])
 
+    async def _store_thread(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        """``fn`` in a thread, on the store's connection, before the session starts. The
+        connection is closed on the way out, and closed under the thread the interpreter
+        crashes: a cancelled caller waits for the thread to end, however often it is cancelled
+        (``fn`` checks `_starting`, which then gives it up at its next check)."""
+        working = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
+        try:
+            return await asyncio.shield(working)
+        except asyncio.CancelledError:
+            self._given_up = True
+            while not working.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait({working})
+            working.exception()  # (given up, or done as if killed: the cancellation wins)
+            raise
+
     def _starting(self) -> None:
-        """``on_busy`` of the session's start: a stop ends the wait (nothing recorded), and so
-        does the cancellation of the task that waits for it."""
+        """``on_busy`` and ``check`` of the work before the session starts: a stop ends it
+        (nothing recorded), and so does the cancellation of the task that waits for it."""
         if self._given_up:
             raise LockWaitAbandoned("cancelled")
         self._not_stopped()
@@ -801,14 +807,14 @@ class Runner:
         for path in self.campaign.compliance.suppression_lists:
             result = suppression_store.import_csv(
                 conn, path, channel_default=None, reason="list", source=f"list:{path.name}",
-                default_region=region, now=now, check=self._not_stopped,
+                default_region=region, now=now, check=self._starting,
             )
             _refuse_unread_lines(path, result)
         for path in self.campaign.compliance.consent_records:
             result = consent_store.import_csv(
                 conn, path, channel_default=None, purpose_default=self.campaign.purpose.value,
                 source=f"list:{path.name}", default_region=region, now=now,
-                check=self._not_stopped,
+                check=self._starting,
             )
             _refuse_unread_lines(path, result)
 

@@ -1561,3 +1561,32 @@ def test_cancelled_while_the_session_waits_for_the_store_s_write_lock(
     )
     assert (done.returncode, done.stdout.strip(), done.stderr) == (0, "left", "")
     assert [r[0] for r in query(store_path, "SELECT run_key FROM runs")] == ["first"]
+
+
+def test_cancelled_while_a_campaign_s_own_opt_out_list_waits_for_the_store_s_write_lock(
+    make_campaign: CampaignFactory, store_path: Path, tmp_path: Path
+) -> None:
+    """As above, for the import of the campaign's own opt-out list (it runs in a thread before
+    the session starts, and waits for another process's write lock to copy its entries in):
+    cancelled there, the thread gives up and is waited for; nothing of the list is imported."""
+    import subprocess
+    import sys
+
+    (tmp_path / "optout.csv").write_text("address,channel\n+12012000002,sms\n")
+    campaign = make_campaign(people(3), compliance={"consent": "not_required",
+                                                    "suppression_lists": ["optout.csv"]})
+    send(make_campaign(people(3), file_name="plain.yaml"), store_path, FakeProvider(),
+         run_key="first")  # the store exists
+    script = tmp_path / "cancel.py"
+    script.write_text(_CANCELLED_IN_LOCK_WAIT.replace(
+        "from campaign_cli.store import runs", "from campaign_cli.store import suppressions"
+    ).replace("real = runs.start_run", "real = suppressions.insert_all").replace(
+        "def start_run(", "def insert_all(").replace(
+        "runs.start_run = start_run", "suppressions.insert_all = insert_all"), encoding="utf-8")
+    done = subprocess.run(
+        [sys.executable, str(script), str(campaign), str(store_path)], capture_output=True,
+        text=True, timeout=120, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    assert (done.returncode, done.stdout.strip(), done.stderr) == (0, "left", "")
+    assert query(store_path, "SELECT count(*) FROM suppressions") == [(0,)]
+    assert [r[0] for r in query(store_path, "SELECT run_key FROM runs")] == ["first"]
