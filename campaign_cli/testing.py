@@ -8,19 +8,25 @@
 * `FakeBatchProvider`: the same, taking batches (`send_batch`) as the local providers do; each
   batch is kept in ``batches``, and ``on_batch`` sees it before any of it is "sent".
 * `fake_registry`: a provider registry where every provider ``type`` is served by one FakeProvider.
+* `throwaway_store`: a new store in a temporary folder, removed (with its write-ahead log and run
+  locks) when the block ends.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import tempfile
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 from campaign_cli.errors import ProviderError
 from campaign_cli.models import Channel, OutboundMessage, SendResult
 from campaign_cli.providers.base import ProviderContext, ProviderRegistry
+from campaign_cli.store.db import Store
 
 Outcome = SendResult | BaseException
 Handler = Callable[[OutboundMessage], Outcome | None]
@@ -123,3 +129,16 @@ def fake_registry(provider: FakeProvider, *types: str) -> ProviderRegistry:
     for type_name in types or ("outbox", "console"):
         registry.register(type_name, factory)
     return registry
+
+
+@contextlib.contextmanager
+def throwaway_store() -> Iterator[Path]:
+    """The path of a new, empty store in a temporary folder, removed when the block ends::
+
+        with throwaway_store() as store:
+            report = run_campaign(load_campaign("campaigns/demo.yaml"), store, ...)
+    """
+    with tempfile.TemporaryDirectory(prefix="campaign-test-store-") as folder:
+        path = Path(folder) / "store.db"
+        Store.open(path).close()
+        yield path

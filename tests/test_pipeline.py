@@ -10,6 +10,7 @@ import os
 import re
 import socket
 import sqlite3
+import stat
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -1590,3 +1591,21 @@ def test_cancelled_while_a_campaign_s_own_opt_out_list_waits_for_the_store_s_wri
     assert (done.returncode, done.stdout.strip(), done.stderr) == (0, "left", "")
     assert query(store_path, "SELECT count(*) FROM suppressions") == [(0,)]
     assert [r[0] for r in query(store_path, "SELECT run_key FROM runs")] == ["first"]
+
+
+def test_a_throwaway_store_serves_a_user_s_test_and_leaves_nothing_behind(
+    make_campaign: CampaignFactory,
+) -> None:
+    """DESIGN section 2 promised `campaign_cli.testing` a throwaway store for users' own tests:
+    it had none (helper u2). One block: a store, a run on it, and nothing left afterwards."""
+    from campaign_cli.testing import throwaway_store
+
+    campaign = load_campaign(make_campaign(people(3)), {})
+    provider = FakeProvider()
+    with throwaway_store() as store:
+        assert store.exists() and stat.S_IMODE(store.stat().st_mode) == 0o600
+        report = run_campaign(campaign, store, SendOptions(run_key="k"), clock=FakeClock(),
+                              registry=fake_registry(provider))
+        assert report.counts == {"sent": 3} and len(provider.accepted) == 3
+        assert [r["state"] for r in journal(store)] == ["sent"] * 3
+    assert not store.parent.exists()
