@@ -518,6 +518,53 @@ def test_a_reader_child_that_crashes_says_why_in_one_line(tmp_path: Path) -> Non
 # -- another process's long write (a big `suppress import`) around a run ------------------------
 
 
+class _LoopStop(StopController):
+    """A stop delivered as a signal's handler delivers it: on the run's loop (`loop`)."""
+
+    loop: asyncio.AbstractEventLoop | None = None
+
+    def bind(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        super().bind()
+
+
+def _ctrl_c_once_the_run_waits(
+    store_path: Path, monkeypatch: pytest.MonkeyPatch, times: int
+) -> tuple[_LoopStop, _LockHolder]:
+    """A stop for the run, and another process's long write (`_LockHolder`, 200 tries of 20 ms:
+    4 s, once taken) whose lock the run finds taken: Ctrl-C pressed ``times`` times, on the run's
+    loop, the first time the run waits for it."""
+    stop = _LoopStop()
+    holder = _LockHolder(store_path, monkeypatch, times=200)
+    counting = db.is_busy
+
+    def busy_then_ctrl_c(exc: sqlite3.OperationalError) -> bool:
+        if holder.met == 0 and stop.loop is not None:
+            for _ in range(times):
+                stop.loop.call_soon_threadsafe(stop.request)
+        return counting(exc)
+
+    monkeypatch.setattr(db, "is_busy", busy_then_ctrl_c)
+    return stop, holder
+
+
+def _stopped_at_once_while_locked(
+    campaign: Path, store_path: Path, options: SendOptions, provider: FakeProvider,
+    stop: StopController, holder: _LockHolder,
+) -> None:
+    """Run the campaign, which a second Ctrl-C ends while ``holder`` still holds the store's
+    write lock: exit 130 at once, saying that the session's end is not recorded."""
+    try:
+        report = run_campaign(load_campaign(campaign, {}), store_path, options,
+                              clock=FakeClock(), registry=fake_registry(provider), stop=stop)
+        assert not holder.released.is_set()  # it ended while the other write still went on
+    finally:
+        holder.times = 0
+        holder.close()
+    assert report.exit_code == ExitCode.INTERRUPTED
+    assert any("session's end is not recorded" in w for w in report.warnings)
+
+
 class _LockHolder:
     """Another connection that holds the store's write lock, as a long import does, until the
     run has found it taken ``times`` times (each a busy timeout): a condition, not a sleep."""
@@ -618,27 +665,10 @@ def test_a_stop_while_the_run_waits_for_another_process_s_write_lock_ends_the_wa
     the signal's handler only ran after it, and the run then recorded a session and exited 130.
     It ends the wait: exit 130, nothing sent or recorded, the other write still going on."""
     from campaign_cli.errors import StoppedBeforeStart
-    from campaign_cli.pipeline import StopController
-
-    class LoopStop(StopController):  # a stop delivered as a signal's handler is: on the loop
-        loop: asyncio.AbstractEventLoop | None = None
-
-        def bind(self) -> None:
-            self.loop = asyncio.get_running_loop()
-            super().bind()
 
     campaign = make_campaign(people(30))
     Store.open(store_path).close()
-    stop = LoopStop()
-    holder = _LockHolder(store_path, monkeypatch, times=200)  # 200 tries of 20 ms: 4 s
-    counting = db.is_busy
-
-    def busy_then_stop(exc: sqlite3.OperationalError) -> bool:
-        if holder.met == 0 and stop.loop is not None:
-            stop.loop.call_soon_threadsafe(stop.request)  # Ctrl-C, once the run waits
-        return counting(exc)
-
-    monkeypatch.setattr(db, "is_busy", busy_then_stop)
+    stop, holder = _ctrl_c_once_the_run_waits(store_path, monkeypatch, times=1)
     holder.take()
     try:
         with pytest.raises(StoppedBeforeStart):
@@ -750,16 +780,8 @@ def test_a_second_stop_ends_the_run_at_once_while_another_process_holds_the_stor
             stop.request()
 
     provider = FakeProvider(handler=two_ctrl_c_while_locked)
-    try:
-        report = run_campaign(load_campaign(campaign, {}), store_path,
-                              SendOptions(run_key="k", chunk_size=20), clock=FakeClock(),
-                              registry=fake_registry(provider), stop=stop)
-        assert not holder.released.is_set()  # it ended while the other write still went on
-    finally:
-        holder.times = 0
-        holder.close()
-    assert report.exit_code == ExitCode.INTERRUPTED
-    assert any("session's end is not recorded" in w for w in report.warnings)
+    _stopped_at_once_while_locked(campaign, store_path, SendOptions(run_key="k", chunk_size=20),
+                                  provider, stop, holder)
     assert len(provider.accepted) < total
     first = len(provider.accepted)
 
@@ -795,14 +817,7 @@ def test_a_stop_while_a_campaign_s_own_opt_out_list_is_imported_gives_the_import
         handle.writelines(f"+1415555{i:04d},sms\n" for i in range(lines))
     campaign = make_campaign(people(3), compliance={"consent": "not_required",
                                                     "suppression_lists": ["optout.csv"]})
-    loop_of_run: list[asyncio.AbstractEventLoop] = []
-
-    class LoopStop(StopController):  # a stop delivered as a signal's handler is: on the loop
-        def bind(self) -> None:
-            loop_of_run.append(asyncio.get_running_loop())
-            super().bind()
-
-    stop = LoopStop()
+    stop = _LoopStop()
     real = suppression_store.normalize_for
     calls = 0
 
@@ -810,7 +825,8 @@ def test_a_stop_while_a_campaign_s_own_opt_out_list_is_imported_gives_the_import
         nonlocal calls
         calls += 1
         if calls == lines // 2:
-            loop_of_run[0].call_soon_threadsafe(stop.request)
+            assert stop.loop is not None
+            stop.loop.call_soon_threadsafe(stop.request)
             deadline = time.monotonic() + 30  # the loop takes the signal, unless blocked
             while not stop.stopping and time.monotonic() < deadline:
                 time.sleep(0.001)
@@ -837,27 +853,10 @@ def test_ctrl_c_twice_while_the_session_s_end_waits_for_another_process_s_lock_s
     test asks for the stop before the wait, from the loop). The wait is in a thread now."""
     from campaign_cli.policy import Policy
 
-    class LoopStop(StopController):  # a stop delivered as a signal's handler is: on the loop
-        loop: asyncio.AbstractEventLoop | None = None
-
-        def bind(self) -> None:
-            self.loop = asyncio.get_running_loop()
-            super().bind()
-
     total = 30
     campaign = make_campaign(people(total))
     Store.open(store_path).close()
-    stop = LoopStop()
-    holder = _LockHolder(store_path, monkeypatch, times=200)  # 200 tries of 20 ms: 4 s
-    counting = db.is_busy
-
-    def busy_then_two_ctrl_c(exc: sqlite3.OperationalError) -> bool:
-        if holder.met == 0 and stop.loop is not None:
-            stop.loop.call_soon_threadsafe(stop.request)  # Ctrl-C twice, once the run waits
-            stop.loop.call_soon_threadsafe(stop.request)
-        return counting(exc)
-
-    monkeypatch.setattr(db, "is_busy", busy_then_two_ctrl_c)
+    stop, holder = _ctrl_c_once_the_run_waits(store_path, monkeypatch, times=2)
     real_close = Policy.close
 
     def close_then_another_writes(policy: Policy) -> None:
@@ -866,16 +865,8 @@ def test_ctrl_c_twice_while_the_session_s_end_waits_for_another_process_s_lock_s
 
     monkeypatch.setattr(Policy, "close", close_then_another_writes)
     provider = FakeProvider()
-    try:
-        report = run_campaign(load_campaign(campaign, {}), store_path,
-                              SendOptions(run_key="k"), clock=FakeClock(),
-                              registry=fake_registry(provider), stop=stop)
-        assert not holder.released.is_set()  # it ended while the other write still went on
-    finally:
-        holder.times = 0
-        holder.close()
-    assert report.exit_code == ExitCode.INTERRUPTED
-    assert any("session's end is not recorded" in w for w in report.warnings)
+    _stopped_at_once_while_locked(campaign, store_path, SendOptions(run_key="k"), provider, stop,
+                                  holder)
     monkeypatch.undo()
     resumed = run_campaign(load_campaign(campaign, {}), store_path, SendOptions(run_key="k"),
                            clock=FakeClock(), registry=fake_registry(FakeProvider()))
