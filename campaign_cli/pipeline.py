@@ -729,24 +729,8 @@ class Runner:
                     f"an earlier session is lowered to the campaign file's "
                     f"{from_micros(kept)} (give --max-spend {from_micros(had)} to keep it)"
                 )
-            # One transaction that waits out another process's long write (up to LOCK_WAIT),
-            # as the journal writer does: SQLite's busy timeout alone would fail the session.
-            with suppression_store.write_transaction(store.conn):
-                runs.mark_in_doubt(store.conn, run.id, now)
-                if self.options.retry_failed:
-                    self.retried = runs.reopen_transient_failures(store.conn, run.id, now,
-                                                                self.options.limit)
-                for states in runs.counts(store.conn, run.id).values():
-                    self._baseline.update(states)
-                # In doubt at the start of this session: left `sending` by one that died just
-                # now, or recorded in doubt earlier (an unanswered send, a skipped resend).
-                in_doubt_found = self._baseline[_IN_DOUBT]
-                self._max_row_start = _max_row(store.conn, run.id)
-                # A smaller --limit than an earlier session's does not unjournal rows: they
-                # count.
-                total_rows = max(total_rows, self._max_row_start)
-                runs.begin_session(store.conn, run.id, total_rows=total_rows,
-                                   in_doubt_found=in_doubt_found)
+            in_doubt_found, total_rows = await self._store_thread(
+                self._begin_session, store.conn, run, now, total_rows)
             committed = runs.committed_spend(store.conn, run.id)
             start_row = _first_open_row(store.conn, run.id)
             policy = Policy(
@@ -762,6 +746,40 @@ class Runner:
         finally:
             if not driving:
                 await self._close_providers(opened[1], opened[0])
+
+    def _begin_session(self, conn: sqlite3.Connection, run: runs.RunRecord, now: str,
+                       total_rows: int) -> tuple[int, int]:
+        """The session's first transaction (blocking: `_store_thread`): what the run finds at
+        its start. It waits out another process's long write (up to LOCK_WAIT), as the journal
+        writer does: SQLite's busy timeout alone would fail the session. A stop meanwhile ends
+        the command as if it had been killed here (the run recorded, nothing sent).
+        Returns (rows in doubt found, total rows)."""
+        with suppression_store.write_transaction(conn, self._starting_session):
+            runs.mark_in_doubt(conn, run.id, now)
+            if self.options.retry_failed:
+                self.retried = runs.reopen_transient_failures(conn, run.id, now,
+                                                            self.options.limit)
+            for states in runs.counts(conn, run.id).values():
+                self._baseline.update(states)
+            # In doubt at the start of this session: left `sending` by one that died just
+            # now, or recorded in doubt earlier (an unanswered send, a skipped resend).
+            in_doubt_found = self._baseline[_IN_DOUBT]
+            self._max_row_start = _max_row(conn, run.id)
+            # A smaller --limit than an earlier session's does not unjournal rows: they count.
+            total_rows = max(total_rows, self._max_row_start)
+            runs.begin_session(conn, run.id, total_rows=total_rows,
+                               in_doubt_found=in_doubt_found)
+        return in_doubt_found, total_rows
+
+    def _starting_session(self) -> None:
+        """``on_busy`` of the session's first transaction: the run is recorded by then, so a
+        stop leaves it as a killed process would (it resumes the same way)."""
+        if self._given_up:
+            raise LockWaitAbandoned("cancelled")
+        if self.stop.stopping:
+            raise StoppedBeforeStart(
+                "stopped as the run started, while another process held the store's write "
+                "lock: nothing was sent; the same command resumes it")
 
     async def _store_thread(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
         """``fn`` in a thread, on the store's connection, before the session starts. The

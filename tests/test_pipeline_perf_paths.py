@@ -872,3 +872,43 @@ def test_ctrl_c_twice_while_the_session_s_end_waits_for_another_process_s_lock_s
                            clock=FakeClock(), registry=fake_registry(FakeProvider()))
     assert resumed.exit_code == ExitCode.OK
     assert Counter(r["state"] for r in journal(store_path)) == {"sent": total}
+
+
+def test_a_stop_while_the_session_s_first_transaction_waits_for_the_lock_ends_the_wait(
+    make_campaign: CampaignFactory, store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Right after the run is recorded, the session's first transaction (in-doubt rows, the
+    session's counts) waited for another process's long write on the event loop's thread: a
+    Ctrl-C was not seen until that write ended (helpers u1 and u2). It waits in a thread now and
+    a stop ends it: exit 130, nothing sent, the run left as a killed process leaves it, and the
+    same command resumes it."""
+    from campaign_cli.errors import StoppedBeforeStart
+    from campaign_cli.store import runs as runs_module
+
+    campaign = make_campaign(people(5))
+    Store.open(store_path).close()
+    stop, holder = _ctrl_c_once_the_run_waits(store_path, monkeypatch, times=1)
+    real_start_run = runs_module.start_run
+
+    def start_run_then_another_writes(*args: Any, **kwargs: Any) -> Any:
+        started = real_start_run(*args, **kwargs)
+        holder.take()  # the run is recorded; another process's long write starts
+        return started
+
+    monkeypatch.setattr(runs_module, "start_run", start_run_then_another_writes)
+    provider = FakeProvider()
+    try:
+        with pytest.raises(StoppedBeforeStart, match="stopped as the run started"):
+            run_campaign(load_campaign(campaign, {}), store_path, SendOptions(run_key="k"),
+                         clock=FakeClock(), registry=fake_registry(provider), stop=stop)
+        assert not holder.released.is_set()  # it did not wait for the other write to end
+    finally:
+        holder.times = 0
+        holder.close()
+    assert provider.history == [] and journal(store_path) == []
+    assert query(store_path, "SELECT status FROM runs") == [("running",)]
+    monkeypatch.undo()
+    resumed = run_campaign(load_campaign(campaign, {}), store_path, SendOptions(run_key="k"),
+                           clock=FakeClock(), registry=fake_registry(FakeProvider()))
+    assert resumed.exit_code == ExitCode.OK and resumed.resumed
+    assert resumed.counts == {"sent": 5}
