@@ -37,7 +37,6 @@ import hashlib
 import random
 import sqlite3
 import tempfile
-import threading
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -568,7 +567,7 @@ class Runner:
         self._max_row_start = 0
         self._admitting: set[asyncio.Future[_Ready | None]] = set()
         self._sentinels: asyncio.Task[None] | None = None  # queued by a source that failed
-        self._given_up = False  # the session's start was cancelled while it waited
+        self._given_up = False  # the caller cancelled while a store thread (`_store_thread`) ran
         self.retried = 0
         self._stamp = Stamper(clock).now
 
@@ -782,10 +781,11 @@ class Runner:
                 "lock: nothing was sent; the same command resumes it")
 
     async def _store_thread(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
-        """``fn`` in a thread, on the store's connection, before the session starts. The
-        connection is closed on the way out, and closed under the thread the interpreter
-        crashes: a cancelled caller waits for the thread to end, however often it is cancelled
-        (``fn`` checks `_starting`, which then gives it up at its next check)."""
+        """``fn`` in a thread, on the store's connection. The connection is closed on the way
+        out, and closed under the thread the interpreter crashes: a cancelled caller waits for
+        the thread to end, however often it is cancelled (``fn`` checks `_given_up`, through
+        `_starting`, `_starting_session` or `_unless_stopped_at_once`, and gives up at its next
+        check)."""
         working = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
         try:
             return await asyncio.shield(working)
@@ -976,27 +976,17 @@ class Runner:
         handler from running, so the immediate stop that gives it up was never seen. A
         cancelled task gives the wait up too, and leaves the connection only once the thread
         is done with it."""
-        cancelled = threading.Event()
-
-        def on_busy() -> None:
-            if cancelled.is_set():
-                raise LockWaitAbandoned("cancelled")
-            self._unless_stopped_at_once()
-
-        waiting = asyncio.ensure_future(asyncio.to_thread(
-            begin_immediate, conn, on_busy=on_busy, short_tries=True))
         try:
-            await asyncio.shield(waiting)
+            await self._store_thread(begin_immediate, conn, on_busy=self._unless_stopped_at_once,
+                                     short_tries=True)
         except asyncio.CancelledError:
-            cancelled.set()
-            await asyncio.gather(waiting, return_exceptions=True)
-            rollback(conn)
+            rollback(conn)  # (the thread may have begun it as the cancellation came)
             raise
 
     def _unless_stopped_at_once(self) -> None:
-        """``on_busy`` for the session's last transaction: an immediate stop gives up waiting
-        for another process's write lock."""
-        if self.stop.requests >= 2:
+        """``on_busy`` for the session's last transaction: an immediate stop (or the caller's
+        cancellation) gives up waiting for another process's write lock."""
+        if self._given_up or self.stop.requests >= 2:
             raise LockWaitAbandoned("stopped at once")
 
     def _outcome(self, failed: int) -> tuple[ExitCode, str, str | None]:

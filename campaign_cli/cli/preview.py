@@ -13,7 +13,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from campaign_cli.cli.context import EXIT_CODES, app_context, command
-from campaign_cli.cli.send import _STOP_SIGNALS
+from campaign_cli.cli.send import STOP_SIGNALS
 from campaign_cli.cli.suppress import JsonOpt
 from campaign_cli.config import load_campaign
 from campaign_cli.models import (
@@ -100,7 +100,7 @@ def _stopped_by_signals(stop: StopController) -> Iterator[None]:
             raise KeyboardInterrupt from None
         loop.call_soon_threadsafe(lambda: None)  # wake the loop to see the stop
 
-    previous = {sig: signal.getsignal(sig) for sig in _STOP_SIGNALS}
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     for sig, handler in previous.items():
         if handler != signal.SIG_IGN:
             signal.signal(sig, on_signal)

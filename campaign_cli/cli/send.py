@@ -127,7 +127,7 @@ def _command(app: AppContext, campaign_file: Path, recipients: Path | None, dry_
              grace: float, single_process: bool = False) -> None:
     """`send` and `validate`: the run, the not-started JSON when it cannot start, and the
     signal handlers as they were on the way out."""
-    previous = {sig: signal.getsignal(sig) for sig in _STOP_SIGNALS}
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     try:
         _send(app, campaign_file, recipients, dry_run, limit, run_key, rate, max_spend,
               as_json, yes, retry_failed, grace, single_process)
@@ -209,7 +209,7 @@ def _send(app: AppContext, campaign_file: Path, recipients: Path | None, dry_run
             # A signal this process was started ignoring stays ignored: `nohup campaign send
             # ... &` asked for the run to outlive a closed terminal (SIGHUP), and a background
             # job of a script ignores SIGINT. SIGTERM and the others stop it as usual.
-            watched = [sig for sig in _STOP_SIGNALS if signal.getsignal(sig) != signal.SIG_IGN]
+            watched = [sig for sig in STOP_SIGNALS if signal.getsignal(sig) != signal.SIG_IGN]
             for sig in watched:
                 loop.add_signal_handler(sig, on_signal, sig)
             try:
@@ -314,7 +314,7 @@ def print_not_started(ctx: typer.Context, message: str, exit_code: int, *,
 
 # Ctrl-C, `kill`/a supervisor, and a terminal or SSH session that went away: each stops the run
 # gracefully (in-flight sends finish; resumable), never mid-send.
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def _parse_money(text: str | None) -> Decimal | None:

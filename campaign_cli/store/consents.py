@@ -239,8 +239,8 @@ def _insert(
     now: str,
 ) -> bool:
     cursor = conn.execute(
-        "INSERT OR IGNORE INTO consents (address_hash, address, channel, purpose, status, "
-        "source, recorded_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        f"INSERT OR IGNORE INTO consents ({', '.join(_COLUMNS_IN)}) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         (hashed, address, channel, purpose, status, source, recorded_at, now),
     )
     return cursor.rowcount == 1

@@ -10,12 +10,13 @@ migrations than this one knows) is refused rather than misread.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import secrets
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -324,9 +325,16 @@ MAX_PARAMS = 500
 T = TypeVar("T")
 
 
-def batched(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+def batched(items: Iterable[T], size: int) -> Iterator[Sequence[T]]:
+    """``items`` in runs of ``size`` (the last one shorter): slices of a sequence, lists read
+    from any other iterable (a file being read) as they fill."""
+    if isinstance(items, Sequence):
+        for start in range(0, len(items), size):
+            yield items[start : start + size]
+        return
+    it = iter(items)
+    while batch := list(itertools.islice(it, size)):
+        yield batch
 
 
 def insert_rows(conn: sqlite3.Connection, head: str, rows: Sequence[Sequence[Any]]) -> None:
@@ -422,6 +430,14 @@ def is_busy(exc: sqlite3.OperationalError) -> bool:
     return "locked" in str(exc) or "busy" in str(exc)
 
 
+def is_disk_full(exc: sqlite3.Error) -> bool:
+    """The disk SQLite was writing to (the store's, or its temporary folder's) is full."""
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+; maybe an extended code
+    if isinstance(code, int):
+        return (code & 0xFF) == 13  # SQLITE_FULL
+    return "disk is full" in str(exc)
+
+
 def is_read_only(exc: sqlite3.Error) -> bool:
     """SQLite opened the store read-only (it does so silently when the file cannot be opened
     for writing: its mode, an immutable file, a read-only file system) and a write was refused."""
@@ -443,8 +459,7 @@ def refused_write(path: Path, exc: sqlite3.Error) -> StoreError | None:
     store, a full disk: the transaction is rolled back); None for any other error."""
     if is_read_only(exc):
         return read_only_error(path)
-    code = getattr(exc, "sqlite_errorcode", None)
-    if (code & 0xFF) == 13 if isinstance(code, int) else "disk is full" in str(exc):
+    if is_disk_full(exc):
         return StoreError(f"{path}: the store's disk is full: nothing was written; free some "
                           "space and try again")
     return None

@@ -39,7 +39,14 @@ from campaign_cli.addresses import (
 )
 from campaign_cli.errors import InputError, StoreError
 from campaign_cli.models import Channel
-from campaign_cli.store.db import MAX_PARAMS, batched, begin_immediate, rollback, sql_limit
+from campaign_cli.store.db import (
+    MAX_PARAMS,
+    batched,
+    begin_immediate,
+    is_disk_full,
+    rollback,
+    sql_limit,
+)
 
 #: Channels a suppression or a consent record may name: every channel, or all of them at once.
 CHANNELS: tuple[str, ...] = tuple(c.value for c in Channel) + ("all",)
@@ -135,7 +142,7 @@ def insert_all(
     marks = ", ".join("?" * len(columns))
     if conn.in_transaction:
         added = total = 0
-        for batch in _chunks(rows):
+        for batch in batched(rows, STAGE_BATCH):
             if check is not None:
                 check()
             before = conn.total_changes
@@ -149,15 +156,14 @@ def insert_all(
     try:
         total = 0
         try:
-            for batch in _chunks(rows):
+            for batch in batched(rows, STAGE_BATCH):
                 if check is not None:
                     check()
                 conn.executemany(f"INSERT INTO {stage} ({names}) VALUES ({marks})", batch)
                 total += len(batch)
         except sqlite3.OperationalError as exc:
             # The staged rows spill to SQLite's temporary folder, not to the store's disk.
-            code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
-            if not ((code & 0xFF) == 13 if isinstance(code, int) else "disk is full" in str(exc)):
+            if not is_disk_full(exc):
                 raise
             raise StoreError(
                 f"SQLite's temporary folder {sqlite_temp_folder()} is full: nothing was "
@@ -189,17 +195,6 @@ def sqlite_temp_folder() -> str:
         if folder and os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK):
             return folder
     return "."
-
-
-def _chunks(rows: Iterable[Sequence[Any]]) -> Iterator[list[Sequence[Any]]]:
-    batch: list[Sequence[Any]] = []
-    for row in rows:
-        batch.append(row)
-        if len(batch) >= STAGE_BATCH:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 @contextlib.contextmanager
@@ -649,11 +644,7 @@ def import_csv(
                         hashed = address_hash(address)
                     yield hashed, address, channel, row_reason, entry_source, now
 
-        added, already = insert_all(
-            conn, "suppressions",
-            ("address_hash", "address", "channel", "reason", "source", "created_at"), entries(),
-            check,
-        )
+        added, already = insert_all(conn, "suppressions", _FIELDS[1:], entries(), check)
     return ImportResult(added, already, invalid.kept, invalid.total)
 
 
