@@ -36,7 +36,6 @@ import functools
 import hashlib
 import random
 import sqlite3
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -97,13 +96,14 @@ from campaign_cli.recipients import (
 )
 from campaign_cli.render.engine import Renderer, RenderError, content_hash, cost_of
 from campaign_cli.store import consents as consent_store
-from campaign_cli.store import runs
+from campaign_cli.store import runs, snapshot
 from campaign_cli.store import suppressions as suppression_store
 from campaign_cli.store.db import (
     LockWaitAbandoned,
     Store,
     begin_immediate,
     connect,
+    is_disk_full,
     refused_write,
     rollback,
 )
@@ -113,6 +113,9 @@ _T = TypeVar("_T")
 
 if TYPE_CHECKING:
     from campaign_cli.providers.process import HttpProcess
+
+#: The folder a dry run copies the store into: ``campaign-dry-run-XXXX`` in the temporary folder.
+DRY_RUN_FOLDER = "campaign-dry-run-"
 
 #: States counted as "sent" in progress displays (the provider accepted the message).
 SENT_STATES = frozenset({State.SENT, State.DELIVERED, State.UNDELIVERED, State.BOUNCED})
@@ -602,16 +605,18 @@ class Runner:
                 f"--run-key {run_key!r}: use letters, digits, '.', '_', '-' (at most 100)"
             )
 
-        tmp: tempfile.TemporaryDirectory[str] | None = None
+        private = contextlib.ExitStack()  # the dry run's own folder, if it makes one
         store_path = self.store_path
-        if self.options.dry_run and self.options.dry_run_store is not None:
-            store_path = _snapshot_store(self.store_path, self.options.dry_run_store)
-        elif self.options.dry_run:
-            tmp = tempfile.TemporaryDirectory(prefix="campaign-dry-run-")
+        if self.options.dry_run:
             try:
-                store_path = _snapshot_store(self.store_path, Path(tmp.name) / "dry-run.db")
+                target = self.options.dry_run_store
+                if target is None:
+                    folder = private.enter_context(snapshot.private_folder(DRY_RUN_FOLDER))
+                    target = folder / "dry-run.db"
+                store_path = _snapshot_store(self.store_path, target, self.campaign.name,
+                                             run_key)
             except BaseException:
-                tmp.cleanup()
+                private.close()
                 raise
         lock: runs.RunLock | None = None
         opened: tuple[HttpProcess | None, dict[Channel, list[_Route]]] | None = None
@@ -660,8 +665,7 @@ class Runner:
         finally:
             if lock is not None:
                 lock.release()
-            if tmp is not None:
-                tmp.cleanup()
+            private.close()
 
     async def _session(
         self, store: Store, opened: tuple[HttpProcess | None, dict[Channel, list[_Route]]],
@@ -2263,21 +2267,23 @@ def _max_row(conn: sqlite3.Connection, run_id: int) -> int:
     return 0 if row[0] is None else int(row[0])
 
 
-def _snapshot_store(source: Path, target: Path) -> Path:
-    """A private copy of the store for a dry run: the real one is only read. A file that is not
-    a store, or a newer program's, is refused here, under its own name (not the copy's)."""
-    if source.exists():
-        src = connect(source, readonly=True)
-        try:
-            dst = sqlite3.connect(target)
-            try:
-                src.backup(dst)
-            except sqlite3.DatabaseError as exc:
-                raise StoreError(f"{source}: not a usable campaign store: {exc}") from None
-            finally:
-                dst.close()
-        finally:
-            src.close()
+def _snapshot_store(source: Path, target: Path, campaign: str, run_key: str) -> Path:
+    """A private copy of what a dry run of run (``campaign``, ``run_key``) reads
+    (`snapshot.copy_for_dry_run`): the real store is only read. A file that is not a store, or a
+    newer program's, is refused here, under its own name (not the copy's)."""
+    if not source.exists():
+        return target
+    connect(source, readonly=True).close()  # a store this program can read, or its own error
+    try:
+        snapshot.copy_for_dry_run(source, target, campaign, run_key)
+    except sqlite3.DatabaseError as exc:
+        if is_disk_full(exc):
+            raise StoreError(f"{target.parent}: no room for the dry run's copy of the "
+                             f"store: {exc}") from None
+        raise StoreError(f"{source}: not a usable campaign store: {exc}") from None
+    except OSError as exc:
+        raise StoreError(f"{target}: cannot make the dry run's copy of the store: "
+                         f"{exc.strerror}") from None
     return target
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,9 +25,11 @@ from campaign_cli.models import FINAL_STATES, Channel, Content, Recipient, State
 from campaign_cli.pipeline import SendOptions, StopController, TooFewRows, run_campaign
 from campaign_cli.recipients import RecipientSpec, iter_recipient_chunks
 from campaign_cli.render.engine import Renderer, RenderError
-from campaign_cli.store import runs
+from campaign_cli.store import runs, snapshot
 from campaign_cli.store.db import Store, connect
 
+#: The folder a preview's dry run copies the store into, in the temporary folder.
+PREVIEW_FOLDER = "campaign-preview-"
 #: What the dry run's journal calls a message it would send.
 WOULD_SEND = "send"
 _DECIDED = frozenset(s.value for s in FINAL_STATES - {State.IN_DOUBT})
@@ -79,8 +80,8 @@ def preview_row(
     if row < 1:
         raise UsageError("--row must be at least 1")
     campaign = loaded.campaign
-    with tempfile.TemporaryDirectory(prefix="campaign-preview-") as tmp:
-        private = Path(tmp) / "preview.db"
+    with snapshot.private_folder(PREVIEW_FOLDER) as folder:
+        private = folder / "preview.db"
         path = recipients or campaign.recipients.file
         try:
             # (A row past the end is refused once the file is counted, before the dry run.)

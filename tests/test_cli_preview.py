@@ -205,9 +205,9 @@ def test_a_row_past_the_end_is_refused_before_any_row_is_dry_run(
     snapshots: list[Path] = []
     real = pipeline_module._snapshot_store
 
-    def snapshot(source: Path, target: Path) -> Path:
+    def snapshot(source: Path, target: Path, campaign: str, run_key: str) -> Path:
         snapshots.append(target)
-        return real(source, target)
+        return real(source, target, campaign, run_key)
 
     monkeypatch.setattr(pipeline_module, "_snapshot_store", snapshot)
     code, out, err = invoke(tmp_path / "store.db", "preview", str(demo), "--row", "5000000")

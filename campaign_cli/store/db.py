@@ -516,7 +516,7 @@ def connect(
         try:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
         except sqlite3.OperationalError as exc:
-            if not _cannot_open_wal_index(path, exc):
+            if not cannot_open_wal_index(path, exc):
                 raise
             # In a folder this user may not write (a read-only mount, a snapshot) SQLite cannot
             # create the WAL's index (-shm) it reads through. A store closed cleanly has all
@@ -548,7 +548,7 @@ def connect(
     return conn
 
 
-def _cannot_open_wal_index(path: Path, exc: sqlite3.OperationalError) -> bool:
+def cannot_open_wal_index(path: Path, exc: sqlite3.OperationalError) -> bool:
     """SQLite could not open the store (SQLITE_CANTOPEN), though it exists, and no write-ahead log
     with data is beside it (its -shm is what could not be made)."""
     code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+; maybe an extended code
