@@ -585,6 +585,14 @@ class Runner:
         return Path(path)
 
     async def execute(self) -> RunReport:
+        """The run, in the caller's event loop (`run_campaign` is the blocking form).
+
+        To stop it as Ctrl-C does (intake stops, messages in flight finish, the session's end is
+        recorded, exit 130 in the report), call ``stop.request()``. Cancelling the task instead
+        ends it as a killed process ends: its workers and child processes are stopped and the
+        connections closed, but the run stays ``running`` in the store and rows caught mid-send
+        stay ``sending``, until the next session of the run (the same campaign and run key)
+        finds them in doubt (DESIGN.md section 4)."""
         self.stop.bind()
         started_mono = self.clock.monotonic()
         spec = RecipientSpec.from_config(self.campaign, self._recipients_path())
