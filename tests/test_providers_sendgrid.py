@@ -300,13 +300,23 @@ def test_too_many_requests_rate_limit_reset() -> None:
     assert type(exc) is RateLimitedError and exc.retry_after == 20.0
 
 
-@pytest.mark.parametrize("reset", [b"\xb2", b"-1", b"12.5", b"later"])
+@pytest.mark.parametrize("reset", [b"\xb2", b"-1", b"12.5", b"later", b"9" * 400])
 def test_too_many_requests_with_a_garbled_rate_limit_reset(reset: bytes) -> None:
     """A reset that is not epoch seconds is no hint; b"\\xb2" reads as "\u00b2", which passes
-    str.isdigit but not int(), and crashed the parse (exit 1, the refused message in doubt)."""
+    str.isdigit but not int(), and crashed the parse (exit 1, the refused message in doubt).
+    So did 400 digits: an int too large to subtract a float from (OverflowError)."""
     body = errors(429, "too many requests").content
     exc = failure(Recorder(httpx.Response(429, content=body,
                                           headers=[(b"X-RateLimit-Reset", reset)])))
+    assert type(exc) is RateLimitedError and exc.retry_after is None
+
+
+def test_too_many_requests_retry_after_date_out_of_range() -> None:
+    """An HTTP date with a year past a C long raised OverflowError from the date parser, which
+    crashed the parse (exit 1, the refused message in doubt): no hint, as other garbage is."""
+    when = "Mon, 1 Jan 100000000000000000000 00:00:00 GMT"
+    exc = failure(Recorder(errors(429, "too many requests", headers={"Retry-After": when})),
+                  clock=FakeClock())
     assert type(exc) is RateLimitedError and exc.retry_after is None
 
 

@@ -302,12 +302,14 @@ def test_too_many_requests_without_retry_after() -> None:
     assert exc.retry_after is None
 
 
-@pytest.mark.parametrize("value", [b"\xb2", b"\xb9\xb3", b"-5", b"1.5", b"soon", b""])
+@pytest.mark.parametrize("value", [b"\xb2", b"\xb9\xb3", b"-5", b"1.5", b"soon", b"",
+                                   b"Mon, 1 Jan 100000000000000000000 00:00:00 GMT"])
 def test_a_retry_after_that_is_not_delta_seconds_or_a_date_is_ignored(value: bytes) -> None:
     """Garbage is no hint (the backoff's own jitter applies). b"\\xb2" reads as "\u00b2" (httpx
     decodes such a header as latin-1), which passes str.isdigit but not float(): it crashed the
     parse with a ValueError, which stopped the run with exit 1 and left a message Twilio had
-    refused in doubt."""
+    refused in doubt. An HTTP date whose year does not fit a C long raised OverflowError from
+    the date parser, to the same effect."""
     answer = error(429, 20429, "Too Many Requests")
     answer = httpx.Response(429, content=answer.content,
                             headers=[(b"Content-Type", b"application/json"),

@@ -65,7 +65,7 @@ def retry_after(headers: Mapping[str, str], now: datetime | None = None) -> floa
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # a year past a C long: OverflowError
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=timezone.utc)

@@ -223,4 +223,7 @@ def _reset_in(headers: httpx.Headers, now: datetime | None) -> float | None:
         return None
     if now is None:
         now = datetime.now(timezone.utc)
-    return max(0.0, int(value) - now.timestamp())
+    try:
+        return max(0.0, int(value) - now.timestamp())
+    except OverflowError:  # an int too large to take a float from: no hint
+        return None
