@@ -2295,14 +2295,16 @@ def _snapshot_store(source: Path, target: Path, campaign: str, run_key: str) -> 
     return target
 
 
-def run_status(conn: sqlite3.Connection, run: runs.RunRecord) -> RunReport:
-    """A run's report from the store alone (for `campaign status`), same shape as a send's."""
+def run_status(conn: sqlite3.Connection, run: runs.RunRecord,
+               clock: Clock | None = None) -> RunReport:
+    """A run's report from the store alone (for `campaign status`), same shape as a send's.
+    A run still going is timed up to ``clock``'s now (the command's clock)."""
     from datetime import datetime
 
     by_channel = runs.counts(conn, run.id)
     duration = 0.0
     if run.started_at:
-        end = run.finished_at or iso(SystemClock().now())
+        end = run.finished_at or iso((clock or SystemClock()).now())
         duration = max(0.0, (datetime.fromisoformat(end.replace("Z", "+00:00"))
                              - datetime.fromisoformat(run.started_at.replace("Z", "+00:00"))
                              ).total_seconds())

@@ -885,3 +885,40 @@ def test_the_descriptors_a_campaign_wants_count_every_provider_s_connections(
         "fast": {"type": "console", "concurrency": 300},
     })
     assert descriptors_wanted(load_campaign(campaign, {}).campaign) == 50 + 300 + 50 + 128
+
+
+def test_status_of_a_running_run_times_it_on_the_commands_clock(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    """A run still going has no end yet: its duration runs to now. `status` read the wall
+    clock for that (`SystemClock` in `run_status`), not the command's injected clock, so a test
+    (or anything driving the CLI with its own clock) could not control it: here a run started
+    at 2026-01-01T00:00 on the fake clock was a year long or negative, by the machine's date."""
+    import io
+    from datetime import datetime, timedelta, timezone
+
+    from campaign_cli.cli.context import AppContext
+    from campaign_cli.cli.output import Output
+    from campaign_cli.config import load_campaign
+    from campaign_cli.pipeline import SendOptions, run_campaign
+    from campaign_cli.testing import FakeClock, FakeProvider, fake_registry
+
+    start = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    campaign = make_campaign(people(3))
+    run_campaign(load_campaign(campaign, {}), store_path, SendOptions(run_key="live"),
+                 clock=FakeClock(start), registry=fake_registry(FakeProvider()))
+    with contextlib.closing(sqlite3.connect(store_path)) as conn, conn:  # as while it runs
+        conn.execute("UPDATE runs SET status = 'running', exit_code = NULL, finished_at = NULL")
+    stdout = io.StringIO()
+    app = AppContext(output=Output(stdout=stdout, stderr=io.StringIO()), store_option=store_path,
+                     env={}, clock=FakeClock(start + timedelta(seconds=30)))
+    result = CliRunner().invoke(get_app(), ["status", "test-campaign/live", "--json"], obj=app)
+    assert result.exit_code == 0, result.output
+    status = json.loads(stdout.getvalue())
+    assert (status["status"], status["duration_s"], status["rate_per_s"]) == ("running", 30.0, 0.1)
+    stdout.truncate(0)
+    stdout.seek(0)
+    result = CliRunner().invoke(get_app(), ["status", "--json"], obj=app)
+    assert result.exit_code == 0, result.output
+    [listed] = json.loads(stdout.getvalue())
+    assert (listed["duration_s"], listed["rate_per_s"]) == (30.0, 0.1)

@@ -45,7 +45,7 @@ def status(
         conn = store.conn
         if run is None:
             records = runs.list_runs(conn, limit)
-            reports = [run_status(conn, r) for r in records]
+            reports = [run_status(conn, r, app.clock) for r in records]
             if as_json:
                 out.json([{**r.to_json(), "holder": _holder(app.store_path, r)}
                           for r in reports])
@@ -65,7 +65,7 @@ def status(
             )
             return
         record = runs.get_run(conn, run)
-        report = run_status(conn, record)
+        report = run_status(conn, record, app.clock)
         if as_json:
             payload = report.to_json()
             payload["failures"] = [
