@@ -189,3 +189,36 @@ def test_every_attempt_is_listed_with_what_the_provider_said(
     assert "    attempt 1  box  transient  503  503" in out
     assert "      503 Service Unavailable" in out
     assert "    attempt 2  box  sent  201  SM2" in out
+
+
+def test_attempts_are_listed_in_the_order_they_were_made_when_the_clock_steps_back(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    """The attempt log was sorted by its wall-clock stamps: after the clock was stepped back
+    between two attempts (NTP, a VM resumed), the trace listed the retry that was sent before
+    the refusal it followed, and an operator read "sent, then failed"."""
+    from datetime import datetime, timedelta
+
+    class SteppedBack(FakeClock):
+        def __init__(self) -> None:
+            super().__init__()
+            self.back = timedelta(0)
+
+        def now(self) -> datetime:
+            return super().now() - self.back
+
+    clock = SteppedBack()
+
+    def step_back_before_the_retry(message: Any) -> None:
+        if len(provider.history) == 2:
+            clock.back = timedelta(hours=1)
+
+    provider = FakeProvider(handler=step_back_before_the_retry)
+    provider.enqueue(TransientError("503 Service Unavailable", code="503", status=503))
+    campaign = make_campaign(people(1), limits={"concurrency": 1})
+    report = run_campaign(load_campaign(campaign, {}), store_path, SendOptions(run_key="k"),
+                          clock=clock, registry=fake_registry(provider))
+    assert report.counts == {"sent": 1}
+    [message] = traced(store_path, phone(1))["messages"]
+    assert [(a["attempt"], a["outcome"]) for a in message["attempt_log"]] == [
+        (1, "transient"), (2, "sent")]

@@ -45,7 +45,7 @@ _ATTEMPT_COLUMNS = ("attempt", "provider", "outcome", "status_code", "provider_m
 _ATTEMPTS = (
     "SELECT attempt, provider, outcome, status_code, provider_message_id, error_code, "
     "error_text, latency_ms, at FROM attempts WHERE run_id = ? AND row = ? AND channel = ? "
-    "ORDER BY at, attempt"
+    "ORDER BY rowid"  # as they were made: the stamps follow the wall clock, which may step back
 )
 
 
