@@ -34,7 +34,9 @@ Handler = Callable[[OutboundMessage], Outcome | None]
 
 class FakeClock:
     def __init__(self, start: datetime | None = None) -> None:
-        self._start = start or datetime(2026, 1, 1, tzinfo=timezone.utc)
+        start = start or datetime(2026, 1, 1, tzinfo=timezone.utc)
+        # `Clock.now` is aware UTC: a naive start is UTC, not the machine's local time.
+        self._start = start.replace(tzinfo=timezone.utc) if start.tzinfo is None else start
         self._elapsed = 0.0
         self.sleeps: list[float] = []
 

@@ -912,3 +912,22 @@ def test_a_stop_while_the_session_s_first_transaction_waits_for_the_lock_ends_th
                            clock=FakeClock(), registry=fake_registry(FakeProvider()))
     assert resumed.exit_code == ExitCode.OK and resumed.resumed
     assert resumed.counts == {"sent": 5}
+
+
+@pytest.mark.parametrize("zone", ["Asia/Kolkata", "America/New_York"])
+def test_a_fake_clock_started_without_a_timezone_keeps_utc_on_any_machine(zone: str) -> None:
+    """`Clock.now` is timezone-aware UTC. `FakeClock(datetime(2026, 1, 1))` kept the naive
+    start, which `iso` and `.timestamp()` read as the machine's local time: a user's campaign
+    test stamped 2025-12-31T18:30:00.000Z in Kolkata and 2026-01-01T05:00:00.000Z in New York
+    for what was 00:00 on a UTC CI. A naive start is UTC, as a consent time without an offset."""
+    import subprocess
+    import sys
+
+    code = ("from datetime import datetime\n"
+            "from campaign_cli.clock import Stamper, iso\n"
+            "from campaign_cli.testing import FakeClock\n"
+            "clock = FakeClock(datetime(2026, 1, 1))\n"
+            "print(iso(clock.now()), Stamper(clock).now(), int(clock.now().timestamp()))\n")
+    shown = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TZ": zone},
+                           capture_output=True, text=True, check=True).stdout.split()
+    assert shown == ["2026-01-01T00:00:00.000Z", "2026-01-01T00:00:00.000Z", "1767225600"]
