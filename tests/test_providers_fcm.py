@@ -80,7 +80,7 @@ class FakeGoogle:
     token_requests: list[httpx.Request] = field(default_factory=list)
     issued: list[str] = field(default_factory=list)
     token_delay_steps: int = 0
-    expires_in: int = 3600
+    expires_in: Any = 3600
 
     async def __call__(self, request: httpx.Request) -> httpx.Response:
         if str(request.url).startswith(TOKEN_URL) or "token" in request.url.host:
@@ -246,6 +246,30 @@ def test_token_is_cached_until_a_minute_before_expiry(sa_file: Path) -> None:
     assert len(fake.token_requests) == 2
     assert [r.headers["authorization"] for r in fake.fcm_requests] == [
         "Bearer ya29.token-1", "Bearer ya29.token-1", "Bearer ya29.token-2"]
+
+
+@pytest.mark.parametrize("expires_in", [10**400, "NaN"])
+def test_a_token_lifetime_that_is_no_number_of_seconds_is_taken_as_the_default(
+    sa_file: Path, expires_in: Any
+) -> None:
+    """``expires_in`` of 400 digits (a JSON integer) made float() raise OverflowError, which
+    was not caught: the token fetch crashed the send (the pipeline stops the run, exit 1).
+    "NaN" read as a lifetime of nothing: a token fetched for every message. Unreadable as a
+    lifetime, it is the assertion's, as a string one is."""
+    fake, clock = FakeGoogle(expires_in=expires_in), FakeClock()
+    p = sa(fake, clock, sa_file)
+
+    async def go() -> None:
+        await p.send(message())
+        clock.advance(3600 - 61)
+        await p.send(message())
+        assert len(fake.token_requests) == 1
+        clock.advance(2)
+        await p.send(message())
+        await p.aclose()
+
+    asyncio.run(go())
+    assert len(fake.token_requests) == 2
 
 
 def test_concurrent_senders_share_one_refresh(sa_file: Path) -> None:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -219,7 +220,9 @@ class ServiceAccountTokens:
             expires_in = body.get("expires_in", ASSERTION_LIFETIME)
             try:
                 lifetime = float(expires_in)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):  # OverflowError: an int past a float
+                lifetime = float(ASSERTION_LIFETIME)
+            if math.isnan(lifetime):  # would be fresh for no time: a fetch per message
                 lifetime = float(ASSERTION_LIFETIME)
             return token, lifetime
         code = body.get("error") if isinstance(body.get("error"), str) else None
