@@ -227,6 +227,17 @@ def test_webhook_signature_is_hmac_sha256_over_timestamp_and_body() -> None:
     assert SECRET not in header and SECRET.encode() not in request.content
 
 
+@pytest.mark.parametrize("stamp", ["9" * 400, "-" + "9" * 400])
+def test_a_signature_timestamp_past_a_float_is_refused_not_a_crash(stamp: str) -> None:
+    """A receiver checks with ``now=time.time()``, a float: ``t=`` followed by 400 digits made
+    ``now - timestamp`` raise OverflowError, so an unsigned request crashed the receiver's
+    check (a 500) instead of being refused."""
+    now = 1767225600.5
+    header = signature(SECRET, int(stamp), b"{}")
+    assert header.startswith(f"t={stamp},")
+    assert not verify_signature(SECRET, header, b"{}", now=now)
+
+
 def test_signature_helper_matches_a_hand_computed_vector() -> None:
     mac = hmac.new(b"k", b"1700000000.{}", hashlib.sha256).hexdigest()
     assert signature("k", 1700000000, b"{}") == f"t=1700000000,v1={mac}"
