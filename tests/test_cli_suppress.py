@@ -407,6 +407,15 @@ def test_consent_bad_at_is_exit_2(cli: Cli) -> None:
     assert r.exit_code == 2 and "future" in r.err
 
 
+def test_consent_revoke_at_a_bare_date_outranks_a_grant_timed_that_day(cli: Cli) -> None:
+    assert cli("consent", "grant", "ann@example.com", "--at", "2024-03-10T15:00:00Z",
+               "--channel", "email").exit_code == 0
+    r = cli("consent", "revoke", "ann@example.com", "--at", "2024-03-10", "--channel", "email")
+    assert r.exit_code == 0 and "not in force" not in r.err
+    [entry] = json.loads(cli("consent", "list", "ann@example.com", "--json").out)
+    assert (entry["status"], entry["recorded_at"]) == ("revoked", "2024-03-10T23:59:59.999Z")
+
+
 def test_consent_import(cli: Cli, tmp_path: Path) -> None:
     path = tmp_path / "c.csv"
     path.write_text(

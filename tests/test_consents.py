@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import re
 import sqlite3
+import sys
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -164,6 +165,57 @@ def test_record_rejects_bad_values(conn: sqlite3.Connection) -> None:
 )
 def test_parse_timestamp(text: str, stored: str) -> None:
     assert parse_timestamp(text) == stored
+
+
+@pytest.mark.parametrize(
+    ("text", "granted_at", "revoked_at"),
+    [
+        ("2024-01-01", "2024-01-01T00:00:00.000Z", "2024-01-01T23:59:59.999Z"),
+        ("20240101", "2024-01-01T00:00:00.000Z", "2024-01-01T23:59:59.999Z"),
+        ("2024-01-01T00:00", "2024-01-01T00:00:00.000Z", "2024-01-01T00:00:00.000Z"),
+        ("2024-01-01T10:00:00+02:00", "2024-01-01T08:00:00.000Z", "2024-01-01T08:00:00.000Z"),
+    ],
+)
+def test_a_bare_date_is_the_start_of_the_day_for_a_grant_and_its_end_for_a_revocation(
+    text: str, granted_at: str, revoked_at: str
+) -> None:
+    if text == "20240101" and sys.version_info < (3, 11):
+        text = "2024-01-01"  # (3.10 reads only the extended form)
+    assert parse_timestamp(text, "granted") == parse_timestamp(text) == granted_at
+    assert parse_timestamp(text, "revoked") == revoked_at
+
+
+def test_a_revocation_dated_only_by_its_day_outranks_a_grant_made_that_day(
+    conn: sqlite3.Connection, tmp_path: Path
+) -> None:
+    """A bare date was read as midnight for every record: an opt-out list dated by day
+    ("2024-03-10") lost to a grant timed later that day (15:00), and the run sent to someone who
+    had said STOP that day. When the time of day is unknown, the reading that sends less."""
+    rec(conn, "granted", "2024-03-10T15:00:00Z")
+    assert granted(conn)
+    path = write(tmp_path / "optouts.csv",
+                 "phone,status,recorded_at\n+14155550100,revoked,2024-03-10\n")
+    assert import_csv(conn, path, "sms", "marketing", None, "US", NOW).added == 1
+    assert not granted(conn)
+    # a grant of the next day still outranks it; one dated only by that same day does not
+    rec(conn, "granted", "2024-03-10")
+    assert not granted(conn)
+    rec(conn, "granted", "2024-03-11T00:00:00Z")
+    assert granted(conn)
+
+
+def test_a_revocation_dated_today_is_not_in_the_future(
+    conn: sqlite3.Connection, tmp_path: Path
+) -> None:
+    today = NOW[:10]
+    assert rec(conn, "revoked", today)
+    path = write(tmp_path / "optouts.csv",
+                 f"phone,status,recorded_at\n+14155550101,revoked,{today}\n")
+    result = import_csv(conn, path, "sms", "marketing", None, "US", NOW)
+    assert (result.added, result.invalid) == (1, [])
+    # (it speaks from when the store learned of it, as every record: NOW, not the day's end)
+    with pytest.raises(ValueError, match="future"):
+        rec(conn, "revoked", "2024-05-03")
 
 
 # What Python 3.10's `datetime.fromisoformat` reads (what `isoformat` writes); 3.11 reads most of

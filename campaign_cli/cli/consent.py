@@ -65,10 +65,13 @@ def _record(
     app_ctx = app_context(ctx)
     items = normalize_all(addresses, channel_value(channel), region, app_ctx.output)
     now = iso(app_ctx.clock.now())
-    try:
-        recorded_at = consents.parse_timestamp(at) if at is not None else now
-    except ValueError as exc:
-        raise UsageError(f"--at: {exc}") from None
+    recorded_at = now
+    if at is not None:
+        try:
+            consents.parse_timestamp(at)
+        except ValueError as exc:
+            raise UsageError(f"--at: {exc}") from None
+        recorded_at = at  # as written: a bare date is read by the record's status
     with app_ctx.open_store() as store:
         try:
             result = consents.record_consents(
