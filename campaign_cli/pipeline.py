@@ -2296,15 +2296,23 @@ def _snapshot_store(source: Path, target: Path, campaign: str, run_key: str) -> 
 
 
 def run_status(conn: sqlite3.Connection, run: runs.RunRecord,
-               clock: Clock | None = None) -> RunReport:
+               clock: Clock | None = None, *, live: bool = True) -> RunReport:
     """A run's report from the store alone (for `campaign status`), same shape as a send's.
-    A run still going is timed up to ``clock``'s now (the command's clock)."""
+    A run still going is timed up to ``clock``'s now (the command's clock); one left `running`
+    by a process that is gone (``live`` False: killed, or the machine went down) up to its last
+    journal change, not for ever (its duration grew and its rate fell to 0/s while it lay)."""
     from datetime import datetime
 
     by_channel = runs.counts(conn, run.id)
     duration = 0.0
     if run.started_at:
-        end = run.finished_at or iso((clock or SystemClock()).now())
+        end = run.finished_at
+        if end is None and not live:
+            last = conn.execute("SELECT max(updated_at) FROM messages WHERE run_id = ? "
+                                "AND updated_at >= ?", (run.id, run.started_at)).fetchone()[0]
+            end = last or run.started_at
+        if end is None:
+            end = iso((clock or SystemClock()).now())
         duration = max(0.0, (datetime.fromisoformat(end.replace("Z", "+00:00"))
                              - datetime.fromisoformat(run.started_at.replace("Z", "+00:00"))
                              ).total_seconds())

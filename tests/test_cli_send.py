@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from campaign_cli.cli.main import get_app
 from campaign_cli.pipeline import RunReport
+from campaign_cli.store import runs
 from campaign_cli.store.db import MIGRATIONS
 from tests.conftest import CampaignFactory, people, query
 
@@ -912,13 +913,59 @@ def test_status_of_a_running_run_times_it_on_the_commands_clock(
     stdout = io.StringIO()
     app = AppContext(output=Output(stdout=stdout, stderr=io.StringIO()), store_option=store_path,
                      env={}, clock=FakeClock(start + timedelta(seconds=30)))
-    result = CliRunner().invoke(get_app(), ["status", "test-campaign/live", "--json"], obj=app)
+    lock = runs.RunLock.acquire(store_path, "test-campaign", "live", "now")  # its process, alive
+    try:
+        result = CliRunner().invoke(get_app(), ["status", "test-campaign/live", "--json"],
+                                    obj=app)
+        assert result.exit_code == 0, result.output
+        status = json.loads(stdout.getvalue())
+        assert (status["status"], status["duration_s"], status["rate_per_s"]) == (
+            "running", 30.0, 0.1)
+        stdout.truncate(0)
+        stdout.seek(0)
+        result = CliRunner().invoke(get_app(), ["status", "--json"], obj=app)
+        assert result.exit_code == 0, result.output
+        [listed] = json.loads(stdout.getvalue())
+        assert (listed["duration_s"], listed["rate_per_s"]) == (30.0, 0.1)
+    finally:
+        lock.release()
+
+
+def test_status_of_a_run_whose_process_is_gone_times_it_to_its_last_change(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    """A run left `running` by a killed process (or a machine that went down) was timed up to
+    now: a week later `status` said it had run for a week at 0.0/s. It is timed up to its last
+    journal change, as far as anyone can tell it ran."""
+    import io
+    from datetime import datetime, timedelta, timezone
+
+    from campaign_cli.cli.context import AppContext
+    from campaign_cli.cli.output import Output
+    from campaign_cli.config import load_campaign
+    from campaign_cli.pipeline import SendOptions, run_campaign
+    from campaign_cli.testing import FakeClock, FakeProvider, fake_registry
+
+    start = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    campaign = make_campaign(people(4))
+    run_campaign(load_campaign(campaign, {}), store_path, SendOptions(run_key="k"),
+                 clock=FakeClock(start), registry=fake_registry(FakeProvider()))
+    with contextlib.closing(sqlite3.connect(store_path)) as conn, conn:  # as a kill leaves it
+        conn.execute("UPDATE runs SET status = 'running', exit_code = NULL, finished_at = NULL")
+        conn.execute("UPDATE messages SET updated_at = '2026-01-01T00:00:08.000Z' WHERE row = 4")
+    stdout = io.StringIO()
+    app = AppContext(output=Output(stdout=stdout, stderr=io.StringIO()), store_option=store_path,
+                     env={}, clock=FakeClock(start + timedelta(days=7)))
+    result = CliRunner().invoke(get_app(), ["status", "test-campaign/k", "--json"], obj=app)
     assert result.exit_code == 0, result.output
     status = json.loads(stdout.getvalue())
-    assert (status["status"], status["duration_s"], status["rate_per_s"]) == ("running", 30.0, 0.1)
+    assert (status["status"], status["holder"]) == ("running", None)
+    assert (status["duration_s"], status["rate_per_s"]) == (8.0, 0.5)
     stdout.truncate(0)
     stdout.seek(0)
     result = CliRunner().invoke(get_app(), ["status", "--json"], obj=app)
-    assert result.exit_code == 0, result.output
     [listed] = json.loads(stdout.getvalue())
-    assert (listed["duration_s"], listed["rate_per_s"]) == (30.0, 0.1)
+    assert (listed["duration_s"], listed["rate_per_s"]) == (8.0, 0.5)
+    result = CliRunner().invoke(get_app(), ["status", "test-campaign/k"], obj=app)
+    assert "running (stopped: no process)" in stdout.getvalue()
+    assert "over 8.0s" in stdout.getvalue()

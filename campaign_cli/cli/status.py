@@ -45,10 +45,12 @@ def status(
         conn = store.conn
         if run is None:
             records = runs.list_runs(conn, limit)
-            reports = [run_status(conn, r, app.clock) for r in records]
+            holders = [_holder(app.store_path, r) for r in records]
+            reports = [run_status(conn, r, app.clock, live=_live(r, h))
+                       for r, h in zip(records, holders, strict=True)]
             if as_json:
-                out.json([{**r.to_json(), "holder": _holder(app.store_path, r)}
-                          for r in reports])
+                out.json([{**r.to_json(), "holder": h}
+                          for r, h in zip(reports, holders, strict=True)])
                 return
             if not reports:
                 out.result("no runs yet")
@@ -61,11 +63,12 @@ def status(
                   r.counts.get("pending", 0),
                   f"{from_micros(r.spend_micros)} {r.currency}", r.started_at or "",
                   r.finished_at or ""]
-                 for r in reports for live in [_holder(app.store_path, r) is not None]],
+                 for r, h in zip(reports, holders, strict=True) for live in [h is not None]],
             )
             return
         record = runs.get_run(conn, run)
-        report = run_status(conn, record, app.clock)
+        holder = _holder(app.store_path, record)
+        report = run_status(conn, record, app.clock, live=_live(record, holder))
         if as_json:
             payload = report.to_json()
             payload["failures"] = [
@@ -74,10 +77,10 @@ def status(
             ]
             payload["last_errors"] = runs.last_errors(conn, record.id)
             payload["attempts"] = runs.attempt_summary(conn, record.id)
-            payload["holder"] = _holder(app.store_path, report)
+            payload["holder"] = holder
             out.json(payload)
             return
-        stopped = report.status == "running" and _holder(app.store_path, report) is None
+        stopped = not _live(record, holder)
         shown = "running (stopped: no process)" if stopped else report.status
         out.result(f"run {report.run_name} (id {report.run_id}): {shown}"
                    + (f", exit {report.exit_code}" if report.exit_code is not None else ""))
@@ -113,11 +116,16 @@ def status(
             out.result(f"last error: {record.last_error}")
 
 
-def _holder(store_path: Path, report: RunReport) -> str | None:
+def _holder(store_path: Path, run: runs.RunRecord) -> str | None:
     """Who drives a `running` run now (`pid N on HOST since ...`), None if no live process."""
-    if report.status != "running":
+    if run.status != "running":
         return None
-    return runs.RunLock.holder(store_path, report.campaign, report.run_key)
+    return runs.RunLock.holder(store_path, run.campaign, run.run_key)
+
+
+def _live(run: runs.RunRecord, holder: str | None) -> bool:
+    """False for a run left `running` by a process that is gone."""
+    return run.status != "running" or holder is not None
 
 
 def _in_doubt(report: RunReport, live: bool) -> int:
