@@ -152,10 +152,13 @@ def _journal_if_any(store_path: Path, campaign: str, run_key: str, row: int) -> 
         return {}
     conn = connect(store_path, readonly=True)
     try:
-        run = runs.find_run(conn, campaign, run_key)
-        if run is None:
+        # Read as it is, not migrated: only what every schema version holds (not `find_run`,
+        # whose columns a store of an older campaign-cli lacks).
+        found = conn.execute("SELECT id FROM runs WHERE campaign = ? AND run_key = ?",
+                             (campaign, run_key)).fetchone()
+        if found is None:
             return {}
         return {channel: state for channel, state in conn.execute(
-            "SELECT channel, state FROM messages WHERE run_id = ? AND row = ?", (run.id, row))}
+            "SELECT channel, state FROM messages WHERE run_id = ? AND row = ?", (found[0], row))}
     finally:
         conn.close()

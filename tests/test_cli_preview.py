@@ -113,6 +113,28 @@ def test_a_row_an_earlier_session_decided_is_shown_as_decided(
     assert previewed(store, demo, 1, "--run-key", "other")["run"] == "demo-spring/other"
 
 
+
+def test_a_store_an_older_campaign_cli_wrote_is_previewed_without_being_upgraded(
+    demo: Path, tmp_path: Path
+) -> None:
+    """`preview` reads the real store without migrating it (it changes nothing). On a store of
+    an older campaign-cli (version 4: runs without `stopped`, `recipient_key` ...) it read the
+    run with today's columns: an internal error, "no such column: stopped" (exit 1)."""
+    store = tmp_path / "store.db"
+    code, _, err = invoke(store, "send", str(demo), "--yes", "--limit", "2")
+    assert code == 0, err
+    with contextlib.closing(sqlite3.connect(store)) as conn, conn:  # back to version 4
+        for column in ("stopped", "in_doubt_found", "in_doubt_resent", "recipient_key",
+                       "strategy", "reading"):
+            conn.execute(f"ALTER TABLE runs DROP COLUMN {column}")
+        conn.execute("PRAGMA user_version = 4")
+    before = digest(store)
+    first = by_channel(previewed(store, demo, 1))
+    assert {(c["outcome"], c["already"]) for c in first.values()} == {("sent", True)}
+    third = by_channel(previewed(store, demo, 3))
+    assert {(c["outcome"], c["already"]) for c in third.values()} == {("send", False)}
+    assert digest(store) == before  # read as it is: not upgraded
+
 def test_marketing_without_consent_is_no_consent(
     make_campaign: CampaignFactory, tmp_path: Path
 ) -> None:
