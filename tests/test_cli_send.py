@@ -718,6 +718,44 @@ def test_a_run_finished_before_version_5_shows_with_its_session_keys_blank(
     assert query(store_path, "PRAGMA user_version") == [(len(MIGRATIONS),)]
 
 
+
+def test_a_run_of_the_first_campaign_cli_resumes_keeping_its_recipients_claims(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    """The first campaign-cli's journal (its migration 1 was changed after it had written
+    stores) had no `dedupe_key` / `dedupe_addr`: it marked claims with `dedupe_address` and
+    partial unique indexes on `state`. On such a store every send, dry run and resume aborted,
+    "table messages has no column named dedupe_key" (exit 1). A resume must also still take a
+    recipient the earlier session journaled for a duplicate, not send to them twice."""
+    again = ["c1", "Again", "+12012000009", "again@example.com"]  # row 4: row 1's key
+    campaign = make_campaign([*people(3), again])
+    code, _, err = invoke(store_path, "send", str(campaign), "--run-key", "r1", "--limit", "2")
+    assert code == 0, err
+    with contextlib.closing(sqlite3.connect(store_path)) as conn, conn:  # as version 1 wrote it
+        conn.execute("DROP INDEX messages_once_per_key")
+        conn.execute("DROP INDEX messages_once_per_address")
+        conn.execute("ALTER TABLE messages ADD COLUMN dedupe_address INTEGER NOT NULL DEFAULT 0")
+        conn.execute("UPDATE messages SET dedupe_address = dedupe_addr IS NOT NULL")
+        for table, column in [("messages", "dedupe_key"), ("messages", "dedupe_addr"),
+                              ("messages", "doubt_micros"), ("runs", "stopped"),
+                              ("runs", "in_doubt_found"), ("runs", "in_doubt_resent"),
+                              ("runs", "recipient_key"), ("runs", "strategy"), ("runs", "reading")]:
+            conn.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+        conn.execute("DROP TABLE attempts")
+        conn.execute("CREATE UNIQUE INDEX messages_once_per_key ON messages (run_id, channel, rkey) "
+                     "WHERE state NOT IN ('invalid', 'duplicate')")
+        conn.execute("CREATE UNIQUE INDEX messages_once_per_address ON messages "
+                     "(run_id, channel, address) "
+                     "WHERE dedupe_address = 1 AND state NOT IN ('invalid', 'duplicate')")
+        conn.execute("PRAGMA user_version = 1")
+    code, out, err = invoke(store_path, "send", str(campaign), "--run-key", "r1", "--json")
+    assert code == 0, err
+    assert json.loads(out)["counts"] == {"sent": 3, "duplicate": 1}
+    assert query(store_path, "SELECT row, state FROM messages ORDER BY row") == [
+        (1, "sent"), (2, "sent"), (3, "sent"), (4, "duplicate")]
+    assert len(list((campaign.parent / "outbox").rglob("*.json"))) == 3
+    assert query(store_path, "PRAGMA user_version") == [(len(MIGRATIONS),)]
+
 def test_a_dry_run_says_why_messages_would_fail_to_render(
     make_campaign: CampaignFactory, store_path: Path
 ) -> None:

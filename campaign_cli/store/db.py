@@ -288,9 +288,37 @@ def _m008_run_reading(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE runs ADD COLUMN reading TEXT")
 
 
+def _m009_early_journal_claims(conn: sqlite3.Connection) -> None:
+    """The first campaign-cli's journal (its migration 1 was changed after it had written
+    stores) marked claims with ``dedupe_address`` and partial indexes on ``state``, and has no
+    ``dedupe_key`` / ``dedupe_addr``: every journal write failed on such a store. Its claims are
+    carried over, so that a resumed run still takes a recipient it holds for a duplicate. A
+    store of any later version has the columns: nothing changes."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(messages)")}
+    if "dedupe_key" in columns:
+        return
+    _script(
+        conn,
+        """
+        DROP INDEX IF EXISTS messages_once_per_key;
+        DROP INDEX IF EXISTS messages_once_per_address;
+        ALTER TABLE messages ADD COLUMN dedupe_key TEXT;
+        ALTER TABLE messages ADD COLUMN dedupe_addr TEXT;
+        UPDATE messages SET dedupe_key = rkey,
+                            dedupe_addr = CASE dedupe_address WHEN 1 THEN address END
+            WHERE state NOT IN ('invalid', 'duplicate');
+        CREATE UNIQUE INDEX messages_once_per_key ON messages (run_id, channel, dedupe_key)
+            WHERE dedupe_key IS NOT NULL;
+        CREATE UNIQUE INDEX messages_once_per_address ON messages (run_id, channel, dedupe_addr)
+            WHERE dedupe_addr IS NOT NULL;
+        """,
+    )
+
+
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     _m001_initial, _m002_attempts, _m003_webhook_spelling, _m004_doubt_micros,
     _m005_session_report, _m006_run_recipient_key, _m007_run_strategy, _m008_run_reading,
+    _m009_early_journal_claims,
 )
 
 
