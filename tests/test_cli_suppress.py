@@ -163,6 +163,39 @@ def test_a_store_in_a_folder_nobody_may_write_is_still_read(
     assert cli.addresses() == {("+12015550100", "sms")}
 
 
+
+@pytest.mark.parametrize("how", ["mode=ro", "mode=ro&readonly_shm=1"])
+def test_a_store_of_an_older_campaign_cli_that_cannot_be_written_is_one_line_exit_2(
+    cli: Cli, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """A store an older campaign-cli wrote (version 4 here), opened where it cannot be written:
+    its migrations cannot run. Every command said "not a usable campaign store: attempt to write
+    a readonly database"; in a folder nobody may write (read as it is) `status` was an internal
+    error, "no such column: stopped" (exit 1). It is one line saying what is wrong and what to
+    do, and the file is left as it was."""
+    from campaign_cli.cli.main import get_app
+    from campaign_cli.store.db import MIGRATIONS
+
+    assert cli("suppress", "add", "+12015550100").exit_code == 0
+    with sqlite3.connect(cli.store_path) as conn:  # back to version 4, as it wrote runs
+        for column in ("stopped", "in_doubt_found", "in_doubt_resent", "recipient_key",
+                       "strategy", "reading"):
+            conn.execute(f"ALTER TABLE runs DROP COLUMN {column}")
+        conn.execute("PRAGMA user_version = 4")
+    conn.close()
+    before = cli.store_path.read_bytes()
+    read_only_opens(monkeypatch, how)
+    expected = [
+        f"error: {cli.store_path}: the store has schema version 4, older than this "
+        f"campaign-cli's ({len(MIGRATIONS)}), and is read-only here (file permissions, an immutable file or a "
+        "read-only file system): it cannot be upgraded; open it once where it can be written"]
+    status = CliRunner().invoke(get_app(), ["--store", str(cli.store_path), "status"])
+    assert (status.exit_code, status.stderr.strip().splitlines()) == (2, expected)
+    listed = cli("suppress", "list")
+    assert (listed.exit_code, listed.err.strip().splitlines()) == (2, expected)
+    monkeypatch.undo()
+    assert cli.store_path.read_bytes() == before
+
 def test_an_import_into_a_store_whose_disk_fills_up_is_one_line_exit_2(
     cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -530,6 +530,7 @@ def connect(
         except OSError as exc:
             raise StoreError(f"{path}: cannot create the store: {exc.strerror}") from None
     conn: sqlite3.Connection | None = None
+    migrated = not readonly  # the caller reads a store as it is only when it asks to
     try:
         if readonly:
             conn = sqlite3.connect(
@@ -563,10 +564,17 @@ def connect(
                 f"{path}: the store has schema version {version}, newer than this campaign-cli "
                 f"knows ({len(MIGRATIONS)}): upgrade campaign-cli"
             )
+        if migrated and version < len(MIGRATIONS) and readonly:
+            raise _cannot_upgrade(path, version)
         if not readonly:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
-            migrate(conn)
+            try:
+                migrate(conn)
+            except sqlite3.Error as exc:
+                if is_read_only(exc):
+                    raise _cannot_upgrade(path, version) from None
+                raise
     except BaseException as exc:
         if conn is not None:
             conn.close()  # not left to the garbage collector (Python 3.13 warns of it)
@@ -574,6 +582,16 @@ def connect(
             raise StoreError(f"{path}: not a usable campaign store: {exc}") from None
         raise
     return conn
+
+
+def _cannot_upgrade(path: Path, version: int) -> StoreError:
+    """An older campaign-cli's store where it cannot be written: today's commands read the
+    columns its migrations add."""
+    return StoreError(
+        f"{path}: the store has schema version {version}, older than this campaign-cli's "
+        f"({len(MIGRATIONS)}), and is read-only here (file permissions, an immutable file or a "
+        "read-only file system): it cannot be upgraded; open it once where it can be written"
+    )
 
 
 def cannot_open_wal_index(path: Path, exc: sqlite3.OperationalError) -> bool:
