@@ -416,6 +416,40 @@ def test_webhook_entries_of_an_older_store_are_respelt(tmp_path: Path) -> None:
 
 
 
+def test_webhook_urls_an_older_store_journaled_are_respelt_so_erasure_finds_them(
+    tmp_path: Path
+) -> None:
+    """Migration 3 re-spelt the webhook URLs of suppressions and consents, not those of the run
+    journals: a URL a version-2 run journaled as typed (``https://Hooks.Example.COM/...``) was
+    never matched again. `suppress erase` blanked "0 journal entries" and left it in the store,
+    and `trace` found no journal row for it."""
+    from campaign_cli.store.suppressions import erase_address
+
+    old = "https://Hooks.Example.COM:443/services/T0/B0/XyZ"
+    other = "https://hooks.example.com/services/T0/B0/XyZ"  # the same URL, in the same run
+    new = "https://hooks.example.com/services/T0/B0/XyZ"
+    conn = sqlite3.connect(tmp_path / "store.db", isolation_level=None)
+    for migration in MIGRATIONS[:2]:  # the store as version 2 wrote it
+        migration(conn)
+    conn.execute("PRAGMA user_version = 2")
+    conn.executemany(
+        "INSERT INTO messages (run_id, row, channel, line, rkey, address, dedupe_key, "
+        "dedupe_addr, state, updated_at) VALUES (1, ?, 'webhook', ?, ?, ?, ?, ?, 'sent', ?)",
+        [(1, 2, "k1", old, "k1", old, NOW), (2, 3, "k2", other, "k2", other, NOW)],
+    )
+    conn.close()
+    store = Store.open(tmp_path / "store.db")
+    try:
+        assert store.conn.execute("SELECT row, address FROM messages ORDER BY row").fetchall(
+        ) == [(1, new), (2, new)]
+        assert erase_address(store.conn, new, NOW).journal_rows == 2
+        assert store.conn.execute(
+            "SELECT COUNT(*) FROM messages WHERE address IS NOT NULL OR dedupe_addr IS NOT NULL"
+        ).fetchone() == (0,)
+    finally:
+        store.close()
+
+
 @pytest.mark.parametrize("volume_exists", [True, False])
 def test_the_store_and_its_wal_files_are_0600_also_through_a_dangling_symlink(
     tmp_path: Path, volume_exists: bool

@@ -315,10 +315,31 @@ def _m009_early_journal_claims(conn: sqlite3.Connection) -> None:
     )
 
 
+def _m010_journal_webhook_spelling(conn: sqlite3.Connection) -> None:
+    """Migration 3 re-spelt the webhook URLs of suppressions and consents, not those the run
+    journals of earlier versions hold as typed: an erasure (which blanks the journal's rows of
+    the normalised address) and `trace` never found them. They are re-spelt the same way. A
+    claim that now equals another row's in the same run keeps its old spelling (both rows were
+    journaled: the claim only refuses rows still to come)."""
+    rows = conn.execute(
+        "SELECT rowid, address, dedupe_addr FROM messages "
+        "WHERE channel = 'webhook' AND address LIKE 'http%'"
+    ).fetchall()
+    for rowid, address, claim in rows:
+        spelt = _v3_webhook_spelling(address)
+        if spelt is None or spelt == address:
+            continue
+        conn.execute("UPDATE messages SET address = ? WHERE rowid = ?", (spelt, rowid))
+        if claim is not None:
+            conn.execute(
+                "UPDATE OR IGNORE messages SET dedupe_addr = ? WHERE rowid = ?", (spelt, rowid)
+            )
+
+
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     _m001_initial, _m002_attempts, _m003_webhook_spelling, _m004_doubt_micros,
     _m005_session_report, _m006_run_recipient_key, _m007_run_strategy, _m008_run_reading,
-    _m009_early_journal_claims,
+    _m009_early_journal_claims, _m010_journal_webhook_spelling,
 )
 
 
