@@ -729,3 +729,44 @@ def test_a_store_that_cannot_be_used_is_refused_with_its_connection_closed(
     for conn in opened:
         with pytest.raises(sqlite3.ProgrammingError, match="closed"):
             conn.execute("SELECT 1")
+
+
+def test_erase_reads_the_journal_once_and_changes_its_rows_by_primary_key(
+    conn: sqlite3.Connection,
+) -> None:
+    """`suppress erase` holds the store's write lock while it blanks the journal, so every
+    running campaign waits for it. It read the whole journal four times per address (a SELECT
+    calling lower(trim()) on every row, the attempts' IN-subquery twice, the UPDATE by address):
+    19 s per address, the lock held throughout, on a store of 28 runs and 5.6 million rows. One
+    pass finds the rows; the attempts and the rows themselves are then changed by primary key."""
+    from campaign_cli.store.suppressions import erase_address
+
+    conn.execute(
+        "INSERT INTO runs (id, campaign, run_key, campaign_file, recipients_file, "
+        "recipients_sha256, purpose, channels, currency, status, created_at) VALUES "
+        "(1, 'c', 'k', 'f', 'r', 'h', 'marketing', '[\"sms\"]', 'USD', 'done', ?)", (NOW,))
+    journal = [(1, row, "sms", row + 1, f"id{row}", PHONE if row == 7 else f"+1415555{row:04d}",
+                "sent", NOW) for row in range(1, 40)]
+    conn.executemany(
+        "INSERT INTO messages (run_id, row, channel, line, rkey, address, state, updated_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", journal)
+    conn.executemany(
+        "INSERT INTO attempts (run_id, row, channel, attempt, provider, outcome, error_text, at) "
+        "VALUES (?, ?, 'sms', 1, 'p', 'sent', ?, ?)",
+        [(1, row, f"to {address}", NOW) for _, row, _, _, _, address, _, _ in journal])
+    statements: list[str] = []
+    conn.set_trace_callback(statements.append)
+    try:
+        result = erase_address(conn, PHONE, NOW)
+    finally:
+        conn.set_trace_callback(None)
+    assert result.journal_rows == 1
+    assert conn.execute("SELECT count(*) FROM messages WHERE address IS NULL").fetchone() == (1,)
+    assert conn.execute("SELECT row FROM attempts WHERE error_text IS NULL").fetchall() == [(7,)]
+    scans = []
+    for sql in statements:
+        if sql.split(None, 1)[0].upper() in ("SELECT", "UPDATE", "INSERT", "DELETE"):
+            plan = " / ".join(r[3] for r in conn.execute(f"EXPLAIN QUERY PLAN {sql}"))
+            if "SCAN messages" in plan or "SCAN attempts" in plan:
+                scans.append((sql, plan))
+    assert len(scans) == 1, scans  # the one pass that finds the rows
