@@ -336,10 +336,18 @@ def _m010_journal_webhook_spelling(conn: sqlite3.Connection) -> None:
             )
 
 
+def _m011_run_summary(conn: sqlite3.Connection) -> None:
+    """A finished session's counts, spend and sent messages (JSON), written with its end in the
+    same transaction, so that `campaign status` need not read every journal row of every run
+    it lists. NULL while a session runs, for a session whose end was not recorded, and for runs
+    finished before this version: their counts are read from the journal."""
+    conn.execute("ALTER TABLE runs ADD COLUMN summary TEXT")
+
+
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     _m001_initial, _m002_attempts, _m003_webhook_spelling, _m004_doubt_micros,
     _m005_session_report, _m006_run_recipient_key, _m007_run_strategy, _m008_run_reading,
-    _m009_early_journal_claims, _m010_journal_webhook_spelling,
+    _m009_early_journal_claims, _m010_journal_webhook_spelling, _m011_run_summary,
 )
 
 

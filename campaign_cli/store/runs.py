@@ -29,6 +29,7 @@ RUN_COLUMNS = (
     "purpose", "channels", "currency", "max_spend_micros", "status", "exit_code", "total_rows",
     "template_hashes", "created_at", "started_at", "finished_at", "sessions", "last_error",
     "stopped", "in_doubt_found", "in_doubt_resent", "recipient_key", "strategy", "reading",
+    "summary",
 )
 
 
@@ -59,13 +60,27 @@ class RunRecord:
     recipient_key: str | None = None  # the key column (None: started before it was recorded)
     strategy: str | None = None  # all | first_available (None: started before it was recorded)
     reading: dict[str, Any] | None = None  # how the file is read (None: not recorded yet)
+    #: What its last session ended with (`Summary`); None while running, or not recorded.
+    summary: Summary | None = None
 
     @property
     def name(self) -> str:
         return f"{self.campaign}/{self.run_key}"
 
 
+class Summary(NamedTuple):
+    """A finished session's counts ({channel: {state: n}}), committed spend (`committed_spend`)
+    and messages in a sent state updated since it started (`sent_since`), as its end found them:
+    nothing changes them until the run is resumed."""
+
+    counts: dict[str, dict[str, int]]
+    spend_micros: int
+    sent: int
+
+
 def _record(data: dict[str, Any]) -> RunRecord:
+    summary = data.get("summary")
+    data["summary"] = None if summary is None else Summary(**json.loads(summary))
     data["channels"] = tuple(json.loads(data["channels"]))
     data["template_hashes"] = json.loads(data["template_hashes"] or "{}")
     data["reading"] = None if data.get("reading") is None else json.loads(data["reading"])
@@ -215,6 +230,7 @@ def start_run(
             conn.execute(
                 "UPDATE runs SET status = 'running', exit_code = NULL, finished_at = NULL, "
                 "stopped = NULL, in_doubt_found = 0, in_doubt_resent = 0, last_error = NULL, "
+                "summary = NULL, "
                 "started_at = ?, sessions = sessions + 1, max_spend_micros = ?, "
                 "template_hashes = ?, recipient_key = COALESCE(recipient_key, ?), "
                 "strategy = COALESCE(strategy, ?), reading = COALESCE(reading, ?) WHERE id = ?",
@@ -243,13 +259,16 @@ def begin_session(conn: sqlite3.Connection, run_id: int, *, total_rows: int,
 def finish_run(
     conn: sqlite3.Connection, run_id: int, *, status: str, exit_code: int, now: str,
     total_rows: int | None, last_error: str | None, stopped: str | None = None,
-    in_doubt_resent: int = 0,
+    in_doubt_resent: int = 0, summary: Summary | None = None,
 ) -> None:
+    """Record a session's end; ``summary``: its counts as found in this same transaction (None:
+    `campaign status` reads them from the journal)."""
     conn.execute(
         "UPDATE runs SET status = ?, exit_code = ?, finished_at = ?, "
         "total_rows = COALESCE(?, total_rows), last_error = ?, stopped = ?, "
-        "in_doubt_resent = ? WHERE id = ?",
-        (status, exit_code, now, total_rows, last_error, stopped, in_doubt_resent, run_id),
+        "in_doubt_resent = ?, summary = ? WHERE id = ?",
+        (status, exit_code, now, total_rows, last_error, stopped, in_doubt_resent,
+         None if summary is None else json.dumps(summary._asdict()), run_id),
     )
 
 
@@ -302,6 +321,16 @@ def committed_spend(conn: sqlite3.Connection, run_id: int) -> int:
         "'sending', 'in_doubt') THEN cost_micros ELSE 0 END + doubt_micros), 0) "
         "FROM messages WHERE run_id = ?",
         (run_id,),
+    ).fetchone()
+    return int(row[0])
+
+
+def sent_since(conn: sqlite3.Connection, run_id: int, started_at: str | None) -> int:
+    """The run's messages in a sent state updated since ``started_at`` (its session's start)."""
+    row = conn.execute(
+        "SELECT count(*) FROM messages WHERE run_id = ? AND state IN "
+        "('sent', 'delivered', 'undelivered', 'bounced') AND updated_at >= ?",
+        (run_id, started_at or ""),
     ).fetchone()
     return int(row[0])
 
