@@ -125,7 +125,7 @@ def test_a_store_an_older_campaign_cli_wrote_is_previewed_without_being_upgraded
     assert code == 0, err
     with contextlib.closing(sqlite3.connect(store)) as conn, conn:  # back to version 4
         for column in ("stopped", "in_doubt_found", "in_doubt_resent", "recipient_key",
-                       "strategy", "reading"):
+                       "strategy", "reading", "summary"):
             conn.execute(f"ALTER TABLE runs DROP COLUMN {column}")
         conn.execute("PRAGMA user_version = 4")
     before = digest(store)
@@ -134,6 +134,7 @@ def test_a_store_an_older_campaign_cli_wrote_is_previewed_without_being_upgraded
     third = by_channel(previewed(store, demo, 3))
     assert {(c["outcome"], c["already"]) for c in third.values()} == {("send", False)}
     assert digest(store) == before  # read as it is: not upgraded
+
 
 def test_marketing_without_consent_is_no_consent(
     make_campaign: CampaignFactory, tmp_path: Path

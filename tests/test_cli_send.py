@@ -773,7 +773,8 @@ def test_a_run_of_the_first_campaign_cli_resumes_keeping_its_recipients_claims(
         for table, column in [("messages", "dedupe_key"), ("messages", "dedupe_addr"),
                               ("messages", "doubt_micros"), ("runs", "stopped"),
                               ("runs", "in_doubt_found"), ("runs", "in_doubt_resent"),
-                              ("runs", "recipient_key"), ("runs", "strategy"), ("runs", "reading")]:
+                              ("runs", "recipient_key"), ("runs", "strategy"), ("runs", "reading"),
+                              ("runs", "summary")]:
             conn.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
         conn.execute("DROP TABLE attempts")
         conn.execute("CREATE UNIQUE INDEX messages_once_per_key ON messages (run_id, channel, rkey) "
