@@ -179,7 +179,7 @@ def test_a_store_of_an_older_campaign_cli_that_cannot_be_written_is_one_line_exi
     assert cli("suppress", "add", "+12015550100").exit_code == 0
     with sqlite3.connect(cli.store_path) as conn:  # back to version 4, as it wrote runs
         for column in ("stopped", "in_doubt_found", "in_doubt_resent", "recipient_key",
-                       "strategy", "reading"):
+                       "strategy", "reading", "summary"):
             conn.execute(f"ALTER TABLE runs DROP COLUMN {column}")
         conn.execute("PRAGMA user_version = 4")
     conn.close()
