@@ -499,6 +499,21 @@ class _Abort(Exception):
         super().__init__(message)
 
 
+async def _in_thread_to_the_end(fn: Callable[[], object]) -> None:
+    """``fn`` in a thread, waited for however often the caller is cancelled (then re-raised).
+    A cancelled `asyncio.to_thread` is not only given up: a call no thread has started yet (a
+    busy machine) is dropped, and never runs."""
+    working = asyncio.get_running_loop().run_in_executor(None, fn)
+    try:
+        await asyncio.shield(working)
+    except asyncio.CancelledError:
+        while not working.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait({working})
+        working.exception()  # (the cancellation wins)
+        raise
+
+
 def run_campaign(
     loaded: LoadedCampaign,
     store_path: Path,
@@ -1357,7 +1372,7 @@ class Runner:
                 # Also when a second cancellation cuts the waits above short (KeyboardInterrupt
                 # out of `asyncio.run` cancels every task, and the run cancels its own): the
                 # reader's child process and file are closed, not left to the collector.
-                await asyncio.to_thread(reader.close)
+                await _in_thread_to_the_end(reader.close)
         await self._put_sentinels(queue, workers)
 
     async def _put_sentinels(self, queue: asyncio.Queue[_Job | None], workers: int) -> None:

@@ -1479,6 +1479,96 @@ def test_cancelling_execute_in_the_caller_s_loop_ends_every_task_of_the_run(
     assert report.exit_code == ExitCode.OK and report.in_doubt_found == 4
 
 
+def test_a_second_cancellation_as_the_reader_is_closed_still_ends_its_process(
+    make_campaign: CampaignFactory, store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The source closes the reader's child process in a thread on its way out. A second
+    cancellation as it hands the close over (Ctrl-C out of `asyncio.run`, which cancels every
+    task while the run cancels its own too) cancelled the call before a thread of the pool had
+    started it, on a loaded machine: the close never ran, and the child process was left
+    running. Here the pool starts each call a few turns of the loop after it is handed over (a
+    busy machine), and the second cancellation comes as the close is handed over."""
+    import concurrent.futures
+    import functools
+
+    import campaign_cli.pipeline as pipeline
+    from campaign_cli.pipeline import Runner
+    from campaign_cli.recipients import ProcessChunkReader
+
+    readers: list[ProcessChunkReader] = []
+
+    class Recorded(ProcessChunkReader):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            readers.append(self)
+
+    monkeypatch.setattr(pipeline, "ProcessChunkReader", Recorded)
+
+    class Held(FakeProvider):
+        """Sends that are never answered."""
+
+        async def send(self, message: OutboundMessage) -> SendResult:
+            self.history.append(message)
+            await asyncio.Event().wait()
+            raise AssertionError("unreachable")
+
+    class Busy(concurrent.futures.ThreadPoolExecutor):
+        """Starts each call three turns of the loop after it is handed over."""
+
+        def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+            super().__init__(max_workers=4)
+            self.loop = loop
+
+        def submit(self, fn: Any, /, *args: Any,
+                   **kwargs: Any) -> concurrent.futures.Future[Any]:
+            future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+            target = fn.args[0] if isinstance(fn, functools.partial) else fn  # to_thread's
+            if getattr(target, "__func__", None) is ProcessChunkReader.close:
+                task = asyncio.current_task()
+                assert task is not None
+                task.cancel()  # the second cancellation, as the close is handed over
+
+            def work() -> None:
+                try:
+                    future.set_result(fn(*args, **kwargs))
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                    future.set_exception(exc)
+
+            def start(turns: int) -> None:
+                if turns:
+                    self.loop.call_soon(start, turns - 1)
+                elif future.set_running_or_notify_cancel():
+                    super(Busy, self).submit(work)
+
+            self.loop.call_soon_threadsafe(start, 3)
+            return future
+
+    campaign = make_campaign(people(2000))
+
+    async def application() -> None:
+        asyncio.get_running_loop().set_default_executor(Busy(asyncio.get_running_loop()))
+        provider = Held()
+        runner = Runner(load_campaign(campaign, {}), store_path,
+                        SendOptions(run_key="k", reader="process"), clock=FakeClock(),
+                        registry=fake_registry(provider), stop=StopController())
+        task = asyncio.create_task(runner.execute())
+        for _ in range(6000):  # until the four workers each hold a send (a guard, not a wait)
+            if len(provider.history) == 4:
+                break
+            await asyncio.sleep(0.01)
+        assert len(provider.history) == 4
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(application())
+    assert len(readers) == 1
+    reaped = readers[0]._process.returncode is not None
+    if not reaped:
+        readers[0].close()
+    assert reaped
+
+
 def test_run_campaign_in_a_running_event_loop_says_to_await_runner_execute(
     make_campaign: CampaignFactory, store_path: Path
 ) -> None:
