@@ -116,6 +116,27 @@ def journal_state(store: Path, row: int) -> str | None:
     return str(found[0][0]) if found else None
 
 
+def hold_between_commits(proc: subprocess.Popen[str], store: Path) -> None:
+    """Stop ``proc`` (SIGSTOP) at a moment it holds no write lock on the store, so that another
+    command can write there while it is held. SIGCONT lets it go on."""
+    deadline = time.monotonic() + DEADLINE
+    while True:
+        proc.send_signal(signal.SIGSTOP)
+        wait_for(lambda: Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                 == "T", proc, "the run stopped")
+        probe = sqlite3.connect(store, timeout=0, isolation_level=None)
+        try:
+            probe.execute("BEGIN IMMEDIATE")
+            probe.execute("ROLLBACK")
+            return
+        except sqlite3.OperationalError:  # stopped inside a commit: let it finish it
+            proc.send_signal(signal.SIGCONT)
+            assert time.monotonic() < deadline, "the run never left its write lock"
+            time.sleep(0.02)
+        finally:
+            probe.close()
+
+
 def test_sigkill_mid_run_then_resume_sends_everyone_exactly_once(
     paced: Path, store_path: Path, tmp_path: Path
 ) -> None:
@@ -155,11 +176,14 @@ def test_status_tells_a_live_run_from_one_whose_process_was_killed(
     process still drives it (and who), so an operator is not left waiting for a dead one."""
     proc = start(store_path, "send", str(long_paced), "--run-key", "live")
     wait_for(lambda: sent_rows(store_path) >= 5, proc, "5 messages sent")
-    live = json.loads(run(store_path, "status", "test-campaign/live", "--json").stdout)
+    hold_between_commits(proc, store_path)  # (the run could end while `status` starts up)
+    try:
+        live = json.loads(run(store_path, "status", "test-campaign/live", "--json").stdout)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
     assert live["status"] == "running"
     assert live["holder"] is not None and live["holder"].startswith(f"pid {proc.pid} on ")
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
 
     dead = json.loads(run(store_path, "status", "test-campaign/live", "--json").stdout)
     assert (dead["status"], dead["holder"]) == ("running", None)
@@ -224,6 +248,7 @@ def test_a_second_process_on_the_same_run_exits_5_naming_the_holder(
     proc = start(store_path, "send", str(long_paced), "--run-key", "lock")
     try:
         wait_for(lambda: sent_rows(store_path) >= 1, proc, "the first message")
+        hold_between_commits(proc, store_path)  # (the run could end while the second starts)
         second = run(store_path, "send", str(long_paced), "--run-key", "lock")
         assert second.returncode == 5, second.stderr
         assert f"pid {proc.pid}" in second.stderr
@@ -239,7 +264,13 @@ def test_an_opt_out_added_mid_run_is_honoured(
     proc = start(store_path, "send", str(long_paced), "--run-key", "optout")
     wait_for(lambda: sent_rows(store_path) >= 5, proc, "5 messages sent")
     late = phone(200)  # row 200, five seconds from being sent at 40/s
-    added = run(store_path, "suppress", "add", late.replace("+1", ""), "--channel", "sms")
+    # The run is held while the opt-out is added: on a loaded machine `suppress add` alone (a
+    # fresh interpreter) took longer than those five seconds, and row 200 had been sent.
+    hold_between_commits(proc, store_path)
+    try:
+        added = run(store_path, "suppress", "add", late.replace("+1", ""), "--channel", "sms")
+    finally:
+        proc.send_signal(signal.SIGCONT)
     assert added.returncode == 0, added.stderr
     assert journal_state(store_path, 200) in ("pending", None), "the opt-out came too late"
     wait_for(lambda: journal_state(store_path, 201) == "sent", proc, "row 201 sent")
