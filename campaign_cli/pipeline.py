@@ -928,11 +928,12 @@ class Runner:
             try:
                 await self._close_providers(routes, http)
                 try:
-                    await asyncio.to_thread(writer.close)
+                    # (also when cancelled again meanwhile: a second Ctrl-C, say)
+                    await _in_thread_to_the_end(writer.close)
                 except JournalError as exc:
                     self._crashed(exc)
             finally:
-                await asyncio.to_thread(policy.close)
+                await _in_thread_to_the_end(policy.close)
 
         # Rows still `sending` had their send cut off: the outcome is unknown.
         now = iso(self.clock.now())

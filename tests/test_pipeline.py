@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import functools
 import gc
 import logging
 import os
@@ -1479,77 +1481,62 @@ def test_cancelling_execute_in_the_caller_s_loop_ends_every_task_of_the_run(
     assert report.exit_code == ExitCode.OK and report.in_doubt_found == 4
 
 
-def test_a_second_cancellation_as_the_reader_is_closed_still_ends_its_process(
-    make_campaign: CampaignFactory, store_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The source closes the reader's child process in a thread on its way out. A second
-    cancellation as it hands the close over (Ctrl-C out of `asyncio.run`, which cancels every
-    task while the run cancels its own too) cancelled the call before a thread of the pool had
-    started it, on a loaded machine: the close never ran, and the child process was left
-    running. Here the pool starts each call a few turns of the loop after it is handed over (a
-    busy machine), and the second cancellation comes as the close is handed over."""
-    import concurrent.futures
-    import functools
+class BusyPool(concurrent.futures.ThreadPoolExecutor):
+    """A loaded machine's default executor: each call starts three turns of the loop after it
+    is handed over. A call to ``cancel_on`` (a method) is handed over as its task is cancelled
+    a second time (Ctrl-C out of `asyncio.run`, which cancels every task while the run cancels
+    its own too)."""
 
-    import campaign_cli.pipeline as pipeline
+    def __init__(self, loop: asyncio.AbstractEventLoop, cancel_on: Any) -> None:
+        super().__init__(max_workers=4)
+        self.loop = loop
+        self.cancel_on = cancel_on
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        target = fn.args[0] if isinstance(fn, functools.partial) else fn  # to_thread's
+        if getattr(target, "__func__", None) is self.cancel_on:
+            task = asyncio.current_task()
+            assert task is not None
+            task.cancel()
+
+        def work() -> None:
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                future.set_exception(exc)
+
+        def start(turns: int) -> None:
+            if turns:
+                self.loop.call_soon(start, turns - 1)
+            elif future.set_running_or_notify_cancel():
+                super(BusyPool, self).submit(work)
+
+        self.loop.call_soon_threadsafe(start, 3)
+        return future
+
+
+class Held(FakeProvider):
+    """Sends that are never answered."""
+
+    async def send(self, message: OutboundMessage) -> SendResult:
+        self.history.append(message)
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+def cancelled_on_a_busy_machine(campaign: Path, store_path: Path, cancel_on: Any,
+                                **options: Any) -> None:
+    """Run ``campaign`` in an application's loop (`BusyPool` its default executor) until four
+    sends are held, then cancel it."""
     from campaign_cli.pipeline import Runner
-    from campaign_cli.recipients import ProcessChunkReader
-
-    readers: list[ProcessChunkReader] = []
-
-    class Recorded(ProcessChunkReader):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            readers.append(self)
-
-    monkeypatch.setattr(pipeline, "ProcessChunkReader", Recorded)
-
-    class Held(FakeProvider):
-        """Sends that are never answered."""
-
-        async def send(self, message: OutboundMessage) -> SendResult:
-            self.history.append(message)
-            await asyncio.Event().wait()
-            raise AssertionError("unreachable")
-
-    class Busy(concurrent.futures.ThreadPoolExecutor):
-        """Starts each call three turns of the loop after it is handed over."""
-
-        def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-            super().__init__(max_workers=4)
-            self.loop = loop
-
-        def submit(self, fn: Any, /, *args: Any,
-                   **kwargs: Any) -> concurrent.futures.Future[Any]:
-            future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-            target = fn.args[0] if isinstance(fn, functools.partial) else fn  # to_thread's
-            if getattr(target, "__func__", None) is ProcessChunkReader.close:
-                task = asyncio.current_task()
-                assert task is not None
-                task.cancel()  # the second cancellation, as the close is handed over
-
-            def work() -> None:
-                try:
-                    future.set_result(fn(*args, **kwargs))
-                except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                    future.set_exception(exc)
-
-            def start(turns: int) -> None:
-                if turns:
-                    self.loop.call_soon(start, turns - 1)
-                elif future.set_running_or_notify_cancel():
-                    super(Busy, self).submit(work)
-
-            self.loop.call_soon_threadsafe(start, 3)
-            return future
-
-    campaign = make_campaign(people(2000))
 
     async def application() -> None:
-        asyncio.get_running_loop().set_default_executor(Busy(asyncio.get_running_loop()))
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(BusyPool(loop, cancel_on))
         provider = Held()
         runner = Runner(load_campaign(campaign, {}), store_path,
-                        SendOptions(run_key="k", reader="process"), clock=FakeClock(),
+                        SendOptions(run_key="k", **options), clock=FakeClock(),
                         registry=fake_registry(provider), stop=StopController())
         task = asyncio.create_task(runner.execute())
         for _ in range(6000):  # until the four workers each hold a send (a guard, not a wait)
@@ -1562,11 +1549,57 @@ def test_a_second_cancellation_as_the_reader_is_closed_still_ends_its_process(
             await task
 
     asyncio.run(application())
+
+
+def test_a_second_cancellation_as_the_reader_is_closed_still_ends_its_process(
+    make_campaign: CampaignFactory, store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The source closes the reader's child process in a thread on its way out. A second
+    cancellation as it hands the close over cancelled the call before a thread of the pool had
+    started it, on a loaded machine: the close never ran, and the child process was left
+    running."""
+    import campaign_cli.pipeline as pipeline
+    from campaign_cli.recipients import ProcessChunkReader
+
+    readers: list[ProcessChunkReader] = []
+
+    class Recorded(ProcessChunkReader):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            readers.append(self)
+
+    monkeypatch.setattr(pipeline, "ProcessChunkReader", Recorded)
+    cancelled_on_a_busy_machine(make_campaign(people(2000)), store_path,
+                                ProcessChunkReader.close, reader="process")
     assert len(readers) == 1
     reaped = readers[0]._process.returncode is not None
     if not reaped:
         readers[0].close()
     assert reaped
+
+
+def test_a_second_cancellation_as_the_journal_is_closed_still_stops_its_writer(
+    make_campaign: CampaignFactory, store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same for the journal writer (Ctrl-C twice in a script that calls `run_campaign`: the
+    second one cancels the run again while it closes): its close, dropped, left the writer's
+    thread and connection running, with what it had not yet committed."""
+    from campaign_cli.store.journal import JournalWriter
+
+    writers: list[JournalWriter] = []
+    real_start = JournalWriter.start
+
+    def recorded(self: JournalWriter) -> JournalWriter:
+        writers.append(self)
+        return real_start(self)
+
+    monkeypatch.setattr(JournalWriter, "start", recorded)
+    cancelled_on_a_busy_machine(make_campaign(people(50)), store_path, JournalWriter.close)
+    assert len(writers) == 1
+    running = writers[0]._thread.is_alive()
+    if running:
+        writers[0].close()
+    assert not running
 
 
 def test_run_campaign_in_a_running_event_loop_says_to_await_runner_execute(
