@@ -1335,7 +1335,19 @@ class Runner:
         loop idle a quarter of the time; four and three ahead took the dry run from 15.5k to
         20.5k msg/s in process): read (in a thread or a child
         process), admit + policy (the writer thread and a policy thread), render + queue (here)."""
-        reader = await asyncio.to_thread(self._open_reader, spec, start_row, total_rows)
+        opening = asyncio.get_running_loop().run_in_executor(
+            None, self._open_reader, spec, start_row, total_rows)
+        try:
+            reader = await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            # Cancelled while the reader opened (its child process starting): the reader it
+            # opens is closed here, not handed to nobody and left to the collector.
+            while not opening.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait({opening})
+            if not opening.cancelled() and opening.exception() is None:
+                await _in_thread_to_the_end(opening.result().close)
+            raise
         chunks: asyncio.Queue[Chunk | BaseException | None] = asyncio.Queue(4)
         ready: asyncio.Queue[asyncio.Future[_Ready | None] | BaseException | None] = (
             asyncio.Queue(3)

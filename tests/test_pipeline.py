@@ -1578,6 +1578,55 @@ def test_a_second_cancellation_as_the_reader_is_closed_still_ends_its_process(
     assert reaped
 
 
+def test_a_cancellation_while_the_reader_opens_still_ends_its_process(
+    make_campaign: CampaignFactory, store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelled while the reader's child process was starting (in a thread): the reader it
+    opened was handed to nobody, and left to the garbage collector with its child running."""
+    import threading
+
+    import campaign_cli.pipeline as pipeline
+    from campaign_cli.pipeline import Runner
+    from campaign_cli.recipients import ProcessChunkReader
+
+    readers: list[ProcessChunkReader] = []
+    opened = threading.Event()
+    go_on = threading.Event()
+
+    class Slow(ProcessChunkReader):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            readers.append(self)
+            opened.set()
+            go_on.wait(60)  # until the run is cancelled
+
+    monkeypatch.setattr(pipeline, "ProcessChunkReader", Slow)
+    campaign = make_campaign(people(2000))
+
+    async def application() -> None:
+        runner = Runner(load_campaign(campaign, {}), store_path,
+                        SendOptions(run_key="k", reader="process"), clock=FakeClock(),
+                        registry=fake_registry(FakeProvider()), stop=StopController())
+        task = asyncio.create_task(runner.execute())
+        for _ in range(6000):  # until the reader's child has started (a guard, not a wait)
+            if opened.is_set():
+                break
+            await asyncio.sleep(0.01)
+        assert opened.is_set()
+        task.cancel()
+        await asyncio.sleep(0)  # the cancellation lands while the reader still opens
+        go_on.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(application())
+    [reader] = readers
+    reaped = reader._process.returncode is not None
+    if not reaped:
+        reader.close()
+    assert reaped
+
+
 def test_a_second_cancellation_as_the_journal_is_closed_still_stops_its_writer(
     make_campaign: CampaignFactory, store_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
