@@ -209,6 +209,37 @@ def test_close_lets_the_child_finish_or_kills_it_when_requests_are_still_held() 
     run(scenario())
 
 
+def test_a_close_cancelled_while_the_child_finishes_still_closes_everything(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`aclose` cancelled while it waited for the child to finish (a second Ctrl-C, an
+    application's timeout) left its answer reader and watchdog tasks to the loop and the file of
+    the child's last words open, and the child running until it got round to exiting."""
+
+    async def scenario() -> HttpProcess:
+        host = await HttpProcess.start()
+        finishing = asyncio.Event()
+
+        async def close_child() -> None:  # a child slow to finish
+            finishing.set()
+            await asyncio.Event().wait()
+
+        monkeypatch.setattr(host, "_close_child", close_child)
+        closing = asyncio.create_task(host.aclose())
+        await finishing.wait()
+        closing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await closing
+        assert host._reader is not None and host._reader.done()
+        assert host._watchdog is not None and host._watchdog.done()
+        assert host._last_words is None
+        await asyncio.wait_for(host._process.wait(), DEADLINE)  # killed: it ends
+        return host
+
+    host = run(scenario())
+    assert host._process.returncode == -signal.SIGKILL
+
+
 def test_a_start_cancelled_before_the_child_is_ready_ends_the_child(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

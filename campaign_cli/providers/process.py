@@ -33,6 +33,7 @@ What each side sees when the other fails:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import os
@@ -316,20 +317,29 @@ class HttpProcess:
             return
         self._closed = True
         self._flush()
-        if self._failure is not None or any(not f.done() for f in self._waiting.values()):
-            await self._kill()
-        else:
-            try:
-                self._write(("close",))
-                await asyncio.wait_for(self._close_child(), CLOSE_TIMEOUT)
-            except (OSError, RuntimeError, asyncio.TimeoutError):
+        try:
+            if self._failure is not None or any(not f.done() for f in self._waiting.values()):
                 await self._kill()
-        for task in (self._reader, self._watchdog):
-            if task is not None:
+            else:
+                try:
+                    self._write(("close",))
+                    await asyncio.wait_for(self._close_child(), CLOSE_TIMEOUT)
+                except (OSError, RuntimeError, asyncio.TimeoutError):
+                    await self._kill()
+        except asyncio.CancelledError:
+            # Cancelled while the child finished (a second Ctrl-C, an application's timeout):
+            # it is killed, not waited for, and the rest is closed all the same (below).
+            if self._process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    self._process.kill()
+            raise
+        finally:
+            tasks = [task for task in (self._reader, self._watchdog) if task is not None]
+            for task in tasks:
                 task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-        self._fail("the HTTP process is closed")
-        self._forget_last_words()
+            self._fail("the HTTP process is closed")
+            self._forget_last_words()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _close_child(self) -> None:
         await self._stdin.drain()
