@@ -315,6 +315,41 @@ def test_sigterm_and_sighup_are_handled_like_ctrl_c(
 
 
 
+def test_a_terminal_that_hangs_up_mid_run_still_gets_the_summary_and_exit_130(
+    paced: Path, store_path: Path
+) -> None:
+    """`ssh host 'campaign send x.yaml --json > summary.json'` and the SSH session drops: the
+    terminal hangs up, SIGHUP stops the run, and every write to stderr (the live display, the
+    stop warning) now fails with EIO, not EPIPE. Only a broken pipe was dropped: the display's
+    last redraw raised OSError out of `send`, the summary was never written to the file that
+    could take it, and the exit code was 1 ("internal error, a bug") for a run the journal
+    records as interrupted (130). What cannot be shown is dropped, as for a broken pipe."""
+    import pty
+    import select
+
+    summary = store_path.parent / "summary.json"
+    master, slave = pty.openpty()
+    with summary.open("w") as out, signals_as_a_terminal_leaves_them():
+        proc = subprocess.Popen(campaign_cmd(store_path, "send", str(paced), "--json"),
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=slave,
+                                close_fds=True)
+    os.close(slave)
+    try:
+        def shown() -> bool:  # (and keep the terminal's buffer drained)
+            while select.select([master], [], [], 0)[0]:
+                os.read(master, 65536)
+            return sent_rows(store_path) >= 5
+
+        wait_for(shown, proc, "5 messages sent")
+    finally:
+        os.close(master)  # the terminal hangs up: writes to it fail with EIO
+    proc.send_signal(signal.SIGHUP)
+    assert proc.wait(timeout=DEADLINE) == 130
+    result = json.loads(summary.read_text())
+    assert (result["status"], result["exit_code"]) == ("interrupted", 130)
+    assert query(store_path, "SELECT status, exit_code FROM runs") == [("interrupted", 130)]
+
+
 def test_ctrl_c_whose_log_reader_died_with_it_still_stops_gracefully(
     paced: Path, store_path: Path
 ) -> None:

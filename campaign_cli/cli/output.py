@@ -43,6 +43,14 @@ class _StderrConsole(Console):
     Messages, progress and warnings are for a person who is no longer reading: they are dropped
     (stderr now goes to /dev/null), and the run goes on to its own end and exit code."""
 
+    def _check_buffer(self) -> None:
+        try:
+            super()._check_buffer()  # (a broken pipe: `on_broken_pipe`)
+        except OSError:
+            # EIO: the terminal hung up (the SSH session dropped; SIGHUP is stopping the run);
+            # ENOSPC: `2>>cron.log` on a full disk. Nobody reads these either.
+            self.on_broken_pipe()
+
     def on_broken_pipe(self) -> None:
         self.quiet = True
         try:
@@ -104,7 +112,7 @@ class Output:
             self.stderr.write(
                 json.dumps(record, ensure_ascii=not writes_unicode(self.stderr)) + "\n")
             self.stderr.flush()
-        except BrokenPipeError:
+        except OSError:  # a broken pipe, a hung-up terminal, a full disk
             self.err.on_broken_pipe()  # as for text: dropped, and the command goes on
 
     def error(self, message: str) -> None:
