@@ -502,6 +502,30 @@ def test_a_closed_standard_output_gives_exit_1_and_one_line_not_python_s_120(
                                    "written (broken pipe): the program reading it exited")
 
 
+@pytest.mark.parametrize("command", ["send", "status"])
+def test_a_full_disk_under_standard_output_gives_exit_1_and_one_line_not_python_s_120(
+    paced: Path, store_path: Path, command: str
+) -> None:
+    """`campaign send x.yaml --json > /var/log/job/summary.json` on a full disk: the summary's
+    write fails with ENOSPC. That was "internal error: OSError ... (a bug: please report it)",
+    then Python's own last flush failed again: "Exception ignored in: <_io.TextIOWrapper
+    name=1 ...>" and exit 120, a code the contract does not have. Now: exit 1 (output that
+    cannot be written) and one line that says what happened; the run itself is journaled."""
+    args = ["send", str(paced), "--json", "--rate", "1000"] if command == "send" else \
+        ["status", "--json"]
+    if command == "status":
+        assert run(store_path, "send", str(paced), "--rate", "1000").returncode == 0
+    with open("/dev/full", "w") as full:  # every write: ENOSPC
+        done = subprocess.run(campaign_cmd(store_path, *args), stdout=full,
+                              stderr=subprocess.PIPE, text=True, timeout=DEADLINE)
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("error: standard output could not be written"), lines
+    assert "No space left on device" in lines[0] and "a bug" not in lines[0]
+    assert query(store_path, "SELECT status, exit_code FROM runs") == [("done", 0)]
+
+
 @pytest.mark.parametrize(
     ("args", "says"),
     [(["send", str(Path(__file__).parent.parent / "campaigns" / "demo.yaml"), "--limit", "-1"], "Invalid value for '--limit'"),

@@ -208,11 +208,14 @@ def _flush_stdout() -> None:
         return
     try:
         sys.stdout.flush()
-    except BrokenPipeError:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-    except (OSError, ValueError):
+    except OSError:  # a broken pipe; a full disk or a hung-up terminal (EIO) alike
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):
+            pass
+    except ValueError:
         pass  # closed or unusable: nothing more can be said there
 
 

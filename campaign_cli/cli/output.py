@@ -63,6 +63,10 @@ class _StderrConsole(Console):
             pass  # no descriptor of its own (a test's StringIO): quiet is enough
 
 
+class StdoutError(CampaignError):
+    """Standard output refused a write for another reason than a broken pipe (exit 1)."""
+
+
 @dataclass
 class Output:
     stdout: IO[str] = field(default_factory=lambda: sys.stdout)
@@ -160,8 +164,14 @@ class Output:
         # into `***` (not JSON), and one with a quote or backslash is escaped in the text. An
         # ASCII or Latin-1 standard output gets JSON's escapes, not an encoding error.
         text = json.dumps(self._redacted(payload), ensure_ascii=not writes_unicode(self.stdout))
-        self.stdout.write(text + "\n")
-        self.stdout.flush()
+        try:
+            self.stdout.write(text + "\n")
+            self.stdout.flush()
+        except BrokenPipeError:
+            raise  # its reader is gone: `fail` says so
+        except OSError as exc:  # a full disk under `> summary.json`, a hung-up terminal
+            raise StdoutError(f"standard output could not be written ({exc.strerror or exc})"
+                              ": what it was to carry is lost") from None
 
     def _redacted(self, value: Any) -> Any:
         if isinstance(value, dict):
