@@ -856,6 +856,28 @@ def test_a_command_that_succeeds_with_standard_output_closed_exits_0_without_a_t
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize("args", [["send", "--json"], ["status", "--json"]])
+def test_json_with_standard_output_closed_is_one_line_saying_so_not_an_internal_error(
+    paced: Path, store_path: Path, args: list[str]
+) -> None:
+    """`campaign send x.yaml --json >&-` (a unit file or a wrapper that closes stdout): Python
+    has no sys.stdout, and printing the summary into None was reported as "internal error:
+    AttributeError: 'NoneType' object has no attribute 'write' (a bug: please report it)".
+    The run is done and journaled; the one line says the summary had nowhere to go (exit 1,
+    output that cannot be written)."""
+    if args[0] == "send":
+        args = ["send", str(paced), "--rate", "1000", "--json"]
+    else:
+        assert run(store_path, "send", str(paced), "--rate", "1000").returncode == 0
+    done = subprocess.run(["/bin/sh", "-c", 'exec "$@" >&-', "sh",
+                           *campaign_cmd(store_path, *args)],
+                          capture_output=True, text=True, timeout=DEADLINE)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "error: standard output is closed: what it was to carry is lost"]
+    assert query(store_path, "SELECT status, exit_code FROM runs") == [("done", 0)]
+
+
 def test_a_console_campaign_with_standard_output_closed_is_refused_before_anything_is_sent(
     store_path: Path, make_campaign: CampaignFactory
 ) -> None:

@@ -160,6 +160,8 @@ class Output:
         self.err.print(self.shown(text), markup=False)
 
     def json(self, payload: Any) -> None:
+        if self.stdout is None:  # `>&-`: Python has no sys.stdout
+            raise StdoutError("standard output is closed: what it was to carry is lost")
         # Redact the values, not the serialized text: a secret such as "100" would turn numbers
         # into `***` (not JSON), and one with a quote or backslash is escaped in the text. An
         # ASCII or Latin-1 standard output gets JSON's escapes, not an encoding error.
