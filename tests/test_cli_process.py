@@ -29,6 +29,7 @@ from tests.conftest import (
     query,
     signals_as_a_terminal_leaves_them,
 )
+from tests.fakeserver import FakeProviderServer, fake_server_fixture  # noqa: F401
 
 CAMPAIGN = [sys.executable, "-m", "campaign_cli"]
 DEADLINE = 60.0
@@ -686,6 +687,23 @@ def test_the_confirmation_asks_only_about_providers_that_channels_send_through(
     assert proc.returncode == 2, proc.stderr
     assert b"through webhook (real messages" in proc.stderr
     assert unused["type"].encode() not in proc.stderr
+
+
+def test_a_real_provider_with_standard_input_closed_sends_without_asking(
+    make_campaign: CampaignFactory, store_path: Path, fake_server: FakeProviderServer
+) -> None:
+    """A job started with standard input closed (`<&-`, a supervisor that closes it): Python
+    has no sys.stdin, and the confirmation's terminal check (`sys.stdin.isatty()`) raised
+    AttributeError: "internal error ... (a bug)", exit 1, and no `--json` summary. No terminal,
+    so no question: the run goes on as off any other terminal."""
+    campaign = make_campaign(people(3), providers={"hook": fake_server.provider_config("webhook")},
+                             channels={"webhook": {"provider": "hook", "body": "Hi"}})
+    done = subprocess.run(["/bin/sh", "-c", 'exec "$@" <&-', "sh",
+                           *campaign_cmd(store_path, "send", str(campaign), "--json")],
+                          capture_output=True, text=True, timeout=DEADLINE)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["counts"] == {"sent": 3}
+    assert len(fake_server.accepted("webhook")) == 3
 
 
 def test_json_output_on_a_standard_output_that_is_not_utf8(

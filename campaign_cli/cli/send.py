@@ -170,7 +170,8 @@ def _send(app: AppContext, campaign_file: Path, recipients: Path | None, dry_run
     providers = loaded.campaign.providers
     real = {providers[name].type for name in loaded.campaign.providers_in_use()}
     real -= LOCAL_PROVIDER_TYPES
-    if real and not dry_run and not yes and sys.stdin.isatty():
+    # (`<&-`: no sys.stdin at all, and so no terminal to ask on)
+    if real and not dry_run and not yes and sys.stdin is not None and sys.stdin.isatty():
         names = ", ".join(sorted(real))
         # Not sent, whatever the answer: errors, so that `--json` still prints its one object.
         try:
