@@ -377,6 +377,12 @@ class ProcessChunkReader:
         self._done = False
         # Its last words (a crash's one line) go to a file, never to the user's terminal.
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed with the process
+        # The stop signals are blocked while the child is started: it inherits the mask, so one
+        # that arrives while its interpreter starts up waits until its code ignores it (the
+        # parent's, held meanwhile, is delivered when the mask is put back).
+        masked = hasattr(signal, "pthread_sigmask")
+        if masked:
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         try:
             self._process = subprocess.Popen(  # noqa: S603 - our own interpreter, fixed code
                 [sys.executable, "-c", _CHILD_CODE],
@@ -385,6 +391,9 @@ class ProcessChunkReader:
         except BaseException:
             self._stderr.close()
             raise
+        finally:
+            if masked:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         args = {
             "sys_path": list(sys.path),
             "path": str(spec.path),
@@ -449,7 +458,7 @@ class ProcessChunkReader:
         self._done = True
         process = self._process
         if process.poll() is None:
-            process.terminate()
+            process.kill()  # (it ignores SIGTERM: see `_child_main`)
         process.wait()
         self._stdout.close()
         self._stderr.close()
@@ -465,11 +474,24 @@ def _exit_status(code: int) -> str:
     return f"exit code {code}"
 
 
+#: Ctrl-C, and the SIGTERM or SIGHUP that `systemctl stop` (every process of the unit) or a
+#: terminal hanging up (its process group) sends the reader child too: stopping is the parent's
+#: to decide, so the child ignores them (`close` ends it with SIGKILL).
+_STOP_SIGNALS = frozenset(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP")
+                          if hasattr(signal, name))
+
 # `-c` puts the working directory ('') first on the path: drop it before importing anything, or
 # a user's pickle.py (struct.py, re.py, ...) there would be imported instead of the library's.
+# The stop signals are ignored first, then let through (they were blocked from the start).
 _CHILD_CODE = (
     "import sys\n"
     "sys.path[:] = [p for p in sys.path if p]\n"
+    "import signal\n"
+    "stops = [getattr(signal, n) for n in ('SIGINT', 'SIGTERM', 'SIGHUP') if hasattr(signal, n)]\n"
+    "for s in stops:\n"
+    "    signal.signal(s, signal.SIG_IGN)\n"
+    "if hasattr(signal, 'pthread_sigmask'):\n"
+    "    signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)\n"
     "import pickle\n"
     "args = pickle.load(sys.stdin.buffer)\n"
     "sys.path[:] = args['sys_path']\n"
@@ -480,7 +502,8 @@ _CHILD_CODE = (
 
 def _child_main(args: dict[str, Any]) -> None:
     """The child process: read, normalise and send each chunk, then a final message."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop (Ctrl-C)
+    for stop in _STOP_SIGNALS:  # (as `_CHILD_CODE` did already: for a caller of its own)
+        signal.signal(stop, signal.SIG_IGN)
     # Buffered, whatever PYTHONUNBUFFERED says. Under it `sys.stdout.buffer` is a raw file whose
     # write() may stop short: a write blocked on a full pipe returns what it wrote so far when a
     # stop and continue (Ctrl-Z, `fg`, a debugger or py-spy attaching) interrupts it, and pickle

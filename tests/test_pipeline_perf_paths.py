@@ -343,6 +343,47 @@ def test_the_reader_child_survives_a_stop_and_continue_while_blocked_on_a_full_p
     assert rows == list(range(1, 20_001))
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_the_reader_child_leaves_a_stop_signal_to_its_parent(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
+    """`systemctl stop` signals every process of the unit (KillMode=control-group), and a
+    terminal that hangs up signals its whole foreground process group: the reader child got the
+    SIGTERM or SIGHUP meant to stop the run gracefully, and died of it (it ignored only
+    SIGINT). A run whose parent was then still reading ended "aborted" with exit 1 ("the
+    recipient reader process ended unexpectedly (killed by SIGTERM)"), not "interrupted" (130).
+    Stopping is the parent's to decide, as it is for the HTTP process; `close` still ends it."""
+    path = big_file(tmp_path, 20_000)
+    reader = ProcessChunkReader(spec_for(path), 1000)  # ~80 KB a chunk: more than a pipe holds
+    pid = reader._process.pid
+    try:
+        chunks = [reader.next_chunk()]
+        wait_until(lambda: "pipe_write" in Path(f"/proc/{pid}/wchan").read_text(),
+                   "the child blocked writing to a full pipe")
+        os.kill(pid, signum)
+        while (chunk := reader.next_chunk()) is not None:
+            chunks.append(chunk)
+    finally:
+        reader.close()
+    rows = [item.row for chunk in chunks if chunk is not None for item in chunk]
+    assert rows == list(range(1, 20_001))
+
+    reader = ProcessChunkReader(spec_for(path), 1000)
+    assert reader.next_chunk() is not None
+    reader.close()  # mid-file, blocked on the pipe: ended all the same
+    assert reader._process.returncode is not None
+
+    # The same signal the moment the child exists (the unit stopped as the run opens its
+    # file), while its interpreter still starts up, before any code of ours runs in it.
+    reader = ProcessChunkReader(spec_for(path), 1000)
+    os.kill(reader._process.pid, signum)
+    try:
+        rows = [item.row for chunk in iter(reader.next_chunk, None) for item in chunk]
+    finally:
+        reader.close()
+    assert rows == list(range(1, 20_001))
+
+
 def test_a_broken_stream_from_the_reader_child_is_an_error_not_a_hang(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
