@@ -503,6 +503,39 @@ def test_a_closed_standard_output_gives_exit_1_and_one_line_not_python_s_120(
                                    "written (broken pipe): the program reading it exited")
 
 
+def test_a_summary_that_cannot_be_written_still_leaves_the_resume_command_and_the_error(
+    paced: Path, store_path: Path
+) -> None:
+    """`campaign send x.yaml --json --max-spend 0.3 > summary.json` on a full disk, and the run
+    stops at the cap: the summary's failed write ended the command there, before the resume
+    command (with the --max-spend it needs) and the run's own error line reached stderr, the
+    cron log that is all the operator has left. They are said, then the lost output (exit 1)."""
+    with open("/dev/full", "w") as full:  # every write: ENOSPC
+        done = subprocess.run(
+            campaign_cmd(store_path, "send", str(paced), "--json", "--rate", "1000",
+                         "--max-spend", "0.3"),
+            stdout=full, stderr=subprocess.PIPE, text=True, timeout=DEADLINE)
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert lines[0].startswith("stopped at the spend cap; the rest is pending. To resume with "
+                               "a larger budget: campaign --store"), lines
+    assert lines[-1].startswith("error: standard output could not be written"), lines
+    assert len(lines) == 2, lines
+    assert query(store_path, "SELECT status, exit_code FROM runs") == [("spend_cap", 3)]
+
+    bad = paced.parent / "bad.yaml"
+    bad.write_text("name: [\n")
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(campaign_cmd(store_path, "send", str(bad), "--json"),
+                              stdout=full, stderr=subprocess.PIPE, text=True, timeout=DEADLINE)
+    lines = done.stderr.strip().splitlines()
+    # Why it did not start (exit 2), and that its summary was lost.
+    assert done.returncode == 2, lines
+    assert [line.split(":")[0] for line in lines] == ["error", "error"], lines
+    assert "bad.yaml:2: not valid YAML" in lines[-1]
+    assert "standard output could not be written" in lines[0]
+
+
 @pytest.mark.parametrize("command", ["send", "status"])
 def test_a_full_disk_under_standard_output_gives_exit_1_and_one_line_not_python_s_120(
     paced: Path, store_path: Path, command: str

@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 import typer
 
 from campaign_cli.cli.context import AppContext, app_context, command
-from campaign_cli.cli.output import ProgressDisplay
+from campaign_cli.cli.output import ProgressDisplay, StdoutError
 from campaign_cli.config import Campaign, load_campaign
 from campaign_cli.errors import (
     CampaignError,
@@ -132,8 +132,13 @@ def _command(app: AppContext, campaign_file: Path, recipients: Path | None, dry_
         _send(app, campaign_file, recipients, dry_run, limit, run_key, rate, max_spend,
               as_json, yes, retry_failed, grace, single_process)
     except CampaignError as exc:
-        if as_json:  # the one JSON object a script reads, also when the run could not start
-            app.output.json(_not_started(app, campaign_file, run_key, dry_run, exc))
+        # The one JSON object a script reads, also when the run could not start (not when it
+        # was the summary that could not be printed).
+        if as_json and not isinstance(exc, StdoutError):
+            try:
+                app.output.json(_not_started(app, campaign_file, run_key, dry_run, exc))
+            except StdoutError as lost:  # said; why the run did not start is the error
+                app.output.error(str(lost))
         raise
     finally:  # (ignored once the run ended: see `_send`)
         for sig, handler in previous.items():
@@ -229,8 +234,12 @@ def _send(app: AppContext, campaign_file: Path, recipients: Path | None, dry_run
     for warning in report.warnings:
         out.warn(warning)
     app.warn_if_exposed()  # (the store the run recorded in: said once it opened as one)
+    lost: Exception | None = None
     if as_json:
-        out.json(report.to_json())
+        try:
+            out.json(report.to_json())
+        except (BrokenPipeError, StdoutError) as exc:
+            lost = exc  # (exit 1), once the run's error and resume command are said on stderr
     elif not out.quiet:
         _print_summary(app, report)
     if report.error:  # also with --quiet ("only errors and results") and --json
@@ -239,6 +248,8 @@ def _send(app: AppContext, campaign_file: Path, recipients: Path | None, dry_run
                         single_process)
     if hint:  # the way on from a stop: a result, also with --quiet (a cron log needs it most)
         out.result(hint, err=True)
+    if lost is not None:
+        raise lost
     raise typer.Exit(int(report.exit_code or 0))
 
 
