@@ -865,6 +865,21 @@ def test_validate_is_the_dry_run_under_its_preflight_name(tmp_path: Path) -> Non
     assert err.strip().endswith("none.yaml: campaign file not found")
 
 
+def test_validate_as_a_ci_gate_says_on_stderr_why_the_cap_fails_it(tmp_path: Path) -> None:
+    """`campaign validate x.yaml --json` as a CI step: exit 3 (the cap would stop the run) came
+    with nothing at all on stderr, the CI log's only human words, where exit 4 says which
+    messages would fail to render and a real send at the cap prints the way on. One line says
+    what the cap would do and how to change it."""
+    store = tmp_path / "store.db"
+    demo = str(ROOT / "campaigns" / "demo.yaml")
+    code, out, err = invoke(store, "validate", demo, "--max-spend", "0.1", "--json")
+    assert code == 3 and json.loads(out)["stopped"] == "spend_cap"
+    assert err.strip().splitlines() == [
+        "dry run: the spend cap (0.1 USD) would stop the run with messages still pending; "
+        "raise it with --max-spend or limits.max_spend"]
+    assert not store.exists()
+
+
 def test_validate_checks_the_resume_of_a_named_run(
     make_campaign: CampaignFactory, store_path: Path
 ) -> None:

@@ -392,6 +392,11 @@ def _store_holds(store_path: Path, report: RunReport) -> bool:
 def _resume_hint(app: AppContext, report: RunReport, campaign_file: Path,
                  recipients: Path | None, max_spend: str | None, limit: int | None,
                  rate: float | None, single_process: bool = False) -> str | None:
+    if report.dry_run and report.exit_code == ExitCode.SPEND_CAP:
+        # (`validate` as a CI gate: exit 3 and, with --json, no other word on stderr)
+        return (f"dry run: the spend cap ({from_micros(report.max_spend_micros or 0)} "
+                f"{report.currency}) would stop the run with messages still pending; raise it "
+                "with --max-spend or limits.max_spend")
     if report.dry_run or report.exit_code not in (ExitCode.SPEND_CAP, ExitCode.INTERRUPTED,
                                                    ExitCode.PROVIDER_AUTH, ExitCode.INTERNAL):
         return None
