@@ -503,6 +503,33 @@ def test_a_closed_standard_output_gives_exit_1_and_one_line_not_python_s_120(
                                    "written (broken pipe): the program reading it exited")
 
 
+@pytest.mark.parametrize("args", [["status"], ["suppress", "list"], ["suppress", "export", "-"],
+                                  ["trace", "+12012000001"]])
+def test_a_full_or_closed_standard_output_is_one_line_not_a_bug_for_every_command(
+    store_path: Path, args: list[str]
+) -> None:
+    """`campaign suppress export - > /backup/optouts.csv` on a full disk (a nightly backup job),
+    or `campaign status > report.txt`: the write failed with ENOSPC, reported as "internal
+    error: OSError ... (a bug: please report it)"; with stdout closed, `export -` said "internal
+    error: TypeError: argument 1 must have a "write" method". Exit 1 (output that cannot be
+    written), and one line that says what happened."""
+    assert run(store_path, "suppress", "add", "+12012000001").returncode == 0
+    with open("/dev/full", "w") as full:  # every write: ENOSPC
+        done = subprocess.run(campaign_cmd(store_path, *args), stdout=full,
+                              stderr=subprocess.PIPE, text=True, timeout=DEADLINE)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "error: standard output could not be written (No space left on device): what it was "
+        "to carry is lost"]
+    if args[-1] == "-":
+        done = subprocess.run(["/bin/sh", "-c", 'exec "$@" >&-', "sh",
+                               *campaign_cmd(store_path, *args)],
+                              capture_output=True, text=True, timeout=DEADLINE)
+        assert done.returncode == 1, done.stderr
+        assert done.stderr.strip().splitlines() == [
+            "error: standard output is closed: what it was to carry is lost"]
+
+
 def test_a_summary_that_cannot_be_written_still_leaves_the_resume_command_and_the_error(
     paced: Path, store_path: Path
 ) -> None:

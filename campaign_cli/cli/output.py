@@ -67,6 +67,26 @@ class StdoutError(CampaignError):
     """Standard output refused a write for another reason than a broken pipe (exit 1)."""
 
 
+CLOSED_STDOUT = "standard output is closed: what it was to carry is lost"
+
+
+def unwritable(exc: OSError) -> StdoutError:
+    """The error for a write to standard output that failed (not a broken pipe): a full disk
+    under `> file`, a hung-up terminal."""
+    return StdoutError(f"standard output could not be written ({exc.strerror or exc}): what it "
+                       "was to carry is lost")
+
+
+class _StdoutConsole(Console):
+    """rich's Console for stdout: a failed write is `StdoutError`, not an internal error."""
+
+    def _check_buffer(self) -> None:
+        try:
+            super()._check_buffer()  # (a broken pipe: rich's `on_broken_pipe`)
+        except OSError as exc:
+            raise unwritable(exc) from None
+
+
 @dataclass
 class Output:
     stdout: IO[str] = field(default_factory=lambda: sys.stdout)
@@ -85,7 +105,7 @@ class Output:
         # No emoji codes: rich would print "file.csv:100: ..." as "file.csv💯 ...".
         self.err = _StderrConsole(file=self.stderr, highlight=False, soft_wrap=True,
                                   emoji=False, width=width(self.stderr))
-        self.out = Console(file=self.stdout, highlight=False, soft_wrap=True, emoji=False,
+        self.out = _StdoutConsole(file=self.stdout, highlight=False, soft_wrap=True, emoji=False,
                            width=width(self.stdout))
 
     @property
@@ -161,7 +181,7 @@ class Output:
 
     def json(self, payload: Any) -> None:
         if self.stdout is None:  # `>&-`: Python has no sys.stdout
-            raise StdoutError("standard output is closed: what it was to carry is lost")
+            raise StdoutError(CLOSED_STDOUT)
         # Redact the values, not the serialized text: a secret such as "100" would turn numbers
         # into `***` (not JSON), and one with a quote or backslash is escaped in the text. An
         # ASCII or Latin-1 standard output gets JSON's escapes, not an encoding error.
@@ -172,8 +192,7 @@ class Output:
         except BrokenPipeError:
             raise  # its reader is gone: `fail` says so
         except OSError as exc:  # a full disk under `> summary.json`, a hung-up terminal
-            raise StdoutError(f"standard output could not be written ({exc.strerror or exc})"
-                              ": what it was to carry is lost") from None
+            raise unwritable(exc) from None
 
     def _redacted(self, value: Any) -> Any:
         if isinstance(value, dict):
