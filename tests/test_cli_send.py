@@ -18,7 +18,7 @@ from campaign_cli.cli.main import get_app
 from campaign_cli.pipeline import RunReport
 from campaign_cli.store import runs
 from campaign_cli.store.db import MIGRATIONS
-from tests.conftest import CampaignFactory, people, query
+from tests.conftest import CampaignFactory, people, phone, query
 
 ROOT = Path(__file__).resolve().parent.parent
 SUMMARY_KEYS = {"run", "campaign", "counts", "by_channel", "spend", "currency", "duration_s",
@@ -878,6 +878,23 @@ def test_validate_as_a_ci_gate_says_on_stderr_why_the_cap_fails_it(tmp_path: Pat
         "dry run: the spend cap (0.1 USD) would stop the run with messages still pending; "
         "raise it with --max-spend or limits.max_spend"]
     assert not store.exists()
+
+
+def test_a_send_that_ends_with_failures_says_where_to_look_on_stderr(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    """`send --json` from cron exiting 4 (some messages not sent) said nothing on stderr, the cron
+    log's only human words: one line now says how many and where to look."""
+    campaign = make_campaign(
+        [["c1", "Ann", phone(1), "a@example.com"], ["c2", "", phone(2), "b@example.com"],
+         ["c3", "Cy", phone(3), "c@example.com"]],
+        channels={"sms": {"provider": "box",
+                          "body": "Hi {{ first_name or (1 / 0) }}, your code is 1234."}})
+    code, out, err = invoke(store_path, "send", str(campaign), "--run-key", "r", "--json")
+    assert code == 4 and json.loads(out)["counts"] == {"sent": 2, "render_failed": 1}
+    assert err.strip().splitlines() == [
+        "1 message(s) not sent (dead letters, or templates that failed for those recipients): "
+        "see `campaign status test-campaign/r`"]
 
 
 def test_validate_checks_the_resume_of_a_named_run(

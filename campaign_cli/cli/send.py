@@ -397,6 +397,10 @@ def _resume_hint(app: AppContext, report: RunReport, campaign_file: Path,
         return (f"dry run: the spend cap ({from_micros(report.max_spend_micros or 0)} "
                 f"{report.currency}) would stop the run with messages still pending; raise it "
                 "with --max-spend or limits.max_spend")
+    if report.exit_code == ExitCode.FAILURES and not report.dry_run:
+        # (with --json, else the only word on stderr a cron log keeps of exit 4)
+        return (f"{report.definitely_failed} message(s) not sent (dead letters, or templates "
+                f"that failed for those recipients): see `campaign status {report.run_name}`")
     if report.dry_run or report.exit_code not in (ExitCode.SPEND_CAP, ExitCode.INTERRUPTED,
                                                    ExitCode.PROVIDER_AUTH, ExitCode.INTERNAL):
         return None
