@@ -631,6 +631,12 @@ class Runner:
         private = contextlib.ExitStack()  # the dry run's own folder, if it makes one
         store_path = self.store_path
         if self.options.dry_run:
+            holder = runs.RunLock.holder(self.store_path, self.campaign.name, run_key)
+            if holder is not None:
+                self.warnings.append(
+                    f"run {self.campaign.name}/{run_key} is being sent now ({holder}): this dry "
+                    "run checks it as the store holds it at this moment"
+                )
             try:
                 target = self.options.dry_run_store
                 if target is None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import re
 import shlex
+import socket
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -895,6 +897,26 @@ def test_a_send_that_ends_with_failures_says_where_to_look_on_stderr(
     assert err.strip().splitlines() == [
         "1 message(s) not sent (dead letters, or templates that failed for those recipients): "
         "see `campaign status test-campaign/r`"]
+
+
+def test_validate_of_a_run_being_sent_now_says_so(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    """`validate --run-key K` while a process sends run K answered as of that moment, exit 0,
+    without a word that the run was live (and its figures moving)."""
+    campaign = make_campaign(people(5))
+    assert invoke(store_path, "send", str(campaign), "--run-key", "r1", "--limit", "3")[0] == 0
+    lock = runs.RunLock.acquire(store_path, "test-campaign", "r1", "2026-11-27T12:00:00.000Z")
+    try:
+        code, out, err = invoke(store_path, "validate", str(campaign), "--run-key", "r1")
+    finally:
+        lock.release()
+    assert code == 0, err
+    assert (f"warning: run test-campaign/r1 is being sent now (pid {os.getpid()} on "
+            f"{socket.gethostname()} since 2026-11-27T12:00:00.000Z): this dry run checks it as "
+            "the store holds it at this moment") in err
+    assert "being sent now" not in invoke(store_path, "validate", str(campaign), "--run-key",
+                                          "r1")[2]
 
 
 def test_validate_checks_the_resume_of_a_named_run(
