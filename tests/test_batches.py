@@ -31,7 +31,13 @@ from campaign_cli.errors import (
     TransientError,
 )
 from campaign_cli.models import Channel, OutboundMessage, SmsContent, WebhookContent
-from campaign_cli.pipeline import RunReport, SendOptions, StopController, run_campaign
+from campaign_cli.pipeline import (
+    RunReport,
+    SendOptions,
+    StopController,
+    idempotency_key,
+    run_campaign,
+)
 from campaign_cli.providers import console, outbox
 from campaign_cli.providers.webhook import WebhookAdapter
 from campaign_cli.testing import FakeBatchProvider, FakeClock, FakeProvider, fake_registry
@@ -274,6 +280,30 @@ def test_a_failed_outbox_write_leaves_no_partial_file(
     assert send_to_outbox(campaign, store_path).counts == {"sent": 20}
     assert outbox_keys(tmp_path) == sorted(f"c{i}" for i in range(1, 21))
     assert len(list(folder.iterdir())) == 20
+
+
+def test_an_outbox_write_never_follows_a_symlink_planted_at_its_temporary_name(
+    make_campaign: CampaignFactory, store_path: Path, tmp_path: Path
+) -> None:
+    """The outbox folder may be shared (``dir: /tmp/outbox``), and another local user can create
+    the run's folder before the run does. File names are predictable (the idempotency key is a
+    hash of campaign, run key and recipient key; the temporary file added the pid), so that user
+    planted symlinks at the temporary names, and each message was written through one: into any
+    file the operator may write (a shell profile), with recipient data as its content. The
+    temporary file is now created new (``O_EXCL``, which never follows a symlink) under a name
+    nobody can guess; a planted link is never written through."""
+    campaign = make_campaign(people(5))
+    folder = tmp_path / "outbox" / "test-campaign_k"
+    folder.mkdir(parents=True)
+    victim = tmp_path / "profile"
+    victim.write_text("precious\n")
+    for i in range(1, 6):
+        key = idempotency_key("test-campaign", "k", f"c{i}", "sms")
+        (folder / f".{key}.json.{os.getpid()}.tmp").symlink_to(victim)
+
+    assert send_to_outbox(campaign, store_path).counts == {"sent": 5}
+    assert victim.read_text() == "precious\n"
+    assert outbox_keys(tmp_path) == sorted(f"c{i}" for i in range(1, 6))
 
 
 def test_admitting_chunks_concurrently_keeps_the_first_row_of_a_key(

@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 import re
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -160,8 +161,12 @@ def _write_all(files: Sequence[tuple[Path, bytes]]) -> None:
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # A new file (O_EXCL: never through a symlink) under a name nobody can guess: the folder may
+    # be shared, and a link planted at a predictable name would have the message written into
+    # whatever file it points to. The pid ends the name, for `_remove_stale_temporaries`.
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".{os.getpid()}.tmp",
+                                dir=path.parent)
+    tmp = Path(name)
     try:
         try:
             view = memoryview(data)
