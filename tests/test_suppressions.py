@@ -486,7 +486,9 @@ def test_migration_3_spells_webhook_urls_as_version_3_did(raw: str) -> None:
 
     try:
         expected: str | None = normalize_webhook_url(raw)
-    except AddressError:
+    except AddressError as exc:
+        if "not a URL a request can go to" in exc.detail:
+            return  # refused by a later rule (a port past 65535): no address of today matches it
         expected = None
     assert _v3_webhook_spelling(raw) == expected
 
