@@ -729,6 +729,24 @@ def _lock_file(store_path: Path, campaign: str, run_key: str) -> Path:
     return path
 
 
+def test_taking_a_run_s_lock_never_writes_through_a_symlink_planted_at_its_name(
+    store_path: Path, tmp_path: Path
+) -> None:
+    """The lock file's name is predictable (a hash of campaign and run key) and beside the
+    store, which may be in a folder other users can write (a team folder, ``--store /tmp/...``).
+    Opened with O_CREAT and then truncated and written, a symlink planted at that name had the
+    run overwrite the file it pointed to (a shell profile) with "pid N on host since ...". The
+    lock file is opened O_NOFOLLOW: a planted link is refused, its target left alone."""
+    path = _lock_file(store_path, "c", "k")
+    victim = tmp_path / "profile"
+    victim.write_text("precious\n")
+    path.unlink()
+    path.symlink_to(victim)
+    with pytest.raises(StoreError, match="cannot take the run's lock"):
+        runs.RunLock.acquire(store_path, "c", "k", "now")
+    assert victim.read_text() == "precious\n"
+
+
 def test_a_run_s_holder_is_this_process_while_it_holds_the_lock(store_path: Path) -> None:
     lock = runs.RunLock.acquire(store_path, "c", "k", "now")
     try:

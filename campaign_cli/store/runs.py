@@ -526,7 +526,8 @@ class RunLock:
         path = lock_dir / f"{digest}.lock"
         try:
             lock_dir.mkdir(mode=0o700, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            # O_NOFOLLOW: a link planted at this predictable name is refused, never written through.
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         except OSError as exc:
             raise _lock_error(path, exc) from None
         try:
