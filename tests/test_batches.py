@@ -306,6 +306,27 @@ def test_an_outbox_write_never_follows_a_symlink_planted_at_its_temporary_name(
     assert outbox_keys(tmp_path) == sorted(f"c{i}" for i in range(1, 6))
 
 
+def test_a_recipient_value_too_long_for_the_list_unsubscribe_line_fails_that_row_only(
+    make_campaign: CampaignFactory, store_path: Path, tmp_path: Path
+) -> None:
+    """A List-Unsubscribe URL built from a recipient's column (a token from a CRM export: anyone's
+    text) passed rendering at any length, and the email builder refused it when the message was
+    written ("a URI longer than a line can hold (998)"): a ValueError, no provider's answer, so
+    the run stopped with exit 1, the whole batch in doubt, and every resume stopped on it again.
+    It is that recipient's message that cannot be written: render_failed, the rest are sent."""
+    rows = people(5)
+    rows[2][1] = "x" * 3000
+    (tmp_path / "t.txt").write_text("Hi")
+    campaign = make_campaign(rows, channels={"email": {
+        "provider": "box", "from": "Acme <news@example.com>", "subject": "Hi", "text": "t.txt",
+        "list_unsubscribe": {"url": "https://example.com/u?t={{ first_name }}",
+                             "mailto": "unsubscribe@example.com"}}})
+    report = run_campaign(load_campaign(campaign, {}), store_path, SendOptions(run_key="k"),
+                          clock=FakeClock())
+    assert (report.exit_code, report.counts) == (4, {"render_failed": 1, "sent": 4})
+    assert len(list((tmp_path / "outbox" / "test-campaign_k").glob("*.eml"))) == 4
+
+
 def test_admitting_chunks_concurrently_keeps_the_first_row_of_a_key(
     make_campaign: CampaignFactory, store_path: Path
 ) -> None:

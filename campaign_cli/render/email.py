@@ -103,7 +103,7 @@ def build_email(content: EmailContent, to: str, message_id: str, date: datetime)
         if name.lower() in RESERVED_HEADERS:
             raise ValueError(f"header {name} is set by the message itself")
         if name.lower() in _URI_HEADERS:
-            lines.append(_structured(name, value))
+            lines.append(structured_header(name, value))
         else:
             lines.append(_unstructured(name, value))
 
@@ -173,7 +173,7 @@ def _unstructured(name: str, value: str) -> str:
     return f"{name}: " + "\r\n ".join(_encoded_words(value))
 
 
-def _structured(name: str, value: str) -> str:
+def structured_header(name: str, value: str) -> str:
     """``Name: value`` folded at spaces only, for a header of URIs, where encoded words are not
     decoded (RFC 2369): a value that cannot be written so is refused."""
     _check(name, value)

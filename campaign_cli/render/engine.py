@@ -58,7 +58,7 @@ from campaign_cli.models import (
     SmsContent,
     WebhookContent,
 )
-from campaign_cli.render.email import RESERVED_HEADERS, format_mailbox
+from campaign_cli.render.email import RESERVED_HEADERS, format_mailbox, structured_header
 from campaign_cli.render.sms import sms_info
 
 #: FCM and APNs refuse payloads over 4 KB; keep a margin.
@@ -393,12 +393,19 @@ class Renderer:
             if not url.startswith("https://"):
                 raise RenderError(f"{url_part.label}: must be an https:// URL", url_part.label)
             uris.append(f"<{url}>")
+        header = ", ".join(uris)
+        try:  # checked as the message will write it: a recipient's value may make it too long
+            structured_header("List-Unsubscribe", header)
+        except ValueError as exc:  # (refused there, it stopped the run with the batch in doubt)
+            part = url_part or mailto_part
+            label = "email list_unsubscribe" if part is None else part.label
+            raise RenderError(f"{label}: {exc}", label) from None
         if url_part is not None and self._one_click:
             return (
-                ("List-Unsubscribe", ", ".join(uris)),
+                ("List-Unsubscribe", header),
                 ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"),
             )
-        return (("List-Unsubscribe", ", ".join(uris)),)
+        return (("List-Unsubscribe", header),)
 
     def _push(self, local: dict[str, Any]) -> PushContent:
         parts = self._parts[Channel.PUSH]
