@@ -28,7 +28,7 @@ try:  # private to phonenumbers: a release without it gets the library's own val
 except ImportError:  # pragma: no cover - depends on the installed phonenumbers
     _number_type_helper = None  # type: ignore[assignment]
 
-from campaign_cli.models import Channel
+from campaign_cli.models import Channel, url_refusal
 
 
 class AddressError(ValueError):
@@ -137,7 +137,7 @@ def normalize_webhook_url(raw: str) -> str:
         raise AddressError("bad_webhook_url", f"not an http(s) URL: {text!r}")
     if any(c.isascii() and not c.isprintable() for c in text):  # httpx refuses to send it
         raise AddressError("bad_webhook_url", f"a control character in the URL: {text!r}")
-    refused = _unsendable(text)
+    refused = url_refusal(text)
     if refused is not None:
         raise AddressError("bad_webhook_url", f"not a URL a request can go to: {text!r} "
                                               f"({refused})")
@@ -152,27 +152,6 @@ def normalize_webhook_url(raw: str) -> str:
     if port == {"http": ":80", "https": ":443"}[scheme]:
         port = ""
     return f"{scheme}://{userinfo or ''}{host.lower()}{port or ''}{rest or ''}"
-
-
-def _unsendable(url: str) -> str | None:
-    """Why the HTTP client would refuse ``url`` when the message is sent (None: it would not):
-    httpx's parse (a bad port or IP address, an unclosed bracket, an invalid IDNA host), then
-    yarl's, as aiohttp makes it (a port past 65535, a backslash in the host), then the host's
-    IDNA encoding, as the resolver makes it (an empty or over-long label). Raised mid-run, that
-    refusal is no provider's answer: the run stopped with exit 1, the row in doubt."""
-    import httpx  # imported here: only a webhook address needs them
-    from yarl import URL
-
-    try:
-        parsed = httpx.URL(url)
-        host = URL(str(parsed), encoded=True).raw_host
-        if not host or not parsed.host:  # (`.host` decodes: an A-label not IDNA raises)
-            return "no host"
-        if ":" not in host:  # the name the resolver is given (an IPv6 address is not)
-            host.encode("idna")
-    except (httpx.InvalidURL, ValueError) as exc:  # UnicodeError is a ValueError
-        return str(exc) or type(exc).__name__
-    return None
 
 
 def normalize_address(channel: Channel, raw: str, default_region: str = "US") -> str:

@@ -32,7 +32,7 @@ from pydantic import (
 )
 
 from campaign_cli.errors import ConfigError, redact
-from campaign_cli.models import Channel, Purpose
+from campaign_cli.models import Channel, Purpose, url_refusal
 
 # --------------------------------------------------------------------------------------------
 # Field types
@@ -147,6 +147,9 @@ def _url_text(value: str) -> str:
     if any(ord(c) < 0x20 or c == "\x7f" for c in value):
         raise ValueError("contains a control character or line break (a value read from a file "
                          "with its newline?)")
+    refused = url_refusal(value) if re.match(r"https?://", value, re.IGNORECASE) else None
+    if refused is not None:  # refused mid-run, it left a message in doubt and stopped the run
+        raise ValueError(f"not a URL the HTTP client can send to ({refused})")
     return value
 
 

@@ -27,6 +27,28 @@ def from_micros(micros: int) -> Decimal:
     return amount.quantize(Decimal(1)) if amount == amount.to_integral_value() else amount
 
 
+def url_refusal(url: str) -> str | None:
+    """Why the HTTP client would refuse ``url`` when the message is sent (None: it would not):
+    httpx's parse (a bad port or IP address, an unclosed bracket, an invalid IDNA host), then
+    yarl's, as aiohttp makes it (a port past 65535, a backslash in the host), then the host's
+    IDNA encoding, as the resolver makes it (an empty or over-long label). Raised mid-run, that
+    refusal is no provider's answer: the run stopped with exit 1, a message in doubt. So a
+    recipient's webhook_url is checked with it (`addresses`), and a provider's URLs (`config`)."""
+    import httpx  # imported here: only a URL needs them (httpx costs ~0.1 s to import)
+    from yarl import URL
+
+    try:
+        parsed = httpx.URL(url)
+        host = URL(str(parsed), encoded=True).raw_host
+        if not host or not parsed.host:  # (`.host` decodes: an A-label not IDNA raises)
+            return "no host"
+        if ":" not in host:  # the name the resolver is given (an IPv6 address is not)
+            host.encode("idna")
+    except (httpx.InvalidURL, ValueError) as exc:  # UnicodeError is a ValueError
+        return str(exc) or type(exc).__name__
+    return None
+
+
 class Channel(str, Enum):
     SMS = "sms"
     EMAIL = "email"

@@ -640,6 +640,34 @@ def test_a_base_or_token_url_read_with_its_newline_is_refused_at_load(
 @pytest.mark.parametrize(
     ("provider", "field"),
     [
+        ("  hook:\n    type: slack\n    url: ${URL}\n", "providers.hook.url"),
+        ("  hook:\n    type: webhook\n    url: ${URL}\n", "providers.hook.url"),
+        ("  hook:\n    type: sendgrid\n    base_url: ${URL}\n    api_key: k\n",
+         "providers.hook.base_url"),
+    ],
+)
+@pytest.mark.parametrize("url", ["https://hooks.example.com:99999/services/T0/B0/s3cr3tpath",
+                                 "https://hooks.exa\\mple.com/services/T0/B0/s3cr3tpath",
+                                 "https://[::1/services/T0/B0/s3cr3tpath",
+                                 "https://hooks..example.com/services/T0/B0/s3cr3tpath"])
+def test_a_provider_url_the_http_client_cannot_send_to_is_refused_at_load(
+    project: Path, provider: str, field: str, url: str
+) -> None:
+    """A Slack or webhook URL (or a base_url) with a port past 65535, a backslash in the host, an
+    unclosed IPv6 bracket or an empty host label passed the load. The HTTP client refused it
+    when the first message was sent: a ValueError, no provider's answer, so that message was
+    left in doubt though nothing left and the run stopped with exit 1 (an unclosed bracket:
+    "internal error ... a bug", exit 1). It is a configuration error: exit 2, nothing sent,
+    the field named, the URL (its path is Slack's secret) not shown."""
+    path = write(project, BASE + provider)
+    err = error_of(path, {"URL": url})
+    assert err.field == field
+    assert "s3cr3tpath" not in str(err)
+
+
+@pytest.mark.parametrize(
+    ("provider", "field"),
+    [
         ("  hook:\n    type: twilio\n    account_sid: AC" + "0" * 32
          + "\n    auth_token: ${TOKEN}\n    from: '+15005550006'\n",
          "providers.hook.auth_token"),
