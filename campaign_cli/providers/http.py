@@ -270,7 +270,7 @@ class _Session:
                 limit=concurrency, keepalive_timeout=keepalive, ssl=ssl_
             ),
             cookie_jar=aiohttp.DummyCookieJar(),  # cookies are httpx's business (none kept)
-            auto_decompress=False,  # httpx decodes Content-Encoding itself
+            auto_decompress=False,  # `to_response` decodes Content-Encoding, capped
             skip_auto_headers=_NO_AUTO_HEADERS,  # once here, not merged again per request
             trust_env=False,
         )
@@ -386,29 +386,53 @@ async def request_body(request: httpx.Request) -> bytes:
 
 
 def to_response(request: httpx.Request, answer: RawAnswer) -> httpx.Response:
-    """An httpx response for an answer read whole."""
+    """An httpx response for an answer read whole, its Content-Encoding decoded here
+    (`_decoded`), never by httpx: httpx decodes a body whole, and a mebibyte of gzip is a
+    gibibyte of memory."""
     status, raw, reason, content = answer
     extensions: dict[str, object] = {"http_version": b"HTTP/1.1"}
     if reason:
         extensions["reason_phrase"] = reason.encode("latin-1", "replace")
+    codings = [c.strip().lower() for k, v in raw if k.lower() == b"content-encoding"
+               for c in v.decode("latin-1").split(",")]
+    if codings:
+        raw = [(k, v) for k, v in raw if k.lower() != b"content-encoding"]
+        content = _decoded([c for c in codings if c not in ("", "identity")], content)
     # A stream read here rather than content=: the body is whole and its headers are the
-    # server's, so httpx need not compute content headers (and decodes Content-Encoding).
+    # server's, so httpx need not compute content headers.
     response = httpx.Response(
         status, headers=list(raw), stream=httpx.ByteStream(content), request=request,
         extensions=extensions,
     )
-    try:
-        response.read()
-    except httpx.DecodingError:
-        # A body its Content-Encoding does not fit. The status line came whole and decides
-        # (a 2xx accepted the message): not a transport failure, which would read as in
-        # doubt. The body is kept as it came, for the adapter to find unparsable.
-        response = httpx.Response(
-            status, headers=[(k, v) for k, v in raw if k.lower() != b"content-encoding"],
-            stream=httpx.ByteStream(content), request=request, extensions=extensions,
-        )
-        response.read()
+    response.read()
     return response
+
+
+def _decoded(codings: Sequence[str], content: bytes) -> bytes:
+    """``content`` with its content codings undone, last first, each to at most
+    `MAX_ANSWER_BYTES` (a gzip inside a gzip multiplies). A body its codings do not fit, or a
+    coding other than gzip and deflate (we ask for none: no Accept-Encoding is sent), is kept
+    as it came: the status line came whole and decides (a 2xx accepted the message), and the
+    adapter finds the body unparsable, as it may."""
+    import zlib
+
+    decoded = content
+    for coding in reversed(codings):
+        if coding in ("gzip", "x-gzip"):
+            tries = [zlib.MAX_WBITS | 16]
+        elif coding == "deflate":  # zlib-wrapped as RFC 9110 says, or raw as some servers send
+            tries = [zlib.MAX_WBITS, -zlib.MAX_WBITS]
+        else:
+            return content
+        for wbits in tries:
+            try:
+                decoded = zlib.decompressobj(wbits).decompress(decoded, MAX_ANSWER_BYTES)
+                break
+            except zlib.error:
+                continue
+        else:
+            return content
+    return decoded
 
 
 class AiohttpTransport(httpx.AsyncBaseTransport):
