@@ -143,6 +143,14 @@ def _one_line(value: str) -> str:
     return value
 
 
+def _header_value(value: str) -> str:
+    _one_line(value)
+    if re.fullmatch(r"[\t\x20-\x7e]*", value) is None:
+        raise ValueError("holds a character an HTTP header cannot carry: a control character, "
+                         "or a non-ASCII one (a zero-width or no-break space pasted with a key?)")
+    return value
+
+
 def _url_text(value: str) -> str:
     if any(ord(c) < 0x20 or c == "\x7f" for c in value):
         raise ValueError("contains a control character or line break (a value read from a file "
@@ -164,6 +172,9 @@ def _header_name(value: str) -> str:
 OneLine = Annotated[str, AfterValidator(_one_line)]
 #: A URL: no control character at all (the HTTP client refuses any, mid-run).
 UrlText = Annotated[str, AfterValidator(_url_text)]
+#: A value sent as an HTTP header's (a bearer token, a webhook's headers): httpx encodes it as
+#: ASCII and aiohttp refuses control characters, each mid-run.
+HeaderValue = Annotated[str, AfterValidator(_header_value)]
 HeaderName = Annotated[str, AfterValidator(_header_name)]
 
 
@@ -389,7 +400,7 @@ class SendGridProviderConfig(_HttpProvider):
     """SendGrid v3 mail/send (email): JSON, Bearer API key."""
 
     type: Literal["sendgrid"]
-    api_key: OneLine = Field(min_length=1)
+    api_key: HeaderValue = Field(min_length=1)
 
 
 class SmtpProviderConfig(_ProviderBase):
@@ -411,7 +422,7 @@ class FcmProviderConfig(_HttpProvider):
 
     type: Literal["fcm"]
     project_id: str = Field(min_length=1)
-    access_token: OneLine | None = None
+    access_token: HeaderValue | None = None
     service_account_file: ExistingFile | None = None
     token_url: UrlText = "https://oauth2.googleapis.com/token"  # noqa: S105 - a URL, not a secret
 
@@ -437,7 +448,7 @@ class WebhookProviderConfig(_HttpProvider):
     url: UrlText | None = Field(default=None, pattern=r"^https?://")
     secret: OneLine | None = None
     signature_header: HeaderName = "X-Campaign-Signature"
-    headers: dict[HeaderName, OneLine] = {}
+    headers: dict[HeaderName, HeaderValue] = {}
 
 
 ProviderConfig = Annotated[

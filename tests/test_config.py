@@ -689,6 +689,32 @@ def test_a_signing_key_or_basic_auth_token_read_with_its_newline_is_refused_at_l
     assert "tok-0123456789" not in str(err)
 
 
+@pytest.mark.parametrize(
+    ("provider", "field"),
+    [
+        ("  hook:\n    type: sendgrid\n    api_key: ${TOKEN}\n", "providers.hook.api_key"),
+        ("  hook:\n    type: fcm\n    project_id: p\n    access_token: ${TOKEN}\n",
+         "providers.hook.access_token"),
+        ("  hook:\n    type: webhook\n    url: https://example.com/h\n    headers:\n"
+         "      Authorization: ${TOKEN}\n", "providers.hook.headers.Authorization"),
+    ],
+)
+@pytest.mark.parametrize("stray", ["\u200b", "\u00a0", "\u00e9", "\x01", "\x1b"])
+def test_a_header_value_with_a_character_no_header_can_carry_is_refused_at_load(
+    project: Path, provider: str, field: str, stray: str
+) -> None:
+    """A key pasted from a web page often brings a zero-width or no-break space with it. In a
+    header (SendGrid's and FCM's bearer token, a webhook's headers) httpx could not encode it:
+    `campaign send` said "internal error: UnicodeEncodeError ... (a bug: please report it)",
+    exit 1; and aiohttp refuses a control character mid-run (a ValueError: the message in
+    doubt though nothing left). Bad configuration: exit 2 at load, the field named, the value
+    not shown."""
+    path = write(project, BASE + provider)
+    err = error_of(path, {"TOKEN": f"SG.tok-0123{stray}456789"})
+    assert err.field == field
+    assert "tok-0123" not in str(err)
+
+
 def test_a_webhook_header_name_must_be_a_header_name(project: Path) -> None:
     provider = ("  hook:\n    type: webhook\n    url: https://example.com/h\n    headers:\n"
                 "      \"X Tag\": spring\n")
