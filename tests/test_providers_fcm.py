@@ -347,6 +347,25 @@ def test_token_endpoint_refusal_is_an_auth_error(sa_file: Path, status: int) -> 
     assert fake.fcm_requests == []
 
 
+@pytest.mark.parametrize("token", ["ya29.a0Zq\u200b9x", "ya29.a0Zq\x019x", "ya29.a0Zq 9x\r\nX: y"])
+def test_a_token_no_header_can_carry_is_the_token_endpoint_s_refusal(
+    sa_file: Path, token: str
+) -> None:
+    """The token endpoint's answer comes over the network (a proxy, a broken or hostile
+    endpoint at a configured token_url). An access_token with a non-ASCII or control character
+    made every push fail inside httpx or aiohttp (UnicodeEncodeError, ValueError): no provider's
+    answer, so the message was left in doubt though nothing left, and the run stopped with exit
+    1. It is an unusable answer from the token endpoint: an auth error (exit 6, rows pending),
+    before any message is sent."""
+    fake = FakeGoogle()
+    fake.token_answers.append(httpx.Response(200, json={"access_token": token,
+                                                        "expires_in": 3600}))
+    exc = failure(sa(fake, FakeClock(), sa_file))
+    assert isinstance(exc, ProviderAuthError)
+    assert "a0Zq" not in str(exc)
+    assert fake.fcm_requests == []
+
+
 def test_token_endpoint_outage_is_transient_and_retried_later(sa_file: Path) -> None:
     fake, clock = FakeGoogle(), FakeClock()
     fake.token_answers.append(httpx.Response(503, headers={"Retry-After": "4"}, text="busy"))

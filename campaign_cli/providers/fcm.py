@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -68,6 +69,8 @@ FCM_SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
 JWT_BEARER_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 #: A token is refreshed this many seconds before the expiry its endpoint announced.
 REFRESH_MARGIN = 60.0
+#: What an access token may hold: visible ASCII, as a Bearer header carries it (RFC 6750).
+_BEARER = re.compile(r"[\x21-\x7e]+")
 #: Google accepts assertions valid for at most an hour.
 ASSERTION_LIFETIME = 3600
 
@@ -217,6 +220,10 @@ class ServiceAccountTokens:
             if not isinstance(token, str) or not token:
                 raise ProviderAuthError("token endpoint answered without an access_token",
                                         code="token_response", status=status)
+            if _BEARER.fullmatch(token) is None:  # httpx or aiohttp would refuse it mid-send
+                raise ProviderAuthError("token endpoint answered an access_token no HTTP "
+                                        "header can carry (a space, a control or non-ASCII "
+                                        "character)", code="token_response", status=status)
             expires_in = body.get("expires_in", ASSERTION_LIFETIME)
             try:
                 lifetime = float(expires_in)
