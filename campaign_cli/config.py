@@ -449,6 +449,9 @@ class WebhookProviderConfig(_HttpProvider):
     secret: OneLine | None = None
     signature_header: HeaderName = "X-Campaign-Signature"
     headers: dict[HeaderName, HeaderValue] = {}
+    #: ``headers`` go to ``url`` only, not to the URLs a recipient file names (which may be
+    #: anyone's, and headers usually carry the operator's credentials), unless this says so.
+    headers_to_recipient_urls: bool = False
 
 
 ProviderConfig = Annotated[

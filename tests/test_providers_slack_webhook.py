@@ -166,6 +166,25 @@ def test_webhook_posts_to_the_recipients_own_url() -> None:
     assert str(rec.requests[0].url) == RECIPIENT_URL
 
 
+def test_webhook_headers_go_to_the_provider_url_not_to_urls_a_recipient_file_names() -> None:
+    """The configured headers (an Authorization bearer, typically) went to every URL the
+    recipient file named: one row from a web form pointing at its author's server collected the
+    operator's credentials. They go to the provider's own `url`; the signature and the
+    Idempotency-Key go everywhere (a recipient's receiver verifies by them)."""
+    rec = Recorder()
+    headers = {"Authorization": "Bearer tok_live_1", "X-Team": "growth"}
+    run(webhook(rec, headers=headers, secret="s"), message(), message(address=RECIPIENT_URL))
+    own, theirs = rec.requests
+    assert str(own.url) == HOOK_URL and own.headers["authorization"] == "Bearer tok_live_1"
+    assert str(theirs.url) == RECIPIENT_URL
+    assert "authorization" not in theirs.headers and "x-team" not in theirs.headers
+    assert theirs.headers["idempotency-key"] and theirs.headers["x-campaign-signature"]
+    rec = Recorder()  # when the operator says the recipients' URLs are theirs to trust
+    run(webhook(rec, headers=headers, headers_to_recipient_urls=True),
+        message(address=RECIPIENT_URL))
+    assert rec.requests[0].headers["authorization"] == "Bearer tok_live_1"
+
+
 def test_webhook_without_a_provider_url_uses_recipient_urls_and_fails_others() -> None:
     rec = Recorder()
     p = webhook(rec, url=None)

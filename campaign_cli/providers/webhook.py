@@ -15,7 +15,9 @@ When the rendered text is itself a JSON object (templates may render JSON), it i
 
 Headers: ``Content-Type: application/json``, ``Idempotency-Key: <idempotency key>`` (the same on
 every attempt and every resume, so a receiver that deduplicates by it never acts twice), the
-configured ``headers``, and, when ``secret`` is set, a signature header (``signature_header``,
+configured ``headers`` (to the provider's ``url`` only, unless ``headers_to_recipient_urls``: a
+recipient file may name anyone's URL, and headers usually carry credentials), and, when
+``secret`` is set, a signature header (``signature_header``,
 default ``X-Campaign-Signature``) in the style of Stripe's::
 
     X-Campaign-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<raw body>")>
@@ -146,12 +148,14 @@ class WebhookAdapter:
         secret: str | None = None,
         signature_header: str = "X-Campaign-Signature",
         headers: Mapping[str, str] | None = None,
+        headers_to_recipient_urls: bool = False,
     ) -> None:
         self.url = url
         self._clock = clock
         self._secret = secret
         self._signature_header = signature_header
         self._headers = dict(headers or {})
+        self._headers_to_recipient_urls = headers_to_recipient_urls
 
     def url_for(self, message: OutboundMessage) -> str | None:
         """The recipient's own URL if the address is one, else the provider's."""
@@ -180,7 +184,8 @@ class WebhookAdapter:
                 "no webhook URL: the recipient has no webhook_url and the provider no url",
                 code="no_url")
         body = self.body(message)
-        headers = httpx.Headers(self._headers)
+        own = url != message.address  # (else the recipient's own URL: anyone's)
+        headers = httpx.Headers(self._headers if own or self._headers_to_recipient_urls else {})
         headers["Content-Type"] = "application/json"
         headers["Idempotency-Key"] = message.idempotency_key
         if self._secret:
@@ -241,7 +246,8 @@ class WebhookProvider:
     ) -> WebhookProvider:
         url = with_origin(config.url, config.base_url) if config.url else None
         adapter = WebhookAdapter(url, context.clock, secret=config.secret,
-                                 signature_header=config.signature_header, headers=config.headers)
+                                 signature_header=config.signature_header, headers=config.headers,
+                                 headers_to_recipient_urls=config.headers_to_recipient_urls)
         client = client_for(config, context, url or config.base_url or "")
         return cls(name, adapter, client)
 
