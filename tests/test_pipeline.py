@@ -1464,14 +1464,6 @@ def test_cancelling_execute_in_the_caller_s_loop_ends_every_task_of_the_run(
     journal."""
     from campaign_cli.pipeline import Runner
 
-    class Held(FakeProvider):
-        """Sends that are never answered."""
-
-        async def send(self, message: OutboundMessage) -> SendResult:
-            self.history.append(message)
-            await asyncio.Event().wait()
-            raise AssertionError("unreachable")
-
     campaign = make_campaign(people(50))
 
     async def application() -> list[str]:

@@ -316,6 +316,22 @@ def big_file(tmp_path: Path, rows: int) -> Path:
     return write_csv(tmp_path / "big.csv", people(rows))
 
 
+def blocked_on_a_full_pipe(
+    path: Path,
+) -> tuple[ProcessChunkReader, list[Chunk | None]]:
+    """A reader child of ``path`` that has sent its first chunk and is blocked writing more to
+    a full pipe (~80 KB a chunk: more than a pipe holds)."""
+    reader = ProcessChunkReader(spec_for(path), 1000)
+    pid = reader._process.pid
+    try:
+        chunks = [reader.next_chunk()]
+        wait_until(lambda: "pipe_write" in Path(f"/proc/{pid}/wchan").read_text(),
+                   "the child blocked writing to a full pipe")
+    except BaseException:
+        reader.close()
+        raise
+    return reader, chunks
+
 def test_the_reader_child_survives_a_stop_and_continue_while_blocked_on_a_full_pipe(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -325,12 +341,9 @@ def test_the_reader_child_survives_a_stop_and_continue_while_blocked_on_a_full_p
     not read the stream, and the run hung. Every row must still arrive, once, in order."""
     monkeypatch.setenv("PYTHONUNBUFFERED", "1")
     path = big_file(tmp_path, 20_000)
-    reader = ProcessChunkReader(spec_for(path), 1000)  # ~80 KB a chunk: more than a pipe holds
+    reader, chunks = blocked_on_a_full_pipe(path)
     pid = reader._process.pid
     try:
-        chunks = [reader.next_chunk()]
-        wait_until(lambda: "pipe_write" in Path(f"/proc/{pid}/wchan").read_text(),
-                   "the child blocked writing to a full pipe")
         os.kill(pid, signal.SIGSTOP)
         wait_until(lambda: Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
                    == "T", "the child stopped")
@@ -354,12 +367,9 @@ def test_the_reader_child_leaves_a_stop_signal_to_its_parent(
     recipient reader process ended unexpectedly (killed by SIGTERM)"), not "interrupted" (130).
     Stopping is the parent's to decide, as it is for the HTTP process; `close` still ends it."""
     path = big_file(tmp_path, 20_000)
-    reader = ProcessChunkReader(spec_for(path), 1000)  # ~80 KB a chunk: more than a pipe holds
+    reader, chunks = blocked_on_a_full_pipe(path)
     pid = reader._process.pid
     try:
-        chunks = [reader.next_chunk()]
-        wait_until(lambda: "pipe_write" in Path(f"/proc/{pid}/wchan").read_text(),
-                   "the child blocked writing to a full pipe")
         os.kill(pid, signum)
         while (chunk := reader.next_chunk()) is not None:
             chunks.append(chunk)

@@ -381,15 +381,21 @@ def test_webhook_url_host_and_scheme_case_is_one_entry(conn: sqlite3.Connection)
     )
 
 
+def version_2_store(path: Path) -> sqlite3.Connection:
+    """A store as version 2 of campaign-cli wrote it (before webhook URLs were re-spelt)."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    for migration in MIGRATIONS[:2]:
+        migration(conn)
+    conn.execute("PRAGMA user_version = 2")
+    return conn
+
+
 def test_webhook_entries_of_an_older_store_are_respelt(tmp_path: Path) -> None:
     # A store written before the scheme and host were lower-cased holds the URL as it was typed,
     # hashed so: the migration re-spells it, or the entry would no longer match anything.
     old = "https://Hooks.Example.COM/services/T0/B0/XyZ"
     new = "https://hooks.example.com/services/T0/B0/XyZ"
-    conn = sqlite3.connect(tmp_path / "store.db", isolation_level=None)
-    for migration in MIGRATIONS[:2]:  # the store as version 2 wrote it
-        migration(conn)
-    conn.execute("PRAGMA user_version = 2")
+    conn = version_2_store(tmp_path / "store.db")
     conn.executemany(
         "INSERT INTO suppressions (address_hash, address, channel, reason, source, created_at) "
         "VALUES (?, ?, ?, 'manual', 'cli', ?)",
@@ -415,7 +421,6 @@ def test_webhook_entries_of_an_older_store_are_respelt(tmp_path: Path) -> None:
         store.close()
 
 
-
 def test_webhook_urls_an_older_store_journaled_are_respelt_so_erasure_finds_them(
     tmp_path: Path
 ) -> None:
@@ -428,10 +433,7 @@ def test_webhook_urls_an_older_store_journaled_are_respelt_so_erasure_finds_them
     old = "https://Hooks.Example.COM:443/services/T0/B0/XyZ"
     other = "https://hooks.example.com/services/T0/B0/XyZ"  # the same URL, in the same run
     new = "https://hooks.example.com/services/T0/B0/XyZ"
-    conn = sqlite3.connect(tmp_path / "store.db", isolation_level=None)
-    for migration in MIGRATIONS[:2]:  # the store as version 2 wrote it
-        migration(conn)
-    conn.execute("PRAGMA user_version = 2")
+    conn = version_2_store(tmp_path / "store.db")
     conn.executemany(
         "INSERT INTO messages (run_id, row, channel, line, rkey, address, dedupe_key, "
         "dedupe_addr, state, updated_at) VALUES (1, ?, 'webhook', ?, ?, ?, ?, ?, 'sent', ?)",
