@@ -1462,28 +1462,8 @@ def test_cancelling_execute_in_the_caller_s_loop_ends_every_task_of_the_run(
     timeout, a shutdown): the run's workers, its source and its poll end with it, and the sends
     it cut off are in doubt when it resumes; none is left running in that loop against a closed
     journal."""
-    from campaign_cli.pipeline import Runner
-
     campaign = make_campaign(people(50))
-
-    async def application() -> list[str]:
-        provider = Held()
-        runner = Runner(load_campaign(campaign, {}), store_path, SendOptions(run_key="k"),
-                        clock=FakeClock(), registry=fake_registry(provider),
-                        stop=StopController())
-        task = asyncio.create_task(runner.execute())
-        for _ in range(6000):  # until the four workers each hold a send (a guard, not a wait)
-            if len(provider.history) == 4:
-                break
-            await asyncio.sleep(0.01)
-        assert len(provider.history) == 4
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        return sorted(t.get_coro().__qualname__  # type: ignore[union-attr]
-                      for t in asyncio.all_tasks() if t is not asyncio.current_task())
-
-    assert asyncio.run(application()) == []
+    assert cancelled_in_an_application(campaign, store_path) == []
     # As after a killed process: the cut-off sends stay `sending`, in doubt when it resumes.
     assert sorted(r["state"] for r in journal(store_path) if r["state"] != "pending") == [
         "sending"] * 4
@@ -1535,15 +1515,17 @@ class Held(FakeProvider):
         raise AssertionError("unreachable")
 
 
-def cancelled_on_a_busy_machine(campaign: Path, store_path: Path, cancel_on: Any,
-                                **options: Any) -> None:
-    """Run ``campaign`` in an application's loop (`BusyPool` its default executor) until four
-    sends are held, then cancel it."""
+def cancelled_in_an_application(campaign: Path, store_path: Path, cancel_on: Any = None,
+                                **options: Any) -> list[str]:
+    """Run ``campaign`` in an application's loop until four sends are held, then cancel it;
+    the tasks left in that loop after. ``cancel_on``: a method whose call in a thread is handed
+    over as the run is cancelled a second time (`BusyPool`, the loop's default executor)."""
     from campaign_cli.pipeline import Runner
 
-    async def application() -> None:
-        loop = asyncio.get_running_loop()
-        loop.set_default_executor(BusyPool(loop, cancel_on))
+    async def application() -> list[str]:
+        if cancel_on is not None:
+            loop = asyncio.get_running_loop()
+            loop.set_default_executor(BusyPool(loop, cancel_on))
         provider = Held()
         runner = Runner(load_campaign(campaign, {}), store_path,
                         SendOptions(run_key="k", **options), clock=FakeClock(),
@@ -1557,8 +1539,10 @@ def cancelled_on_a_busy_machine(campaign: Path, store_path: Path, cancel_on: Any
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+        return sorted(t.get_coro().__qualname__  # type: ignore[union-attr]
+                      for t in asyncio.all_tasks() if t is not asyncio.current_task())
 
-    asyncio.run(application())
+    return asyncio.run(application())
 
 
 def test_a_second_cancellation_as_the_reader_is_closed_still_ends_its_process(
@@ -1579,7 +1563,7 @@ def test_a_second_cancellation_as_the_reader_is_closed_still_ends_its_process(
             readers.append(self)
 
     monkeypatch.setattr(pipeline, "ProcessChunkReader", Recorded)
-    cancelled_on_a_busy_machine(make_campaign(people(2000)), store_path,
+    cancelled_in_an_application(make_campaign(people(2000)), store_path,
                                 ProcessChunkReader.close, reader="process")
     assert len(readers) == 1
     reaped = readers[0]._process.returncode is not None
@@ -1653,7 +1637,7 @@ def test_a_second_cancellation_as_the_journal_is_closed_still_stops_its_writer(
         return real_start(self)
 
     monkeypatch.setattr(JournalWriter, "start", recorded)
-    cancelled_on_a_busy_machine(make_campaign(people(50)), store_path, JournalWriter.close)
+    cancelled_in_an_application(make_campaign(people(50)), store_path, JournalWriter.close)
     assert len(writers) == 1
     running = writers[0]._thread.is_alive()
     if running:
