@@ -475,25 +475,29 @@ def test_keep_alive_many_requests_over_one_connection(fake_server: FakeProviderS
 
 
 def test_64_concurrent_requests_are_served_in_parallel(fake_server: FakeProviderServer) -> None:
-    fake_server.fail_always("latency:0.25", service="twilio")
+    """64 requests at once are all read by the server while none of them is answered (each is
+    withheld until its client lets go): served in parallel, each on a connection of its own.
+    Served one at a time, the second would never be read. (The test timed them before, and a
+    slow enough machine would have failed it.)"""
+    fake_server.fail_always("withhold", service="twilio")
 
-    async def main() -> list[int]:
+    async def main() -> bool:
         limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
         async with httpx.AsyncClient(base_url=fake_server.url, limits=limits,
-                                     timeout=10) as ac:
-            responses = await asyncio.gather(*(
-                ac.post(TWILIO_PATH, auth=TWILIO_AUTH, data={
-                    "To": f"+1201{i:07d}", "From": "+15005550006", "Body": "hi"})
-                for i in range(64)))
-            return [r.status_code for r in responses]
+                                     timeout=120) as ac:
+            posts = [asyncio.create_task(ac.post(TWILIO_PATH, auth=TWILIO_AUTH, data={
+                "To": f"+1201{i:07d}", "From": "+15005550006", "Body": "hi"}))
+                for i in range(64)]
+            try:
+                return await asyncio.to_thread(fake_server.wait_for_requests, 64, 60.0)
+            finally:
+                for post in posts:
+                    post.cancel()
+                await asyncio.gather(*posts, return_exceptions=True)
 
-    started = time.monotonic()
-    codes = asyncio.run(main())
-    elapsed = time.monotonic() - started
-    assert codes == [201] * 64
-    assert len(fake_server.accepted_counts("twilio")) == 64
+    assert asyncio.run(main()), "the server did not read 64 requests at once"
     assert len({r.connection for r in fake_server.requests}) == 64
-    assert elapsed < 64 * 0.25 / 4  # serialised would take 16 s; parallel takes ~0.3 s
+    assert {r.status for r in fake_server.requests} == {None}  # none answered meanwhile
 
 
 async def raw_posts(url: str, connections: int, per_connection: int) -> list[bytes]:
@@ -524,14 +528,12 @@ async def raw_posts(url: str, connections: int, per_connection: int) -> list[byt
 
 
 def test_thousands_of_requests_over_64_connections(fake_server: FakeProviderServer) -> None:
-    started = time.monotonic()
+    # (Its speed, ~4,000 requests/s here, is bench/'s business, not a timed assertion's.)
     statuses = asyncio.run(raw_posts(fake_server.url, 64, 80))
-    elapsed = time.monotonic() - started
     assert statuses == [b"201"] * 64 * 80
     counts = fake_server.accepted_counts("twilio")
     assert len(counts) == 64 * 80 and set(counts.values()) == {1}
     assert len({r.connection for r in fake_server.requests}) == 64
-    assert elapsed < 20  # ~1.5 s here (4,000+ requests/s); catches a pathological slowdown
 
 
 def test_survives_a_killed_client_process_and_garbage(fake_server: FakeProviderServer) -> None:
