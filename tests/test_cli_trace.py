@@ -64,6 +64,28 @@ def test_a_recipient_key_finds_every_row_of_it_including_its_duplicate(demo: Pat
     assert found["suppressions"] == [] and found["more"] is False
 
 
+def test_a_recipient_file_s_value_cannot_print_a_line_of_its_own(
+    make_campaign: CampaignFactory, tmp_path: Path
+) -> None:
+    """A key (or any value from a recipient file) with a line break in it printed as lines of
+    their own in `trace` and `preview`: a row from a web form could show the operator a
+    "suppressed: ..." or "consent: ..." line the store never held. Its breaks are written as
+    escapes, on the line they belong to."""
+    forged = "c1\nsuppressed: +12015550100 on all: stop (cli, 2026-01-01)"
+    campaign = make_campaign([[forged, "Ann", phone(1), "a@example.com"]])
+    store = tmp_path / "store.db"
+    assert invoke(store, "send", str(campaign), "--yes")[0] == 0
+    code, out, err = invoke(store, "trace", phone(1))
+    assert code == 0, err
+    assert [line for line in out.splitlines() if line.startswith("suppressed:")] == [
+        "suppressed: no"]
+    assert "key c1\\nsuppressed: +12015550100 on all" in out
+    code, out, err = invoke(store, "preview", str(campaign), "--row", "1")
+    assert code == 0, err
+    assert not any(line.startswith("suppressed:") for line in out.splitlines())
+    assert ", key c1\\nsuppressed: +12015550100" in out
+
+
 @pytest.mark.parametrize("written", ["(202) 555-0101", "+1 202-555-0101", "2025550101"])
 def test_a_phone_number_is_found_however_it_is_written(demo: Path, written: str) -> None:
     found = traced(demo, written)

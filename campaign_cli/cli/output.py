@@ -35,6 +35,13 @@ from campaign_cli.streams import writes_unicode
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
+def one_line(text: str) -> str:
+    """A field of a line that says one thing (a recipient key, an address, a reason): its line
+    breaks written as escapes, so that a value from a recipient file (``c1\\nsuppressed: ...``)
+    cannot print a line of its own that looks like the command's."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
 class _StderrConsole(Console):
     """rich's Console for stderr, which outlives the program reading it. `campaign send 2>&1 |
     tee log` and Ctrl-C: the terminal signals the whole pipeline, tee dies at once, and the stop

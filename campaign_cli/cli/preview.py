@@ -13,6 +13,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from campaign_cli.cli.context import EXIT_CODES, app_context, command
+from campaign_cli.cli.output import one_line
 from campaign_cli.cli.send import STOP_SIGNALS
 from campaign_cli.cli.suppress import JsonOpt
 from campaign_cli.config import load_campaign
@@ -71,7 +72,7 @@ def preview(
     if as_json:
         out.json(to_json(shown))
         return
-    key = f", key {shown.key}" if shown.key is not None else ""
+    key = f", key {one_line(shown.key)}" if shown.key is not None else ""
     out.result(f"row {shown.row} (line {shown.line}{key}) in run {shown.run}")
     for channel in shown.channels:
         out.result(_headline(channel, shown.currency))

@@ -7,6 +7,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from campaign_cli.cli.context import EXIT_CODES, app_context, command
+from campaign_cli.cli.output import one_line
 from campaign_cli.cli.suppress import JsonOpt, RegionOpt
 from campaign_cli.errors import UsageError
 from campaign_cli.store import runs
@@ -56,20 +57,22 @@ def trace(
 def _show(out: Any, found: dict[str, Any], limit: int) -> None:
     messages = found["messages"]
     runs_seen = len({m["run_id"] for m in messages})
-    addresses = ", ".join(found["addresses"]) or "no address"
+    addresses = ", ".join(one_line(a) for a in found["addresses"]) or "no address"
     out.result(f"{found['recipient']!r} ({addresses}): {len(messages)} journal row(s) in "
                f"{runs_seen} run(s)" + (f", more than {limit}" if found["more"] else ""))
     for m in messages:
-        reason = f" ({m['reason']})" if m["reason"] and m["reason"] != m["state"] else ""
+        reason = (f" ({one_line(m['reason'])})" if m["reason"] and m["reason"] != m["state"]
+                  else "")
         via = f" via {m['provider']}" if m["provider"] else ""
         cost = f", cost {m['cost']} {m['currency']}" if m["cost"] != "0" else ""
         out.result(
             f"run {m['run']} (id {m['run_id']}) row {m['row']} (line {m['line']}) "
-            f"{m['channel']} {m['address'] or '-'} key {m['recipient_key'] or '-'}: "
+            f"{m['channel']} {one_line(m['address'] or '-')} "
+            f"key {one_line(m['recipient_key'] or '-')}: "
             f"{m['state']}{reason}{via}{cost}, at {m['updated_at']}"
         )
         if m["detail"]:
-            out.result(f"    {m['detail']}")
+            out.result(f"    {one_line(m['detail'])}")
         if m["resent_in_doubt"]:
             out.result("    sent again after being in doubt: the recipient may have it twice")
         for a in m["attempt_log"]:
@@ -81,13 +84,14 @@ def _show(out: Any, found: dict[str, Any], limit: int) -> None:
             parts.append(f"at {a['at']}")
             out.result("    " + "  ".join(parts))
             if a["error_text"]:
-                out.result(f"      {a['error_text']}")
+                out.result(f"      {one_line(a['error_text'])}")
     if not found["suppressions"]:
         out.result("suppressed: no")
     for s in found["suppressions"]:
-        out.result(f"suppressed: {s['address']} on {s['channel']}: {s['reason']} "
-                   f"({s['source']}, {s['created_at']})")
+        out.result(f"suppressed: {one_line(s['address'] or '(erased)')} on {s['channel']}: "
+                   f"{one_line(s['reason'])} ({one_line(s['source'])}, {s['created_at']})")
     for c in found["consents"]:
         via = "" if c["via"] == c["channel"] else f" (by its {c['via']} record)"
-        out.result(f"consent: {c['address'] or c['address_hash']} {c['channel']} "
-                   f"{c['purpose']}: {c['status']}{via} ({c['source']}, {c['recorded_at']})")
+        out.result(f"consent: {one_line(c['address'] or c['address_hash'])} {c['channel']} "
+                   f"{c['purpose']}: {c['status']}{via} ({one_line(c['source'])}, "
+                   f"{c['recorded_at']})")
