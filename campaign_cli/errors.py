@@ -59,6 +59,17 @@ class UsageError(CampaignError):
     exit_code = ExitCode.USAGE
 
 
+class ResumeRefused(UsageError):
+    """A run the store holds, whose resume the campaign or command line no longer fits (another
+    recipient file, purpose, ...): nothing is sent, and the run is named."""
+
+    def __init__(self, message: str, *, campaign: str, run_key: str, run_id: int) -> None:
+        super().__init__(message)
+        self.campaign = campaign
+        self.run_key = run_key
+        self.run_id = run_id
+
+
 class InputError(CampaignError):
     """Bad input, reported as ``FILE:LINE: field: message`` on one line."""
 

@@ -919,6 +919,26 @@ def test_validate_of_a_run_being_sent_now_says_so(
                                           "r1")[2]
 
 
+def test_a_refused_resume_s_json_names_the_run(
+    make_campaign: CampaignFactory, store_path: Path, tmp_path: Path
+) -> None:
+    """A resume refused because the recipient file changed under the run's key (exit 2): its
+    `--json` said run, run_id and campaign null, though the run is the store's and named in the
+    error; a script could not tell which run to look at. The keys are the same, with values."""
+    campaign = make_campaign(people(3))
+    code, out, _ = invoke(store_path, "send", str(campaign), "--run-key", "daily", "--json")
+    assert code == 0
+    first = json.loads(out)
+    make_campaign(people(4))  # the file rewritten under the same run key
+    code, out, err = invoke(store_path, "send", str(campaign), "--run-key", "daily", "--json")
+    assert code == 2 and "different recipient file" in err
+    refused = json.loads(out)
+    assert set(first) <= set(refused)
+    assert (refused["status"], refused["run"], refused["run_id"], refused["campaign"],
+            refused["run_key"]) == ("not_started", "test-campaign/daily", first["run_id"],
+                                    "test-campaign", "daily")
+
+
 def test_validate_checks_the_resume_of_a_named_run(
     make_campaign: CampaignFactory, store_path: Path
 ) -> None:

@@ -22,6 +22,7 @@ from campaign_cli.errors import (
     CampaignError,
     ExitCode,
     JournalError,
+    ResumeRefused,
     StoppedBeforeStart,
     UsageError,
 )
@@ -304,6 +305,9 @@ def _not_started(app: AppContext, campaign_file: Path | None, run_key: str | Non
     # What is not known before a run starts is null, not an empty stand-in.
     empty.update(run=None, run_id=None, campaign=None, run_key=run_key, currency=None,
                  campaign_file=None if campaign_file is None else str(campaign_file))
+    if isinstance(exc, ResumeRefused):  # a run the store holds, whose resume was refused
+        empty.update(run=f"{exc.campaign}/{exc.run_key}", run_id=exc.run_id,
+                     campaign=exc.campaign, run_key=exc.run_key)
     return empty
 
 

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 
 import sqlite_utils
 
-from campaign_cli.errors import RunLockedError, StoreError, UsageError
+from campaign_cli.errors import ResumeRefused, RunLockedError, StoreError, UsageError
 from campaign_cli.models import State
 from campaign_cli.store.db import begin_immediate, insert_rows, rollback, sql_limit
 
@@ -117,6 +117,10 @@ def list_runs(conn: sqlite3.Connection, limit: int = 50) -> list[RunRecord]:
     return _runs(conn, "ORDER BY id DESC LIMIT ?", (sql_limit(limit),))
 
 
+def _refused(run: RunRecord, message: str) -> ResumeRefused:
+    return ResumeRefused(message, campaign=run.campaign, run_key=run.run_key, run_id=run.id)
+
+
 def start_run(
     conn: sqlite3.Connection,
     *,
@@ -169,34 +173,39 @@ def start_run(
             resumed = False
         else:
             if existing.recipients_sha256 != recipients_sha256:
-                raise UsageError(
+                raise _refused(
+                    existing,
                     f"run {existing.name} was started with a different recipient file "
                     f"(sha256 {existing.recipients_sha256[:12]}, now {recipients_sha256[:12]}): "
                     "resuming would skip or repeat recipients; restore that file, or start a new "
                     "run with another --run-key"
                 )
             if existing.purpose != purpose:
-                raise UsageError(
+                raise _refused(
+                    existing,
                     f"run {existing.name} was started as {existing.purpose}; the campaign now "
                     f"says {purpose}, which changes who may be sent to (consent) and what an "
                     "in-doubt message becomes: start a new run with another --run-key"
                 )
             if existing.currency != currency:
-                raise UsageError(
+                raise _refused(
+                    existing,
                     f"run {existing.name} was started in {existing.currency}; the campaign now "
                     f"says {currency}: its spend so far and its cap are in {existing.currency}, "
                     "and the two cannot be added up; restore it, or start a new run with "
                     "another --run-key"
                 )
             if tuple(existing.channels) != tuple(channels):
-                raise UsageError(
+                raise _refused(
+                    existing,
                     f"run {existing.name} was started with channels "
                     f"{', '.join(existing.channels)}; the campaign now has {', '.join(channels)}: "
                     "start a new run with another --run-key"
                 )
             if (existing.recipient_key is not None and recipient_key is not None
                     and existing.recipient_key != recipient_key):
-                raise UsageError(
+                raise _refused(
+                    existing,
                     f"run {existing.name} was started with recipients.key "
                     f"{existing.recipient_key!r}; the campaign now has {recipient_key!r}: the "
                     "journal knows its recipients by that key, so resuming would take some for "
@@ -205,7 +214,8 @@ def start_run(
                 )
             if (existing.strategy is not None and strategy is not None
                     and existing.strategy != strategy and len(channels) > 1):
-                raise UsageError(
+                raise _refused(
+                    existing,
                     f"run {existing.name} was started with strategy {existing.strategy}; the "
                     f"campaign now has {strategy}, which changes the channels each recipient "
                     "gets: resuming would leave rows unsent or send some recipients a second "
@@ -217,7 +227,8 @@ def start_run(
                     for name in sorted({*existing.reading, *reading})
                     if existing.reading.get(name) != reading.get(name)
                 )
-                raise UsageError(
+                raise _refused(
+                    existing,
                     f"run {existing.name} read its recipient file another way ({changed}): "
                     "resuming would send the rows not sent yet to addresses other than those "
                     "journaled and checked; restore it, or start a new run with another --run-key"
