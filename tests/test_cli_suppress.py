@@ -449,6 +449,17 @@ def test_consent_revoke_at_a_bare_date_outranks_a_grant_timed_that_day(cli: Cli)
     assert (entry["status"], entry["recorded_at"]) == ("revoked", "2024-03-10T23:59:59.999Z")
 
 
+def test_consent_list_takes_a_limit_as_suppress_list_does(cli: Cli) -> None:
+    """`consent list` had no --limit: on a store of 150,000 consent records it printed them all
+    (minutes through the table) where `suppress list --limit` stops."""
+    for n in range(3):
+        assert cli("consent", "grant", f"+1415555010{n}").exit_code == 0
+    assert len(json.loads(cli("consent", "list", "--json").out)) == 3
+    r = cli("consent", "list", "--limit", "2", "--json")
+    assert r.exit_code == 0 and len(json.loads(r.out)) == 2
+    assert cli("consent", "list", "--limit", "-1").exit_code == 2
+
+
 def test_consent_import(cli: Cli, tmp_path: Path) -> None:
     path = tmp_path / "c.csv"
     path.write_text(

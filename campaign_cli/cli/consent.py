@@ -6,6 +6,7 @@ force is the latest record by the time the person gave or withdrew consent; a ti
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -166,6 +167,9 @@ def list_(
         help="How to read ADDRESS. Default: inferred from it.",
     )] = None,
     region: RegionOpt = "US",
+    limit: Annotated[
+        Optional[int], typer.Option("--limit", min=0, help="At most this many.")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """The consent in force for each address, channel and purpose that has records."""
@@ -174,7 +178,7 @@ def list_(
     if address is not None:
         normalised = normalize_lookup(address, channel_value(channel), region)
     with app_ctx.open_store() as store:
-        entries = list(consents.list_consents(store.conn, normalised))
+        entries = list(itertools.islice(consents.list_consents(store.conn, normalised), limit))
     if as_json:
         app_ctx.output.json(entries)
         return
