@@ -141,3 +141,20 @@ def signals_as_a_terminal_leaves_them(*ignored: signal.Signals) -> Iterator[None
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+
+@pytest.fixture
+def opened_readers(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Every recipient reader child process (`ProcessChunkReader`) a run in the test opens."""
+    import campaign_cli.pipeline as pipeline
+    from campaign_cli.recipients import ProcessChunkReader
+
+    readers: list[ProcessChunkReader] = []
+
+    class Recorded(ProcessChunkReader):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            readers.append(self)
+
+    monkeypatch.setattr(pipeline, "ProcessChunkReader", Recorded)
+    return readers

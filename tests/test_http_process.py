@@ -686,25 +686,16 @@ def test_a_child_that_crashes_says_why_in_one_line() -> None:
 
 def test_a_keyboard_interrupt_out_of_the_loop_still_closes_both_child_processes(
     make_campaign: CampaignFactory, store_path: Path, fake_server: FakeProviderServer,
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, opened_readers: list[Any],
 ) -> None:
     """KeyboardInterrupt raised in the loop (here by a progress callback) leaves `asyncio.run`,
     which cancels every task while the run cancels its own too: the source's cleanup, cut short
     by the second cancellation, still ends the reader's child process and reaps it, and the
     HTTP process ends with the run."""
-    import campaign_cli.pipeline as pipeline
     from campaign_cli.config import load_campaign
     from campaign_cli.pipeline import SendOptions, run_campaign
-    from campaign_cli.recipients import ProcessChunkReader
 
-    readers: list[ProcessChunkReader] = []
-
-    class Recorded(ProcessChunkReader):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            readers.append(self)
-
-    monkeypatch.setattr(pipeline, "ProcessChunkReader", Recorded)
+    readers = opened_readers
     started = count_starts(monkeypatch)
     campaign = make_campaign(
         people(2000), channels={"sms": {"provider": "tw", "body": "Code {{ row }}"}},

@@ -1546,23 +1546,15 @@ def cancelled_in_an_application(campaign: Path, store_path: Path, cancel_on: Any
 
 
 def test_a_second_cancellation_as_the_reader_is_closed_still_ends_its_process(
-    make_campaign: CampaignFactory, store_path: Path, monkeypatch: pytest.MonkeyPatch
+    make_campaign: CampaignFactory, store_path: Path, opened_readers: list[Any]
 ) -> None:
     """The source closes the reader's child process in a thread on its way out. A second
     cancellation as it hands the close over cancelled the call before a thread of the pool had
     started it, on a loaded machine: the close never ran, and the child process was left
     running."""
-    import campaign_cli.pipeline as pipeline
     from campaign_cli.recipients import ProcessChunkReader
 
-    readers: list[ProcessChunkReader] = []
-
-    class Recorded(ProcessChunkReader):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            readers.append(self)
-
-    monkeypatch.setattr(pipeline, "ProcessChunkReader", Recorded)
+    readers = opened_readers
     cancelled_in_an_application(make_campaign(people(2000)), store_path,
                                 ProcessChunkReader.close, reader="process")
     assert len(readers) == 1

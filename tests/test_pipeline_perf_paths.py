@@ -316,6 +316,16 @@ def big_file(tmp_path: Path, rows: int) -> Path:
     return write_csv(tmp_path / "big.csv", people(rows))
 
 
+def rows_to_the_end(reader: ProcessChunkReader, chunks: list[Chunk | None]) -> list[int]:
+    """The row numbers of ``chunks`` and of every chunk ``reader`` still sends; then closed."""
+    try:
+        while (chunk := reader.next_chunk()) is not None:
+            chunks.append(chunk)
+    finally:
+        reader.close()
+    return [item.row for chunk in chunks if chunk is not None for item in chunk]
+
+
 def blocked_on_a_full_pipe(
     path: Path,
 ) -> tuple[ProcessChunkReader, list[Chunk | None]]:
@@ -348,12 +358,10 @@ def test_the_reader_child_survives_a_stop_and_continue_while_blocked_on_a_full_p
         wait_until(lambda: Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
                    == "T", "the child stopped")
         os.kill(pid, signal.SIGCONT)
-        while (chunk := reader.next_chunk()) is not None:
-            chunks.append(chunk)
-    finally:
+    except BaseException:
         reader.close()
-    rows = [item.row for chunk in chunks if chunk is not None for item in chunk]
-    assert rows == list(range(1, 20_001))
+        raise
+    assert rows_to_the_end(reader, chunks) == list(range(1, 20_001))
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
@@ -368,15 +376,8 @@ def test_the_reader_child_leaves_a_stop_signal_to_its_parent(
     Stopping is the parent's to decide, as it is for the HTTP process; `close` still ends it."""
     path = big_file(tmp_path, 20_000)
     reader, chunks = blocked_on_a_full_pipe(path)
-    pid = reader._process.pid
-    try:
-        os.kill(pid, signum)
-        while (chunk := reader.next_chunk()) is not None:
-            chunks.append(chunk)
-    finally:
-        reader.close()
-    rows = [item.row for chunk in chunks if chunk is not None for item in chunk]
-    assert rows == list(range(1, 20_001))
+    os.kill(reader._process.pid, signum)
+    assert rows_to_the_end(reader, chunks) == list(range(1, 20_001))
 
     reader = ProcessChunkReader(spec_for(path), 1000)
     assert reader.next_chunk() is not None
