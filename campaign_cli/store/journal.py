@@ -27,7 +27,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from campaign_cli.errors import JournalError, StoreError
-from campaign_cli.store.db import LOCK_WAIT, LockWaitAbandoned, begin_immediate, connect
+from campaign_cli.store.db import (
+    BUSY_TIMEOUT_MS,
+    GIVE_UP_TRY_MS,
+    LOCK_WAIT,
+    LockWaitAbandoned,
+    begin_immediate,
+    connect,
+)
 
 T = TypeVar("T")
 
@@ -195,8 +202,12 @@ class JournalWriter:
             self._failure = exc
             self._ready.set()
             return
-        if self._busy_timeout_ms is not None:
-            self._conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
+        # Short tries, set once (the writer's statements run under its own write lock, so only
+        # BEGIN IMMEDIATE ever waits): `abandon` is seen within one (a try otherwise waits the
+        # busy timeout, 10 s), with no PRAGMA per batch.
+        timeout = min(BUSY_TIMEOUT_MS if self._busy_timeout_ms is None
+                      else int(self._busy_timeout_ms), GIVE_UP_TRY_MS)
+        self._conn.execute(f"PRAGMA busy_timeout = {timeout:d}")
         self._identity = _identity(self._path)
         self._ready.set()
         conn = self._conn
@@ -292,9 +303,7 @@ class JournalWriter:
                 pass
 
     def _begin(self, conn: sqlite3.Connection) -> None:
-        # In short tries: `abandon` is seen within one (a try otherwise waits the connection's
-        # busy timeout, 10 s).
-        begin_immediate(conn, self._lock_wait, self._met_lock, short_tries=True)
+        begin_immediate(conn, self._lock_wait, self._met_lock)  # (in short tries: `_run`)
         # In WAL mode SQLite goes on writing to a store file that was deleted (or renamed over)
         # without a word: every batch would commit to a file nobody can open again, and the
         # run would send everyone with no journal. One stat per batch tells.
