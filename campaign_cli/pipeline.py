@@ -1188,10 +1188,7 @@ class Runner:
                         for other in tasks:
                             other.cancel()
                 if immediate is not None and (immediate in done or (deadline in done)):
-                    for task in tasks:
-                        task.cancel()
-                    await asyncio.gather(*tasks, return_exceptions=True)
-                    tasks.clear()
+                    break  # the rest are cancelled below, as when the caller is
         finally:
             for helper in (graceful, immediate, deadline):
                 if helper is not None:

@@ -458,7 +458,7 @@ class ProcessChunkReader:
         self._done = True
         process = self._process
         if process.poll() is None:
-            process.kill()  # (it ignores SIGTERM: see `_child_main`)
+            process.kill()  # (it ignores SIGTERM: see `_CHILD_CODE`)
         process.wait()
         self._stdout.close()
         self._stderr.close()
@@ -502,8 +502,6 @@ _CHILD_CODE = (
 
 def _child_main(args: dict[str, Any]) -> None:
     """The child process: read, normalise and send each chunk, then a final message."""
-    for stop in _STOP_SIGNALS:  # (as `_CHILD_CODE` did already: for a caller of its own)
-        signal.signal(stop, signal.SIG_IGN)
     # Buffered, whatever PYTHONUNBUFFERED says. Under it `sys.stdout.buffer` is a raw file whose
     # write() may stop short: a write blocked on a full pipe returns what it wrote so far when a
     # stop and continue (Ctrl-Z, `fg`, a debugger or py-spy attaching) interrupts it, and pickle

@@ -18,6 +18,7 @@ from campaign_cli.cli.suppress import (
     ChannelChoice,
     ImportChannelOpt,
     JsonOpt,
+    LimitOpt,
     RegionOpt,
     channel_value,
     normalize_all,
@@ -167,9 +168,7 @@ def list_(
         help="How to read ADDRESS. Default: inferred from it.",
     )] = None,
     region: RegionOpt = "US",
-    limit: Annotated[
-        Optional[int], typer.Option("--limit", min=0, help="At most this many.")
-    ] = None,
+    limit: LimitOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """The consent in force for each address, channel and purpose that has records."""

@@ -39,7 +39,7 @@ def one_line(text: str) -> str:
     """A field of a line that says one thing (a recipient key, an address, a reason): its line
     breaks written as escapes, so that a value from a recipient file (``c1\\nsuppressed: ...``)
     cannot print a line of its own that looks like the command's."""
-    return text.replace("\r", "\\r").replace("\n", "\\n")
+    return text.replace("\n", "\\n")  # (a \r is escaped as every control is: `shown`)
 
 
 class _StderrConsole(Console):

@@ -321,7 +321,7 @@ def print_not_started(ctx: typer.Context, message: str, exit_code: int, *,
         return
     params = ctx.params
     file = params.get("campaign_file")
-    dry_run = dry_run or ctx.info_name == "validate" or bool(params.get("dry_run"))
+    dry_run = dry_run or ctx.info_name == "validate"
     summary = _not_started(app, Path(file) if file else None, params.get("run_key"), dry_run,
                            UsageError(message))
     summary["exit_code"] = exit_code

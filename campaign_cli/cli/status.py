@@ -68,7 +68,8 @@ def status(
             return
         record = runs.get_run(conn, run)
         holder = _holder(app.store_path, record)
-        report = run_status(conn, record, app.clock, live=_live(record, holder))
+        live = _live(record, holder)
+        report = run_status(conn, record, app.clock, live=live)
         if as_json:
             payload = report.to_json()
             payload["failures"] = [
@@ -80,11 +81,9 @@ def status(
             payload["holder"] = holder
             out.json(payload)
             return
-        stopped = not _live(record, holder)
-        shown = "running (stopped: no process)" if stopped else report.status
-        out.result(f"run {report.run_name} (id {report.run_id}): {shown}"
+        out.result(f"run {report.run_name} (id {report.run_id}): {_shown_status(report, live)}"
                    + (f", exit {report.exit_code}" if report.exit_code is not None else ""))
-        if stopped:
+        if not live:
             out.result("no process holds this run: it was stopped without finishing (killed, or "
                        "the machine went down); the same `campaign send` command resumes it")
         out.result(f"started {record.started_at}  finished {record.finished_at or '-'}  "

@@ -116,6 +116,9 @@ def region_value(region: str) -> str:
 
 
 RegionOpt = Annotated[str, typer.Option("--region", help=REGION_HELP, callback=region_value)]
+LimitOpt = Annotated[
+    Optional[int], typer.Option("--limit", min=0, help="At most this many.")
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="JSON on stdout.")]
 ImportChannelOpt = Annotated[Optional[ChannelChoice], typer.Option(
     "--channel", "-c", show_default=False,
@@ -205,9 +208,7 @@ def list_(
         "--channel", "-c", show_default=False,
         help="Only the entries that apply to this channel (these include the 'all' entries).",
     )] = None,
-    limit: Annotated[
-        Optional[int], typer.Option("--limit", min=0, help="At most this many.")
-    ] = None,
+    limit: LimitOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """List the suppressed addresses, oldest first."""

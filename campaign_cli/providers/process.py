@@ -329,9 +329,7 @@ class HttpProcess:
         except asyncio.CancelledError:
             # Cancelled while the child finished (a second Ctrl-C, an application's timeout):
             # it is killed, not waited for, and the rest is closed all the same (below).
-            if self._process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    self._process.kill()
+            self._kill_now()
             raise
         finally:
             tasks = [task for task in (self._reader, self._watchdog) if task is not None]
@@ -347,12 +345,13 @@ class HttpProcess:
         await self._process.wait()
 
     async def _kill(self) -> None:
-        if self._process.returncode is None:
-            try:
-                self._process.kill()
-            except ProcessLookupError:
-                pass
+        self._kill_now()
         await self._process.wait()
+
+    def _kill_now(self) -> None:
+        if self._process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._process.kill()
 
     def _forget_last_words(self) -> None:
         if self._last_words is not None:

@@ -44,7 +44,7 @@ _SPECIALS = re.compile(r'[][\\()<>@,:;".]')
 _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 _LINE = 78  # RFC 5322: lines SHOULD be at most 78 characters
-_MAX_LINE = 998  # ...and MUST be at most 998
+MAX_LINE = 998  # ...and MUST be at most 998
 _WORD_BYTES = 30  # UTF-8 bytes per encoded word: "=?utf-8?b?" + 40 base64 + "?=" is 52 characters
 #: Headers of URIs (RFC 2369, RFC 8058): folded, never written as encoded words.
 _URI_HEADERS = frozenset({"list-unsubscribe", "list-unsubscribe-post"})
@@ -180,9 +180,9 @@ def structured_header(name: str, value: str) -> str:
     if not _PLAIN_VALUE.fullmatch(value):
         raise ValueError(f"header {name}: not printable ASCII")
     line = f"{name}: {value}"
-    folded = line if len(line) <= _LINE else _fold(line, _MAX_LINE)
+    folded = line if len(line) <= _LINE else _fold(line, MAX_LINE)
     if folded is None:
-        raise ValueError(f"header {name}: a URI longer than a line can hold ({_MAX_LINE})")
+        raise ValueError(f"header {name}: a URI longer than a line can hold ({MAX_LINE})")
     return folded
 
 

@@ -58,7 +58,12 @@ from campaign_cli.models import (
     SmsContent,
     WebhookContent,
 )
-from campaign_cli.render.email import RESERVED_HEADERS, format_mailbox, structured_header
+from campaign_cli.render.email import (
+    MAX_LINE,
+    RESERVED_HEADERS,
+    format_mailbox,
+    structured_header,
+)
 from campaign_cli.render.sms import sms_info
 
 #: FCM and APNs refuse payloads over 4 KB; keep a margin.
@@ -394,12 +399,15 @@ class Renderer:
                 raise RenderError(f"{url_part.label}: must be an https:// URL", url_part.label)
             uris.append(f"<{url}>")
         header = ", ".join(uris)
-        try:  # checked as the message will write it: a recipient's value may make it too long
-            structured_header("List-Unsubscribe", header)
-        except ValueError as exc:  # (refused there, it stopped the run with the batch in doubt)
-            part = url_part or mailto_part
-            label = "email list_unsubscribe" if part is None else part.label
-            raise RenderError(f"{label}: {exc}", label) from None
+        # Checked as the message will write it: a recipient's value may make it too long. Only
+        # a line over MAX_LINE can fail (`_uri` let through printable ASCII only, no spaces).
+        if len("List-Unsubscribe: ") + len(header) > MAX_LINE:
+            try:
+                structured_header("List-Unsubscribe", header)
+            except ValueError as exc:  # (refused there, it stopped the run, the batch in doubt)
+                part = url_part or mailto_part
+                label = "email list_unsubscribe" if part is None else part.label
+                raise RenderError(f"{label}: {exc}", label) from None
         if url_part is not None and self._one_click:
             return (
                 ("List-Unsubscribe", header),

@@ -587,8 +587,7 @@ def connect(
             )
             readonly = True
             version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version > len(MIGRATIONS):
-            conn.close()
+        if version > len(MIGRATIONS):  # (the connection is closed below, as on every error)
             raise StoreError(
                 f"{path}: the store has schema version {version}, newer than this campaign-cli "
                 f"knows ({len(MIGRATIONS)}): upgrade campaign-cli"

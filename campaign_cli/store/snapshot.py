@@ -18,6 +18,7 @@ import fcntl
 import os
 import shutil
 import sqlite3
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -134,7 +135,7 @@ def sweep(prefix: str, now: float | None = None) -> list[Path]:
     for folder in entries:
         try:
             found = folder.lstat()
-            if (not folder.is_dir() or folder.is_symlink() or found.st_uid != os.getuid()
+            if (not stat.S_ISDIR(found.st_mode) or found.st_uid != os.getuid()
                     or now - found.st_mtime < _SWEEP_MIN_AGE_S):
                 continue
             fd = os.open(folder / _LOCK, os.O_RDWR | os.O_NOFOLLOW)
