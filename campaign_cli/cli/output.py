@@ -12,12 +12,13 @@ stdout (command results, `--json`, the console provider's lines) is unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import sys
 import traceback
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import IO, Any, Literal
@@ -186,20 +187,29 @@ class Output:
             return
         self.err.print(self.shown(text), markup=False)
 
-    def json(self, payload: Any) -> None:
-        if self.stdout is None:  # `>&-`: Python has no sys.stdout
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[IO[str]]:
+        """Standard output, to write data to: closed (`>&-`: Python has no sys.stdout), or a
+        write that fails (a full disk under `> summary.json`, a hung-up terminal), is a
+        `StdoutError`; a broken pipe stays one (its reader is gone: `fail` says so)."""
+        if self.stdout is None:
             raise StdoutError(CLOSED_STDOUT)
-        # Redact the values, not the serialized text: a secret such as "100" would turn numbers
-        # into `***` (not JSON), and one with a quote or backslash is escaped in the text. An
-        # ASCII or Latin-1 standard output gets JSON's escapes, not an encoding error.
-        text = json.dumps(self._redacted(payload), ensure_ascii=not writes_unicode(self.stdout))
         try:
-            self.stdout.write(text + "\n")
-            self.stdout.flush()
+            yield self.stdout
         except BrokenPipeError:
-            raise  # its reader is gone: `fail` says so
-        except OSError as exc:  # a full disk under `> summary.json`, a hung-up terminal
+            raise
+        except OSError as exc:
             raise unwritable(exc) from None
+
+    def json(self, payload: Any) -> None:
+        with self.writing() as stdout:
+            # Redact the values, not the serialized text: a secret such as "100" would turn
+            # numbers into `***` (not JSON), and one with a quote or backslash is escaped in the
+            # text. An ASCII or Latin-1 standard output gets JSON's escapes, not an encoding
+            # error.
+            text = json.dumps(self._redacted(payload), ensure_ascii=not writes_unicode(stdout))
+            stdout.write(text + "\n")
+            stdout.flush()
 
     def _redacted(self, value: Any) -> Any:
         if isinstance(value, dict):

@@ -12,7 +12,7 @@ import typer  # noqa: TID251 - this is campaign_cli/cli/
 
 from campaign_cli.addresses import AddressError, normalize_push_token
 from campaign_cli.cli.context import EXIT_CODES, app_context, command
-from campaign_cli.cli.output import CLOSED_STDOUT, Output, StdoutError, unwritable
+from campaign_cli.cli.output import Output
 from campaign_cli.clock import iso
 from campaign_cli.errors import UsageError
 from campaign_cli.store import suppressions
@@ -331,14 +331,8 @@ def export(
     app_ctx = app_context(ctx)
     with app_ctx.open_store() as store:
         if file == "-":
-            if app_ctx.output.stdout is None:  # `>&-`
-                raise StdoutError(CLOSED_STDOUT)
-            try:
-                count = suppressions.export_csv(store.conn, app_ctx.output.stdout)
-            except BrokenPipeError:
-                raise  # its reader is gone: said as such
-            except OSError as exc:  # a full disk under `> backup.csv`
-                raise unwritable(exc) from None
+            with app_ctx.output.writing() as stdout:
+                count = suppressions.export_csv(store.conn, stdout)
         else:
             try:
                 count = suppressions.export_csv(store.conn, Path(file))

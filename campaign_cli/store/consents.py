@@ -75,12 +75,13 @@ _AT = "MIN(recorded_at, created_at)"
 _Record = tuple[str, str, str, str]
 
 
-def parse_timestamp(text: str, status: str | None = None) -> str:
+def parse_timestamp(text: str, status: str | None = None, *, now: str | None = None) -> str:
     """An ISO 8601 date or time as stored (UTC, milliseconds, ``Z``). A time without an offset
     is taken as UTC. A bare date is the start of that day (UTC), but for a revocation
     (``status`` ``'revoked'``) its last millisecond: when the time of day is unknown, the reading
     that sends less (a revocation dated the day of a grant outranks it, not the other way
-    round). Raises ValueError."""
+    round). With ``now``, a time ahead of it (its start, for a bare date) is refused too.
+    Raises ValueError."""
     value = text.strip()
     if value.endswith(("Z", "z")):
         value = value[:-1] + "+00:00"
@@ -91,9 +92,12 @@ def parse_timestamp(text: str, status: str | None = None) -> str:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)
     try:
+        stamp = iso(moment)
+        if now is not None:
+            _check_not_future(stamp, now)  # (a revocation dated today is not ahead)
         if status == "revoked" and _BARE_DATE.fullmatch(value):
-            moment += timedelta(days=1, milliseconds=-1)
-        return iso(moment)
+            stamp = iso(moment + timedelta(days=1, milliseconds=-1))
+        return stamp
     except OverflowError:  # year 1 east of UTC, year 9999 west of it
         raise ValueError(f"out of range once converted to UTC: {text!r}") from None
 
@@ -268,8 +272,7 @@ def record_consents(
     transaction. ``recorded_at`` is any ISO 8601 time (see `parse_timestamp`); a record
     identical to one already held (same time and source) is counted in ``already``.
     Raises ValueError for an unknown channel, purpose or status, or a time in the future."""
-    at = parse_timestamp(recorded_at, status)
-    _check_not_future(parse_timestamp(recorded_at), now)  # a revocation dated today is not ahead
+    at = parse_timestamp(recorded_at, status, now=now)
     added = already = 0
     with write_transaction(conn):
         for address, channel in items:
@@ -348,9 +351,7 @@ def import_csv(
                     invalid.append((record.line, raw, problem))
                     continue
                 try:
-                    written = record.fields.get("recorded_at", "")
-                    at = parse_timestamp(written, status)
-                    _check_not_future(parse_timestamp(written), now)
+                    at = parse_timestamp(record.fields.get("recorded_at", ""), status, now=now)
                 except ValueError as exc:
                     invalid.append((record.line, raw, f"recorded_at: {exc}"))
                     continue
