@@ -499,19 +499,27 @@ class _Abort(Exception):
         super().__init__(message)
 
 
-async def _in_thread_to_the_end(fn: Callable[[], object]) -> None:
+async def _in_thread_to_the_end(
+    fn: Callable[[], _T], *, on_cancel: Callable[[], None] | None = None,
+    undo: Callable[[_T], object] | None = None,
+) -> _T:
     """``fn`` in a thread, waited for however often the caller is cancelled (then re-raised).
     A cancelled `asyncio.to_thread` is not only given up: a call no thread has started yet (a
-    busy machine) is dropped, and never runs."""
+    busy machine) is dropped, and never runs, and one that has started goes on unwatched.
+    ``on_cancel`` is told of the first cancellation (``fn`` may then give up); ``undo`` is given
+    what ``fn`` returned if it finished all the same (a reader it opened, to close)."""
     working = asyncio.get_running_loop().run_in_executor(None, fn)
     try:
-        await asyncio.shield(working)
+        return await asyncio.shield(working)
     except asyncio.CancelledError:
+        if on_cancel is not None:
+            on_cancel()
         while not working.done():
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.wait({working})
-        working.exception()  # (the cancellation wins)
-        raise
+        if not working.cancelled() and working.exception() is None and undo is not None:
+            await _in_thread_to_the_end(functools.partial(undo, working.result()))
+        raise  # (the cancellation wins over what ``fn`` returned or raised)
 
 
 def run_campaign(
@@ -819,16 +827,11 @@ class Runner:
         the thread to end, however often it is cancelled (``fn`` checks `_given_up`, through
         `_starting`, `_starting_session` or `_unless_stopped_at_once`, and gives up at its next
         check)."""
-        working = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
-        try:
-            return await asyncio.shield(working)
-        except asyncio.CancelledError:
-            self._given_up = True
-            while not working.done():
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.wait({working})
-            working.exception()  # (given up, or done as if killed: the cancellation wins)
-            raise
+        return await _in_thread_to_the_end(functools.partial(fn, *args, **kwargs),
+                                           on_cancel=self._give_up)
+
+    def _give_up(self) -> None:
+        self._given_up = True
 
     def _starting(self) -> None:
         """``on_busy`` and ``check`` of the work before the session starts: a stop ends it
@@ -1338,19 +1341,11 @@ class Runner:
         loop idle a quarter of the time; four and three ahead took the dry run from 15.5k to
         20.5k msg/s in process): read (in a thread or a child
         process), admit + policy (the writer thread and a policy thread), render + queue (here)."""
-        opening = asyncio.get_running_loop().run_in_executor(
-            None, self._open_reader, spec, start_row, total_rows)
-        try:
-            reader = await asyncio.shield(opening)
-        except asyncio.CancelledError:
-            # Cancelled while the reader opened (its child process starting): the reader it
-            # opens is closed here, not handed to nobody and left to the collector.
-            while not opening.done():
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.wait({opening})
-            if not opening.cancelled() and opening.exception() is None:
-                await _in_thread_to_the_end(opening.result().close)
-            raise
+        # (cancelled while it opens, its child process starting: the reader it opens is closed,
+        # not handed to nobody and left to the collector)
+        reader = await _in_thread_to_the_end(
+            functools.partial(self._open_reader, spec, start_row, total_rows),
+            undo=lambda opened: opened.close())
         chunks: asyncio.Queue[Chunk | BaseException | None] = asyncio.Queue(4)
         ready: asyncio.Queue[asyncio.Future[_Ready | None] | BaseException | None] = (
             asyncio.Queue(3)
