@@ -452,6 +452,10 @@ class WebhookProviderConfig(_HttpProvider):
     #: ``headers`` go to ``url`` only, not to the URLs a recipient file names (which may be
     #: anyone's, and headers usually carry the operator's credentials), unless this says so.
     headers_to_recipient_urls: bool = False
+    #: A recipient file's URLs may reach public addresses only (not loopback, private networks,
+    #: link-local cloud metadata, ...: `campaign_cli.providers.public`), unless this says so.
+    #: ``url`` is the campaign author's own choice and is never checked.
+    allow_private_urls: bool = False
 
 
 ProviderConfig = Annotated[

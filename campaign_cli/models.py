@@ -44,9 +44,32 @@ def url_refusal(url: str) -> str | None:
             return "no host"
         if ":" not in host:  # the name the resolver is given (an IPv6 address is not)
             host.encode("idna")
+            if _legacy_ipv4(host):
+                return f"{host} is not a canonical IPv4 address"
     except (httpx.InvalidURL, ValueError) as exc:  # UnicodeError is a ValueError
         return str(exc) or type(exc).__name__
     return None
+
+
+def _legacy_ipv4(host: str) -> bool:
+    """An IPv4 address in a spelling the C library takes and aiohttp (3.14) refuses: ``127.1``,
+    ``0x7f000001``, ``2130706433``, ``0177.0.0.1``. Refused here, where it is the recipient's
+    bad address, rather than at send time; and no two spellings of one address."""
+    import ipaddress
+    import socket
+
+    if not host or any(c not in "0123456789abcdefxABCDEFX." for c in host):
+        return False
+    try:
+        ipaddress.IPv4Address(host)
+        return False  # canonical
+    except ValueError:
+        pass
+    try:
+        socket.inet_aton(host)
+    except OSError:
+        return False  # a name (``cafe.be``, ``deadbeef``)
+    return True
 
 
 class Channel(str, Enum):

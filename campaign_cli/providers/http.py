@@ -35,6 +35,7 @@ import httpx
 
 if TYPE_CHECKING:  # aiohttp costs ~0.15 s to import: only a run that sends over HTTP pays it
     import aiohttp
+    import aiohttp.abc
     from yarl import URL
 
 from campaign_cli.clock import Clock
@@ -47,6 +48,7 @@ from campaign_cli.errors import (
 )
 from campaign_cli.models import Channel, OutboundMessage, SendResult
 from campaign_cli.providers.base import ProviderContext
+from campaign_cli.providers.public import PUBLIC_ONLY, NonPublicAddress
 
 
 class HttpAdapter(Protocol):
@@ -131,8 +133,13 @@ class HttpProvider:
         await self.client.aclose()
 
 
-def classify_transport_error(exc: httpx.HTTPError) -> TransientError | InDoubtError:
-    """Before the request was written: transient. After: in doubt."""
+def classify_transport_error(
+    exc: httpx.HTTPError,
+) -> TransientError | InDoubtError | PermanentError:
+    """Before the request was written: transient. After: in doubt. A recipient's URL that may not
+    be reached (`NonPublicAddress`, nothing sent): that recipient's bad address."""
+    if isinstance(exc, NonPublicAddress):
+        return PermanentError(str(exc), code="private_address", action="invalid")
     text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout,
                         httpx.UnsupportedProtocol, httpx.ProxyError)):
@@ -265,21 +272,47 @@ class _Session:
         import aiohttp
         from yarl import URL
 
-        self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(
-                limit=concurrency, keepalive_timeout=keepalive, ssl=ssl_
-            ),
-            cookie_jar=aiohttp.DummyCookieJar(),  # cookies are httpx's business (none kept)
-            auto_decompress=False,  # `to_response` decodes Content-Encoding, capped
-            skip_auto_headers=_NO_AUTO_HEADERS,  # once here, not merged again per request
-            trust_env=False,
-        )
+        self.concurrency, self.keepalive, self.ssl = concurrency, keepalive, ssl_
+        self.session = self._new_session()
+        #: For requests to a recipient's own URL (`public.PUBLIC_ONLY`): a pool of its own, whose
+        #: resolver answers public addresses only. Made on first use.
+        self.public: aiohttp.ClientSession | None = None
         self.slots = asyncio.Semaphore(concurrency)
         self.url_class = URL
         self.last_url: tuple[str, URL] = ("", URL())
         self.timeout_class = aiohttp.ClientTimeout
         self.failures: tuple[type[BaseException], ...] = (aiohttp.ClientError, asyncio.TimeoutError)
         self.timeouts: dict[tuple[float | None, ...], aiohttp.ClientTimeout] = {}
+
+    def _new_session(self, resolver: aiohttp.abc.AbstractResolver | None = None,
+                     ) -> aiohttp.ClientSession:
+        import aiohttp
+
+        return aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(
+                limit=self.concurrency, keepalive_timeout=self.keepalive, ssl=self.ssl,
+                resolver=resolver,
+            ),
+            cookie_jar=aiohttp.DummyCookieJar(),  # cookies are httpx's business (none kept)
+            auto_decompress=False,  # `to_response` decodes Content-Encoding, capped
+            skip_auto_headers=_NO_AUTO_HEADERS,  # once here, not merged again per request
+            trust_env=False,
+        )
+
+    def _public_session(self, url: URL) -> aiohttp.ClientSession:
+        """The pool for a request that may reach public addresses only: `NonPublicAddress`
+        at once for a host written as another address, the resolver's check for a name."""
+        from campaign_cli.providers.public import check_literal, public_only_resolver
+
+        check_literal(url.raw_host or "")
+        if self.public is None:
+            self.public = self._new_session(public_only_resolver())
+        return self.public
+
+    async def close(self) -> None:
+        await self.session.close()
+        if self.public is not None:
+            await self.public.close()
 
     def url(self, url: str) -> URL:
         """yarl's URL for httpx's, taken as already encoded; the last one is kept, since a
@@ -307,10 +340,14 @@ class _Session:
     async def request(
         self, method: str, url: str, headers: list[tuple[str, str]], body: bytes,
         timeouts: Mapping[str, float | None], sni_hostname: str | None,
+        public_only: bool = False,
     ) -> RawAnswer:
         """One exchange: a free slot (or `httpx.PoolTimeout` after the ``pool`` timeout), the
         request, the whole answer. aiohttp's failures are raised as httpx's (`map_aiohttp_error`),
-        without their request (the caller sets it)."""
+        without their request (the caller sets it). ``public_only``: the URL's host must be a
+        public address (`campaign_cli.providers.public`), else `NonPublicAddress`."""
+        parsed = self.url(url)
+        session = self._public_session(parsed) if public_only else self.session
         slots = self.slots
         if slots.locked():
             pool = timeouts.get("pool")
@@ -321,9 +358,9 @@ class _Session:
         else:
             await slots.acquire()  # free: returns at once
         try:
-            async with self.session.request(
+            async with session.request(
                 method,
-                self.url(url),
+                parsed,
                 headers=headers,
                 data=body or None,
                 timeout=self.timeout(timeouts),
@@ -369,13 +406,15 @@ RawAnswer = tuple[int, Sequence[tuple[bytes, bytes]], str | None, bytes]
 
 
 def raw_request(request: httpx.Request) -> tuple[str, str, list[tuple[str, str]],
-                                                  Mapping[str, float | None], str | None]:
+                                                  Mapping[str, float | None], str | None, bool]:
     """What a transport sends of an httpx request, its body aside: method, URL (already
-    encoded), headers as text, the timeouts, the TLS server name."""
+    encoded), headers as text, the timeouts, the TLS server name, whether only a public address
+    may be reached (`public.PUBLIC_ONLY`)."""
     encoding = request.headers.encoding
     headers = [(k.decode(encoding), v.decode(encoding)) for k, v in request.headers.raw]
-    return (request.method, str(request.url), headers, request.extensions.get("timeout", {}),
-            request.extensions.get("sni_hostname"))
+    extensions = request.extensions
+    return (request.method, str(request.url), headers, extensions.get("timeout", {}),
+            extensions.get("sni_hostname"), bool(extensions.get(PUBLIC_ONLY)))
 
 
 async def request_body(request: httpx.Request) -> bytes:
@@ -474,10 +513,10 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             if self._closed:
                 raise RuntimeError("the transport is closed")
             live = self._live = _Session(self.concurrency, self.keepalive, self._ssl)
-        method, url, headers, timeouts, sni = raw_request(request)
+        method, url, headers, timeouts, sni, public_only = raw_request(request)
         body = await request_body(request)
         try:
-            answer = await live.request(method, url, headers, body, timeouts, sni)
+            answer = await live.request(method, url, headers, body, timeouts, sni, public_only)
         except httpx.TransportError as exc:
             exc.request = request
             raise
@@ -487,7 +526,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         self._closed = True
         live, self._live = self._live, None
         if live is not None:
-            await live.session.close()
+            await live.close()
 
 
 def map_aiohttp_error(

@@ -54,6 +54,7 @@ from campaign_cli.providers.http import (
     request_body,
     to_response,
 )
+from campaign_cli.providers.public import NonPublicAddress
 from campaign_cli.streams import last_line
 
 _HEADER = struct.Struct("!I")
@@ -79,7 +80,7 @@ _TRANSPORT_ERRORS: dict[str, type[httpx.TransportError]] = {
     cls.__name__: cls for cls in (
         httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol,
         httpx.ReadTimeout, httpx.RemoteProtocolError, httpx.WriteError, httpx.ReadError,
-        httpx.WriteTimeout, httpx.ProxyError,
+        httpx.WriteTimeout, httpx.ProxyError, NonPublicAddress,
     )
 }
 
@@ -371,12 +372,12 @@ class ProcessTransport(httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if self._closed:
             raise RuntimeError("the transport is closed")
-        method, url, headers, timeouts, sni = raw_request(request)
+        method, url, headers, timeouts, sni, public_only = raw_request(request)
         body = await request_body(request)
         bounds = [timeouts.get(name) for name in ("pool", "connect", "write", "read")]
         limit = None if None in bounds else sum(b for b in bounds if b is not None)
         answer = await self._host.exchange(
-            (self._pool, method, url, headers, body, timeouts, sni), limit
+            (self._pool, method, url, headers, body, timeouts, sni, public_only), limit
         )
         tag = answer[0]
         if tag == _OK:
@@ -474,11 +475,13 @@ async def _serve(parent: int) -> None:
 
     async def exchange(request_id: int, session: _Session, method: str, url: str,
                        headers: list[tuple[str, str]], body: bytes,
-                       timeouts: Mapping[str, float | None], sni: str | None) -> None:
+                       timeouts: Mapping[str, float | None], sni: str | None,
+                       public_only: bool) -> None:
         nonlocal scheduled
         answer: tuple[Any, ...]
         try:
-            raw: RawAnswer = await session.request(method, url, headers, body, timeouts, sni)
+            raw: RawAnswer = await session.request(method, url, headers, body, timeouts, sni,
+                                                   public_only)
             answer = (_OK, *raw)
         except httpx.TransportError as exc:
             name = type(exc).__name__
@@ -528,4 +531,4 @@ async def _serve(parent: int) -> None:
                 task.cancel()
     finally:
         for session in pools.values():
-            await session.session.close()
+            await session.close()

@@ -3,7 +3,9 @@
 Where: the recipient's own URL when the recipient file has a ``webhook_url`` column (the message's
 address is then an http(s) URL), else the provider's ``url``. A message with neither fails
 permanently (code ``no_url``). ``base_url``, when set, replaces the scheme, host and port of the
-provider's ``url`` (recipients' own URLs are left alone).
+provider's ``url`` (recipients' own URLs are left alone). A recipient's own URL may reach only a
+public address unless ``allow_private_urls`` (`campaign_cli.providers.public`: SSRF); the row of
+one that may not ends ``invalid``, code ``private_address``.
 
 The body (UTF-8 JSON)::
 
@@ -63,6 +65,7 @@ from campaign_cli.providers.http import (
     client_for,
     retry_after,
 )
+from campaign_cli.providers.public import PUBLIC_ONLY
 
 REDACTED = "<redacted>"
 _URL = re.compile(r"^https?://", re.IGNORECASE)
@@ -149,6 +152,7 @@ class WebhookAdapter:
         signature_header: str = "X-Campaign-Signature",
         headers: Mapping[str, str] | None = None,
         headers_to_recipient_urls: bool = False,
+        allow_private_urls: bool = False,
     ) -> None:
         self.url = url
         self._clock = clock
@@ -156,6 +160,8 @@ class WebhookAdapter:
         self._signature_header = signature_header
         self._headers = dict(headers or {})
         self._headers_to_recipient_urls = headers_to_recipient_urls
+        #: A recipient's own URL may reach public addresses only (`public.PUBLIC_ONLY`).
+        self._extensions = {} if allow_private_urls else {PUBLIC_ONLY: True}
 
     def url_for(self, message: OutboundMessage) -> str | None:
         """The recipient's own URL if the address is one, else the provider's."""
@@ -191,7 +197,8 @@ class WebhookAdapter:
         if self._secret:
             timestamp = int(self._clock.now().timestamp())
             headers[self._signature_header] = signature(self._secret, timestamp, body)
-        return httpx.Request("POST", url, content=body, headers=headers)
+        return httpx.Request("POST", url, content=body, headers=headers,
+                             extensions=None if own else dict(self._extensions))
 
     def parse(self, message: OutboundMessage, response: httpx.Response) -> SendResult:
         status = response.status_code
@@ -247,7 +254,8 @@ class WebhookProvider:
         url = with_origin(config.url, config.base_url) if config.url else None
         adapter = WebhookAdapter(url, context.clock, secret=config.secret,
                                  signature_header=config.signature_header, headers=config.headers,
-                                 headers_to_recipient_urls=config.headers_to_recipient_urls)
+                                 headers_to_recipient_urls=config.headers_to_recipient_urls,
+                                 allow_private_urls=config.allow_private_urls)
         client = client_for(config, context, url or config.base_url or "")
         return cls(name, adapter, client)
 
