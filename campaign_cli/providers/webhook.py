@@ -26,7 +26,9 @@ default ``X-Campaign-Signature``) in the style of Stripe's::
 
 To verify, a receiver takes ``t`` and ``v1`` from the header, computes the HMAC over the decimal
 timestamp, a full stop and the exact bytes of the body, compares it in constant time, and rejects
-timestamps older than a few minutes (replay). `verify_signature` does exactly that.
+timestamps older than a few minutes (replay). `verify_signature` does exactly that. Recipients'
+own URLs all verify with the one secret: a receiver can replay what it got to another, which
+should therefore also check that ``recipient`` is its own.
 
 Answers: 2xx accepted; 409 accepted too (the receiver already has this idempotency key: a
 deduplicated resend); 408, 425, 429 and 5xx transient (``Retry-After`` honoured), but 504 in
