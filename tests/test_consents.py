@@ -379,3 +379,44 @@ def test_parse_timestamp_out_of_range_in_utc_is_a_value_error(text: str) -> None
     """A time that exists in its own offset but not in UTC is bad input, not a crash."""
     with pytest.raises(ValueError, match="out of range"):
         parse_timestamp(text)
+
+
+def test_the_list_is_read_in_pages_of_whole_addresses_holding_no_read_between_pages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`consent list | less`: one query read as the entries were shown held a read transaction
+    for as long as the reader took (a running campaign's write-ahead log could not be
+    checkpointed meanwhile). The records are read a few addresses at a time, each page its own
+    read, and the entries are those of one read of everything, in the same order, whatever the
+    page size (an address whose records span a page boundary is read whole)."""
+    store = Store.open(tmp_path / "store.db")
+    conn = store.conn
+    try:
+        for i in range(9):
+            address = f"user{i}@example.com"
+            for j in range(i % 4 + 1):  # 1 to 4 records per address
+                rec(conn, ("granted", "revoked")[j % 2], f"2024-01-0{j + 1}T00:00:00Z",
+                    address=address, channel=("email", "all", "sms")[j % 3],
+                    purpose=("marketing", "transactional")[(i + j) % 2])
+        monkeypatch.setattr(consents_module, "LIST_PAGE", 10**6)
+        whole = list(list_consents(conn))
+        assert len({e["address_hash"] for e in whole}) == 9
+        assert [(e["address_hash"], e["purpose"], e["channel"]) for e in whole] == sorted(
+            (e["address_hash"], e["purpose"], e["channel"]) for e in whole)
+        for size in (1, 2, 3, 5, 7):
+            monkeypatch.setattr(consents_module, "LIST_PAGE", size)
+            assert list(list_consents(conn)) == whole, size
+        monkeypatch.setattr(consents_module, "LIST_PAGE", 2)
+        listing = list_consents(conn)
+        first = next(listing)
+        other = sqlite3.connect(tmp_path / "store.db", timeout=0, isolation_level=None)
+        try:
+            busy, _, _ = other.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        finally:
+            other.close()
+        assert busy == 0  # no read transaction held while the entries are shown
+        assert [first, *listing] == whole
+        one = "user3@example.com"
+        assert list(list_consents(conn, one)) == [e for e in whole if e["address"] == one]
+    finally:
+        store.close()

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import campaign_cli.store.suppressions as suppressions_module
 from campaign_cli.addresses import AddressError, address_hash, normalize_email
 from campaign_cli.errors import InputError, StoreError
 from campaign_cli.store.db import MIGRATIONS, Store, connect
@@ -774,3 +775,44 @@ def test_erase_reads_the_journal_once_and_changes_its_rows_by_primary_key(
             if "SCAN messages" in plan or "SCAN attempts" in plan:
                 scans.append((sql, plan))
     assert len(scans) == 1, scans  # the one pass that finds the rows
+
+
+def _checkpoint_truncates(path: Path) -> bool:
+    """Whether another connection can checkpoint the store and reset its write-ahead log now,
+    which it cannot while a read transaction of this process is open."""
+    other = sqlite3.connect(path, timeout=0, isolation_level=None)
+    try:
+        busy, _, _ = other.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    finally:
+        other.close()
+    return busy == 0
+
+
+def test_the_list_is_read_a_page_at_a_time_holding_no_read_between_pages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`suppress list | less`: the list was one query whose rows were read as they were shown,
+    so a listing left open held a read transaction, and a running campaign's write-ahead log
+    could not be checkpointed for as long (it grows without bound). It is read a page at a time,
+    each page its own read, complete and in order, and the limit holds across pages."""
+    monkeypatch.setattr(suppressions_module, "LIST_PAGE", 3)
+    store = Store.open(tmp_path / "store.db")
+    conn = store.conn
+    try:
+        items = [(f"user{i}@example.com", "email" if i % 3 else "all") for i in range(11)]
+        add_suppressions(conn, items, "manual", "cli", NOW)
+        listing = list_suppressions(conn)
+        first = next(listing)
+        assert _checkpoint_truncates(tmp_path / "store.db")
+        rest = list(listing)
+        assert [(e["address"], e["channel"]) for e in [first, *rest]] == items
+        assert [e["id"] for e in [first, *rest]] == sorted(e["id"] for e in [first, *rest])
+        assert [e["address"] for e in list_suppressions(conn, "all")] == [
+            a for a, c in items if c == "all"]
+        for limit in (0, 1, 3, 4, 6, 7, 11, 12, 2**70):
+            assert [e["address"] for e in list_suppressions(conn, limit=limit)] == [
+                a for a, _ in items][:limit]
+        assert [e["address"] for e in list_suppressions(conn, "email", limit=5)] == [
+            a for a, _ in items][:5]  # every entry applies to email (the 'all' ones too)
+    finally:
+        store.close()

@@ -177,16 +177,17 @@ def list_(
     if address is not None:
         normalised = normalize_lookup(address, channel_value(channel), region)
     with app_ctx.open_store() as store:
-        entries = list(itertools.islice(consents.list_consents(store.conn, normalised), limit))
-    if as_json:
-        app_ctx.output.json(entries)
-        return
-    app_ctx.output.table(
-        ("address", "channel", "purpose", "status", "recorded_at", "source", "via"),
-        (
-            (e["address"] if e["address"] is not None else "(erased)", e["channel"],
-             e["purpose"], e["status"], e["recorded_at"], e["source"], e["via"])
-            for e in entries
-        ),
-    )
-    app_ctx.output.info(f"{len(entries)} entries")
+        # Written as it is read, a page at a time (`Output.listing`).
+        entries = itertools.islice(consents.list_consents(store.conn, normalised), limit)
+        if as_json:
+            app_ctx.output.json_array(entries)
+            return
+        count = app_ctx.output.listing(
+            ("address", "channel", "purpose", "status", "recorded_at", "source", "via"),
+            (
+                (e["address"] if e["address"] is not None else "(erased)", e["channel"],
+                 e["purpose"], e["status"], e["recorded_at"], e["source"], e["via"])
+                for e in entries
+            ),
+        )
+    app_ctx.output.info(f"{count} entries")

@@ -13,6 +13,7 @@ stdout (command results, `--json`, the console provider's lines) is unchanged.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -31,6 +32,9 @@ from campaign_cli.clock import iso
 from campaign_cli.errors import CampaignError, ExitCode, redact
 from campaign_cli.models import from_micros
 from campaign_cli.streams import writes_unicode
+
+#: The most rows `Output.listing` draws as a table on a terminal: rich measures every cell first.
+TABLE_ROWS = 500
 
 # C0 controls but line feed and tab, DEL, and C1 controls (0x9b is a one-byte CSI).
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
@@ -234,6 +238,54 @@ class Output:
             # would raise MarkupError.
             table.add_row(*(Text(self.shown("" if v is None else str(v))) for v in row))
         (self.err if err else self.out).print(table)
+
+    def listing(self, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> int:
+        """A list that may be long (`suppress list`, `consent list`) on stdout, written as it
+        is read; returns the number of rows. On a terminal, up to `TABLE_ROWS` rows are a table
+        as `table` draws it; more, or stdout not a terminal (a pipe, a file, cron), are
+        tab-separated lines: a header line with the column names, then one line per row. rich
+        measured every cell of every row before printing the first (98 s and 850 MB for
+        150,000 opt-outs, the whole list held in memory). A cell is shown as `shown` shows it,
+        its line breaks and tabs written ``\\n`` and ``\\t``, so that a line is a row."""
+        found = iter(rows)
+        if self.stdout_is_tty:
+            head = list(itertools.islice(found, TABLE_ROWS + 1))
+            if len(head) <= TABLE_ROWS:
+                self.table(columns, head)
+                return len(head)
+            found = itertools.chain(head, found)
+        count = 0
+        with self.writing() as stdout:
+            stdout.write("\t".join(columns) + "\n")
+            for row in found:
+                stdout.write("\t".join(self._cell(v) for v in row) + "\n")
+                count += 1
+            stdout.flush()
+        return count
+
+    def _cell(self, value: Any) -> str:
+        text = self.shown("" if value is None else str(value))
+        return one_line(text).replace("\t", "\\t")
+
+    def json_array(self, items: Iterable[Any]) -> int:
+        """`json` of a list, written item by item as ``items`` yields them (a list of 150,000
+        opt-outs is not held in memory): the same document, byte for byte. Returns the count."""
+        count = 0
+        with self.writing() as stdout:
+            ascii_only = not writes_unicode(stdout)
+            stdout.write("[")
+            for item in items:
+                if count:
+                    stdout.write(", ")
+                stdout.write(json.dumps(self._redacted(item), ensure_ascii=ascii_only))
+                count += 1
+            stdout.write("]\n")
+            stdout.flush()
+        return count
+
+    @property
+    def stdout_is_tty(self) -> bool:
+        return bool(getattr(self.stdout, "isatty", lambda: False)())
 
     def fail(self, exc: BaseException) -> int:
         """Report an exception on one line and return the exit code for it."""

@@ -214,15 +214,17 @@ def list_(
     """List the suppressed addresses, oldest first."""
     app_ctx = app_context(ctx)
     with app_ctx.open_store() as store:
-        entries = list(suppressions.list_suppressions(store.conn, channel_value(channel), limit))
-    if as_json:
-        app_ctx.output.json(entries)
-        return
-    app_ctx.output.table(
-        ("address", "channel", "reason", "source", "created_at"),
-        ((_display(e), e["channel"], e["reason"], e["source"], e["created_at"]) for e in entries),
-    )
-    app_ctx.output.info(f"{len(entries)} entries")
+        # Written as it is read, a page at a time (`Output.listing`).
+        entries = suppressions.list_suppressions(store.conn, channel_value(channel), limit)
+        if as_json:
+            app_ctx.output.json_array(entries)
+            return
+        count = app_ctx.output.listing(
+            ("address", "channel", "reason", "source", "created_at"),
+            ((_display(e), e["channel"], e["reason"], e["source"], e["created_at"])
+             for e in entries),
+        )
+    app_ctx.output.info(f"{count} entries")
 
 
 @app.command("erase", epilog=EXIT_CODES)

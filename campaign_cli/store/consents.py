@@ -62,6 +62,9 @@ PURPOSES: tuple[str, ...] = tuple(p.value for p in Purpose)
 STATUSES = ("granted", "revoked")
 CONCRETE_CHANNELS: tuple[str, ...] = tuple(c.value for c in Channel)
 
+#: Records a listing reads per query (about: a page holds every record of its addresses).
+LIST_PAGE = 1000
+
 #: How far in the future a ``recorded_at`` may lie (clock skew between systems) before it is
 #: refused: a grant dated next year would otherwise outrank every revocation until then.
 FUTURE_TOLERANCE = timedelta(hours=1)
@@ -404,15 +407,34 @@ def list_consents(
     """One entry per (address, channel, purpose) that has records, with its effective state:
     ``status``, ``recorded_at`` and ``source`` of the deciding record, ``via`` the channel that
     record names (``'all'`` when a record for every channel decides), ``records`` the number of
-    records for this very channel. ``address`` (normalised) restricts the list to one address."""
+    records for this very channel. ``address`` (normalised) restricts the list to one address.
+
+    The records are read about `LIST_PAGE` at a time, whole addresses (by hash) per page, each
+    page its own short read, as `suppressions.list_suppressions` does."""
     sql = (f"SELECT address_hash, purpose, channel, status, {_AT}, source, address "
-           "FROM consents")
-    params: tuple[str, ...] = ()
+           "FROM consents WHERE ")
     if address is not None:
-        sql += " WHERE address_hash = ?"
-        params = (address_hash(address),)
-    sql += " ORDER BY address_hash, purpose, channel, id"
-    rows = conn.execute(sql, params)
+        rows = conn.execute(sql + "address_hash = ? ORDER BY purpose, channel, id",
+                            (address_hash(address),)).fetchall()
+        yield from _in_force(rows)
+        return
+    after = ""
+    while True:
+        # The addresses of the next LIST_PAGE records, and every record of theirs.
+        page = conn.execute(
+            sql + "address_hash > :after AND address_hash <= (SELECT MAX(address_hash) FROM "
+            "(SELECT address_hash FROM consents WHERE address_hash > :after "
+            "ORDER BY address_hash LIMIT :size)) ORDER BY address_hash, purpose, channel, id",
+            {"after": after, "size": LIST_PAGE},
+        ).fetchall()
+        if not page:
+            return
+        yield from _in_force(page)
+        after = str(page[-1][0])
+
+
+def _in_force(rows: Iterable[Sequence[Any]]) -> Iterator[dict[str, Any]]:
+    """`list_consents`'s entries for records ordered by address hash, purpose, channel, id."""
     for (hashed, purpose), group in itertools.groupby(rows, key=lambda r: (r[0], r[1])):
         members = list(group)
         shown = next((r[6] for r in members if r[6] is not None), None)

@@ -55,6 +55,8 @@ EXPORT_COLUMNS = ("address", "channel", "reason", "source", "created_at", "addre
 ADDRESS_COLUMNS = ("address", "phone", "email")
 #: Entries an export reads per query.
 EXPORT_PAGE = 1000
+#: Entries (suppressions, consent addresses) a listing reads per query.
+LIST_PAGE = 1000
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -587,19 +589,33 @@ def list_suppressions(
     conn: sqlite3.Connection, channel: str | None = None, limit: int | None = None
 ) -> Iterator[dict[str, Any]]:
     """The list, oldest first. With a channel: the entries that apply to it, which includes the
-    ``'all'`` entries."""
-    sql = f"SELECT {_COLUMNS} FROM suppressions"
-    params: list[Any] = []
+    ``'all'`` entries.
+
+    Read `LIST_PAGE` entries at a time, each page its own short read (as `export_csv` does): a
+    listing its reader holds open (`suppress list | less`) holds no read transaction meanwhile,
+    so a running campaign's journal can still be checkpointed, and memory stays flat. An entry
+    added or removed while the listing goes on may or may not be in it."""
+    where = "id > ?"
+    filters: list[Any] = []
     if channel is not None:
         check_channel(channel)
-        sql += " WHERE channel IN (?, 'all')" if channel != "all" else " WHERE channel = ?"
-        params.append(channel)
-    sql += " ORDER BY id"
-    if limit is not None:
-        sql += " LIMIT ?"
-        params.append(sql_limit(limit))
-    for row in conn.execute(sql, params):
-        yield _as_dict(row)
+        where += " AND channel IN (?, 'all')" if channel != "all" else " AND channel = ?"
+        filters.append(channel)
+    left = None if limit is None else sql_limit(limit)
+    after = 0
+    while left is None or left > 0:
+        size = LIST_PAGE if left is None else min(LIST_PAGE, left)
+        page = conn.execute(
+            f"SELECT {_COLUMNS} FROM suppressions WHERE {where} ORDER BY id LIMIT ?",
+            (after, *filters, size),
+        ).fetchall()
+        for row in page:
+            yield _as_dict(row)
+        if len(page) < size:
+            return
+        after = int(page[-1][0])
+        if left is not None:
+            left -= len(page)
 
 
 # --------------------------------------------------------------------------------------------
