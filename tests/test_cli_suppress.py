@@ -3,6 +3,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import sqlite3
 import stat
 from dataclasses import dataclass
@@ -417,6 +418,76 @@ def test_export_to_stdout_and_round_trip(cli: Cli, tmp_path: Path) -> None:
     assert r.exit_code == 0 and "exported 1 entries" in r.err
     r = cli("suppress", "import", str(path))
     assert r.out.strip() == "added 0, already present 1, invalid 0"
+
+
+def test_an_export_over_an_existing_file_makes_it_private_and_follows_no_link(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """`suppress export FILE` created a new file 0600 (it holds personal data), but a file that
+    existed kept its mode, world-readable from last year's `cp`, and a symbolic link at FILE
+    was followed, writing the list wherever it pointed. An existing regular file is made 0600
+    before anything is written to it; a link is refused in one line (exit 2), its target left
+    as it was; a FIFO is written as it is."""
+    cli("suppress", "add", "+14155550100")
+    path = tmp_path / "optouts.csv"
+    path.write_text("old content that is longer than the export will be\n" * 10)
+    path.chmod(0o644)
+    r = cli("suppress", "export", str(path))
+    assert r.exit_code == 0, r.err
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert path.read_text().splitlines()[1].startswith("'+14155550100,sms,")
+    assert len(path.read_text().splitlines()) == 2  # the old content is gone
+
+    target = tmp_path / "elsewhere.csv"
+    target.write_text("not the list\n")
+    target.chmod(0o644)
+    link = tmp_path / "link.csv"
+    link.symlink_to(target)
+    dangling = tmp_path / "dangling.csv"
+    dangling.symlink_to(tmp_path / "nowhere.csv")
+    for named in (link, dangling):
+        r = cli("suppress", "export", str(named))
+        assert r.exit_code == 2
+        assert r.err.splitlines() == [
+            f"error: {named}: cannot write: it is a symbolic link: not followed (the list holds "
+            "personal data); give the path of the file itself"]
+    assert target.read_text() == "not the list\n"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644
+    assert not (tmp_path / "nowhere.csv").exists()
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo, 0o644)
+    fifo.chmod(0o644)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        r = cli("suppress", "export", str(fifo))
+        assert r.exit_code == 0, r.err
+        assert os.read(reader, 65536).decode().splitlines()[1].startswith("'+14155550100,sms")
+    finally:
+        os.close(reader)
+    assert stat.S_IMODE(fifo.stat().st_mode) == 0o644
+
+
+def test_an_export_over_a_readable_file_it_cannot_make_private_leaves_it_alone(
+    cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another user's file that others may read: this user cannot make it 0600 (EPERM), so the
+    list is not written into it and its content is kept (one line, exit 2)."""
+    cli("suppress", "add", "+14155550100")
+    path = tmp_path / "theirs.csv"
+    path.write_text("their content\n")
+    path.chmod(0o644)
+
+    def refused(fd: int, mode: int) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "fchmod", refused)
+    r = cli("suppress", "export", str(path))
+    assert r.exit_code == 2
+    assert r.err.splitlines() == [
+        f"error: {path}: cannot write: other users may read it (mode 0644) and it is not ours "
+        "to make private; it is left as it was"]
+    assert path.read_text() == "their content\n"
 
 
 def test_consent_grant_revoke_list(cli: Cli) -> None:

@@ -329,7 +329,8 @@ def export(
 
     Columns: address, channel, reason, source, created_at, address_hash (erased entries have no
     address but keep their hash). Cells that a spreadsheet would run as a formula get a leading
-    apostrophe, so phone numbers appear as '+14155550100; `suppress import` removes it again."""
+    apostrophe, so phone numbers appear as '+14155550100; `suppress import` removes it again.
+    The file is made private (mode 0600); a symbolic link is not followed."""
     app_ctx = app_context(ctx)
     with app_ctx.open_store() as store:
         if file == "-":

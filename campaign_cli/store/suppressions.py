@@ -21,9 +21,11 @@ from __future__ import annotations
 import codecs
 import contextlib
 import csv
+import errno
 import os
 import re
 import sqlite3
+import stat
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -683,12 +685,51 @@ def export_csv(conn: sqlite3.Connection, path_or_stream: str | Path | IO[str]) -
 
     Cells are protected against formula injection (`protect_cell`): phones come out as
     ``'+14155550100``, which `import_csv` reads back as ``+14155550100``. A file is created 0600:
-    it holds personal data. Erased entries have an empty address and keep their hash."""
+    it holds personal data. Erased entries have an empty address and keep their hash.
+
+    A file that exists is overwritten, and made 0600 first if it is a regular file others could
+    read (a backup written over nightly keeps no older, wider mode). A symbolic link is not
+    followed (`ExportRefused`): the list would go wherever the link points. A FIFO or a device
+    (``/dev/null``) is written as it is."""
     if isinstance(path_or_stream, (str, Path)):
-        fd = os.open(path_or_stream, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = _open_private(path_or_stream)
         with open(fd, "w", encoding="utf-8", newline="") as handle:
             return _write_csv(conn, handle)
     return _write_csv(conn, path_or_stream)
+
+
+class ExportRefused(OSError):
+    """The export's path is a symbolic link (not followed), or a file others may read that
+    this user cannot make private: nothing is written."""
+
+
+def _open_private(path: str | Path) -> int:
+    """``path`` opened for writing, empty and private (see `export_csv`)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP and os.path.islink(path):
+            raise ExportRefused(exc.errno, "it is a symbolic link: not followed (the list "
+                                "holds personal data); give the path of the file itself") from None
+        raise
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISREG(info.st_mode):
+            # Before a byte is written, and before the old content is cut (a file we may not
+            # make private is left as it was).
+            if stat.S_IMODE(info.st_mode) & 0o077:
+                try:
+                    os.fchmod(fd, 0o600)
+                except PermissionError:
+                    raise ExportRefused(
+                        errno.EPERM, f"other users may read it (mode "
+                        f"{stat.S_IMODE(info.st_mode):04o}) and it is not ours to make private; "
+                        "it is left as it was") from None
+            os.ftruncate(fd, 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _write_csv(conn: sqlite3.Connection, stream: IO[str]) -> int:
