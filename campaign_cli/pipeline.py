@@ -1074,8 +1074,10 @@ class Runner:
         """The run's HTTP process (if it wants one) and its providers, by channel."""
         http = await self._start_http_process()
         try:
-            context = ProviderContext(clock=self.clock, run_name=run_name, stdout=self.stdout,
-                                      transports=None if http is None else http.transport)
+            context = ProviderContext(
+                clock=self.clock, run_name=run_name, stdout=self.stdout,
+                transports=None if http is None else http.transport,
+                recipient_urls=self.campaign.recipients.columns.webhook_url is not None)
             return http, self._routes(context)
         except BaseException:
             await self._close_providers({}, http)

@@ -199,3 +199,25 @@ def test_the_providers_own_url_may_be_on_loopback(
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["counts"] == {"sent": 1}
 
+
+
+def test_a_recipient_key_that_looks_like_a_url_is_not_where_the_post_goes(
+    make_campaign: CampaignFactory, store_path: Path, fake_server: FakeProviderServer,
+) -> None:
+    """Without a webhook_url column every message goes to the provider's ``url``, its address
+    being the recipient's key. A key is anyone's text too: one written as a URL must not become
+    where that row's signed POST goes (to a host of the file's choosing; here this machine, which
+    the provider's own url may be but a recipient's URL may not)."""
+    own = f"{fake_server.url}/webhook/own"
+    campaign = make_campaign(
+        [["c1", "Ann"], [f"{fake_server.url}/webhook/elsewhere", "Bob"]],
+        header=("id", "first_name"),
+        channels={"webhook": {"provider": "hook", "body": "hi {{ first_name }}"}},
+        providers={"hook": {"type": "webhook", "url": own, "secret": "whsec-test"}},
+        extra={"recipients": {"file": "recipients.csv", "key": "id", "columns": {}}},
+    )
+    done = run_to_end(store_path, "send", str(campaign), "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["counts"] == {"sent": 2}
+    assert len(fake_server.accepted("webhook")) == 2
+    assert all(r.path == "/webhook/own" for r in fake_server.requests_for("webhook"))

@@ -72,6 +72,10 @@ class ProviderContext:
     #: Makes an HTTP provider's transport for a pool of that many connections, when the run
     #: sends HTTP from another process (`campaign_cli.providers.process`); None: in process.
     transports: Callable[[int], Any] | None = None
+    #: Whether a message's address may be the recipient's own URL (the recipient file has a
+    #: ``webhook_url`` column). False: a webhook message's address is the recipient's key, which
+    #: is anyone's text however much it looks like a URL; every message goes to the provider's.
+    recipient_urls: bool = True
 
 
 ProviderFactory = Callable[[str, Any, ProviderContext], Provider]

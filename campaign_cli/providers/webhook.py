@@ -155,6 +155,7 @@ class WebhookAdapter:
         headers: Mapping[str, str] | None = None,
         headers_to_recipient_urls: bool = False,
         allow_private_urls: bool = False,
+        recipient_urls: bool = True,
     ) -> None:
         self.url = url
         self._clock = clock
@@ -164,10 +165,16 @@ class WebhookAdapter:
         self._headers_to_recipient_urls = headers_to_recipient_urls
         #: A recipient's own URL may reach public addresses only (`public.PUBLIC_ONLY`).
         self._extensions = {} if allow_private_urls else {PUBLIC_ONLY: True}
+        #: False when addresses are recipients' keys (no webhook_url column), never URLs.
+        self._recipient_urls = recipient_urls
+
+    def _recipients_own(self, message: OutboundMessage) -> bool:
+        """Whether ``message`` goes to the recipient's own URL (its address) rather than ours."""
+        return self._recipient_urls and _URL.match(message.address) is not None
 
     def url_for(self, message: OutboundMessage) -> str | None:
         """The recipient's own URL if the address is one, else the provider's."""
-        return message.address if _URL.match(message.address) else self.url
+        return message.address if self._recipients_own(message) else self.url
 
     def body(self, message: OutboundMessage) -> bytes:
         content = message.content
@@ -192,7 +199,7 @@ class WebhookAdapter:
                 "no webhook URL: the recipient has no webhook_url and the provider no url",
                 code="no_url")
         body = self.body(message)
-        own = url != message.address  # (else the recipient's own URL: anyone's)
+        own = not self._recipients_own(message)  # (else the recipient's own URL: anyone's)
         headers = httpx.Headers(self._headers if own or self._headers_to_recipient_urls else {})
         headers["Content-Type"] = "application/json"
         headers["Idempotency-Key"] = message.idempotency_key
@@ -257,7 +264,8 @@ class WebhookProvider:
         adapter = WebhookAdapter(url, context.clock, secret=config.secret,
                                  signature_header=config.signature_header, headers=config.headers,
                                  headers_to_recipient_urls=config.headers_to_recipient_urls,
-                                 allow_private_urls=config.allow_private_urls)
+                                 allow_private_urls=config.allow_private_urls,
+                                 recipient_urls=context.recipient_urls)
         client = client_for(config, context, url or config.base_url or "")
         return cls(name, adapter, client)
 
