@@ -53,8 +53,10 @@ def url_refusal(url: str) -> str | None:
 
 def _legacy_ipv4(host: str) -> bool:
     """An IPv4 address in a spelling the C library takes and aiohttp (3.14) refuses: ``127.1``,
-    ``0x7f000001``, ``2130706433``, ``0177.0.0.1``. Refused here, where it is the recipient's
-    bad address, rather than at send time; and no two spellings of one address."""
+    ``0x7f000001``, ``2130706433``, ``0177.0.0.1``; and any other host of digits and dots alone
+    (``127.0.0.1.``, ``1.2.3.4.5``), which aiohttp takes for an address, never a name, and
+    refuses too. Refused here, where it is the recipient's bad address, rather than at send time;
+    and no two spellings of one address."""
     import ipaddress
     import socket
 
@@ -65,6 +67,8 @@ def _legacy_ipv4(host: str) -> bool:
         return False  # canonical
     except ValueError:
         pass
+    if host.replace(".", "").isdigit():  # (ASCII: the characters were checked above)
+        return True
     try:
         socket.inet_aton(host)
     except OSError:

@@ -166,6 +166,9 @@ def test_auth_failure_aborts_with_exit_6_after_a_handful_of_requests(
     "http://xn--zz.com/h2", "http://a..b/h2",
     # an IPv4 address spelt as the C library takes it and aiohttp (3.14) refuses
     "http://127.1:8080/h2", "http://0x7f000001/h2",
+    # digits and dots that are no canonical IPv4 address: aiohttp takes the host for an address
+    # (never a name to resolve) and refuses it
+    "http://127.0.0.1.:8080/h2", "http://1.2.3.4.5/h2",
 ])
 def test_a_recipient_webhook_url_the_client_cannot_send_to_is_invalid_not_a_stuck_run(
     make_campaign: CampaignFactory, store_path: Path, fake_server: FakeProviderServer, bad: str,
