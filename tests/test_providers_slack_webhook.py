@@ -364,6 +364,18 @@ def test_webhook_refusal_by_a_recipients_own_url_fails_that_message_only(status:
     assert type(exc) is PermanentError
 
 
+@pytest.mark.parametrize("status", [401, 403])
+def test_webhook_a_recipients_url_that_is_ours_is_still_the_recipients(status: int) -> None:
+    """A recipient file's webhook_url naming the provider's own url gets the recipient's
+    treatment (no configured headers, public addresses only), so its 401 is that row's refusal,
+    not our credentials refused: one CSV row must not stop the run (exit 6)."""
+    recorder = Recorder(httpx.Response(status))
+    exc = failure(webhook(recorder, headers={"Authorization": "Bearer tok-0123456789"}),
+                  message(address=HOOK_URL))
+    assert "authorization" not in recorder.requests[0].headers
+    assert type(exc) is PermanentError
+
+
 @pytest.mark.parametrize("error, kind", [
     (httpx.ConnectError(f"cannot connect to {HOOK_URL}"), TransientError),
     (httpx.ReadTimeout(f"timed out reading {RECIPIENT_URL}"), InDoubtError),

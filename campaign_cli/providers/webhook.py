@@ -227,7 +227,7 @@ class WebhookAdapter:
         if status in (408, 425) or status >= 500:
             raise TransientError(text, code=code, status=status,
                                  retry_after=retry_after(response.headers, self._clock.now()))
-        if status in (401, 403) and self.url_for(message) == self.url:
+        if status in (401, 403) and not self._recipients_own(message):
             raise ProviderAuthError(f"the webhook refused our signature or headers ({text})",
                                     code=code, status=status)
         raise PermanentError(text, code=code, status=status)
