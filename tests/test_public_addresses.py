@@ -221,3 +221,28 @@ def test_a_recipient_key_that_looks_like_a_url_is_not_where_the_post_goes(
     assert json.loads(done.stdout)["counts"] == {"sent": 2}
     assert len(fake_server.accepted("webhook")) == 2
     assert all(r.path == "/webhook/own" for r in fake_server.requests_for("webhook"))
+
+
+def test_closing_the_transport_closes_the_public_pools_resolver(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """aiohttp's connector does not close a resolver it was given (with aiodns installed, one
+    holds a share of a process-wide DNS channel): the transport does."""
+    import campaign_cli.providers.public as public
+    from campaign_cli.providers.http import AiohttpTransport
+
+    inner = _Answers(["10.0.0.7"])
+    made = public.public_only_resolver
+    monkeypatch.setattr(public, "public_only_resolver", lambda: made(inner))  # type: ignore[arg-type]
+
+    async def main() -> None:
+        transport = AiohttpTransport(concurrency=2)
+        request = httpx.Request("POST", "http://hooks.example/h", content=b"{}",
+                                extensions={PUBLIC_ONLY: True})
+        with pytest.raises(NonPublicAddress, match="10.0.0.7"):
+            await transport.handle_async_request(request)
+        assert not inner.closed
+        await transport.aclose()
+        assert inner.closed
+
+    run(main())

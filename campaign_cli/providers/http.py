@@ -277,6 +277,7 @@ class _Session:
         #: For requests to a recipient's own URL (`public.PUBLIC_ONLY`): a pool of its own, whose
         #: resolver answers public addresses only. Made on first use.
         self.public: aiohttp.ClientSession | None = None
+        self.resolver: aiohttp.abc.AbstractResolver
         self.slots = asyncio.Semaphore(concurrency)
         self.url_class = URL
         self.last_url: tuple[str, URL] = ("", URL())
@@ -306,13 +307,15 @@ class _Session:
 
         check_literal(url.raw_host or "")
         if self.public is None:
-            self.public = self._new_session(public_only_resolver())
+            self.resolver = public_only_resolver()
+            self.public = self._new_session(self.resolver)
         return self.public
 
     async def close(self) -> None:
         await self.session.close()
         if self.public is not None:
             await self.public.close()
+            await self.resolver.close()  # (a connector does not close a resolver it was given)
 
     def url(self, url: str) -> URL:
         """yarl's URL for httpx's, taken as already encoded; the last one is kept, since a
