@@ -46,6 +46,10 @@ def url_refusal(url: str) -> str | None:
             host.encode("idna")
             if _legacy_ipv4(host):
                 return f"{host} is not a canonical IPv4 address"
+            if "\\" in host or "%" in host:
+                # (yarl before 1.13 and httpx before 0.28 pass a backslash, percent-encoded:
+                # no resolver finds that name, and the send failed as a transient error)
+                return f"{host!r} is not a host name (a backslash or a percent sign)"
     except (httpx.InvalidURL, ValueError) as exc:  # UnicodeError is a ValueError
         return str(exc) or type(exc).__name__
     return None
