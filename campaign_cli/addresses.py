@@ -139,6 +139,19 @@ def _origin_refusal(origin: str) -> str | None:
     return url_refusal(origin)
 
 
+_ORIGIN = re.compile(r"(https?)://(?:[^\s/?#@]*@)?([^\s/?#]*)(.*)", re.IGNORECASE | re.DOTALL)
+
+
+def _origin_only(text: str) -> str:
+    """``text`` as an error may show it: scheme and host, not the user info (credentials) nor the
+    path and query (a webhook's path is often its secret), which the journal's address keeps."""
+    match = _ORIGIN.match(text)
+    if match is None:
+        return repr(text)
+    scheme, host, rest = match.groups()
+    return repr(f"{scheme}://{host}" + ("/..." if rest else ""))
+
+
 def normalize_webhook_url(raw: str) -> str:
     text = raw.strip()
     if not text:
@@ -146,7 +159,8 @@ def normalize_webhook_url(raw: str) -> str:
     if not re.fullmatch(r"https?://[^\s/?#]+[^\s]*", text, re.IGNORECASE):
         raise AddressError("bad_webhook_url", f"not an http(s) URL: {text!r}")
     if any(c.isascii() and not c.isprintable() for c in text):  # httpx refuses to send it
-        raise AddressError("bad_webhook_url", f"a control character in the URL: {text!r}")
+        raise AddressError("bad_webhook_url",
+                           f"a control character in the URL: {_origin_only(text)}")
     match = _WEBHOOK_URL.fullmatch(text)
     if match is not None and len(text) <= _MAX_URL_LENGTH:
         # What the client refuses lies in the scheme and authority (the path's characters were
@@ -156,8 +170,8 @@ def normalize_webhook_url(raw: str) -> str:
     else:
         refused = url_refusal(text)
     if refused is not None:
-        raise AddressError("bad_webhook_url", f"not a URL a request can go to: {text!r} "
-                                              f"({refused})")
+        raise AddressError("bad_webhook_url", f"not a URL a request can go to: "
+                                              f"{_origin_only(text)} ({refused})")
     if match is None:  # an authority of an unusual shape: kept as written
         return text
     # Scheme and host are case-insensitive and the default port is no port (RFC 3986 6.2.3):

@@ -14,7 +14,12 @@ from hypothesis import strategies as st
 from phonenumbers import PhoneNumberFormat, PhoneNumberType
 
 from campaign_cli import addresses
-from campaign_cli.addresses import AddressError, is_valid_number, normalize_phone
+from campaign_cli.addresses import (
+    AddressError,
+    is_valid_number,
+    normalize_phone,
+    normalize_webhook_url,
+)
 
 REGIONS = sorted(phonenumbers.SUPPORTED_REGIONS)
 CALLING_CODES = sorted(phonenumbers.COUNTRY_CODE_TO_REGION_CODE)
@@ -139,3 +144,17 @@ def test_without_the_private_helper_the_library_validates(monkeypatch: pytest.Mo
     assert normalize_phone("+12012000000") == "+12012000000"
     with pytest.raises(AddressError):
         normalize_phone("+12002000000")
+
+
+@pytest.mark.parametrize("url", [
+    "https://bot:pa55word@hooks.example.com:99999/services/T0/B0/s3cr3tpath?token=s3cr3tquery",
+    "https://bot:pa55word@hooks.example.com/services/\x01/s3cr3tpath?token=s3cr3tquery",
+])
+def test_a_refused_webhook_url_is_named_by_its_origin_not_its_secrets(url: str) -> None:
+    """The reason a row is `invalid` is shown by `status` (last errors) and `trace`, often in a
+    CI log: a webhook's path and query are often its secret, its user info always is."""
+    with pytest.raises(AddressError) as info:
+        normalize_webhook_url(url)
+    detail = str(info.value)
+    assert "hooks.example.com" in detail and "/..." in detail
+    assert not any(s in detail for s in ("s3cr3tpath", "s3cr3tquery", "pa55word", "bot:"))
