@@ -6,6 +6,8 @@ Money is always an integer count of micro-units (1/1,000,000 of the currency uni
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal
@@ -55,15 +57,23 @@ def url_refusal(url: str) -> str | None:
     return None
 
 
-def _legacy_ipv4(host: str) -> bool:
-    """An IPv4 address in a spelling the C library takes and aiohttp (3.14) refuses: ``127.1``,
-    ``0x7f000001``, ``2130706433``, ``0177.0.0.1``; and any other host of digits and dots alone
-    (``127.0.0.1.``, ``1.2.3.4.5``), which aiohttp takes for an address, never a name, and
-    refuses too. Refused here, where it is the recipient's bad address, rather than at send time;
-    and no two spellings of one address."""
-    import ipaddress
-    import socket
+def inet_aton_address(text: str) -> ipaddress.IPv4Address | None:
+    """The IPv4 address the C library reads ``text`` as (``127.1``, ``0x7f000001``,
+    ``2130706433``, ``0177.0.0.1``; a resolver turns these into an address without asking DNS),
+    or None: a name."""
+    if not text or any(c not in "0123456789abcdefxABCDEFX." for c in text):
+        return None
+    try:
+        return ipaddress.IPv4Address(socket.inet_aton(text))
+    except OSError:
+        return None  # a name (``cafe.be``, ``deadbeef``)
 
+
+def _legacy_ipv4(host: str) -> bool:
+    """An IPv4 address in a spelling aiohttp (3.14) refuses: any host of digits and dots that is
+    not the canonical dotted quad (``127.1``, ``127.0.0.1.``, ``1.2.3.4.5``), and the other
+    spellings the C library takes (``0x7f000001``). Refused here, where it is the recipient's
+    bad address, rather than at send time; and no two spellings of one address."""
     if not host or any(c not in "0123456789abcdefxABCDEFX." for c in host):
         return False
     try:
@@ -73,11 +83,7 @@ def _legacy_ipv4(host: str) -> bool:
         pass
     if host.replace(".", "").isdigit():  # (ASCII: the characters were checked above)
         return True
-    try:
-        socket.inet_aton(host)
-    except OSError:
-        return False  # a name (``cafe.be``, ``deadbeef``)
-    return True
+    return inet_aton_address(host) is not None
 
 
 class Channel(str, Enum):

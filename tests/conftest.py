@@ -115,6 +115,17 @@ def journal(store: Path, run_id: int | None = None) -> list[dict[str, Any]]:
         conn.close()
 
 
+def checkpoint_truncates(path: Path) -> bool:
+    """Whether another connection can checkpoint the store and reset its write-ahead log now,
+    which it cannot while a read transaction of this process is open."""
+    other = sqlite3.connect(path, timeout=0, isolation_level=None)
+    try:
+        busy, _, _ = other.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    finally:
+        other.close()
+    return busy == 0
+
+
 def query(store: Path, sql: str, *params: Any) -> list[tuple[Any, ...]]:
     conn = sqlite3.connect(store)
     try:

@@ -23,6 +23,7 @@ from campaign_cli.store.consents import (
     revocations_since,
 )
 from campaign_cli.store.db import Store
+from tests.conftest import checkpoint_truncates
 
 NOW = "2024-05-01T12:00:00.000Z"
 PHONE = "+14155550100"
@@ -409,12 +410,7 @@ def test_the_list_is_read_in_pages_of_whole_addresses_holding_no_read_between_pa
         monkeypatch.setattr(consents_module, "LIST_PAGE", 2)
         listing = list_consents(conn)
         first = next(listing)
-        other = sqlite3.connect(tmp_path / "store.db", timeout=0, isolation_level=None)
-        try:
-            busy, _, _ = other.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-        finally:
-            other.close()
-        assert busy == 0  # no read transaction held while the entries are shown
+        assert checkpoint_truncates(tmp_path / "store.db")  # no read held between pages
         assert [first, *listing] == whole
         one = "user3@example.com"
         assert list(list_consents(conn, one)) == [e for e in whole if e["address"] == one]

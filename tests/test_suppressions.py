@@ -31,6 +31,7 @@ from campaign_cli.store.suppressions import (
     suppressions_since,
     unprotect_cell,
 )
+from tests.conftest import checkpoint_truncates
 
 NOW = "2024-05-01T12:00:00.000Z"
 PHONE = "+14155550100"
@@ -777,17 +778,6 @@ def test_erase_reads_the_journal_once_and_changes_its_rows_by_primary_key(
     assert len(scans) == 1, scans  # the one pass that finds the rows
 
 
-def _checkpoint_truncates(path: Path) -> bool:
-    """Whether another connection can checkpoint the store and reset its write-ahead log now,
-    which it cannot while a read transaction of this process is open."""
-    other = sqlite3.connect(path, timeout=0, isolation_level=None)
-    try:
-        busy, _, _ = other.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-    finally:
-        other.close()
-    return busy == 0
-
-
 def test_the_list_is_read_a_page_at_a_time_holding_no_read_between_pages(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -803,7 +793,7 @@ def test_the_list_is_read_a_page_at_a_time_holding_no_read_between_pages(
         add_suppressions(conn, items, "manual", "cli", NOW)
         listing = list_suppressions(conn)
         first = next(listing)
-        assert _checkpoint_truncates(tmp_path / "store.db")
+        assert checkpoint_truncates(tmp_path / "store.db")
         rest = list(listing)
         assert [(e["address"], e["channel"]) for e in [first, *rest]] == items
         assert [e["id"] for e in [first, *rest]] == sorted(e["id"] for e in [first, *rest])

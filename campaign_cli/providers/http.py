@@ -48,7 +48,7 @@ from campaign_cli.errors import (
 )
 from campaign_cli.models import Channel, OutboundMessage, SendResult
 from campaign_cli.providers.base import ProviderContext
-from campaign_cli.providers.public import PUBLIC_ONLY, NonPublicAddress
+from campaign_cli.providers.public import PUBLIC_ONLY, NonPublicAddress, check_literal
 
 
 class HttpAdapter(Protocol):
@@ -303,10 +303,10 @@ class _Session:
     def _public_session(self, url: URL) -> aiohttp.ClientSession:
         """The pool for a request that may reach public addresses only: `NonPublicAddress`
         at once for a host written as another address, the resolver's check for a name."""
-        from campaign_cli.providers.public import check_literal, public_only_resolver
-
         check_literal(url.raw_host or "")
         if self.public is None:
+            from campaign_cli.providers.public import public_only_resolver
+
             self.resolver = public_only_resolver()
             self.public = self._new_session(self.resolver)
         return self.public

@@ -163,8 +163,8 @@ class WebhookAdapter:
         self._signature_header = signature_header
         self._headers = dict(headers or {})
         self._headers_to_recipient_urls = headers_to_recipient_urls
-        #: A recipient's own URL may reach public addresses only (`public.PUBLIC_ONLY`).
-        self._extensions = {} if allow_private_urls else {PUBLIC_ONLY: True}
+        #: Else a recipient's own URL may reach public addresses only (`public.PUBLIC_ONLY`).
+        self._allow_private = allow_private_urls
         #: False when addresses are recipients' keys (no webhook_url column), never URLs.
         self._recipient_urls = recipient_urls
 
@@ -193,21 +193,24 @@ class WebhookAdapter:
         return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
     def build(self, message: OutboundMessage) -> httpx.Request:
-        url = self.url_for(message)
+        theirs = self._recipients_own(message)  # (a recipient's own URL: anyone's)
+        url = message.address if theirs else self.url
         if url is None:
             raise PermanentError(
                 "no webhook URL: the recipient has no webhook_url and the provider no url",
                 code="no_url")
         body = self.body(message)
-        own = not self._recipients_own(message)  # (else the recipient's own URL: anyone's)
-        headers = httpx.Headers(self._headers if own or self._headers_to_recipient_urls else {})
+        headers = httpx.Headers(
+            self._headers if not theirs or self._headers_to_recipient_urls else {})
         headers["Content-Type"] = "application/json"
         headers["Idempotency-Key"] = message.idempotency_key
         if self._secret:
             timestamp = int(self._clock.now().timestamp())
             headers[self._signature_header] = signature(self._secret, timestamp, body)
+        # (a dict of its own: the client writes the timeout into a request's extensions)
         return httpx.Request("POST", url, content=body, headers=headers,
-                             extensions=None if own else dict(self._extensions))
+                             extensions={PUBLIC_ONLY: True} if theirs and not self._allow_private
+                             else None)
 
     def parse(self, message: OutboundMessage, response: httpx.Response) -> SendResult:
         status = response.status_code

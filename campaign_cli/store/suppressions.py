@@ -55,9 +55,7 @@ CHANNELS: tuple[str, ...] = tuple(c.value for c in Channel) + ("all",)
 
 EXPORT_COLUMNS = ("address", "channel", "reason", "source", "created_at", "address_hash")
 ADDRESS_COLUMNS = ("address", "phone", "email")
-#: Entries an export reads per query.
-EXPORT_PAGE = 1000
-#: Entries (suppressions, consent addresses) a listing reads per query.
+#: Entries a listing or an export reads per query.
 LIST_PAGE = 1000
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
@@ -735,21 +733,12 @@ def _open_private(path: str | Path) -> int:
 def _write_csv(conn: sqlite3.Connection, stream: IO[str]) -> int:
     writer = csv.writer(stream, lineterminator="\r\n")
     writer.writerow(EXPORT_COLUMNS)
-    count = after = 0
-    while True:
-        # A page at a time, each its own short read: a query left open while the output waits
-        # (`export - | less`) would hold a read transaction, and a running campaign's journal
-        # could not be checkpointed meanwhile (its -wal file grows without bound).
-        page = conn.execute(
-            f"SELECT {_COLUMNS} FROM suppressions WHERE id > ? ORDER BY id LIMIT ?",
-            (after, EXPORT_PAGE),
-        ).fetchall()
-        if not page:
-            break
-        for row in page:
-            entry = _as_dict(row)
-            writer.writerow(protect_cell(str(entry[col] or "")) for col in EXPORT_COLUMNS)
-            count += 1
-        after = int(page[-1][0])
+    count = 0
+    # A page at a time (`list_suppressions`), each its own short read: a query left open while
+    # the output waits (`export - | less`) would hold a read transaction, and a running
+    # campaign's journal could not be checkpointed meanwhile (its -wal file grows without bound).
+    for entry in list_suppressions(conn):
+        writer.writerow(protect_cell(str(entry[col] or "")) for col in EXPORT_COLUMNS)
+        count += 1
     stream.flush()
     return count
