@@ -580,6 +580,9 @@ class Runner:
         self.stdout = stdout
         self.rng = rng or random.Random()  # noqa: S311 - jitter, not secrets
         self.secrets = loaded.secrets
+        #: Without a webhook_url column a webhook message goes to the provider's own URL, one POST
+        #: per recipient, addressed by the recipient's key (which is never taken for a URL).
+        self._webhook_by_key = self.campaign.recipients.columns.webhook_url is None
         self.warnings: list[str] = []
         # Set during execution
         self._abort: _Abort | None = None
@@ -1077,7 +1080,7 @@ class Runner:
             context = ProviderContext(
                 clock=self.clock, run_name=run_name, stdout=self.stdout,
                 transports=None if http is None else http.transport,
-                recipient_urls=self.campaign.recipients.columns.webhook_url is not None)
+                recipient_urls=not self._webhook_by_key)
             return http, self._routes(context)
         except BaseException:
             await self._close_providers({}, http)
@@ -1398,7 +1401,7 @@ class Runner:
     ) -> tuple[list[runs.Admit], dict[int, Recipient]]:
         channels = self.campaign.channels.enabled()
         first_only = self.campaign.strategy == "first_available"
-        keyed = {Channel.WEBHOOK} if self.campaign.recipients.columns.webhook_url is None else set()
+        keyed = {Channel.WEBHOOK} if self._webhook_by_key else set()
         admits: list[runs.Admit] = []
         recipients: dict[int, Recipient] = {}
         for item in chunk:

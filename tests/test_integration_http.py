@@ -12,6 +12,7 @@ import subprocess
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,6 +26,20 @@ from tests.test_cli_process import DEADLINE, campaign_cmd, sent_rows, start, wai
 from tests.test_http_process import gone, http_children, wait_until
 
 CHAOS_ROWS = 5_000
+
+
+def webhook_url_campaign(make_campaign: CampaignFactory, urls: list[str],
+                         **provider: Any) -> Path:
+    """A webhook campaign whose recipients' own URLs (a ``webhook_url`` column) are ``urls``,
+    rows c1, c2, ...; ``provider``: more of the webhook provider's settings."""
+    rows = [[f"c{i}", f"Name{i}", url] for i, url in enumerate(urls, 1)]
+    return make_campaign(
+        rows, header=("id", "first_name", "url"),
+        channels={"webhook": {"provider": "hook", "body": '{"n": "{{ row }}"}'}},
+        providers={"hook": {"type": "webhook", "secret": "whsec-test", **provider}},
+        extra={"recipients": {"file": "recipients.csv", "key": "id",
+                              "columns": {"webhook_url": "url"}}},
+    )
 
 
 def run_to_end(store: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -178,18 +193,10 @@ def test_a_recipient_webhook_url_the_client_cannot_send_to_is_invalid_not_a_stuc
     "Port out of range 0-65535", UnicodeError), so the run stopped with exit 1, the row in doubt
     though nothing left, and every resume stopped on it again: one hostile row held the whole
     list. It is that recipient's bad address: the row is `invalid`, the rest go."""
-    rows = [[f"c{i}", f"Name{i}",
-             bad.format(url=fake_server.url) if i == 2 else f"{fake_server.url}/webhook/h{i}"]
+    urls = [bad.format(url=fake_server.url) if i == 2 else f"{fake_server.url}/webhook/h{i}"
             for i in range(1, 5)]
-    campaign = make_campaign(
-        rows, header=("id", "first_name", "url"),
-        channels={"webhook": {"provider": "hook", "body": '{"n": "{{ row }}"}'}},
-        # (the fake server is on loopback, which a recipient's URL reaches only so)
-        providers={"hook": {"type": "webhook", "secret": "whsec-test",
-                            "allow_private_urls": True}},
-        extra={"recipients": {"file": "recipients.csv", "key": "id",
-                              "columns": {"webhook_url": "url"}}},
-    )
+    # (the fake server is on loopback, which a recipient's URL reaches only so)
+    campaign = webhook_url_campaign(make_campaign, urls, allow_private_urls=True)
     done = run_to_end(store_path, "send", str(campaign), "--run-key", "k", "--json")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["counts"] == {"invalid": 1, "sent": 3}

@@ -29,7 +29,7 @@ from tests.fakeserver import (  # noqa: F401 - pytest fixtures
     fake_server_fixture,
 )
 from tests.test_http_transport import client, run, sink, where  # noqa: F401 - a fixture
-from tests.test_integration_http import run_to_end
+from tests.test_integration_http import run_to_end, webhook_url_campaign
 
 
 @pytest.mark.parametrize(("address", "reason"), [
@@ -153,14 +153,7 @@ def _hook_campaign(make_campaign: CampaignFactory, fake: FakeProviderServer,
                    **provider: Any) -> Path:
     port = fake.url.rsplit(":", 1)[1]
     urls = [f"{fake.url}/webhook/h1", f"http://localhost:{port}/webhook/h2"]
-    rows = [[f"c{i}", f"Name{i}", url] for i, url in enumerate(urls, 1)]
-    return make_campaign(
-        rows, header=("id", "first_name", "url"),
-        channels={"webhook": {"provider": "hook", "body": '{"n": "{{ row }}"}'}},
-        providers={"hook": {"type": "webhook", "secret": "whsec-test", **provider}},
-        extra={"recipients": {"file": "recipients.csv", "key": "id",
-                              "columns": {"webhook_url": "url"}}},
-    )
+    return webhook_url_campaign(make_campaign, urls, **provider)
 
 
 def test_send_refuses_recipient_urls_on_loopback_unless_the_provider_allows_them(
