@@ -167,7 +167,9 @@ class RateLimitedError(TransientError):
 
 class PermanentError(ProviderError):
     """A definite refusal. ``action`` asks for a side effect: ``"invalid"`` ends the row
-    `invalid` rather than `failed`; ``"suppress"`` also adds the address to the suppression list."""
+    `invalid` rather than `failed`; ``"suppress"`` also adds the address to the suppression list.
+    ``answered=False``: refused here, before anything left (a message the adapter cannot build,
+    a recipient's URL that may not be reached), so it says nothing of the provider's health."""
 
     def __init__(
         self,
@@ -176,9 +178,11 @@ class PermanentError(ProviderError):
         code: str | None = None,
         status: int | None = None,
         action: str | None = None,
+        answered: bool = True,
     ) -> None:
         super().__init__(text, code=code, status=status)
         self.action = action
+        self.answered = answered
 
 
 class InDoubtError(ProviderError):

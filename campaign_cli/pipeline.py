@@ -1958,7 +1958,10 @@ class Runner:
             ))
             return False, pinned
         assert isinstance(error, PermanentError)
-        route.breaker.success()  # it answered: the provider is up
+        if error.answered:
+            route.breaker.success()  # it answered: the provider is up
+        else:
+            route.breaker.release(probe)  # refused before it left: the next send may probe
         self._settle_or_release(job, cost)
         if job.doubted:
             # A timeout this session may have been charged: the row ends refused, and what that

@@ -473,3 +473,35 @@ def test_a_run_stopped_short_of_its_cap_by_dearer_reservations_resumes_within_it
         assert report.spend_micros <= 100_000
     assert spent[0] == 50_000 and spent[1] > spent[0]  # the first resume sent on
     assert spent[-1] >= 90_000  # within one dearest price of the cap
+
+
+def test_a_probe_refused_before_it_left_leaves_the_circuit_half_open(
+    make_campaign: CampaignFactory, store_path: Path
+) -> None:
+    """The probe after a cool-down is a message the primary's adapter refuses to build (or a
+    recipient URL that may not be reached): nothing reached the provider, which says nothing of
+    its health. It closed the circuit ("it answered: the provider is up"), and the next
+    ``threshold`` messages went to a provider still down; now the next message probes."""
+    clock = FakeClock()
+    calls: list[tuple[float, str]] = []
+    answers = iter(["down"] * 3 + ["local"])
+
+    def primary_handler(m: OutboundMessage) -> BaseException | None:
+        kind = next(answers, "down")
+        calls.append((clock.monotonic(), kind))
+        if kind == "local":
+            return PermanentError("cannot build it", code="bad_message", answered=False)
+        return TransientError("503", status=503)
+
+    primary, secondary = _clocked(clock, primary_handler)
+    campaign = make_campaign(people(1500), channels=FAILOVER_SMS, providers=TWO_PROVIDERS,
+                             limits={"concurrency": 1,
+                                     "circuit_breaker": {"threshold": 3, "cooldown": 5}})
+    report = run_campaign(load_campaign(campaign, {}), store_path, SendOptions(), clock=clock,
+                          registry=two(primary, secondary), rng=random.Random(7))
+    assert report.counts == {"failed": 1, "sent": 1499}
+    local = next(i for i, (_, kind) in enumerate(calls) if kind == "local")
+    after = [t for t, _ in calls[local + 1:]]
+    assert after, "the primary was probed again"
+    # One probe per cool-down from then on: never two sends to the primary in one window.
+    assert all(b - a >= 5 for a, b in zip(after, after[1:], strict=False)), calls

@@ -264,7 +264,7 @@ class FcmAdapter:
         content = message.content
         if not isinstance(content, PushContent):
             raise PermanentError(f"fcm sends push messages, not {message.channel.value}",
-                                 code="wrong_channel")
+                                 code="wrong_channel", answered=False)
         notification = {k: v for k, v in (("title", content.title), ("body", content.body)) if v}
         body: dict[str, Any] = {"token": message.address}
         if notification:

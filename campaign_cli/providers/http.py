@@ -139,7 +139,8 @@ def classify_transport_error(
     """Before the request was written: transient. After: in doubt. A recipient's URL that may not
     be reached (`NonPublicAddress`, nothing sent): that recipient's bad address."""
     if isinstance(exc, NonPublicAddress):
-        return PermanentError(str(exc), code="private_address", action="invalid")
+        return PermanentError(str(exc), code="private_address", action="invalid",
+                              answered=False)
     text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout,
                         httpx.UnsupportedProtocol, httpx.ProxyError)):

@@ -137,7 +137,7 @@ class SendGridAdapter:
                 name, address = split_mailbox(value, field)
             except ValueError:
                 raise PermanentError(f"{field}: not an email address",
-                                     code="bad_address") from None
+                                     code="bad_address", answered=False) from None
             found = {"email": address, "name": name} if name else {"email": address}
             self._mailboxes[value] = found
         return found
@@ -150,8 +150,8 @@ class SendGridAdapter:
                 lower = name.lower()
                 if lower in RESERVED_HEADERS or lower.startswith("x-sg-"):
                     raise PermanentError(
-                        f"header {name} cannot be set through SendGrid", code="reserved_header"
-                    )
+                        f"header {name} cannot be set through SendGrid", code="reserved_header",
+                        answered=False)
                 found[name] = _clean(f"header {name}", value)
             self._extra[headers] = found
         return found
@@ -182,7 +182,8 @@ class SendGridProvider(HttpProvider):
 def _clean(field: str, value: str) -> str:
     """A value that ends up in a header: CR, LF or NUL could inject another (PROVIDERS.md 4)."""
     if _BREAKS.search(value):
-        raise PermanentError(f"{field} contains a line break or NUL", code="header_injection")
+        raise PermanentError(f"{field} contains a line break or NUL", code="header_injection",
+                             answered=False)
     return value
 
 
@@ -194,7 +195,8 @@ def _parts(content: EmailContent) -> list[dict[str, str]]:
     if content.html:
         parts.append({"type": "text/html", "value": content.html})
     if not parts:
-        raise PermanentError("the email has no text or HTML body", code="empty_body")
+        raise PermanentError("the email has no text or HTML body", code="empty_body",
+                             answered=False)
     return parts
 
 

@@ -63,7 +63,7 @@ class SlackAdapter:
         content = message.content
         if not isinstance(content, WebhookContent):
             raise PermanentError(f"slack sends webhook messages, not {message.channel.value}",
-                                 code="wrong_channel")
+                                 code="wrong_channel", answered=False)
         body = json.dumps({"text": content.text}, ensure_ascii=False, separators=(",", ":"))
         return httpx.Request("POST", self.url, content=body.encode("utf-8"),
                              headers={"content-type": "application/json; charset=utf-8"})

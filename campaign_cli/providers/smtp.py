@@ -123,8 +123,8 @@ class SmtpProvider:
         content = message.content
         if not isinstance(content, EmailContent):
             raise PermanentError(
-                f"the smtp provider sends email, not {message.channel.value}", code="channel"
-            )
+                f"the smtp provider sends email, not {message.channel.value}", code="channel",
+                answered=False)
         envelope_from, domain = self._sender_of(content.sender)
         message_id = make_message_id(message.idempotency_key, domain)
         try:
@@ -132,7 +132,8 @@ class SmtpProvider:
                 content, to=message.address, message_id=message_id, date=self._clock.now()
             )
         except ValueError as exc:
-            raise PermanentError(f"cannot build the message: {exc}", code="bad_message") from None
+            raise PermanentError(f"cannot build the message: {exc}", code="bad_message",
+                                 answered=False) from None
         utf8 = not (envelope_from.isascii() and message.address.isascii())
         async with self._slots:
             response = await self._transaction(envelope_from, message.address, data, utf8)
@@ -223,7 +224,8 @@ class SmtpProvider:
             return cached[1], cached[2]
         address = email.utils.parseaddr(sender)[1]
         if "@" not in address:
-            raise PermanentError(f"sender is not an email address: {sender!r}", code="bad_sender")
+            raise PermanentError(f"sender is not an email address: {sender!r}", code="bad_sender",
+                                 answered=False)
         domain = address.rpartition("@")[2]
         try:
             domain = domain.encode("idna").decode("ascii")

@@ -180,7 +180,7 @@ class WebhookAdapter:
         content = message.content
         if not isinstance(content, WebhookContent):
             raise PermanentError(f"webhook sends webhook messages, not {message.channel.value}",
-                                 code="wrong_channel")
+                                 code="wrong_channel", answered=False)
         payload: dict[str, Any] = {
             "id": message.idempotency_key,
             "recipient": message.recipient_key,
@@ -198,7 +198,7 @@ class WebhookAdapter:
         if url is None:
             raise PermanentError(
                 "no webhook URL: the recipient has no webhook_url and the provider no url",
-                code="no_url")
+                code="no_url", answered=False)
         body = self.body(message)
         headers = httpx.Headers(
             self._headers if not theirs or self._headers_to_recipient_urls else {})
