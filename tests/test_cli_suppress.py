@@ -490,6 +490,28 @@ def test_an_export_over_a_readable_file_it_cannot_make_private_leaves_it_alone(
     assert path.read_text() == "their content\n"
 
 
+def test_an_export_over_the_store_itself_is_refused_and_the_store_kept(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """`suppress export` named the store (a slip between `--store FILE` and `export FILE`, a
+    hard link to it) or its write-ahead log: the file was cut to nothing and the CSV written
+    into it, and every opt-out, consent and run journal was lost ("file is not a database").
+    The store's own files are refused in one line (exit 2) before anything is cut."""
+    cli("suppress", "add", "+14155550100", "a@example.com")
+    before = cli.addresses()
+    hard = tmp_path / "hard-link.csv"
+    os.link(cli.store_path, hard)
+    for named in (cli.store_path, hard, Path(f"{cli.store_path}-wal"),
+                  Path(f"{cli.store_path}-shm")):
+        r = cli("suppress", "export", str(named))
+        assert r.exit_code == 2, (named, r.err)
+        assert r.err.splitlines() == [
+            f"error: {named}: cannot write: it is the store itself (or one of its files): the "
+            "list would be written over it; give another path"]
+        assert cli.addresses() == before
+    assert cli("suppress", "export", str(tmp_path / "out.csv")).exit_code == 0
+
+
 def test_consent_grant_revoke_list(cli: Cli) -> None:
     r = cli("consent", "grant", "+1 415 555 0100", "--at", "2024-01-01T00:00:00Z")
     assert (r.exit_code, r.out.strip()) == (

@@ -687,22 +687,39 @@ def export_csv(conn: sqlite3.Connection, path_or_stream: str | Path | IO[str]) -
 
     A file that exists is overwritten, and made 0600 first if it is a regular file others could
     read (a backup written over nightly keeps no older, wider mode). A symbolic link is not
-    followed (`ExportRefused`): the list would go wherever the link points. A FIFO or a device
+    followed (`ExportRefused`): the list would go wherever the link points. Nor is the store
+    itself, or its write-ahead log (by any name: a hard link), written over. A FIFO or a device
     (``/dev/null``) is written as it is."""
     if isinstance(path_or_stream, (str, Path)):
-        fd = _open_private(path_or_stream)
+        fd = _open_private(path_or_stream, _store_files(conn))
         with open(fd, "w", encoding="utf-8", newline="") as handle:
             return _write_csv(conn, handle)
     return _write_csv(conn, path_or_stream)
 
 
 class ExportRefused(OSError):
-    """The export's path is a symbolic link (not followed), or a file others may read that
-    this user cannot make private: nothing is written."""
+    """The export's path is a symbolic link (not followed), a file others may read that
+    this user cannot make private, or one of the store's own files: nothing is written."""
 
 
-def _open_private(path: str | Path) -> int:
-    """``path`` opened for writing, empty and private (see `export_csv`)."""
+def _store_files(conn: sqlite3.Connection) -> set[tuple[int, int]]:
+    """The (device, inode) of the store's files: the database, its write-ahead log and index."""
+    found: set[tuple[int, int]] = set()
+    for _, name, file in conn.execute("PRAGMA database_list").fetchall():
+        if name != "main" or not file:
+            continue
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            try:
+                info = os.stat(f"{file}{suffix}")
+            except OSError:
+                continue
+            found.add((info.st_dev, info.st_ino))
+    return found
+
+
+def _open_private(path: str | Path, store_files: set[tuple[int, int]]) -> int:
+    """``path`` opened for writing, empty and private (see `export_csv`); never one of
+    ``store_files`` (the store's own: cut to nothing, every opt-out would be lost)."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as exc:
@@ -712,6 +729,9 @@ def _open_private(path: str | Path) -> int:
         raise
     try:
         info = os.fstat(fd)
+        if (info.st_dev, info.st_ino) in store_files:
+            raise ExportRefused(errno.EINVAL, "it is the store itself (or one of its files): "
+                                "the list would be written over it; give another path")
         if stat.S_ISREG(info.st_mode):
             # Before a byte is written, and before the old content is cut (a file we may not
             # make private is left as it was).
