@@ -70,3 +70,37 @@ def last_line(file: IO[bytes] | None, limit: int = 300) -> str:
         return ""
     lines = [line.strip() for line in tail.splitlines() if line.strip()]
     return lines[-1][:limit] if lines else ""
+
+
+class _Utf8Bytes(io.TextIOBase):
+    """Text written to a binary stream as UTF-8, as given (no newline translation); every
+    byte of it, even on a raw file (``PYTHONUNBUFFERED``) whose writes may fall short."""
+
+    def __init__(self, binary: IO[bytes]) -> None:
+        super().__init__()
+        self._binary = binary
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        view = memoryview(text.encode("utf-8"))
+        while view:
+            done = self._binary.write(view)
+            view = view[done or 0:]
+        return len(text)
+
+    def flush(self) -> None:
+        self._binary.flush()
+
+
+def utf8_text(stream: IO[str]) -> IO[str]:
+    """``stream`` for a file format (a CSV export that `suppress import` reads back): UTF-8
+    with its lines ending as written, whatever the locale's encoding (Latin-1, a Windows code
+    page) and line ending (Windows: CR LF, which turns a CSV's CR LF into CR CR LF). A stream
+    without a binary layer (an in-memory one) is written as it is."""
+    binary = getattr(stream, "buffer", None)
+    if binary is None:
+        return stream
+    stream.flush()  # (what was written before goes first)
+    return _Utf8Bytes(binary)  # type: ignore[return-value]

@@ -512,6 +512,41 @@ def test_an_export_over_the_store_itself_is_refused_and_the_store_kept(
     assert cli("suppress", "export", str(tmp_path / "out.csv")).exit_code == 0
 
 
+def test_an_export_to_stdout_is_utf_8_whatever_the_locale_and_reads_back(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """`suppress export - > backup.csv` wrote the CSV in standard output's encoding: under a
+    Latin-1 locale (or Windows' code page, stdout redirected to a file) `suppress import` of the
+    backup was refused as a whole ("not UTF-8 text": no opt-out restored), a character outside
+    it was an internal error with half a file written, and each line ended CR CR LF on Windows.
+    Standard output gets the bytes `export FILE` writes: UTF-8, lines ending CR LF."""
+    written: list[io.TextIOWrapper] = []
+
+    class Latin1(io.TextIOWrapper):
+        def __init__(self) -> None:
+            super().__init__(io.BytesIO(), encoding="latin-1", newline="\r\n")
+            written.append(self)
+
+        def getvalue(self) -> str:
+            return ""
+
+    cli("suppress", "add", "jürgen@bücher.de", "+14155550100", "--reason", "Müller 😀")
+    cli.stdout = Latin1
+    r = cli("suppress", "export", "-")
+    assert r.exit_code == 0, r.err
+    written[0].flush()
+    data = written[0].buffer.getvalue()  # type: ignore[attr-defined]
+    cli.stdout = io.StringIO
+    assert cli("suppress", "export", str(tmp_path / "file.csv")).exit_code == 0
+    assert data == (tmp_path / "file.csv").read_bytes()
+    (tmp_path / "backup.csv").write_bytes(data)
+    restored = Cli(tmp_path / "restored")
+    (tmp_path / "restored").mkdir()
+    r = restored("suppress", "import", str(tmp_path / "backup.csv"))
+    assert (r.exit_code, r.out.strip()) == (0, "added 2, already present 0, invalid 0"), r.err
+    assert restored.addresses() == cli.addresses()
+
+
 def test_consent_grant_revoke_list(cli: Cli) -> None:
     r = cli("consent", "grant", "+1 415 555 0100", "--at", "2024-01-01T00:00:00Z")
     assert (r.exit_code, r.out.strip()) == (

@@ -17,6 +17,7 @@ from campaign_cli.clock import iso
 from campaign_cli.errors import UsageError
 from campaign_cli.store import suppressions
 from campaign_cli.store.suppressions import normalize_for
+from campaign_cli.streams import utf8_text
 
 app = typer.Typer(
     help="The suppression (opt-out) list: addresses that must not be sent to. Every run checks "
@@ -335,7 +336,9 @@ def export(
     with app_ctx.open_store() as store:
         if file == "-":
             with app_ctx.output.writing() as stdout:
-                count = suppressions.export_csv(store.conn, stdout)
+                # The bytes `export FILE` writes (UTF-8, CR LF), whatever the locale's: a
+                # backup `export - > file` made under Latin-1 is one `import` reads back.
+                count = suppressions.export_csv(store.conn, utf8_text(stdout))
         else:
             try:
                 count = suppressions.export_csv(store.conn, Path(file))
