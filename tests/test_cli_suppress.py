@@ -547,6 +547,40 @@ def test_an_export_to_stdout_is_utf_8_whatever_the_locale_and_reads_back(
     assert restored.addresses() == cli.addresses()
 
 
+def test_an_export_into_another_users_file_or_fifo_is_refused(
+    cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A FIFO was written as it is, whoever's it was: another user's FIFO at the export's path
+    (made in a folder others may write, /tmp, before a nightly `export /tmp/optouts.csv`, mode
+    0622) received the whole list. A regular file of another user's that this user may change
+    (root's cron) was made 0600 and written: it is still theirs to read. Either is refused in
+    one line (exit 2), left as it was; a device such as /dev/null is still written."""
+    cli("suppress", "add", "+14155550100")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    fifo.chmod(0o622)
+    theirs = tmp_path / "theirs.csv"
+    theirs.write_text("their content\n")
+    theirs.chmod(0o600)
+    owner = os.getuid()
+    monkeypatch.setattr(os, "geteuid", lambda: owner + 1)  # these are someone else's
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        for named in (fifo, theirs):
+            r = cli("suppress", "export", str(named))
+            assert r.exit_code == 2, (named, r.err)
+            assert r.err.splitlines() == [
+                f"error: {named}: cannot write: it belongs to another user (uid {owner}), who "
+                "may read it; it is left as it was"]
+        assert os.read(reader, 65536) == b""  # nothing was written into the FIFO
+    finally:
+        os.close(reader)
+    assert theirs.read_text() == "their content\n"
+    assert stat.S_IMODE(theirs.stat().st_mode) == 0o600
+    if os.path.exists("/dev/null"):
+        assert cli("suppress", "export", "/dev/null").exit_code == 0
+
+
 def test_consent_grant_revoke_list(cli: Cli) -> None:
     r = cli("consent", "grant", "+1 415 555 0100", "--at", "2024-01-01T00:00:00Z")
     assert (r.exit_code, r.out.strip()) == (

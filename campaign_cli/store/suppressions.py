@@ -687,7 +687,8 @@ def export_csv(conn: sqlite3.Connection, path_or_stream: str | Path | IO[str]) -
 
     A file that exists is overwritten, and made 0600 first if it is a regular file others could
     read (a backup written over nightly keeps no older, wider mode). A symbolic link is not
-    followed (`ExportRefused`): the list would go wherever the link points. Nor is the store
+    followed (`ExportRefused`): the list would go wherever the link points. Nor is a file or
+    FIFO that belongs to another user written (its owner reads it), nor the store
     itself, or its write-ahead log (by any name: a hard link), written over. A FIFO or a device
     (``/dev/null``) is written as it is."""
     if isinstance(path_or_stream, (str, Path)):
@@ -699,7 +700,8 @@ def export_csv(conn: sqlite3.Connection, path_or_stream: str | Path | IO[str]) -
 
 class ExportRefused(OSError):
     """The export's path is a symbolic link (not followed), a file others may read that
-    this user cannot make private, or one of the store's own files: nothing is written."""
+    this user cannot make private, another user's file or FIFO, or one of the store's own
+    files: nothing is written."""
 
 
 def _store_files(conn: sqlite3.Connection) -> set[tuple[int, int]]:
@@ -732,6 +734,12 @@ def _open_private(path: str | Path, store_files: set[tuple[int, int]]) -> int:
         if (info.st_dev, info.st_ino) in store_files:
             raise ExportRefused(errno.EINVAL, "it is the store itself (or one of its files): "
                                 "the list would be written over it; give another path")
+        if (stat.S_ISREG(info.st_mode) or stat.S_ISFIFO(info.st_mode)) \
+                and info.st_uid != os.geteuid():
+            # Its owner reads what is written (a FIFO made in /tmp before a nightly export; a
+            # file root may change): private it is not, whatever its mode.
+            raise ExportRefused(errno.EPERM, f"it belongs to another user (uid {info.st_uid}), "
+                                "who may read it; it is left as it was")
         if stat.S_ISREG(info.st_mode):
             # Before a byte is written, and before the old content is cut (a file we may not
             # make private is left as it was).
