@@ -1009,6 +1009,45 @@ def test_a_list_on_a_terminal_is_a_table_until_it_is_long(
         assert r.out.splitlines()[1].startswith("a@example.com\t")
 
 
+class Ascii(io.TextIOWrapper):
+    """Standard output that is not UTF-8 (PYTHONIOENCODING=ascii, a Latin-1 locale)."""
+
+    def __init__(self) -> None:
+        super().__init__(io.BytesIO(), encoding="ascii")
+
+    def getvalue(self) -> str:
+        self.flush()
+        return self.buffer.getvalue().decode("ascii")  # type: ignore[attr-defined]
+
+
+class AsciiTerminal(Ascii):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_list_on_a_standard_output_that_is_not_utf8_escapes_what_it_cannot_write(
+    cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`suppress list | ...` (or `consent list`) where standard output is ASCII or Latin-1: the
+    first reason or address outside it (an emoji, a "ü") was an "internal error (a bug)", exit
+    1, after the header alone. A character it cannot write is written as an escape (as control
+    characters are), on a terminal's table too; --json was already ASCII JSON there."""
+    cli("suppress", "add", "jürgen@bücher.de", "--reason", "Müller 😀")
+    cli("consent", "grant", "jürgen@bücher.de", "--source", "form 😀")
+    monkeypatch.setenv("COLUMNS", "250")  # (a terminal wide enough that no cell is cut short)
+    for stdout in (Ascii, AsciiTerminal):
+        cli.stdout = stdout
+        r = cli("suppress", "list")
+        assert (r.exit_code, r.err) == (0, "1 entries\n"), r.err
+        assert "j\\xfcrgen@b\\xfccher.de" in r.out and "M\\xfcller \\U0001f600" in r.out
+        r = cli("consent", "list")
+        assert (r.exit_code, r.err) == (0, "1 entries\n"), r.err
+        assert "j\\xfcrgen@b\\xfccher.de" in r.out and "form \\U0001f600" in r.out
+    cli.stdout = Ascii
+    r = cli("suppress", "list")
+    assert r.out.splitlines()[1].startswith("j\\xfcrgen@b\\xfccher.de\temail\tM\\xfcller")
+
+
 def test_a_long_consent_list_is_written_as_it_is_read(
     cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

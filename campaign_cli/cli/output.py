@@ -246,8 +246,15 @@ class Output:
         tab-separated lines: a header line with the column names, then one line per row. rich
         measured every cell of every row before printing the first (98 s and 850 MB for
         150,000 opt-outs, the whole list held in memory). A cell is shown as `shown` shows it,
-        its line breaks and tabs written ``\\n`` and ``\\t``, so that a line is a row."""
+        its line breaks and tabs written ``\\n`` and ``\\t``, so that a line is a row; on a
+        standard output that is not UTF-8 (``PYTHONIOENCODING=ascii``, a Latin-1 locale), a
+        character it cannot write as ``\\xfc`` or ``\\U0001f600``, not an encoding error."""
         found = iter(rows)
+        if not writes_unicode(self.stdout):
+            encoding = getattr(self.stdout, "encoding", None) or "ascii"
+            found = ([self.shown("" if v is None else str(v))  # (redacted before it is escaped)
+                      .encode(encoding, "backslashreplace").decode(encoding) for v in row]
+                     for row in found)
         if self.stdout_is_tty:
             head = list(itertools.islice(found, TABLE_ROWS + 1))
             if len(head) <= TABLE_ROWS:
