@@ -983,6 +983,22 @@ def test_a_long_suppress_list_is_written_as_it_is_read_one_escaped_line_per_entr
     assert (r.out, r.err) == ("address\tchannel\treason\tsource\tcreated_at\n", "0 entries\n")
 
 
+@pytest.mark.parametrize("reason", [
+    "a literal \\n, not a line break", "a\nb", "tab\there", "back\\slash\\", "esc\x1b[2J\r",
+    "\\x1b typed out", "ünïcode 😀",
+])
+def test_each_cell_of_the_plain_list_reads_back_exactly(cli: Cli, reason: str) -> None:
+    """The plain form is data (`cut`, `awk`, a script): its cells are backslash escapes as in a
+    Python string literal, backslashes included. A reason holding a typed-out ``\\n`` read the
+    same as one holding a line break."""
+    import ast
+
+    assert cli("suppress", "add", "a@example.com", "--reason", reason).exit_code == 0
+    line = cli("suppress", "list").out.splitlines()[1]
+    cell = line.split("\t")[2]
+    assert ast.literal_eval(f'"{cell}"') == reason
+
+
 def test_a_list_on_a_terminal_is_a_table_until_it_is_long(
     cli: Cli, monkeypatch: pytest.MonkeyPatch
 ) -> None:

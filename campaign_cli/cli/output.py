@@ -40,6 +40,17 @@ TABLE_ROWS = 500
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
+# Every control character a cell of the plain listing writes as an escape (line breaks and tabs
+# too: a line is a row, a tab separates cells).
+_CELL_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_NAMED = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def _escaped(text: str, encoding: str) -> str:
+    """``text`` with what ``encoding`` cannot carry written as backslash escapes (``\\xfc``)."""
+    return text.encode(encoding, "backslashreplace").decode(encoding)
+
+
 def one_line(text: str) -> str:
     """A field of a line that says one thing (a recipient key, an address, a reason): its line
     breaks written as escapes, so that a value from a recipient file (``c1\\nsuppressed: ...``)
@@ -250,14 +261,15 @@ class Output:
         standard output that is not UTF-8 (``PYTHONIOENCODING=ascii``, a Latin-1 locale), a
         character it cannot write as ``\\xfc`` or ``\\U0001f600``, not an encoding error."""
         found = iter(rows)
+        unencodable = None
         if not writes_unicode(self.stdout):
-            encoding = getattr(self.stdout, "encoding", None) or "ascii"
-            found = ([self.shown("" if v is None else str(v))  # (redacted before it is escaped)
-                      .encode(encoding, "backslashreplace").decode(encoding) for v in row]
-                     for row in found)
+            unencodable = getattr(self.stdout, "encoding", None) or "ascii"
         if self.stdout_is_tty:
             head = list(itertools.islice(found, TABLE_ROWS + 1))
             if len(head) <= TABLE_ROWS:
+                if unencodable is not None:  # (redacted before it is escaped)
+                    head = [[_escaped(self.shown("" if v is None else str(v)), unencodable)
+                             for v in row] for row in head]
                 self.table(columns, head)
                 return len(head)
             found = itertools.chain(head, found)
@@ -265,14 +277,19 @@ class Output:
         with self.writing() as stdout:
             stdout.write("\t".join(columns) + "\n")
             for row in found:
-                stdout.write("\t".join(self._cell(v) for v in row) + "\n")
+                stdout.write("\t".join(self._cell(v, unencodable) for v in row) + "\n")
                 count += 1
             stdout.flush()
         return count
 
-    def _cell(self, value: Any) -> str:
-        text = self.shown("" if value is None else str(value))
-        return one_line(text).replace("\t", "\\t")
+    def _cell(self, value: Any, unencodable: str | None) -> str:
+        """A cell of the plain form: redacted, then backslash escapes as in a Python string
+        literal (``\\\\``, ``\\n``, ``\\t``, ``\\x1b``; and for an ``unencodable`` encoding, what it
+        lacks: ``\\xfc``), so that a line is a row and every cell reads back exactly."""
+        text = self.redact("" if value is None else str(value)).replace("\\", "\\\\")
+        text = _CELL_CONTROL.sub(lambda m: _NAMED.get(m[0]) or m[0].encode(
+            "unicode_escape").decode("ascii"), text)
+        return text if unencodable is None else _escaped(text, unencodable)
 
     def json_array(self, items: Iterable[Any]) -> int:
         """`json` of a list, written item by item as ``items`` yields them (a list of 150,000
