@@ -43,7 +43,11 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 # Every control character a cell of the plain listing writes as an escape (line breaks and tabs
 # too: a line is a row, a tab separates cells).
 _CELL_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-_NAMED = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def _control_escape(match: re.Match[str]) -> str:
+    """A control character as a Python string literal writes it: ``\\n``, ``\\t``, ``\\x1b``."""
+    return match[0].encode("unicode_escape").decode("ascii")
 
 
 def _escaped(text: str, encoding: str) -> str:
@@ -142,8 +146,7 @@ class Output:
         """``text`` redacted, for a person: control characters (an escape sequence in a reason
         from an imported file or a provider's answer would clear the screen or retitle the
         window) are written as escapes, line breaks and tabs kept."""
-        return _CONTROL.sub(lambda m: m[0].encode("unicode_escape").decode("ascii"),
-                            self.redact(text))
+        return _CONTROL.sub(_control_escape, self.redact(text))
 
     @property
     def logs_json(self) -> bool:
@@ -287,8 +290,7 @@ class Output:
         literal (``\\\\``, ``\\n``, ``\\t``, ``\\x1b``; and for an ``unencodable`` encoding, what it
         lacks: ``\\xfc``), so that a line is a row and every cell reads back exactly."""
         text = self.redact("" if value is None else str(value)).replace("\\", "\\\\")
-        text = _CELL_CONTROL.sub(lambda m: _NAMED.get(m[0]) or m[0].encode(
-            "unicode_escape").decode("ascii"), text)
+        text = _CELL_CONTROL.sub(_control_escape, text)
         return text if unencodable is None else _escaped(text, unencodable)
 
     def json_array(self, items: Iterable[Any]) -> int:
